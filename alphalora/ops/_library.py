@@ -1,0 +1,52 @@
+"""Loads the compiled op library, or registers the pure-PyTorch references in its place."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+
+_SCHEMAS = {
+    "powerlaw_fit": (
+        "powerlaw_fit(Tensor evals, Tensor lengths, Tensor cand_lo, Tensor cand_hi, "
+        "int min_tail, bool bias_corrected) -> (Tensor, Tensor, Tensor)",
+        reference.powerlaw_fit,
+    ),
+    "xmin_peak_window": (
+        "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "
+        "-> (Tensor, Tensor)",
+        reference.xmin_peak_window,
+    ),
+}
+
+
+def _load_compiled() -> bool:
+    try:
+        from alphalora import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    except ImportError as error:
+        warnings.warn(
+            f"alphalora's compiled kernels could not be loaded ({error}); using the pure-PyTorch "
+            "reference ops, which give the same results more slowly. Rebuild with "
+            "`pip install --no-build-isolation .` to get the kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _register_references() -> None:
+    """Defines every schema in Python and backs it with its reference implementation."""
+    global _fallback_library
+    _fallback_library = torch.library.Library("alphalora", "DEF")
+    for name, (schema, implementation) in _SCHEMAS.items():
+        _fallback_library.define(schema)
+        _fallback_library.impl(name, implementation, "CompositeExplicitAutograd")
+
+
+_fallback_library = None
+HAS_COMPILED_OPS = _load_compiled()
+if not HAS_COMPILED_OPS:
+    _register_references()

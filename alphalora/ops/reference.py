@@ -1,0 +1,106 @@
+"""Pure-PyTorch references for every alphalora op.
+
+They follow the published formulas literally (no pruning, no recurrences), so they serve as
+the oracle the compiled kernels are tested against, and as the fallback where nothing was
+compiled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _fit_row(x: torch.Tensor, lo: int, hi: int, min_tail: int, bias_corrected: bool):
+    n = x.numel()
+    hi = min(hi, n - 1)
+    lo = max(lo, 0)
+    nan = float("nan")
+    if n < 2 or lo >= hi:
+        return nan, nan, -1
+    log_x = torch.log(x)
+    candidates = torch.arange(lo, hi, device=x.device)
+    tail = (n - candidates).to(torch.float64)
+    suffix = torch.flip(torch.cumsum(torch.flip(log_x, [0]), 0), [0])
+    s = suffix[candidates] - tail * log_x[candidates]
+    if bias_corrected:
+        alpha = 1.0 + (tail - 1.0) / s
+        valid = s > 1e-12
+    else:
+        alpha = 1.0 + tail / s
+        valid = torch.ones_like(alpha, dtype=torch.bool)
+    valid &= (tail >= min_tail) & (alpha > 1.0) & torch.isfinite(alpha)
+    # D_i over the full (candidate, tail offset) grid, masked beyond each tail.
+    k = torch.arange(n, device=x.device, dtype=torch.float64)
+    j = candidates[:, None] + k[None, :].long()
+    in_tail = j < n
+    log_ratio = log_x[j.clamp(max=n - 1)] - log_x[candidates][:, None]
+    cdf = 1.0 - torch.exp((1.0 - alpha[:, None]) * log_ratio)
+    terms = torch.where(in_tail, (cdf - k[None, :] / tail[:, None]).abs(), torch.zeros_like(cdf))
+    distance = terms.amax(dim=1)
+    distance = torch.where(valid, distance, torch.full_like(distance, math.inf))
+    if not bool(valid.any()):
+        return nan, nan, -1
+    best = int(torch.argmin(distance))  # first minimum
+    return float(alpha[best]), float(distance[best]), int(candidates[best])
+
+
+def powerlaw_fit(
+    evals: torch.Tensor,
+    lengths: torch.Tensor,
+    cand_lo: torch.Tensor,
+    cand_hi: torch.Tensor,
+    min_tail: int,
+    bias_corrected: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact power-law fit of each row over candidates [cand_lo, cand_hi); see csrc/spectral."""
+    if evals.dtype != torch.float64:
+        raise RuntimeError(f"powerlaw_fit fits in float64; got {evals.dtype}")
+    rows = [
+        _fit_row(evals[b, : int(lengths[b])], int(cand_lo[b]), int(cand_hi[b]), min_tail, bias_corrected)
+        for b in range(evals.shape[0])
+    ]
+    alpha = torch.tensor([r[0] for r in rows], dtype=torch.float64, device=evals.device)
+    distance = torch.tensor([r[1] for r in rows], dtype=torch.float64, device=evals.device)
+    index = torch.tensor([r[2] for r in rows], dtype=torch.int64, device=evals.device)
+    return alpha, distance, index
+
+
+def _peak_window_row(x: torch.Tensor, bins: int, log_lower_bound: bool) -> tuple[int, int]:
+    # Transcribed from TempBalance's `net_esd_estimator` (fix_fingers='xmin_peak').
+    n = x.numel()
+    if n < 2:
+        return 0, 0
+    hist_values = torch.log10(x)
+    min_e, max_e = hist_values.min(), hist_values.max()
+    counts = torch.histc(hist_values, bins, min=float(min_e), max=float(max_e))
+    boundaries = torch.linspace(min_e, max_e, bins + 1, dtype=x.dtype)
+    peak = 10 ** boundaries[torch.argmax(counts)]
+    lower = torch.log10(0.95 * peak) if log_lower_bound else 0.95 * peak
+    upper = 1.5 * peak
+    lo, hi = None, n - 1
+    for i in range(n - 1):
+        if x[i] < lower:
+            continue
+        if lo is None:
+            lo = i
+        if x[i] > upper:
+            hi = i
+            break
+    if lo is None:
+        return n - 1, n - 1
+    return lo, hi
+
+
+def xmin_peak_window(
+    evals: torch.Tensor, lengths: torch.Tensor, bins: int, log_lower_bound: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate window [lo, hi) of the xmin_peak estimator for each row."""
+    windows = [
+        _peak_window_row(evals[b, : int(lengths[b])].cpu(), bins, log_lower_bound)
+        for b in range(evals.shape[0])
+    ]
+    lo = torch.tensor([w[0] for w in windows], dtype=torch.int64, device=evals.device)
+    hi = torch.tensor([w[1] for w in windows], dtype=torch.int64, device=evals.device)
+    return lo, hi

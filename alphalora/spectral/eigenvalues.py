@@ -1,0 +1,85 @@
+"""Eigenvalues of W^T W (the squared singular values) for many matrices, batched by size."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .weights import WeightEntry
+
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+# Gram matrices held at once per batch; bounds memory for 7B-sized models.
+DEFAULT_BATCH_BYTES = 512 * 2**20
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight matrix holds NaN or Inf values."""
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    # TF32 would round the Gram to 10 mantissa bits and destroy the small eigenvalues.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def gram(weight: torch.Tensor) -> torch.Tensor:
+    """The smaller-side Gram matrix of `weight`: its eigenvalues are the squared singular values."""
+    return weight.T @ weight if weight.shape[0] >= weight.shape[1] else weight @ weight.T
+
+
+def _batches(entries: Sequence[WeightEntry], dtype: torch.dtype, batch_bytes: int) -> list[list[int]]:
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, entry in enumerate(entries):
+        by_size[entry.num_eigenvalues].append(i)
+    element = torch.finfo(dtype).bits // 8
+    batches = []
+    for size, members in by_size.items():
+        per_batch = max(1, batch_bytes // (size * size * element))
+        batches.extend(members[s : s + per_batch] for s in range(0, len(members), per_batch))
+    return batches
+
+
+def eigenvalues(
+    entries: Sequence[WeightEntry],
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    on_matrix_done: Callable[[int], None] | None = None,
+) -> list[torch.Tensor | Exception]:
+    """Ascending float64 CPU eigenvalues of each entry (or the error that prevented them).
+
+    Each weight is loaded once, turned into its Gram matrix in `precision` on `device` and
+    released; Gram matrices of the same size are solved together with one batched `eigvalsh`.
+    """
+    dtype = PRECISIONS[precision]
+    results: list[torch.Tensor | Exception | None] = [None] * len(entries)
+    with _exact_float32_matmul(), torch.no_grad():
+        for batch in _batches(entries, dtype, batch_bytes):
+            grams, members = [], []
+            for i in batch:
+                weight = entries[i].load().to(device=device, dtype=dtype)
+                if not bool(torch.isfinite(weight).all()):
+                    results[i] = NonFiniteWeightError("weight has NaN or Inf values")
+                    if on_matrix_done:
+                        on_matrix_done(1)
+                    continue
+                grams.append(gram(weight))
+                members.append(i)
+                del weight
+            if not grams:
+                continue
+            values = torch.linalg.eigvalsh(torch.stack(grams)).to("cpu", torch.float64)
+            del grams
+            for row, i in enumerate(members):
+                results[i] = values[row]
+            if on_matrix_done:
+                on_matrix_done(len(members))
+    return results  # type: ignore[return-value]

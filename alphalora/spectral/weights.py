@@ -1,0 +1,145 @@
+"""The 2-D weight matrices of a model, from a live `nn.Module` or tensor by tensor from disk."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .roles import CONV1D_LEAVES, block_index, is_embedding_name, role_of
+
+
+class WeightSourceError(ValueError):
+    """The model cannot be read: a missing path, no weights, or an unsupported format."""
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One weight matrix: its name, place in the model and a loader for its (out, in) tensor."""
+
+    name: str
+    layer: int | None
+    role: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    kind: str  # "linear", "conv1d" or "embedding"
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def num_eigenvalues(self) -> int:
+        return min(self.shape)
+
+
+def _entry(name: str, shape: tuple[int, int], kind: str, load: Callable[[], torch.Tensor]) -> WeightEntry:
+    return WeightEntry(name, block_index(name), role_of(name), shape, kind, load)
+
+
+def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[WeightEntry]:
+    """Linear, Conv1D (GPT-2) and, if asked, embedding weights of a live model, in module order."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    entries: list[WeightEntry] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or id(weight) in seen:
+            continue
+        type_name = type(module).__name__.lower()
+        if isinstance(module, nn.Embedding) or module is output_embeddings:
+            if not include_embeddings:
+                continue
+            kind = "embedding"
+        elif isinstance(module, nn.Linear):
+            kind = "linear"
+        elif type_name == "conv1d":  # transformers' GPT-2 Conv1D: weight is (in, out)
+            kind = "conv1d"
+        else:
+            continue
+        seen.add(id(weight))
+        if kind == "conv1d":
+            shape = (weight.shape[1], weight.shape[0])
+            load = (lambda w=weight: w.detach().t())
+        else:
+            shape = (weight.shape[0], weight.shape[1])
+            load = (lambda w=weight: w.detach())
+        entries.append(_entry(name, shape, kind, load))
+    return entries
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [path / f for f in dict.fromkeys(weight_map.values())]
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _tensor_readers(file: Path):
+    """(key, shape, load) for every tensor of a checkpoint file, without loading the tensors."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+
+        def load(key: str) -> torch.Tensor:
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(key)
+
+        return [(k, shapes[k], (lambda k=k: load(k))) for k in keys]
+    # pytorch_model.bin: memory-mapped, weights only (no code runs on load).
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    return [(k, tuple(v.shape), (lambda v=v: v)) for k, v in state.items()]
+
+
+def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> list[WeightEntry]:
+    """The 2-D `.weight` tensors of a Hugging Face model folder, read lazily shard by shard."""
+    folder = Path(path)
+    if not folder.exists():
+        raise WeightSourceError(f"model path {folder} does not exist; pass a Hugging Face model folder")
+    if not folder.is_dir():
+        raise WeightSourceError(f"model path {folder} is not a folder; pass the folder that holds config.json")
+    files = _checkpoint_files(folder)
+    if not files:
+        raise WeightSourceError(
+            f"no weights in {folder}: expected *.safetensors (or pytorch_model*.bin) files, "
+            "as written by `model.save_pretrained(folder)`"
+        )
+    model_type = ""
+    config = folder / "config.json"
+    if config.exists():
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    entries: list[WeightEntry] = []
+    for file in files:
+        for key, shape, load in _tensor_readers(file):
+            if not key.endswith(".weight") or len(shape) != 2:
+                continue
+            name = key[: -len(".weight")]
+            leaf = name.rsplit(".", 1)[-1]
+            if is_embedding_name(name):
+                if not include_embeddings:
+                    continue
+                kind = "embedding"
+            elif model_type == "gpt2" and leaf in CONV1D_LEAVES:
+                kind = "conv1d"
+            else:
+                kind = "linear"
+            if kind == "conv1d":
+                entries.append(_entry(name, (shape[1], shape[0]), kind, (lambda f=load: f().t())))
+            else:
+                entries.append(_entry(name, (shape[0], shape[1]), kind, load))
+    # Shards list keys alphabetically; order them as a person reads a model: block 2 before 10.
+    return sorted(entries, key=lambda e: _natural_key(e.name))
