@@ -28,8 +28,9 @@ def _format(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def print_layer_table(report, file=sys.stdout) -> None:
+def print_layer_table(report, file=None) -> None:
     """The per-layer scores, with each role's alpha, as an aligned text table."""
+    file = file or sys.stdout
     found = {r for layer in report.layers for r in layer.alphas_by_role}
     roles = [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
     header = ["layer", f"alpha ({report.aggregation})", "matrices", *roles]

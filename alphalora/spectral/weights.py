@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -38,6 +39,10 @@ def _entry(name: str, shape: tuple[int, int], kind: str, load: Callable[[], torc
     return WeightEntry(name, block_index(name), role_of(name), shape, kind, load)
 
 
+def _detached(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return weight.detach().t() if transposed else weight.detach()
+
+
 def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[WeightEntry]:
     """Linear, Conv1D (GPT-2) and, if asked, embedding weights of a live model, in module order."""
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -59,13 +64,9 @@ def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[W
         else:
             continue
         seen.add(id(weight))
-        if kind == "conv1d":
-            shape = (weight.shape[1], weight.shape[0])
-            load = (lambda w=weight: w.detach().t())
-        else:
-            shape = (weight.shape[0], weight.shape[1])
-            load = (lambda w=weight: w.detach())
-        entries.append(_entry(name, shape, kind, load))
+        transposed = kind == "conv1d"
+        shape = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+        entries.append(_entry(name, shape, kind, functools.partial(_detached, weight, transposed)))
     return entries
 
 
