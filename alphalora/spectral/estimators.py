@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from alphalora import ops
 
@@ -35,58 +35,27 @@ class FitOutcome:
     warning: str  # WeightWatcher's "over-trained" / "under-trained", or ""
 
 
-@dataclass(frozen=True)
-class _FitRequest:
-    data: torch.Tensor  # ascending float64 values that enter the fit
-    lo: int
-    hi: int
-    min_tail: int
-    bias_corrected: bool
-
-
 def _failed(reason: str, num_fit_evals: int) -> FitOutcome:
     return FitOutcome(None, None, None, None, None, num_fit_evals, f"failed: {reason}", "")
 
 
-def _ww_request(data: torch.Tensor) -> _FitRequest:
-    n = data.numel()
-    if n >= WW_SMALL_N_CUTOFF:
-        return _FitRequest(data, 0, n - 1, 1, False)
-    if n >= WW_SMALL_N_MIN_TAIL:  # WeightWatcher 0.7.7's small-N branch
-        return _FitRequest(data, 0, n - 1, WW_SMALL_N_MIN_TAIL, True)
-    # No candidate has 8 tail values: WeightWatcher falls back to the whole spectrum as tail.
-    return _FitRequest(data, 0, 1, 1, True)
-
-
-def _pad(rows: Sequence[torch.Tensor], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(r.numel() for r in rows)
-    padded = torch.ones(len(rows), width, dtype=dtype)
-    for b, r in enumerate(rows):
-        padded[b, : r.numel()] = r
-    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
-    return padded.to(device), lengths.to(device)
-
-
-def _peak_windows(rows: Sequence[torch.Tensor], dtype: torch.dtype, device, log_lower_bound: bool, bins: int):
-    padded, lengths = _pad(rows, dtype, device)
-    lo, hi = ops.xmin_peak_window(padded, lengths, bins, log_lower_bound)
-    return lo.tolist(), hi.tolist()
-
-
-def _run_fits(requests: Sequence[_FitRequest], device) -> list[tuple[float, float, int]]:
-    """Fits every request, one op call per (min_tail, bias_corrected) group."""
-    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
-    for i, r in enumerate(requests):
-        groups[(r.min_tail, r.bias_corrected)].append(i)
-    results: list[tuple[float, float, int]] = [(math.nan, math.nan, -1)] * len(requests)
-    for (min_tail, bias_corrected), members in groups.items():
-        padded, lengths = _pad([requests[i].data for i in members], torch.float64, device)
-        lo = torch.tensor([requests[i].lo for i in members], dtype=torch.int64, device=device)
-        hi = torch.tensor([requests[i].hi for i in members], dtype=torch.int64, device=device)
-        alpha, distance, index = ops.powerlaw_fit(padded, lengths, lo, hi, min_tail, bias_corrected)
-        for i, a, d, x in zip(members, alpha.tolist(), distance.tolist(), index.tolist(), strict=True):
-            results[i] = (a, d, x)
-    return results
+def _candidates(estimator: str, data: torch.Tensor, n: torch.Tensor, precision: str, device, *,
+                log_lower_bound: bool, bins: int):
+    """Per-row candidate window [lo, hi), minimum tail and bias correction of each estimator."""
+    zeros = torch.zeros_like(n)
+    if estimator == "ww":
+        standard = n >= WW_SMALL_N_CUTOFF
+        small = (n >= WW_SMALL_N_MIN_TAIL) & ~standard
+        # Below 8 values no candidate has 8 tail values: WeightWatcher falls back to the whole
+        # spectrum as the tail (xmin = the smallest value), bias-corrected.
+        hi = torch.where(standard | small, n - 1, torch.ones_like(n))
+        min_tail = torch.where(small, WW_SMALL_N_MIN_TAIL, 1)
+        return zeros, hi, min_tail, ~standard
+    if estimator == "median":
+        return n // 2, n // 2 + 1, torch.ones_like(n), zeros.bool()
+    dtype = torch.float32 if precision == "fp32" else torch.float64
+    lo, hi = ops.xmin_peak_window(data.to(device=device, dtype=dtype), n.to(device), bins, log_lower_bound)
+    return lo.cpu(), hi.cpu(), torch.ones_like(n), zeros.bool()
 
 
 def fit_spectra(
@@ -114,50 +83,53 @@ def fit_spectra(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if not spectra:
+        return []
     threshold = evals_threshold
     if threshold is None:
         threshold = WW_EVALS_THRESH if estimator == "ww" else 0.0
-    outcomes: list[FitOutcome | None] = [None] * len(spectra)
-    requests: dict[int, _FitRequest] = {}
-    kept: dict[int, torch.Tensor] = {}
-    for i, evals in enumerate(spectra):
-        data = evals[evals > threshold].to(torch.float64)
-        if data.numel() < 2:
-            outcomes[i] = _failed(f"fewer than 2 eigenvalues above {threshold:g}", data.numel())
-            continue
-        kept[i] = data
-    if estimator == "ww":
-        requests = {i: _ww_request(d) for i, d in kept.items()}
-    elif estimator == "median":
-        requests = {i: _FitRequest(d, d.numel() // 2, d.numel() // 2 + 1, 1, False) for i, d in kept.items()}
-    elif kept:
-        order = list(kept)
-        dtype = torch.float32 if precision == "fp32" else torch.float64
-        los, his = _peak_windows([kept[i] for i in order], dtype, device, log_lower_bound, bins)
-        requests = {i: _FitRequest(kept[i], lo, hi, 1, False) for i, lo, hi in zip(order, los, his, strict=True)}
+    # One padded batch; +inf padding keeps rows sorted, so the filter is a searchsorted.
+    everything = pad_sequence([s.to(torch.float64) for s in spectra], batch_first=True, padding_value=math.inf)
+    total = torch.tensor([s.numel() for s in spectra])
+    start = torch.searchsorted(everything, torch.full((len(spectra), 1), float(threshold), dtype=torch.float64),
+                               right=True).squeeze(1)
+    n = total - start
+    columns = torch.arange(everything.shape[1])
+    data = everything.gather(1, (start[:, None] + columns).clamp(max=everything.shape[1] - 1))
+    data = torch.where(columns < n[:, None], data, torch.ones_like(data))
+    fittable = n >= 2
+    lo, hi, min_tail, bias_corrected = _candidates(
+        estimator, data, n, precision, device, log_lower_bound=log_lower_bound, bins=bins
+    )
 
-    order = list(requests)
-    fits = _run_fits([requests[i] for i in order], device) if order else []
-    for i, (alpha, distance, index) in zip(order, fits, strict=True):
-        data = requests[i].data
-        if index < 0 or not math.isfinite(alpha):
-            reason = "empty xmin window" if estimator == "xmin_peak" else "no valid xmin candidate"
-            outcomes[i] = _failed(reason, data.numel())
-            continue
-        xmin = float(data[index])
-        warning = ""
-        if alpha < OVER_TRAINED_THRESH:
-            warning = "over-trained"
-        elif alpha > UNDER_TRAINED_THRESH:
-            warning = "under-trained"
-        outcomes[i] = FitOutcome(
-            alpha=alpha,
-            D=distance,
-            xmin=xmin,
-            sigma=(alpha - 1.0) / math.sqrt(data.numel() - index),
-            num_pl_spikes=int((spectra[i] >= xmin).sum()),
-            num_fit_evals=data.numel(),
-            status="success",
-            warning=warning,
-        )
-    return outcomes  # type: ignore[return-value]
+    alpha = torch.full((len(spectra),), math.nan, dtype=torch.float64)
+    distance = alpha.clone()
+    index = torch.full((len(spectra),), -1, dtype=torch.int64)
+    on_cpu = torch.device(device).type == "cpu"
+    groups = set(zip(min_tail[fittable].tolist(), bias_corrected[fittable].tolist(), strict=True))
+    for min_tail_value, bias_value in sorted(groups):
+        rows = (fittable & (min_tail == min_tail_value) & (bias_corrected == bias_value)).nonzero().squeeze(1)
+        width = int(n[rows].max())
+        inputs = (data[rows, :width], n[rows], lo[rows], hi[rows])
+        if not on_cpu:
+            inputs = tuple(t.to(device) for t in inputs)
+        fit = ops.powerlaw_fit(*inputs, min_tail_value, bias_value)
+        alpha[rows], distance[rows], index[rows] = (t.cpu() for t in fit)
+
+    found = index >= 0
+    xmin = data.gather(1, index.clamp(min=0)[:, None]).squeeze(1)
+    spikes = total - torch.searchsorted(everything, xmin[:, None], right=False).squeeze(1)
+    sigma = (alpha - 1.0) / (n - index).clamp(min=1).double().sqrt()
+    outcomes = []
+    rows = zip(n.tolist(), found.tolist(), alpha.tolist(), distance.tolist(), xmin.tolist(), sigma.tolist(),
+               spikes.tolist(), strict=True)
+    for num_fit, ok, a, d, x, sg, spike in rows:
+        if num_fit < 2:
+            outcomes.append(_failed(f"fewer than 2 eigenvalues above {threshold:g}", num_fit))
+        elif not ok:
+            outcomes.append(_failed("empty xmin window" if estimator == "xmin_peak" else "no valid xmin candidate",
+                                    num_fit))
+        else:
+            warning = "over-trained" if a < OVER_TRAINED_THRESH else "under-trained" if a > UNDER_TRAINED_THRESH else ""
+            outcomes.append(FitOutcome(a, d, x, sg, spike, num_fit, "success", warning))
+    return outcomes

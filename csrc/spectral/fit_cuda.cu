@@ -62,7 +62,7 @@ __global__ void ks_kernel(const double* __restrict__ log_x, const double* __rest
     const double nd = static_cast<double>(tail);
     d = 0.0;
     for (int64_t k = lane; k < tail; k += 32) {
-      const double cdf = -expm1((1.0 - a) * (lrow[i + k] - lrow[i]));
+      const double cdf = 1.0 - exp((1.0 - a) * (lrow[i + k] - lrow[i]));
       d = fmax(d, fabs(cdf - static_cast<double>(k) / nd));
     }
     for (int offset = 16; offset > 0; offset /= 2) {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 
 namespace alphalora::spectral {
 namespace {
@@ -11,13 +10,13 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Sampled tail positions per candidate for the pruning lower bound.
-constexpr int64_t kBoundSamples = 24;
+constexpr int64_t kBoundSamples = 8;
 // Below this many candidates, pruning costs more than it saves.
 constexpr int64_t kPruneMinCandidates = 48;
 
 // One KS term of candidate i at tail offset k: |F_i(x_{i+k}) - k/n_i|.
 inline double ks_term(const double* log_x, int64_t i, int64_t k, double alpha, double n) {
-  const double cdf = -std::expm1((1.0 - alpha) * (log_x[i + k] - log_x[i]));
+  const double cdf = 1.0 - std::exp((1.0 - alpha) * (log_x[i + k] - log_x[i]));
   return std::fabs(cdf - static_cast<double>(k) / n);
 }
 
@@ -111,9 +110,10 @@ FitResult fit_power_law(const double* x, int64_t n, int64_t lo, int64_t hi,
   if (n_candidates < kPruneMinCandidates) {
     for (int64_t c = 0; c < n_candidates; ++c) consider(order[c]);
   } else {
-    // Lower bound of each D_i: the max over a few sampled tail positions. Visiting candidates
-    // in increasing bound order, every candidate whose D could be <= the best so far is seen
-    // before the first bound that exceeds it, so stopping there is exact.
+    // Lower bound of each D_i: the max over a few sampled tail positions. The candidate with
+    // the smallest bound gives a first D*, then only candidates whose bound does not exceed the
+    // current D* can win; D* only falls, so none that could is skipped: the argmin is exact.
+    int64_t seed = order[0];
     for (int64_t c = 0; c < n_candidates; ++c) {
       const int64_t i = order[c];
       const int64_t tail = n - i;
@@ -124,14 +124,12 @@ FitResult fit_power_law(const double* x, int64_t n, int64_t lo, int64_t hi,
         lb = std::max(lb, ks_term(log_x, i, k, alpha[i], nd));
       }
       bound[i] = lb;
+      if (lb < bound[seed] || (lb == bound[seed] && i < seed)) seed = i;
     }
-    std::sort(order, order + n_candidates, [&](int64_t a, int64_t b) {
-      return bound[a] < bound[b] || (bound[a] == bound[b] && a < b);
-    });
-    for (int64_t c = 0; c < n_candidates; ++c) {
+    consider(seed);
+    for (int64_t c = n_candidates - 1; c >= 0; --c) {  // order[] holds descending indices
       const int64_t i = order[c];
-      if (bound[i] > best_d) break;
-      consider(i);
+      if (i != seed && !(bound[i] > best_d)) consider(i);
     }
   }
   result.alpha = alpha[best_i];
