@@ -3,7 +3,8 @@
 For each model: WeightWatcher's `analyze()` (its defaults), ours with the `ww` estimator (the
 same numbers) at fp32 and fp64, and the fit stage alone (WeightWatcher's WWFit against our
 batched kernel on the same eigenvalues). Prints a table with the ratios and, with --json,
-writes them. Peak memory is the largest resident-set growth seen during each call.
+writes them. Peak memory is the process's largest resident set seen during each call
+(the model's own weights included).
 
     python benchmarks/spectral.py                       # MiniLM + one LLaMA-7B-shaped layer, CPU
     python benchmarks/spectral.py --json out.json
@@ -42,7 +43,7 @@ LLAMA7B_SHAPES = {  # (out, in) of one LLaMA-7B block
 
 
 class PeakMemory:
-    """Samples this process's resident set size in a thread; `peak_mib` is the growth seen."""
+    """Samples this process's resident set size in a thread; `peak_mib` is the highest seen."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
@@ -70,7 +71,7 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._rss())
-        self.peak_mib = (self._peak - self._base) / 2**20
+        self.peak_mib = self._peak / 2**20
 
 
 def timed(fn: Callable, repeats: int, cuda: bool = False):
@@ -181,7 +182,8 @@ def print_table(rows: list[dict]) -> None:
                ("ww_over_ours_fp64", "WW/ours fp64", "{:.1f}x"), ("fit_ww_over_ours", "fit WW/ours", "{:.0f}x"),
                ("max_abs_alpha_diff_fp64", "max|da| fp64", "{:.1e}"),
                ("max_abs_alpha_diff_fp32", "max|da| fp32", "{:.1e}"),
-               ("ours_fp32_peak_mib", "peak MiB fp32", "{:.0f}"), ("ww_peak_mib", "WW peak MiB", "{:.0f}")]
+               ("ours_fp32_peak_mib", "RSS MiB fp32", "{:.0f}"), ("ours_fp64_peak_mib", "RSS MiB fp64", "{:.0f}"),
+               ("ww_peak_mib", "WW RSS MiB", "{:.0f}")]
     cells = [[fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns] for r in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title, _) in enumerate(columns)]
     print()

@@ -19,6 +19,8 @@ TORCH_LIBRARY(alphalora, m) {
   m.def(
       "powerlaw_fit(Tensor evals, Tensor lengths, Tensor cand_lo, Tensor cand_hi, "
       "int min_tail, bool bias_corrected) -> (Tensor, Tensor, Tensor)");
+  // Ascending eigenvalues of a batch of symmetric matrices (batch, n, n) -> (batch, n).
+  m.def("eigvalsh_batched(Tensor grams) -> Tensor");
   // The xmin_peak (fix-finger) candidate window [lo, hi) of each row, in evals' dtype.
   m.def(
       "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "

@@ -1,6 +1,6 @@
 """alphalora's custom ops: typed wrappers over torch.ops.alphalora.* with fake kernels."""
 
 from ._library import HAS_COMPILED_OPS
-from .spectral import powerlaw_fit, xmin_peak_window
+from .spectral import eigvalsh_batched, powerlaw_fit, xmin_peak_window
 
-__all__ = ["HAS_COMPILED_OPS", "powerlaw_fit", "xmin_peak_window"]
+__all__ = ["HAS_COMPILED_OPS", "eigvalsh_batched", "powerlaw_fit", "xmin_peak_window"]

@@ -14,6 +14,7 @@ _SCHEMAS = {
         "int min_tail, bool bias_corrected) -> (Tensor, Tensor, Tensor)",
         reference.powerlaw_fit,
     ),
+    "eigvalsh_batched": ("eigvalsh_batched(Tensor grams) -> Tensor", reference.eigvalsh_batched),
     "xmin_peak_window": (
         "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "
         "-> (Tensor, Tensor)",

@@ -104,3 +104,8 @@ def xmin_peak_window(
     lo = torch.tensor([w[0] for w in windows], dtype=torch.int64, device=evals.device)
     hi = torch.tensor([w[1] for w in windows], dtype=torch.int64, device=evals.device)
     return lo, hi
+
+
+def eigvalsh_batched(grams: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of each symmetric matrix in a (batch, n, n) tensor."""
+    return torch.linalg.eigvalsh(grams)

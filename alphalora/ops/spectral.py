@@ -19,6 +19,16 @@ def _xmin_peak_window_fake(evals, lengths, bins, log_lower_bound):
     return lengths.new_empty(batch), lengths.new_empty(batch)
 
 
+@torch.library.register_fake("alphalora::eigvalsh_batched")
+def _eigvalsh_batched_fake(grams):
+    return grams.new_empty(grams.shape[:2])
+
+
+def eigvalsh_batched(grams: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of each symmetric (batch, n, n) matrix; parallel over the batch on CPU."""
+    return torch.ops.alphalora.eigvalsh_batched(grams)
+
+
 def powerlaw_fit(
     evals: torch.Tensor,
     lengths: torch.Tensor,

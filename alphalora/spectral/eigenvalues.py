@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from alphalora import ops
+
 from .weights import WeightEntry
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -33,6 +35,14 @@ def _exact_float32_matmul() -> Iterator[None]:
 def gram(weight: torch.Tensor) -> torch.Tensor:
     """The smaller-side Gram matrix of `weight`: its eigenvalues are the squared singular values."""
     return weight.T @ weight if weight.shape[0] >= weight.shape[1] else weight @ weight.T
+
+
+def _non_finite_error(weight: torch.Tensor) -> NonFiniteWeightError:
+    if not bool(torch.isfinite(weight).all()):
+        return NonFiniteWeightError("weight has NaN or Inf values")
+    return NonFiniteWeightError(
+        f"W^T W overflows in {weight.dtype}: weights up to {float(weight.abs().max()):.3g}; use --precision fp64"
+    )
 
 
 def _batches(entries: Sequence[WeightEntry], dtype: torch.dtype, batch_bytes: int) -> list[list[int]]:
@@ -66,17 +76,19 @@ def eigenvalues(
             grams, members = [], []
             for i in batch:
                 weight = entries[i].load().to(device=device, dtype=dtype)
-                if not bool(torch.isfinite(weight).all()):
-                    results[i] = NonFiniteWeightError("weight has NaN or Inf values")
+                product = gram(weight)
+                # Checking the (smaller) Gram matrix catches NaN/Inf weights and overflow alike.
+                if not bool(torch.isfinite(product).all()):
+                    results[i] = _non_finite_error(weight)
                     if on_matrix_done:
                         on_matrix_done(1)
                     continue
-                grams.append(gram(weight))
+                grams.append(product)
                 members.append(i)
-                del weight
+                del weight, product
             if not grams:
                 continue
-            values = torch.linalg.eigvalsh(torch.stack(grams)).to("cpu", torch.float64)
+            values = ops.eigvalsh_batched(torch.stack(grams)).to("cpu", torch.float64)
             del grams
             for row, i in enumerate(members):
                 results[i] = values[row]

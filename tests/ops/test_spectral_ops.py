@@ -129,3 +129,27 @@ def test_xmin_peak_window_cuda_matches_cpu(dtype):
         cpu = ops.xmin_peak_window(evals, lengths, 100, log_lower_bound)
         gpu = ops.xmin_peak_window(evals.cuda(), lengths.cuda(), 100, log_lower_bound)
         assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigvalsh_batched_matches_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 70, 40, generator=g, dtype=torch.float64)
+    grams = (w.transpose(1, 2) @ w).to(dtype)
+    got = ops.eigvalsh_batched(grams)
+    want = torch.linalg.eigvalsh(grams.double())
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.max()))
+    assert got.dtype == dtype
+
+
+def test_opcheck_eigvalsh_batched():
+    w = torch.randn(3, 20, 12, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.alphalora.eigvalsh_batched.default, (w.transpose(1, 2) @ w,))
+
+
+@requires_cuda
+def test_eigvalsh_batched_cuda_matches_cpu():
+    w = torch.randn(4, 90, 64, dtype=torch.float64)
+    grams = w.transpose(1, 2) @ w
+    torch.testing.assert_close(ops.eigvalsh_batched(grams.cuda()).cpu(), ops.eigvalsh_batched(grams))
