@@ -82,6 +82,42 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise CliError(f"--alphas must be comma-separated numbers, e.g. 3.1,2.8,4.0: {error}") from error
+
+
+def _allocate(args: argparse.Namespace) -> int:
+    from alphalora.allocation import AllocationError, PlanFormatError, RouterSettings, allocate
+    from alphalora.allocation.plots import plot_allocation
+    from alphalora.spectral import ReportFormatError
+
+    budget = args.budget
+    if budget is None and args.method != "mola":
+        budget = 160
+    try:
+        plan = allocate(
+            args.report, alphas=_float_list(args.alphas) if args.alphas else None, method=args.method,
+            preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
+            max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
+            base_model=args.base_model, target_modules=args.target_modules.split(","), rank=args.rank,
+            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
+        )
+    except (AllocationError, PlanFormatError, ReportFormatError) as error:
+        raise CliError(str(error)) from error
+    print(f"{plan.method}: {plan.total_experts} experts over {plan.num_layers} layers")
+    print("experts per layer: " + ",".join(map(str, plan.experts_per_layer)))
+    print("top_k per layer:   " + ",".join(map(str, plan.top_k_per_layer)))
+    plan.save(args.out)
+    print(f"plan: {args.out}")
+    if args.plot:
+        print(f"plot: {plot_allocation(plan, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphalora",
@@ -127,6 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
                          "authors' log10(0.95*peak)")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     analyze.set_defaults(run=_analyze)
+
+    allocate = verbs.add_parser(
+        "allocate",
+        help="turn layer alphas or a MoLA preset into an adapter plan (experts per layer)",
+        description=(
+            "Decide how many LoRA experts each layer gets. alphalora: proportional to alpha^beta (more "
+            "experts where a layer is less well trained); mola: a layer-group preset such as 2468; "
+            "uniform: the same everywhere. Writes a plan JSON for `alphalora train`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = allocate.add_mutually_exclusive_group()
+    source.add_argument("--report", help="analysis report from `alphalora analyze` (its layer alphas)")
+    source.add_argument("--alphas", help="comma-separated layer alphas instead of a report")
+    allocate.add_argument("--method", choices=["alphalora", "mola", "uniform"], default="alphalora")
+    allocate.add_argument("--preset", help="MoLA digit pattern: 2468, 8642, 5555, 2882, 8228, or e.g. 10-2-2-2")
+    allocate.add_argument("--budget", type=int, default=None,
+                          help="total experts (default 160; for mola, default: the preset's literal counts)")
+    allocate.add_argument("--beta", type=float, default=2.5, help="AlphaLoRA exponent: n_l ~ alpha_l^beta")
+    allocate.add_argument("--rounding", choices=["largest-remainder", "compat"], default="largest-remainder",
+                          help="compat reproduces the AlphaLoRA authors' rounding, quirks included")
+    allocate.add_argument("--max-experts", type=int, default=None, help="cap per layer (largest-remainder)")
+    allocate.add_argument("--top-k", type=int, default=2, help="experts per token, capped by each layer's count")
+    allocate.add_argument("--num-layers", type=int, default=None, help="layer count for mola/uniform without a report")
+    allocate.add_argument("--base-model", default=None, help="base model name recorded in the plan")
+    allocate.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
+                          help="module roles or names to adapt, comma-separated")
+    allocate.add_argument("--rank", type=int, default=8, help="LoRA rank of every expert")
+    allocate.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
+    allocate.add_argument("--lora-dropout", type=float, default=0.05)
+    allocate.add_argument("--router", choices=["per_module", "shared"], default="per_module",
+                          help="one router per adapted module (MoLA) or one shared per layer")
+    allocate.add_argument("--aux-loss-coef", type=float, default=0.0,
+                          help="Switch-style load-balancing loss weight (MoLA's paper: 0.001)")
+    allocate.add_argument("--out", default="plan.json", help="plan JSON to write")
+    allocate.add_argument("--plot", default=None, metavar="FILE", help="PNG of the allocation beside the alphas")
+    allocate.set_defaults(run=_allocate)
     return parser
 
 

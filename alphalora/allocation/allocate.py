@@ -1,0 +1,101 @@
+"""`allocate`: layer alphas or a preset -> a Plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from alphalora.spectral.report import SpectralReport
+
+from .expert_counts import (
+    AllocationError,
+    alpha_power_counts,
+    default_top_k,
+    group_counts,
+    uniform_counts,
+)
+from .plan import DEFAULT_TARGET_MODULES, METHODS, Plan, RouterSettings
+
+
+def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[float] | None):
+    if report is not None and alphas is not None:
+        raise AllocationError("give either a report or a list of alphas, not both")
+    if report is None:
+        return (list(alphas) if alphas is not None else None), None
+    if not isinstance(report, SpectralReport):
+        report = SpectralReport.load(report)
+    if not report.layers:
+        raise AllocationError(f"the report for {report.model} has no layer scores to allocate from")
+    return report.layer_alphas(), report
+
+
+def allocate(
+    report: SpectralReport | str | Path | None = None,
+    *,
+    alphas: Sequence[float] | None = None,
+    method: str = "alphalora",
+    preset: str | None = None,
+    budget: int | None = 160,
+    beta: float = 2.5,
+    rounding: str = "largest-remainder",
+    max_experts: int | None = None,
+    top_k: int = 2,
+    num_layers: int | None = None,
+    base_model: str | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    router: RouterSettings | None = None,
+) -> Plan:
+    """Turns an analysis (AlphaLoRA), a MoLA preset or a uniform split into an adapter plan.
+
+    - ``alphalora``: experts per layer proportional to alpha_l ** beta, ``budget`` in total.
+    - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups; with ``budget``
+      the pattern is scaled to that total (pass ``budget=None`` for the literal counts).
+    - ``uniform``: ``budget`` spread evenly.
+    The layer count comes from the report, the alphas, or ``num_layers``.
+    """
+    if method not in METHODS:
+        raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    layer_alphas, loaded = _layer_alphas(report, alphas)
+    if layer_alphas is not None:
+        if num_layers is not None and num_layers != len(layer_alphas):
+            raise AllocationError(f"num_layers {num_layers} does not match the {len(layer_alphas)} layer alphas")
+        num_layers = len(layer_alphas)
+    source: dict = {"budget": budget}
+    if method == "alphalora":
+        if layer_alphas is None:
+            raise AllocationError("AlphaLoRA needs layer alphas: pass a report (--report) or --alphas")
+        if budget is None:
+            raise AllocationError("AlphaLoRA needs a budget (total experts)")
+        counts = alpha_power_counts(layer_alphas, budget, beta, rounding, max_experts=max_experts)
+        source.update(beta=beta, rounding=rounding, max_experts=max_experts, layer_alphas=layer_alphas)
+    else:
+        if num_layers is None:
+            raise AllocationError(f"{method} needs the number of layers: pass a report, --alphas or --num-layers")
+        if method == "mola":
+            if preset is None:
+                raise AllocationError("MoLA needs a preset such as 2468, 8642, 5555, 2882 or 8228")
+            counts = group_counts(preset, num_layers, budget)
+            source.update(preset=preset)
+        else:
+            if budget is None:
+                raise AllocationError("uniform needs a budget (total experts)")
+            counts = uniform_counts(num_layers, budget)
+        if layer_alphas is not None:
+            source.update(layer_alphas=layer_alphas)
+    if loaded is not None:
+        source.update(report_model=loaded.model, estimator=loaded.estimator)
+    return Plan(
+        method=method,
+        base_model=base_model or (loaded.model if loaded is not None else ""),
+        experts_per_layer=counts,
+        top_k_per_layer=default_top_k(counts, top_k),
+        target_modules=list(target_modules),
+        rank=rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        router=router or RouterSettings(),
+        source=source,
+    )

@@ -1,0 +1,162 @@
+"""Integer expert counts per layer: AlphaLoRA's alpha^beta rule and MoLA's layer-group presets."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+ROUNDING_MODES = ("largest-remainder", "compat")
+MOLA_PRESETS = ("2468", "8642", "5555", "2882", "8228")
+
+
+class AllocationError(ValueError):
+    """Arguments that cannot produce a valid allocation."""
+
+
+def _check_budget(budget: int, num_layers: int, min_experts: int, max_experts: int | None) -> None:
+    if num_layers < 1:
+        raise AllocationError("no layers to allocate experts to")
+    if budget <= 0:
+        raise AllocationError(f"the expert budget must be positive, got {budget}")
+    if budget < num_layers * min_experts:
+        raise AllocationError(
+            f"budget {budget} cannot give {num_layers} layers at least {min_experts} expert(s) each; "
+            f"use a budget of at least {num_layers * min_experts}"
+        )
+    if max_experts is not None and budget > num_layers * max_experts:
+        raise AllocationError(
+            f"budget {budget} exceeds {num_layers} layers x max {max_experts} experts; raise the maximum"
+        )
+
+
+def _bounded_shares(weights: list[float], budget: int, low: int, high: float) -> list[float]:
+    """Shares clamp(scale * w, low, high) summing to `budget` (the sum grows with the scale)."""
+    total = sum(weights)
+    scale = budget / total if total > 0 else 0.0
+    shares = [min(max(scale * w, low), high) for w in weights]
+    if total == 0:
+        return [budget / len(weights)] * len(weights)
+    if abs(sum(shares) - budget) <= 1e-9 * budget:
+        return shares
+    lo, hi = 0.0, (high if math.isfinite(high) else budget) / min(w for w in weights if w > 0) + 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(max(mid * w, low), high) for w in weights) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return [min(max(hi * w, low), high) for w in weights]
+
+
+def largest_remainder(
+    weights: Sequence[float], budget: int, min_experts: int = 1, max_experts: int | None = None
+) -> list[int]:
+    """Counts proportional to `weights`, summing to `budget`, each within [min, max].
+
+    The proportional shares are clamped to the bounds with the scale chosen so they still sum
+    to the budget; each share is floored and the leftover experts go to the largest fractional
+    remainders, lower layer index first on ties.
+    """
+    weights = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise AllocationError(f"weights must be finite and non-negative, got {weights}")
+    _check_budget(budget, len(weights), min_experts, max_experts)
+    high = math.inf if max_experts is None else float(max_experts)
+    shares = _bounded_shares(weights, budget, min_experts, high)
+    counts = [min(max(math.floor(share), min_experts), int(min(high, budget))) for share in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
+    leftover = budget - sum(counts)
+    for i in by_remainder:
+        if leftover == 0:
+            break
+        if counts[i] < high:
+            counts[i] += 1
+            leftover -= 1
+    return counts
+
+
+def authors_rounding(weights: Sequence[float], budget: int) -> list[int]:
+    """AlphaLoRA's `exponential_scaling` rounding, quirks kept (so published allocations reproduce).
+
+    numpy's half-to-even rounding of the normalised shares, then a fix-up loop that compares the
+    *un-normalised* weights with the counts: short totals add an expert to argmin(w - n), long
+    totals remove one from argmax(w - n). No minimum: a layer can end with 0 experts.
+    """
+    values = np.asarray(weights, dtype=np.float64)
+    if values.size == 0 or budget <= 0:
+        raise AllocationError(f"need layers and a positive budget, got {values.size} layers and {budget}")
+    counts = np.round((values / values.sum()) * budget).astype(int)
+    while counts.sum() != budget:
+        if budget - counts.sum() > 0:
+            counts[np.argmin(values - counts)] += 1
+        else:
+            counts[np.argmax(values - counts)] -= 1
+    return counts.tolist()
+
+
+def alpha_power_counts(
+    layer_alphas: Sequence[float],
+    budget: int = 160,
+    beta: float = 2.5,
+    rounding: str = "largest-remainder",
+    min_experts: int = 1,
+    max_experts: int | None = None,
+) -> list[int]:
+    """AlphaLoRA: experts per layer proportional to alpha_l ** beta, `budget` in total."""
+    if beta <= 0:
+        raise AllocationError(f"beta must be positive, got {beta}")
+    if not layer_alphas:
+        raise AllocationError("no layer alphas: analyse the model first (`alphalora analyze`)")
+    if any(not math.isfinite(a) or a <= 0 for a in layer_alphas):
+        raise AllocationError(f"layer alphas must be positive numbers, got {list(layer_alphas)}")
+    weights = [float(a) ** beta for a in layer_alphas]
+    if rounding == "compat":
+        counts = authors_rounding(weights, budget)
+        if min(counts) < 1:
+            raise AllocationError(
+                f"the authors' rounding gives a layer 0 experts ({counts}); raise the budget or use "
+                "--rounding largest-remainder"
+            )
+        return counts
+    if rounding == "largest-remainder":
+        return largest_remainder(weights, budget, min_experts, max_experts)
+    raise AllocationError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDING_MODES)}")
+
+
+def parse_pattern(pattern: str) -> list[int]:
+    """'2468' -> [2, 4, 6, 8]; dashes allow counts above 9: '10-2-2-2' -> [10, 2, 2, 2]."""
+    text = str(pattern).strip()
+    if not re.fullmatch(r"\d+(-\d+)*", text):
+        raise AllocationError(f"MoLA preset {pattern!r} is not a digit pattern like 2468 or 10-2-2-2")
+    counts = [int(p) for p in text.split("-")] if "-" in text else [int(c) for c in text]
+    if min(counts) < 1:
+        raise AllocationError(f"MoLA preset {pattern!r} gives a group 0 experts")
+    return counts
+
+
+def group_counts(pattern: str, num_layers: int, budget: int | None = None) -> list[int]:
+    """MoLA: the layers split into len(pattern) equal groups (earlier groups take any extra
+    layer), each layer of group g getting pattern[g] experts; with `budget`, scaled to that total."""
+    groups = parse_pattern(pattern)
+    if num_layers < len(groups):
+        raise AllocationError(f"preset {pattern} has {len(groups)} groups but the model has {num_layers} layers")
+    sizes = [len(chunk) for chunk in np.array_split(np.arange(num_layers), len(groups))]
+    counts = [count for count, size in zip(groups, sizes, strict=True) for _ in range(size)]
+    if budget is not None and budget != sum(counts):
+        counts = largest_remainder(counts, budget)
+    return counts
+
+
+def uniform_counts(num_layers: int, budget: int) -> list[int]:
+    """The same number of experts in every layer (the remainder to the lowest layers)."""
+    return largest_remainder([1.0] * num_layers, budget)
+
+
+def default_top_k(experts_per_layer: Sequence[int], top_k: int = 2) -> list[int]:
+    """AlphaLoRA/MoLA: top-2 routing wherever a layer has more than one expert, else top-1."""
+    if top_k < 1:
+        raise AllocationError(f"top_k must be at least 1, got {top_k}")
+    return [min(top_k, n) for n in experts_per_layer]

@@ -1,0 +1,91 @@
+"""Plans: built by `allocate`, saved atomically, validated on load, and the CLI verb."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import alphalora
+from alphalora.allocation import AllocationError, Plan, PlanFormatError
+from alphalora.cli import main
+from tests.tiny_models import build
+
+
+@pytest.fixture(scope="module")
+def report():
+    return alphalora.analyze(build("llama"), progress=False)
+
+
+def test_alphalora_plan_from_a_report(report, tmp_path):
+    plan = alphalora.allocate(report, budget=12, beta=2.5)
+    assert plan.method == "alphalora" and plan.num_layers == 2 and plan.total_experts == 12
+    high, low = (0, 1) if report.layers[0].alpha > report.layers[1].alpha else (1, 0)
+    assert plan.experts_per_layer[high] >= plan.experts_per_layer[low]
+    assert plan.top_k_per_layer == [min(2, n) for n in plan.experts_per_layer]
+    assert plan.source["layer_alphas"] == report.layer_alphas()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path) == plan
+    data = json.loads(path.read_text())
+    for key in ["format_version", "method", "base_model", "experts_per_layer", "top_k_per_layer",
+                "target_modules", "rank", "lora_alpha", "lora_dropout", "router"]:
+        assert key in data
+
+
+def test_report_file_and_alphas_give_the_same_plan(report, tmp_path):
+    report.to_json(tmp_path / "r.json")
+    from_file = alphalora.allocate(tmp_path / "r.json", budget=10)
+    from_alphas = alphalora.allocate(alphas=report.layer_alphas(), budget=10)
+    assert from_file.experts_per_layer == from_alphas.experts_per_layer
+
+
+def test_mola_and_uniform_plans():
+    assert alphalora.allocate(method="mola", preset="2468", num_layers=8, budget=None).experts_per_layer == [
+        2, 2, 4, 4, 6, 6, 8, 8]
+    assert alphalora.allocate(method="uniform", num_layers=4, budget=8).experts_per_layer == [2, 2, 2, 2]
+    with pytest.raises(AllocationError, match="preset"):
+        alphalora.allocate(method="mola", num_layers=8)
+    with pytest.raises(AllocationError, match="number of layers"):
+        alphalora.allocate(method="uniform", budget=8)
+    with pytest.raises(AllocationError, match="needs layer alphas"):
+        alphalora.allocate(method="alphalora", num_layers=8)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format_version": 7}, "not supported"),
+        ({"method": "magic"}, "method"),
+        ({"experts_per_layer": [2, 0]}, "integers >= 1"),
+        ({"top_k_per_layer": [2]}, "one entry per layer"),
+        ({"top_k_per_layer": [3, 2]}, "between 1 and"),
+        ({"rank": 0}, "rank"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"router": {"type": "hash"}}, "router.type"),
+        ({"surprise": 1}, "unexpected keyword"),
+    ],
+)
+def test_invalid_plans_are_refused_on_load(change, message, tmp_path):
+    good = Plan(method="uniform", base_model="m", experts_per_layer=[2, 2], top_k_per_layer=[2, 2]).to_dict()
+    good.update(change)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(good))
+    with pytest.raises(PlanFormatError, match=message):
+        Plan.load(path)
+
+
+def test_cli_allocate(report, tmp_path, capsys):
+    report.to_json(tmp_path / "r.json")
+    out, plot = tmp_path / "plan.json", tmp_path / "alloc.png"
+    assert main(["allocate", "--report", str(tmp_path / "r.json"), "--budget", "9", "--out", str(out),
+                 "--plot", str(plot)]) == 0
+    assert Plan.load(out).total_experts == 9
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert main(["allocate", "--alphas", "3,4,5", "--method", "mola", "--preset", "842", "--out", str(out)]) == 0
+    assert Plan.load(out).experts_per_layer == [8, 4, 2]
+    assert main(["allocate", "--alphas", "3,4", "--budget", "-3", "--out", str(out)]) == 2
+    assert main(["allocate", "--alphas", "3,x", "--out", str(out)]) == 2
+    assert main(["allocate", "--alphas", "3,4", "--beta", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "budget must be positive" in err and "beta must be positive" in err and "Traceback" not in err
