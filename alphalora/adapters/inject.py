@@ -1,0 +1,169 @@
+"""Building a plan into a transformers model: MoE-LoRA layers on the targeted linears."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alphalora.allocation.plan import Plan
+from alphalora.spectral.roles import block_index, role_of
+
+from .layer import MoELoRALinear
+from .routing import BalanceStatistics, dense_gates, top_k_gates
+
+ADAPTER_ATTRIBUTE = "alphalora_adapter"
+
+
+class AdapterError(ValueError):
+    """A plan that does not fit the model, or an adapter that cannot be built or loaded."""
+
+
+class SharedRouter(nn.Module):
+    """One router per block (the shared-router option): gates from the block's input tokens."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, like: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=like.device, dtype=like.dtype))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.modules_to_feed: list[MoELoRALinear] = []
+        self.balance: BalanceStatistics | None = None
+
+    def route(self, hidden: torch.Tensor) -> None:
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        logits = tokens @ self.weight.T
+        gates, ids = top_k_gates(logits, self.top_k)
+        if self.balance is not None and self.training:
+            self.balance.add(logits, ids)
+        dense = dense_gates(gates, ids, self.num_experts)
+        for module in self.modules_to_feed:
+            module.shared_gates = dense
+
+
+@dataclass
+class AdapterState:
+    """What injection added to a model: the plan, the adapted module names, the balance stats."""
+
+    plan: Plan
+    module_names: list[str]
+    balance: dict[int, BalanceStatistics] = field(default_factory=dict)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics."""
+        losses = [stats.loss() for stats in self.balance.values()]
+        for stats in self.balance.values():
+            stats.reset()
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _matches(name: str, target: str) -> bool:
+    if any(c in target for c in "*?["):
+        return fnmatch.fnmatchcase(name, target)
+    return role_of(name) == target or name == target or name.endswith("." + target)
+
+
+def _block_prefix(name: str, layer: int) -> str:
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i + 1] == str(layer) and parts[i] in {"layers", "layer", "h", "blocks", "block"}:
+            return ".".join(parts[: i + 2])
+    raise AdapterError(f"cannot find the block of {name}")
+
+
+def candidate_modules(model: nn.Module) -> dict[str, tuple[int, nn.Module]]:
+    """Adaptable linears inside transformer blocks: name -> (block index, module)."""
+    found = {}
+    for name, module in model.named_modules():
+        layer = block_index(name)
+        if layer is not None and _is_adaptable(module):
+            found[name] = (layer, module)
+    return found
+
+
+def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
+    """Replaces the plan's target linears with MoE-LoRA layers and freezes everything else.
+
+    Targets are roles (q, k, v, o, gate, up, down, ...), module names or suffixes, or glob
+    patterns over full names. Layer l gets plan.experts_per_layer[l] experts, top-k
+    plan.top_k_per_layer[l]. Raises AdapterError if the plan does not fit the model.
+    """
+    if getattr(model, ADAPTER_ATTRIBUTE, None) is not None:
+        raise AdapterError("this model already has alphalora adapters; load a fresh base model")
+    candidates = candidate_modules(model)
+    if not candidates:
+        raise AdapterError(f"no adaptable linear layers inside transformer blocks of {type(model).__name__}")
+    num_blocks = max(layer for layer, _ in candidates.values()) + 1
+    if plan.num_layers != num_blocks:
+        raise AdapterError(
+            f"the plan has {plan.num_layers} layers but the model has {num_blocks} blocks; "
+            "make a plan for this model (`alphalora allocate --report` on its analysis)"
+        )
+    chosen = {name: entry for name, entry in candidates.items()
+              if any(_matches(name, target) for target in plan.target_modules)}
+    unmatched = [t for t in plan.target_modules if not any(_matches(n, t) for n in candidates)]
+    if unmatched:
+        roles = sorted({role_of(n) for n in candidates})
+        raise AdapterError(f"target modules {unmatched} match nothing in this model; its roles are {roles}")
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    shared = plan.router.type == "shared"
+    state = AdapterState(plan=plan, module_names=sorted(chosen, key=lambda n: (chosen[n][0], n)))
+    by_block: dict[int, list[MoELoRALinear]] = defaultdict(list)
+    for name in state.module_names:
+        layer, base = chosen[name]
+        experts, top_k = plan.experts_per_layer[layer], plan.top_k_per_layer[layer]
+        adapted = MoELoRALinear(base, experts, top_k, plan.rank, plan.lora_alpha, plan.lora_dropout,
+                                own_router=not shared)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, adapted)
+        by_block[layer].append(adapted)
+    for layer, modules in by_block.items():
+        stats = BalanceStatistics(plan.experts_per_layer[layer])
+        state.balance[layer] = stats
+        if shared and plan.experts_per_layer[layer] > 1:
+            _attach_shared_router(model, state.module_names, layer, modules, stats)
+        else:
+            for module in modules:
+                module.balance = stats
+    setattr(model, ADAPTER_ATTRIBUTE, state)
+    return state
+
+
+def _attach_shared_router(model: nn.Module, names: list[str], layer: int, modules: list[MoELoRALinear],
+                          stats: BalanceStatistics) -> None:
+    block_name = _block_prefix(next(n for n in names if block_index(n) == layer), layer)
+    block = model.get_submodule(block_name)
+    hidden_size = model.config.hidden_size if hasattr(model, "config") else modules[0].in_features
+    router = SharedRouter(hidden_size, modules[0].num_experts, modules[0].top_k, modules[0].lora_A)
+    router.modules_to_feed, router.balance = modules, stats
+    block.alphalora_router = router
+
+    def route(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        router.route(hidden)
+
+    block.register_forward_pre_hook(route, with_kwargs=True)
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The AdapterState of a model with injected adapters."""
+    state = getattr(model, ADAPTER_ATTRIBUTE, None)
+    if state is None:
+        raise AdapterError("this model has no alphalora adapters; call inject_adapters first")
+    return state
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable adapter parameters by name (experts, routers)."""
+    return {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n or "router" in n}

@@ -1,0 +1,117 @@
+"""The mixture-of-LoRA-experts linear layer (plain LoRA when it has one expert)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import BalanceStatistics, dense_gates, top_k_gates
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if type(base).__name__ == "Conv1D":  # weight is (in, out)
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and GPT-2 Conv1D are supported")
+
+
+class MoELoRALinear(nn.Module):
+    """base(x) + scaling * sum over the top-k experts e of g_e(x) * B_e A_e dropout(x).
+
+    The router is a bias-free linear over the undropped input (MoLA); gates are the softmax
+    probabilities of the top-k experts renormalised to sum to 1. With one expert there is no
+    router and this is plain LoRA. `shared_gates`, when set by a layer-level router, replaces
+    this module's own router. The layer wraps the base module and knows nothing of the model.
+    """
+
+    def __init__(self, base: nn.Module, num_experts: int, top_k: int, rank: int, lora_alpha: float,
+                 dropout: float = 0.0, own_router: bool = True):
+        super().__init__()
+        if num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"need 1 <= top_k ({top_k}) <= num_experts ({num_experts})")
+        if rank < 1:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.base = base
+        self.in_features, self.out_features = base_features(base)
+        self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.scaling = lora_alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **factory))
+        self.router = (nn.Linear(self.in_features, num_experts, bias=False, **factory)
+                       if num_experts > 1 and own_router else None)
+        self.balance: BalanceStatistics | None = None  # set by the model wrapper to collect aux-loss stats
+        self.shared_gates: torch.Tensor | None = None  # [T, E], set per forward by a shared router
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """PEFT's LoRA initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so the delta starts at 0."""
+        for e in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.router is not None:
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+
+    def gates(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """[T, E] routing weights for flattened tokens x2 (None for a single expert)."""
+        if self.num_experts == 1:
+            return None
+        if self.shared_gates is not None:
+            return self.shared_gates
+        logits = self.router(x2)
+        gates, ids = top_k_gates(logits, self.top_k)
+        if self.balance is not None and self.training:
+            self.balance.add(logits, ids)
+        return dense_gates(gates, ids, self.num_experts)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution for x [..., in] -> [..., out]."""
+        x2 = x.reshape(-1, self.in_features)
+        gates = self.gates(x2)
+        dropped = self.dropout(x2)
+        # Dense-masked form: every expert's down-projection in one GEMM (E*r columns, small next
+        # to the hidden size), the unchosen experts zeroed by the gates, one up-projection.
+        hidden = dropped @ self.lora_A.reshape(-1, self.in_features).T
+        if gates is not None:
+            hidden = hidden * gates.to(hidden.dtype).repeat_interleave(self.rank, dim=1)
+        up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
+        delta = (hidden @ up.T) * self.scaling
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_delta(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}")
+
+
+def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The MoLA-style computation: a Python loop over experts, gather, per-expert LoRA, index_add.
+
+    Kept as the oracle for tests and the peer in benchmarks; no dropout (evaluation semantics).
+    """
+    x2 = x.reshape(-1, layer.in_features)
+    out = torch.zeros(x2.shape[0], layer.out_features, dtype=torch.float32, device=x.device)
+    if layer.num_experts == 1:
+        out += (F.linear(F.linear(x2, layer.lora_A[0]), layer.lora_B[0]) * layer.scaling).float()
+    else:
+        logits = layer.router(x2) if layer.shared_gates is None else None
+        if logits is not None:
+            gates, ids = top_k_gates(logits, layer.top_k)
+        else:
+            gates, ids = torch.topk(layer.shared_gates, layer.top_k, dim=-1)
+        for e in range(layer.num_experts):
+            rows, slot = torch.where(ids == e)
+            if rows.numel() == 0:
+                continue
+            expert = F.linear(F.linear(x2[rows], layer.lora_A[e]), layer.lora_B[e]) * layer.scaling
+            out.index_add_(0, rows, (expert.float() * gates[rows, slot, None]))
+    return layer.base(x) + out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)

@@ -1,0 +1,60 @@
+"""Token-level softmax top-k routing (MoLA) and the Switch-style load-balancing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def top_k_gates(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in fp32, the top-k per token, renormalised to sum to 1.
+
+    Returns (gates [T, k] in fp32, expert ids [T, k]); ids of equal probability keep torch.topk's order.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    gates, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates, ids
+
+
+def dense_gates(gates: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, k] gates and ids -> [T, E] with zeros for the experts a token was not routed to."""
+    return torch.zeros(gates.shape[0], num_experts, dtype=gates.dtype, device=gates.device).scatter(1, ids, gates)
+
+
+@dataclass
+class BalanceStatistics:
+    """One layer's routing statistics for the load-balancing loss, gathered over its modules.
+
+    MoLA concatenates the router logits of all adapted modules of a layer along the token axis;
+    summing over modules here computes the same P (mean router probability) and f (share of
+    top-k selections) per expert.
+    """
+
+    num_experts: int
+    prob_sum: torch.Tensor | None = None  # [E], differentiable
+    selections: torch.Tensor | None = None  # [E], counts
+    rows: int = 0
+    picks: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=-1)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).float()
+        self.prob_sum = probs.sum(0) if self.prob_sum is None else self.prob_sum + probs.sum(0)
+        self.selections = counts if self.selections is None else self.selections + counts
+        self.rows += probs.shape[0]
+        self.picks += ids.numel()
+
+    def loss(self) -> torch.Tensor | None:
+        """E * sum_i f_i * P_i (1.0 at perfect balance), or None if nothing was routed."""
+        if self.prob_sum is None or self.rows == 0:
+            return None
+        mean_prob = self.prob_sum / self.rows
+        share = self.selections / self.picks
+        return self.num_experts * (share * mean_prob).sum()
+
+    def reset(self) -> None:
+        self.prob_sum, self.selections, self.rows, self.picks = None, None, 0, 0

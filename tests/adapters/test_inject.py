@@ -1,0 +1,130 @@
+"""Injection into every supported family: base function at init, frozen base, plan checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphalora.adapters import AdapterError, MoELoRALinear, adapter_parameters, adapter_state, inject_adapters
+from alphalora.allocation import Plan, RouterSettings
+from tests.tiny_models import EXPECTED_ROLES, FAMILIES, build
+
+
+def _plan(experts=(3, 2), top_k=(2, 1), targets=None, router="per_module", rank=4) -> Plan:
+    return Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts), top_k_per_layer=list(top_k),
+                target_modules=list(targets or ["q", "k", "v", "o", "up", "down"]), rank=rank,
+                lora_alpha=8.0, lora_dropout=0.0, router=RouterSettings(type=router))
+
+
+def _inputs(family):
+    torch.manual_seed(0)
+    return {"input_ids": torch.randint(0, 128, (2, 9))}
+
+
+def _output(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_computes_the_base_function_at_initialisation(family):
+    base = build(family)
+    inputs = _inputs(family)
+    expected = _output(base, inputs)
+    model = build(family)
+    targets = sorted(EXPECTED_ROLES[family])
+    state = inject_adapters(model, _plan(targets=targets))
+    assert torch.equal(_output(model, inputs), expected)
+    assert len(state.module_names) == 2 * len(targets)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_parameters(model)) and trainable
+    for name in state.module_names:
+        module = model.get_submodule(name)
+        assert isinstance(module, MoELoRALinear)
+        assert module.num_experts == (3 if ".0." in name else 2)
+
+
+def test_parameter_count_follows_molas_formula():
+    # Per layer: N_l * (r * sum_t (d_in + d_out) + sum_t d_in), over the 7 modules (MoLA §2.2).
+    model = build("llama")
+    plan = _plan(experts=(3, 2), top_k=(2, 2), targets=["q", "k", "v", "o", "gate", "up", "down"], rank=4)
+    inject_adapters(model, plan)
+    dims = {"q": (32, 32), "k": (32, 16), "v": (32, 16), "o": (32, 32), "gate": (32, 48), "up": (32, 48),
+            "down": (48, 32)}
+    per_slot = 4 * sum(i + o for i, o in dims.values()) + sum(i for i, _ in dims.values())
+    assert sum(p.numel() for p in adapter_parameters(model).values()) == (3 + 2) * per_slot
+
+
+def test_glob_and_name_targets():
+    model = build("llama")
+    state = inject_adapters(model, _plan(targets=["model.layers.*.mlp.down_proj", "q_proj"]))
+    assert state.module_names == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                                  "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_plan_for_another_model_is_refused():
+    with pytest.raises(AdapterError, match="plan has 3 layers but the model has 2 blocks"):
+        inject_adapters(build("llama"), _plan(experts=(2, 2, 2), top_k=(1, 1, 1)))
+
+
+def test_unknown_target_modules_are_refused():
+    with pytest.raises(AdapterError, match=r"\['attn_qkv'\] match nothing.*roles are"):
+        inject_adapters(build("llama"), _plan(targets=["q", "attn_qkv"]))
+
+
+def test_injecting_twice_is_refused():
+    model = build("llama")
+    inject_adapters(model, _plan())
+    with pytest.raises(AdapterError, match="already has"):
+        inject_adapters(model, _plan())
+
+
+def test_shared_router_feeds_every_module_of_its_block():
+    model = build("llama")
+    state = inject_adapters(model, _plan(router="shared"))
+    modules = [model.get_submodule(n) for n in state.module_names if n.startswith("model.layers.0.")]
+    assert all(m.router is None for m in modules)
+    for name in state.module_names:
+        with torch.no_grad():
+            model.get_submodule(name).lora_B.normal_(0, 0.1)
+    model(**_inputs("llama")).logits.square().sum().backward()
+    router = model.model.layers[0].alphalora_router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert all(m.shared_gates is modules[0].shared_gates for m in modules)
+
+
+def test_aux_loss_collects_each_layers_routing():
+    model = build("llama").train()
+    state = inject_adapters(model, _plan(experts=(4, 3), top_k=(2, 2)))
+    model(**_inputs("llama"))
+    loss = adapter_state(model).aux_loss()
+    assert loss is not None and loss.requires_grad
+    assert 0.0 < float(loss.detach()) <= 4 + 3  # each layer contributes at most E_l
+    assert adapter_state(model).aux_loss() is None  # reset after reading
+    assert state.plan.num_layers == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = build("llama").train()
+        inject_adapters(model, _plan())
+        torch.manual_seed(5)
+        for n, p in adapter_parameters(model).items():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(**_inputs("llama")).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_model():
+    model = build("qwen2").to(torch.bfloat16)
+    inject_adapters(model, _plan(targets=["q", "v"]))
+    for p in adapter_parameters(model).values():
+        assert p.dtype == torch.bfloat16
+    assert model(**_inputs("qwen2")).logits.dtype == torch.bfloat16
