@@ -1,0 +1,137 @@
+"""The adapter folder: `adapter_model.safetensors` + `alphalora_config.json`, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alphalora._io import atomic_path, write_text_atomic
+from alphalora.allocation.plan import Plan, PlanFormatError
+
+from .inject import AdapterError, AdapterState, adapter_parameters, adapter_state, inject_adapters
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "alphalora_config.json"
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+# Config fields that do not change what the weights mean.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures",
+    "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+    "return_dict", "id2label", "label2id", "problem_type", "_commit_hash", "gradient_checkpointing",
+    "pad_token_id", "bos_token_id", "eos_token_id", "finetuning_task",
+}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the base model's architecture-defining config values."""
+    config = getattr(model, "config", None)
+    if config is None:
+        shapes = {n: list(p.shape) for n, p in model.named_parameters() if "lora_" not in n and "router" not in n}
+        payload: Any = shapes
+    else:
+        payload = {k: v for k, v in sorted(config.to_dict().items())
+                   if k not in _VOLATILE_CONFIG_KEYS and isinstance(v, (int, float, str, bool, list))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _base_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", "") or type(model).__name__
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """Writes the adapter weights and config; the config goes last, so a folder without it is
+    never mistaken for a complete adapter."""
+    state = adapter_state(model)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(model).items()}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "alphalora_format_version": str(FORMAT_VERSION)})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "base_model": _base_name(model),
+        "base_fingerprint": base_fingerprint(model),
+        "plan": state.plan.to_dict(),
+        "module_names": state.module_names,
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+    }
+    write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The validated config of an adapter folder (raises AdapterError naming the problem)."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists():
+        raise AdapterError(f"{folder} has no {CONFIG_NAME}: not an alphalora adapter (or an incomplete save)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{config_path}: unsupported format_version {config.get('format_version')!r} "
+                           f"(this version reads {FORMAT_VERSION})")
+    try:
+        Plan.from_dict(config["plan"])
+    except (KeyError, PlanFormatError) as error:
+        raise AdapterError(f"{config_path}: {error}") from error
+    return config
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        pickled = [name for name in PICKLED_NAMES if (folder / name).exists()]
+        if pickled:
+            raise AdapterError(f"{folder} holds pickled weights ({pickled[0]}), which are refused because "
+                               "loading them can run code; save the adapter as safetensors")
+        raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"{weights} is corrupt or truncated ({error}); re-save or re-download it") from error
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = True) -> AdapterState:
+    """Builds the saved plan into `model` (a fresh base model) and loads the adapter weights.
+
+    Refuses a base model whose architecture differs from the one the adapter was trained on,
+    a missing or corrupt weights file, pickled weights, and missing or extra tensors.
+    """
+    folder = Path(adapter_dir)
+    config = read_adapter_config(folder)
+    if check_base and config["base_fingerprint"] != base_fingerprint(model):
+        raise AdapterError(
+            f"adapter {folder} was trained on {config['base_model']!r}, whose architecture differs from this "
+            f"model ({_base_name(model)!r}); load it onto the base model it was trained with"
+        )
+    tensors = _load_weights(folder)
+    state = inject_adapters(model, Plan.from_dict(config["plan"]))
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"{folder / WEIGHTS_NAME} does not match its plan: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
+            param.copy_(tensors[name])
+    return state
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).exists()
