@@ -118,6 +118,28 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from alphalora.adapters import AdapterError
+    from alphalora.allocation import PlanFormatError
+    from alphalora.training import DataError, train
+
+    try:
+        result = train(
+            args.model, args.plan, args.data, args.out, task=args.task, eval_data=args.eval_data,
+            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum, seed=args.seed, max_length=args.max_length,
+            bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+            logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
+        )
+    except (DataError, PlanFormatError, AdapterError) as error:
+        raise CliError(str(error)) from error
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    if losses:
+        print(f"training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logs")
+    print(f"adapter: {result.adapter_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphalora",
@@ -200,6 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--out", default="plan.json", help="plan JSON to write")
     allocate.add_argument("--plot", default=None, metavar="FILE", help="PNG of the allocation beside the alphas")
     allocate.set_defaults(run=_allocate)
+
+    train = verbs.add_parser(
+        "train",
+        help="train a plan's MoE-LoRA adapter on a base model (transformers.Trainer)",
+        description=(
+            "Build the plan into the base model (MoE-LoRA layers with the plan's expert count per layer, "
+            "base weights frozen) and train it. Data: JSONL with prompt/completion, instruction/input/output "
+            "(Alpaca template) or text for causal LM; text/label for classification; or a `datasets` folder. "
+            "Checkpoints go to OUT/checkpoints; --resume continues a killed run. The adapter is written to OUT."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--model", required=True, help="base model folder (Hugging Face format)")
+    train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
+    train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
+    train.add_argument("--out", required=True, help="adapter folder to write")
+    train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
+    train.add_argument("--eval-data", default=None, help="evaluation data, same format (eval loss each epoch)")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides epochs)")
+    train.add_argument("--lr", type=float, default=3e-4, help="learning rate (MoLA/AlphaLoRA: 3e-4)")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-length", type=int, default=None, help="longest example in tokens (default: context)")
+    train.add_argument("--bf16", action="store_true", help="train in bfloat16")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    train.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(run=_train)
     return parser
 
 

@@ -128,6 +128,13 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, adapted)
         by_block[layer].append(adapted)
+    for name in plan.modules_to_save:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError as error:
+            raise AdapterError(f"modules_to_save entry {name!r} is not a module of this model") from error
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
     for layer, modules in by_block.items():
         stats = BalanceStatistics(plan.experts_per_layer[layer])
         state.balance[layer] = stats
@@ -165,5 +172,8 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable adapter parameters by name (experts, routers)."""
-    return {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n or "router" in n}
+    """The adapter's parameters by name: experts, routers and any modules_to_save."""
+    state = getattr(model, ADAPTER_ATTRIBUTE, None)
+    heads = tuple(f"{name}." for name in state.plan.modules_to_save) if state is not None else ()
+    return {n: p for n, p in model.named_parameters()
+            if "lora_A" in n or "lora_B" in n or "router" in n or n.startswith(heads)}

@@ -105,6 +105,28 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{weights} is corrupt or truncated ({error}); re-save or re-download it") from error
 
 
+def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"{folder / WEIGHTS_NAME} does not match its plan: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Loads saved adapter weights into a model that already has the same adapter injected."""
+    folder = Path(adapter_dir)
+    config = read_adapter_config(folder)
+    if Plan.from_dict(config["plan"]) != adapter_state(model).plan:
+        raise AdapterError(f"{folder} was saved with a different plan than the model's adapter")
+    _copy_weights(model, _load_weights(folder), folder)
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = True) -> AdapterState:
     """Builds the saved plan into `model` (a fresh base model) and loads the adapter weights.
 
@@ -120,16 +142,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
         )
     tensors = _load_weights(folder)
     state = inject_adapters(model, Plan.from_dict(config["plan"]))
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise AdapterError(f"{folder / WEIGHTS_NAME} does not match its plan: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
-            param.copy_(tensors[name])
+    _copy_weights(model, tensors, folder)
     return state
 
 

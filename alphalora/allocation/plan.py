@@ -41,6 +41,7 @@ class Plan:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     router: RouterSettings = field(default_factory=RouterSettings)
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full, e.g. a classifier head
     source: dict[str, Any] = field(default_factory=dict)  # how the counts were derived
 
     def __post_init__(self) -> None:

@@ -1,0 +1,158 @@
+"""`train`: a base model + a plan + data -> a trained adapter folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alphalora._io import write_text_atomic
+from alphalora.adapters.inject import inject_adapters
+from alphalora.adapters.io import save_adapter
+from alphalora.allocation.plan import Plan
+
+from .data import TASKS, DataError, ListDataset, collate, read_rows, tokenize_causal_lm, tokenize_classification
+
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    log_history: list[dict[str, Any]]
+    label_names: list[str] | None
+
+
+def _load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").exists():
+        raise DataError(f"model folder {folder} has no config.json; pass a Hugging Face model folder")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _context_length(model, tokenizer) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None)]
+    if 0 < (tokenizer.model_max_length or 0) < 10**9:
+        limits.append(tokenizer.model_max_length)
+    limits = [v for v in limits if v]
+    return min(limits) if limits else 2048
+
+
+def _tokenize(path, task, tokenizer, max_length, label_names=None):
+    rows = read_rows(path)
+    if task == "causal-lm":
+        return tokenize_causal_lm(rows, tokenizer, max_length, str(path))
+    return tokenize_classification(rows, tokenizer, max_length, str(path), label_names)
+
+
+def train(
+    model_dir: str | Path,
+    plan: Plan | str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    task: str = "causal-lm",
+    eval_data: str | Path | None = None,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 3e-4,
+    batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    max_length: int | None = None,
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    save_steps: int = 50,
+    logging_steps: int = 10,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Trains the plan's MoE-LoRA (or heterogeneous-rank LoRA) adapter on `data`.
+
+    Data and plan are checked before any training starts. Checkpoints (adapter, optimizer,
+    scheduler, RNG) go to out_dir/checkpoints; `resume=True` continues from the newest one.
+    The finished adapter is written to out_dir.
+    """
+    import torch
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import MoELoRATrainer
+
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    label_names = None
+    num_labels = None
+    if task == "classification":
+        probe = tokenize_classification(read_rows(data), _NullTokenizer(), 10**9, str(data))
+        label_names = probe.label_names
+        num_labels = len(label_names) if label_names else 1 + max(e["labels"] for e in probe.examples)
+    model, tokenizer = _load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
+    limit = _context_length(model, tokenizer)
+    if max_length is not None and max_length > limit:
+        raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
+    max_length = max_length or limit
+    train_set = _tokenize(data, task, tokenizer, max_length, label_names)
+    eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names) if eval_data else None
+    if task == "classification":
+        heads = [h for h in CLASSIFIER_HEADS if hasattr(model, h)]
+        plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
+    set_seed(seed)  # adapter initialisation is part of the run: the same seed, the same adapter
+    inject_adapters(model, plan)  # raises AdapterError if the plan does not fit this model
+
+    out = Path(out_dir)
+    checkpoints = out / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, data_seed=seed,
+        logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps,
+        eval_strategy="epoch" if eval_set else "no", report_to="none", disable_tqdm=not progress,
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0,
+        **_checkpointing_argument(gradient_checkpointing),
+    )
+    trainer = MoELoRATrainer(
+        model=model, args=args, train_dataset=ListDataset(train_set.examples),
+        eval_dataset=ListDataset(eval_set.examples) if eval_set else None,
+        data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
+    )
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    if resume and last is None:
+        print(f"no checkpoint in {checkpoints}: starting from the beginning")
+    trainer.train(resume_from_checkpoint=last)
+    save_adapter(model, out)
+    tokenizer.save_pretrained(out)
+    write_text_atomic(out / "trainer_log.json", json.dumps(
+        {"log_history": trainer.state.log_history, "label_names": label_names}, indent=2) + "\n")
+    return TrainResult(out, trainer.state.log_history, label_names)
+
+
+def _checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled} if enabled else {}
+
+
+class _NullTokenizer:
+    """Lets the label scan reuse the classification reader before the real tokenizer is loaded."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": []}

@@ -1,0 +1,115 @@
+"""Training through the Python API: loss falls, adapters round-trip, bad input fails early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import alphalora
+from alphalora.adapters import AdapterError
+from alphalora.adapters.io import load_adapter
+from alphalora.allocation import Plan, RouterSettings
+from alphalora.training import DataError, train
+from tests.tiny_models import save_tiny
+
+
+def _plan(layers=2, experts=(4, 2), aux=0.01, targets=("q", "k", "v", "o", "gate", "up", "down")) -> Plan:
+    return Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts)[:layers],
+                top_k_per_layer=[min(2, e) for e in experts][:layers], target_modules=list(targets), rank=4,
+                lora_alpha=8.0, lora_dropout=0.0, router=RouterSettings(aux_loss_coef=aux))
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), initializer_range=0.5)
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    rows = [{"prompt": "the cat sat on", "completion": "the mat"},
+            {"prompt": "the dog sat on", "completion": "the log"},
+            {"instruction": "count", "input": "one two", "output": "three four five"},
+            {"text": "red green blue yellow"}] * 8
+    return _write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
+
+
+def test_causal_lm_loss_falls_and_the_adapter_reloads(llama_dir, lm_data, tmp_path):
+    result = train(llama_dir, _plan(), lm_data, tmp_path / "adapter", max_steps=60, learning_rate=2e-2,
+                   batch_size=8, logging_steps=5, save_steps=100, progress=False)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert any("aux_loss" in h for h in result.log_history)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    trained = AutoModelForCausalLM.from_pretrained(llama_dir)
+    load_adapter(trained, result.adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert not torch.allclose(trained(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_classification_trains_the_head_with_the_adapter(tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "tiny-bert")
+    rows = [{"text": "the cat sat on the mat", "label": "animal"}, {"text": "red green blue", "label": "colour"},
+            {"text": "the dog sat on the log", "label": "animal"}, {"text": "blue yellow red", "label": "colour"}] * 6
+    data = _write_jsonl(tmp_path / "cls.jsonl", rows)
+    result = train(model_dir, _plan(targets=("q", "v", "up")), data, tmp_path / "adapter", task="classification",
+                   max_steps=30, learning_rate=5e-3, batch_size=8, logging_steps=5, progress=False)
+    assert result.label_names == ["animal", "colour"]
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    config = json.loads((result.adapter_dir / "alphalora_config.json").read_text())
+    assert config["plan"]["modules_to_save"] == ["classifier"]
+
+
+def test_bad_input_fails_before_training(llama_dir, lm_data, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(llama_dir, _plan(), tmp_path / "missing.jsonl", tmp_path / "a")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no examples"):
+        train(llama_dir, _plan(), empty, tmp_path / "a")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{nope\n')
+    with pytest.raises(DataError, match="broken.jsonl:2 is not valid JSON"):
+        train(llama_dir, _plan(), broken, tmp_path / "a")
+    wrong = _write_jsonl(tmp_path / "wrong.jsonl", [{"question": "x"}])
+    with pytest.raises(DataError, match="needs prompt/completion"):
+        train(llama_dir, _plan(), wrong, tmp_path / "a")
+    long = _write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["cat"] * 200)}])
+    with pytest.raises(DataError, match="longer than the model's context of 64"):
+        train(llama_dir, _plan(), long, tmp_path / "a")
+    with pytest.raises(AdapterError, match="plan has 3 layers"):
+        train(llama_dir, _plan(layers=3, experts=(2, 2, 2)), lm_data, tmp_path / "a", max_steps=1)
+    with pytest.raises(AdapterError, match="match nothing"):
+        train(llama_dir, _plan(targets=("q", "mlp_in")), lm_data, tmp_path / "a", max_steps=1)
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+def test_plan_from_analysis_trains(llama_dir, lm_data, tmp_path):
+    report = alphalora.analyze(llama_dir, progress=False)
+    plan = alphalora.allocate(report, budget=6)
+    result = train(llama_dir, plan, lm_data, tmp_path / "adapter", max_steps=4, progress=False)
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_cli_train_end_to_end(llama_dir, lm_data, tmp_path, capsys):
+    from alphalora.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", "--method", "mola", "--preset", "42", "--num-layers", "2", "--out", str(plan)]) == 0
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(llama_dir), "--plan", str(plan), "--data", str(lm_data), "--out", str(out),
+                 "--max-steps", "3", "--no-progress"]) == 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "alphalora_config.json").exists()
+    assert "adapter:" in capsys.readouterr().out
+    assert main(["train", "--model", str(llama_dir), "--plan", str(tmp_path / "none.json"), "--data", str(lm_data),
+                 "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
