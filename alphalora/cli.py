@@ -140,6 +140,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from alphalora.adapters import AdapterError
+    from alphalora.adapters.peft_export import export_peft
+
+    try:
+        out = export_peft(args.adapter, args.out)
+    except AdapterError as error:
+        raise CliError(str(error)) from error
+    print(f"PEFT LoRA adapter: {out} (load with peft.PeftModel.from_pretrained or vLLM --lora-modules)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphalora",
@@ -254,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=_train)
+
+    export = verbs.add_parser(
+        "export",
+        help="write a plain-LoRA adapter in PEFT's format (for PEFT, vLLM and other LoRA servers)",
+        description=(
+            "Export an adapter with one expert per module (heterogeneous ranks allowed) as a PEFT LoRA folder. "
+            "Each module's scale is folded into lora_B, so readers that honour rank_pattern and readers that "
+            "only read r and lora_alpha compute the same thing. MoE-LoRA adapters need the native engine."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("adapter", help="adapter folder written by `alphalora train`")
+    export.add_argument("--format", choices=["peft"], default="peft")
+    export.add_argument("--out", required=True, help="folder to write the PEFT adapter to")
+    export.set_defaults(run=_export)
     return parser
 
 

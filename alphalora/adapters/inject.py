@@ -90,6 +90,11 @@ def candidate_modules(model: nn.Module) -> dict[str, tuple[int, nn.Module]]:
     return found
 
 
+def module_rank(plan: Plan, name: str) -> int:
+    """The rank of module `name`: the first rank_pattern entry that matches it, else plan.rank."""
+    return next((r for target, r in plan.rank_pattern.items() if _matches(name, target)), plan.rank)
+
+
 def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     """Replaces the plan's target linears with MoE-LoRA layers and freezes everything else.
 
@@ -123,7 +128,8 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     for name in state.module_names:
         layer, base = chosen[name]
         experts, top_k = plan.experts_per_layer[layer], plan.top_k_per_layer[layer]
-        adapted = MoELoRALinear(base, experts, top_k, plan.rank, plan.lora_alpha, plan.lora_dropout,
+        rank = module_rank(plan, name)
+        adapted = MoELoRALinear(base, experts, top_k, rank, plan.lora_alpha, plan.lora_dropout,
                                 own_router=not shared)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, adapted)

@@ -38,6 +38,7 @@ class Plan:
     top_k_per_layer: list[int]
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     rank: int = 8
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # role, name or glob -> rank (heterogeneous LoRA)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     router: RouterSettings = field(default_factory=RouterSettings)
@@ -76,6 +77,10 @@ class Plan:
             fail(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             fail(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank_pattern, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in self.rank_pattern.items()
+        ):
+            fail(f"rank_pattern must map module roles/names to positive integers, got {self.rank_pattern!r}")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             fail(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:

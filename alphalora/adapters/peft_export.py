@@ -1,0 +1,77 @@
+"""Export of single-expert (plain, heterogeneous-rank) adapters to PEFT's LoRA format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from alphalora._io import atomic_path, write_text_atomic
+
+from .inject import AdapterError
+from .io import WEIGHTS_NAME, _load_weights, read_adapter_config
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Writes a PEFT LoRA folder computing exactly what the adapter computes.
+
+    Each module's scale (lora_alpha / its rank) is folded into lora_B and the exported
+    lora_alpha equals r for every module (alpha_pattern = rank_pattern), so the scaling is 1
+    whether a reader honours rank_pattern/alpha_pattern (PEFT, vLLM 0.32) or only r and
+    lora_alpha (older vLLM releases). Mixture-of-experts adapters cannot be expressed and
+    are refused.
+    """
+    folder, out = Path(adapter_dir), Path(out_dir)
+    config = read_adapter_config(folder)
+    plan = config["plan"]
+    if any(n != 1 for n in plan["experts_per_layer"]):
+        raise AdapterError(
+            f"{folder} is a mixture-of-LoRA-experts adapter (experts per layer {plan['experts_per_layer']}); "
+            "PEFT LoRA has one expert per module. Serve it with the native engine (`alphalora serve`)"
+        )
+    tensors = _load_weights(folder)
+    names = config["module_names"]
+    weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name in names:
+        a, b = tensors[f"{name}.lora_A"][0], tensors[f"{name}.lora_B"][0]  # (r, in), (out, r)
+        rank = a.shape[0]
+        ranks[name] = rank
+        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        weights[f"base_model.model.{name}.lora_B.weight"] = (b * (plan["lora_alpha"] / rank)).contiguous()
+    heads = plan.get("modules_to_save", [])
+    for key, value in tensors.items():
+        if any(key.startswith(f"{head}.") for head in heads):
+            weights[f"base_model.model.{key}"] = value
+    base_rank = max(ranks.values())
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+        "base_model_name_or_path": config["base_model"],
+        "r": base_rank,
+        "lora_alpha": base_rank,
+        "rank_pattern": {name: r for name, r in ranks.items() if r != base_rank},
+        "alpha_pattern": {name: r for name, r in ranks.items() if r != base_rank},
+        "target_modules": names,
+        "lora_dropout": plan["lora_dropout"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": heads or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / PEFT_WEIGHTS_NAME) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(out / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+    return out
+
+
+__all__ = ["WEIGHTS_NAME", "export_peft"]

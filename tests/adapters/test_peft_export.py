@@ -1,0 +1,80 @@
+"""PEFT export: PeftModel.from_pretrained on the export computes what our model computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alphalora.adapters import AdapterError, adapter_parameters, inject_adapters
+from alphalora.adapters.inject import module_rank
+from alphalora.adapters.io import save_adapter
+from alphalora.adapters.peft_export import export_peft
+from alphalora.allocation import Plan
+from tests.tiny_models import build
+
+peft = pytest.importorskip("peft")
+
+
+def _adapted(model, experts=(1, 1), heads=()):
+    plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
+                top_k_per_layer=[1] * len(experts), target_modules=["q", "k", "v", "o", "up", "down"], rank=4,
+                rank_pattern={"q": 2, "model.layers.1.mlp.down_proj": 6, "*.layer.1.output.dense": 6},
+                lora_alpha=12.0, lora_dropout=0.0, modules_to_save=list(heads))
+    inject_adapters(model, plan)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_heterogeneous_rank_lora_exports_to_peft_with_identical_logits(tmp_path):
+    ours = _adapted(build("llama"))
+    assert module_rank(ours.alphalora_adapter.plan, "model.layers.0.self_attn.q_proj") == 2
+    assert ours.get_submodule("model.layers.1.mlp.down_proj").rank == 6
+    ids = torch.randint(0, 128, (2, 10))
+    expected = ours(input_ids=ids).logits
+    save_adapter(ours, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"]  # readers that ignore the patterns still scale by 1
+    assert config["rank_pattern"] == config["alpha_pattern"]
+    loaded = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_head_travels_as_modules_to_save(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def base():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        max_position_embeddings=64, num_labels=3)).eval()
+
+    ours = _adapted(base(), heads=("classifier",))
+    ids = torch.randint(0, 128, (3, 7))
+    expected = ours(input_ids=ids).logits
+    save_adapter(ours, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(base(), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_of_experts_adapters_are_refused(tmp_path):
+    save_adapter(_adapted(build("llama"), experts=(2, 1)), tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="mixture-of-LoRA-experts.*native engine"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
+
+
+def test_cli_export(tmp_path, capsys):
+    from alphalora.cli import main
+
+    save_adapter(_adapted(build("llama")), tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    save_adapter(_adapted(build("llama"), experts=(3, 1)), tmp_path / "moe")
+    assert main(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "x")]) == 2
+    assert "native engine" in capsys.readouterr().err
