@@ -71,22 +71,32 @@ class MoELoRALinear(nn.Module):
             self.balance.add(logits, ids)
         return dense_gates(gates, ids, self.num_experts)
 
+    def _down(self, x2: torch.Tensor) -> torch.Tensor:
+        """Every expert's down-projection of the flattened tokens, gated and scaled: [T, E*r]."""
+        gates = self.gates(x2)
+        # Dense-masked form: all experts' A in one GEMM (E*r columns, small next to the hidden
+        # size); the unchosen experts are zeroed by their gates, the scale folded in here, where
+        # the tensor is E*r wide rather than out_features wide.
+        hidden = self.dropout(x2) @ self.lora_A.reshape(-1, self.in_features).T
+        if gates is None:
+            return hidden * self.scaling
+        return hidden * (gates * self.scaling).to(hidden.dtype).repeat_interleave(self.rank, dim=1)
+
+    def _up_weight(self) -> torch.Tensor:
+        """All experts' B side by side: [out, E*r]."""
+        return self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for x [..., in] -> [..., out]."""
-        x2 = x.reshape(-1, self.in_features)
-        gates = self.gates(x2)
-        dropped = self.dropout(x2)
-        # Dense-masked form: every expert's down-projection in one GEMM (E*r columns, small next
-        # to the hidden size), the unchosen experts zeroed by the gates, one up-projection.
-        hidden = dropped @ self.lora_A.reshape(-1, self.in_features).T
-        if gates is not None:
-            hidden = hidden * gates.to(hidden.dtype).repeat_interleave(self.rank, dim=1)
-        up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
-        delta = (hidden @ up.T) * self.scaling
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        hidden = self._down(x.reshape(-1, self.in_features))
+        return (hidden @ self._up_weight().T).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_delta(x).to(x.dtype)
+        base = self.base(x)
+        hidden = self._down(x.reshape(-1, self.in_features)).to(base.dtype)
+        # The up-projection accumulates straight into the base output (one GEMM, no extra pass).
+        out = torch.addmm(base.reshape(-1, self.out_features), hidden, self._up_weight().T.to(base.dtype))
+        return out.reshape(base.shape)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "

@@ -1,0 +1,165 @@
+"""MoE-LoRA layer and training-step speed against the MoLA-style loop, measured in one run.
+
+Layer level (forward + backward, frozen base): the base linear alone, a MoLA-style Python loop
+over experts (gather, per-expert LoRA, index_add; how the MoLA and AlphaLoRA code do it), and
+ours. adapter_overhead_ratio = (ours - base) / (loop - base): the share of the loop's adapter
+cost that ours still pays.
+
+Model level: training steps of a small Llama with MoE-LoRA on all 7 projections (5 experts per
+layer, i.e. 160 scaled from 32 layers, top-2, rank 8), the same with the loop, and plain LoRA r=8.
+
+    python benchmarks/moe_lora.py --json out.json
+    python benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import types
+
+import torch
+from torch import nn
+
+from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters, moe_lora_loop_reference
+from alphalora.allocation import Plan
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of `repeats` calls after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def use_loop(module: MoELoRALinear) -> None:
+    """Makes one layer compute its adapter the MoLA way."""
+    module.forward = types.MethodType(moe_lora_loop_reference, module)
+
+
+def layer_benchmark(args) -> dict:
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base = nn.Linear(args.hidden, args.hidden, bias=False, device=args.device, dtype=dtype).requires_grad_(False)
+    layer = MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    loop = MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)
+    loop.load_state_dict(layer.state_dict())
+    use_loop(loop)
+    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+    torch.testing.assert_close(layer(x), loop(x), rtol=2e-2, atol=2e-2)  # the same function
+
+    def step(module):
+        def run():
+            x.grad = None
+            module(x).float().square().mean().backward()
+        return run
+
+    results = {name: timed(step(module), args.repeats, args.device)
+               for name, module in [("base", base), ("loop", loop), ("ours", layer)]}
+    results["adapter_overhead_ratio"] = (results["ours"] - results["base"]) / (results["loop"] - results["base"])
+    return results
+
+
+def small_llama(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=args.model_hidden, intermediate_size=args.model_hidden * 8 // 3,
+                         num_hidden_layers=args.model_layers, num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=1024)
+    return LlamaForCausalLM(config).to(args.device)
+
+
+def model_benchmark(args) -> dict:
+    layers = args.model_layers
+    experts = max(1, round(160 / 32))
+    variants = {
+        "lora_r8": ([1] * layers, [1] * layers, False),
+        "moe_lora": ([experts] * layers, [min(2, experts)] * layers, False),
+        "moe_lora_loop": ([experts] * layers, [min(2, experts)] * layers, True),
+    }
+    ids = torch.randint(0, 4096, (args.batch, args.seq), device=args.device)
+    results = {}
+    for name, (counts, top_k, loop) in variants.items():
+        model = small_llama(args).train()
+        plan = Plan(method="uniform", base_model="small-llama", experts_per_layer=counts, top_k_per_layer=top_k,
+                    rank=8, lora_alpha=16.0, lora_dropout=0.0)
+        state = inject_adapters(model, plan)
+        if loop:
+            for module_name in state.module_names:
+                use_loop(model.get_submodule(module_name))
+        optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4)
+
+        def train_step(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        seconds = timed(train_step, args.model_repeats, args.device)
+        results[name] = {"step_s": seconds, "tokens_per_s": args.batch * args.seq / seconds}
+    results["moe_over_lora"] = results["moe_lora"]["tokens_per_s"] / results["lora_r8"]["tokens_per_s"]
+    results["moe_over_loop"] = results["moe_lora"]["tokens_per_s"] / results["moe_lora_loop"]["tokens_per_s"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--model-layers", type=int, default=4)
+    parser.add_argument("--model-hidden", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model-repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    layer = layer_benchmark(args)
+    print(f"layer fwd+bwd, hidden {args.hidden}, {args.tokens} tokens, {args.experts} experts top-{args.top_k}, "
+          f"rank {args.rank}, {args.dtype}, {args.device}")
+    for name in ("base", "loop", "ours"):
+        print(f"  {name:5s} {layer[name] * 1e3:8.2f} ms")
+    print(f"  adapter_overhead_ratio (ours - base) / (loop - base) = {layer['adapter_overhead_ratio']:.3f}")
+
+    model = model_benchmark(args)
+    print(f"\ntraining step, Llama {args.model_layers} layers hidden {args.model_hidden}, "
+          f"{args.batch}x{args.seq} tokens")
+    for name in ("lora_r8", "moe_lora", "moe_lora_loop"):
+        print(f"  {name:14s} {model[name]['step_s'] * 1e3:8.1f} ms/step  {model[name]['tokens_per_s']:8.0f} tok/s")
+    print(f"  MoE-LoRA / LoRA r8 = {model['moe_over_lora']:.2f}x, MoE-LoRA / loop = {model['moe_over_loop']:.2f}x")
+
+    if args.json:
+        summary = {
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+            "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+            "layer": layer, "model": model,
+            "adapter_overhead_ratio": layer["adapter_overhead_ratio"],
+            "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")},
+        }
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
