@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -32,3 +34,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def read_json(path: str | os.PathLike, what: str, how_to_create: str, error: type[Exception]) -> Any:
+    """Parses a JSON file, raising `error` with a message that says what is wrong and how to fix it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as missing:
+        raise error(f"{what} {path} does not exist; create it with {how_to_create}") from missing
+    except json.JSONDecodeError as bad:
+        raise error(f"{what} {path} is not valid JSON: {bad}") from bad

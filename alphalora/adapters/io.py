@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +143,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
     state = inject_adapters(model, Plan.from_dict(config["plan"]))
     _copy_weights(model, tensors, folder)
     return state
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_NAME).exists()

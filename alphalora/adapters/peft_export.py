@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from alphalora._io import atomic_path, write_text_atomic
 
 from .inject import AdapterError
-from .io import WEIGHTS_NAME, _load_weights, read_adapter_config
+from .io import _load_weights, read_adapter_config
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,6 +72,3 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     write_text_atomic(out / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return out
-
-
-__all__ = ["WEIGHTS_NAME", "export_peft"]

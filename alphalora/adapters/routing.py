@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class BalanceStatistics:
     selections: torch.Tensor | None = None  # [E], counts
     rows: int = 0
     picks: int = 0
-    extra: dict = field(default_factory=dict)
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         probs = torch.softmax(logits.float(), dim=-1)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alphalora._io import write_text_atomic
+from alphalora._io import read_json, write_text_atomic
 
 FORMAT_VERSION = 1
 METHODS = ("alphalora", "mola", "uniform")
@@ -113,10 +113,4 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise PlanFormatError(f"plan {path} does not exist; create it with `alphalora allocate`") from error
-        except json.JSONDecodeError as error:
-            raise PlanFormatError(f"plan {path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "plan", "`alphalora allocate`", PlanFormatError))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from alphalora._io import write_text_atomic
+from alphalora._io import read_json, write_text_atomic
 
 FORMAT_VERSION = 1
 AGGREGATIONS = {
@@ -138,13 +138,7 @@ class SpectralReport:
 
     @classmethod
     def load(cls, path: str | Path) -> SpectralReport:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ReportFormatError(f"report {path} does not exist; create it with `alphalora analyze`") from error
-        except json.JSONDecodeError as error:
-            raise ReportFormatError(f"report {path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "report", "`alphalora analyze`", ReportFormatError))
 
 
 def layer_scores(matrices: list[MatrixReport], aggregation: str = "mean") -> list[LayerReport]:
