@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
-
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
@@ -31,6 +29,8 @@ def _format(value: float | None, digits: int = 3) -> str:
 def print_layer_table(report, file=None) -> None:
     """The per-layer scores, with each role's alpha, as an aligned text table."""
     file = file or sys.stdout
+    from alphalora.spectral.roles import ROLE_ORDER
+
     found = {r for layer in report.layers for r in layer.alphas_by_role}
     roles = [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
     header = ["layer", f"alpha ({report.aggregation})", "matrices", *roles]
@@ -102,7 +102,8 @@ def _allocate(args: argparse.Namespace) -> int:
             args.report, alphas=_float_list(args.alphas) if args.alphas else None, method=args.method,
             preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
-            base_model=args.base_model, target_modules=args.target_modules.split(","), rank=args.rank,
+            base_model=args.base_model, rank=args.rank,
+            target_modules=args.target_modules.split(",") if args.target_modules else None,
             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
         )
@@ -222,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--top-k", type=int, default=2, help="experts per token, capped by each layer's count")
     allocate.add_argument("--num-layers", type=int, default=None, help="layer count for mola/uniform without a report")
     allocate.add_argument("--base-model", default=None, help="base model name recorded in the plan")
-    allocate.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
-                          help="module roles or names to adapt, comma-separated")
+    allocate.add_argument("--target-modules", default=None,
+                          help="module roles, names or globs to adapt, comma-separated (default: every role "
+                          "the report found in the blocks; without a report q,k,v,o,gate,up,down)")
     allocate.add_argument("--rank", type=int, default=8, help="LoRA rank of every expert")
     allocate.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     allocate.add_argument("--lora-dropout", type=float, default=0.05)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alphalora.spectral.report import SpectralReport
+from alphalora.spectral.roles import ROLE_ORDER
 
 from .expert_counts import (
     AllocationError,
@@ -29,6 +30,12 @@ def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[f
     return report.layer_alphas(), report
 
 
+def _report_roles(report: SpectralReport) -> list[str]:
+    found = {m.role for m in report.matrices if m.layer is not None}
+    ordered = [role for role in ROLE_ORDER if role in found]
+    return ordered + sorted(found - set(ordered))
+
+
 def allocate(
     report: SpectralReport | str | Path | None = None,
     *,
@@ -42,7 +49,7 @@ def allocate(
     top_k: int = 2,
     num_layers: int | None = None,
     base_model: str | None = None,
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    target_modules: Sequence[str] | None = None,
     rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
@@ -54,7 +61,9 @@ def allocate(
     - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups; with ``budget``
       the pattern is scaled to that total (pass ``budget=None`` for the literal counts).
     - ``uniform``: ``budget`` spread evenly.
-    The layer count comes from the report, the alphas, or ``num_layers``.
+    The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
+    defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
+    q, k, v, o, up, down for BERT), or to the Llama set without a report.
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -87,6 +96,8 @@ def allocate(
             source.update(layer_alphas=layer_alphas)
     if loaded is not None:
         source.update(report_model=loaded.model, estimator=loaded.estimator)
+    if target_modules is None:
+        target_modules = _report_roles(loaded) if loaded is not None else DEFAULT_TARGET_MODULES
     return Plan(
         method=method,
         base_model=base_model or (loaded.model if loaded is not None else ""),

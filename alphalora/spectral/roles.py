@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+# The order roles are listed in tables and plans: attention, then MLP.
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 # Name suffixes (module path, without ".weight") -> role; the first match wins, so longer,

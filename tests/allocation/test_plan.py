@@ -89,3 +89,12 @@ def test_cli_allocate(report, tmp_path, capsys):
     assert main(["allocate", "--alphas", "3,4", "--beta", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "budget must be positive" in err and "beta must be positive" in err and "Traceback" not in err
+
+
+def test_default_targets_are_the_roles_the_report_found():
+    bert = alphalora.analyze(build("bert"), progress=False)
+    assert alphalora.allocate(bert, budget=4).target_modules == ["q", "k", "v", "o", "up", "down"]
+    gpt2 = alphalora.analyze(build("gpt2"), progress=False)
+    assert alphalora.allocate(gpt2, budget=4).target_modules == ["qkv", "o", "up", "down"]
+    assert alphalora.allocate(alphas=[3.0, 4.0], budget=4).target_modules == [
+        "q", "k", "v", "o", "gate", "up", "down"]
