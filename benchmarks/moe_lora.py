@@ -74,6 +74,32 @@ def layer_benchmark(args) -> dict:
     return results
 
 
+def many_experts_benchmark(args) -> dict:
+    """Dense-masked experts against the grouped routing kernels where E x r rivals the width."""
+    torch.manual_seed(0)
+    base = nn.Linear(args.hidden, args.hidden, bias=False, device=args.device).requires_grad_(False)
+    layers = {kernel: MoELoRALinear(base, args.many_experts, args.top_k, args.many_rank,
+                                    lora_alpha=2.0 * args.many_rank, kernel=kernel)
+              for kernel in ("dense", "grouped")}
+    layers["grouped"].load_state_dict(layers["dense"].state_dict())
+    loop = MoELoRALinear(base, args.many_experts, args.top_k, args.many_rank, lora_alpha=2.0 * args.many_rank)
+    loop.load_state_dict(layers["dense"].state_dict())
+    use_loop(loop)
+    x = torch.randn(args.tokens, args.hidden, device=args.device, requires_grad=True)
+
+    def step(module):
+        def run():
+            x.grad = None
+            module(x).square().mean().backward()
+        return run
+
+    results = {name: timed(step(module), args.repeats, args.device)
+               for name, module in [("base", base), ("loop", loop), ("dense", layers["dense"]),
+                                    ("grouped", layers["grouped"])]}
+    results["grouped_over_dense"] = (results["dense"] - results["base"]) / (results["grouped"] - results["base"])
+    return results
+
+
 def small_llama(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,6 +152,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--many-experts", type=int, default=64, help="experts for the many-expert layer comparison")
+    parser.add_argument("--many-rank", type=int, default=16)
     parser.add_argument("--model-layers", type=int, default=4)
     parser.add_argument("--model-hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
@@ -141,6 +169,13 @@ def main() -> None:
         print(f"  {name:5s} {layer[name] * 1e3:8.2f} ms")
     print(f"  adapter_overhead_ratio (ours - base) / (loop - base) = {layer['adapter_overhead_ratio']:.3f}")
 
+    many = many_experts_benchmark(args)
+    print(f"\nlayer fwd+bwd with {args.many_experts} experts x rank {args.many_rank} (E*r = "
+          f"{args.many_experts * args.many_rank}), top-{args.top_k}")
+    for name in ("base", "loop", "dense", "grouped"):
+        print(f"  {name:7s} {many[name] * 1e3:8.2f} ms")
+    print(f"  adapter cost dense / grouped = {many['grouped_over_dense']:.2f}x")
+
     model = model_benchmark(args)
     print(f"\ntraining step, Llama {args.model_layers} layers hidden {args.model_hidden}, "
           f"{args.batch}x{args.seq} tokens")
@@ -152,7 +187,7 @@ def main() -> None:
         summary = {
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
             "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-            "layer": layer, "model": model,
+            "layer": layer, "many_experts": many, "model": model,
             "adapter_overhead_ratio": layer["adapter_overhead_ratio"],
             "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")},
         }

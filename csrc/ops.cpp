@@ -25,4 +25,23 @@ TORCH_LIBRARY(alphalora, m) {
   m.def(
       "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "
       "-> (Tensor, Tensor)");
+
+  // Mixture-of-LoRA-experts routing. Pairs are top-k (token, slot) choices, p = t * k + j, each
+  // naming a (virtual) expert: with several adapters in one batch, ids are offset per adapter.
+  // moe_permute counting-sorts pairs by expert: order (pairs grouped by expert) and offsets.
+  m.def("moe_permute(Tensor expert_ids, int num_experts) -> (Tensor, Tensor)");
+  // h[p] = A[e_p] x[t_p]: every pair's down-projection, (P, r).
+  m.def(
+      "grouped_lora_shrink(Tensor x, Tensor A, Tensor expert_ids, Tensor order, Tensor offsets) "
+      "-> Tensor");
+  // y[t] = sum_j gates[p] * B[e_p] h[p] over the token's pairs p = t * k + j, (T, out).
+  m.def(
+      "grouped_lora_expand(Tensor h, Tensor B, Tensor gates, Tensor expert_ids, Tensor order, "
+      "Tensor offsets, int num_tokens) -> Tensor");
+  m.def(
+      "grouped_lora_shrink_backward(Tensor grad_h, Tensor x, Tensor A, Tensor expert_ids, "
+      "Tensor order, Tensor offsets) -> (Tensor, Tensor)");
+  m.def(
+      "grouped_lora_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor gates, "
+      "Tensor expert_ids, Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)");
 }

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alphalora import ops
+
 from .routing import BalanceStatistics, dense_gates, top_k_gates
 
 
@@ -29,8 +31,10 @@ class MoELoRALinear(nn.Module):
     this module's own router. The layer wraps the base module and knows nothing of the model.
     """
 
+    KERNELS = ("auto", "dense", "grouped")
+
     def __init__(self, base: nn.Module, num_experts: int, top_k: int, rank: int, lora_alpha: float,
-                 dropout: float = 0.0, own_router: bool = True):
+                 dropout: float = 0.0, own_router: bool = True, kernel: str = "auto"):
         super().__init__()
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k ({top_k}) <= num_experts ({num_experts})")
@@ -49,6 +53,12 @@ class MoELoRALinear(nn.Module):
                        if num_experts > 1 and own_router else None)
         self.balance: BalanceStatistics | None = None  # set by the model wrapper to collect aux-loss stats
         self.shared_gates: torch.Tensor | None = None  # [T, E], set per forward by a shared router
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
+        # Dense-masked experts cost E*r extra columns on every token; the grouped kernels cost k*r.
+        # Past about half the input width the gather/scatter path does less work.
+        self.kernel = kernel if kernel != "auto" else (
+            "grouped" if num_experts > 1 and num_experts * rank > self.in_features // 2 else "dense")
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -59,16 +69,23 @@ class MoELoRALinear(nn.Module):
         if self.router is not None:
             nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
 
+    def routing(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (gates, expert ids), each [T, k], for flattened tokens x2."""
+        if self.shared_gates is not None:
+            return torch.topk(self.shared_gates, self.top_k, dim=-1)
+        logits = self.router(x2)
+        gates, ids = top_k_gates(logits, self.top_k)
+        if self.balance is not None and self.training:
+            self.balance.add(logits, ids)
+        return gates, ids
+
     def gates(self, x2: torch.Tensor) -> torch.Tensor | None:
         """[T, E] routing weights for flattened tokens x2 (None for a single expert)."""
         if self.num_experts == 1:
             return None
         if self.shared_gates is not None:
             return self.shared_gates
-        logits = self.router(x2)
-        gates, ids = top_k_gates(logits, self.top_k)
-        if self.balance is not None and self.training:
-            self.balance.add(logits, ids)
+        gates, ids = self.routing(x2)
         return dense_gates(gates, ids, self.num_experts)
 
     def _down(self, x2: torch.Tensor) -> torch.Tensor:
@@ -91,7 +108,19 @@ class MoELoRALinear(nn.Module):
         hidden = self._down(x.reshape(-1, self.in_features))
         return (hidden @ self._up_weight().T).reshape(*x.shape[:-1], self.out_features)
 
+    def _grouped_delta(self, x2: torch.Tensor) -> torch.Tensor:
+        """The delta through the routing kernels: gather, grouped low-rank matmuls, weighted scatter-add."""
+        if self.num_experts == 1:
+            ids = torch.zeros(x2.shape[0], 1, dtype=torch.long, device=x2.device)
+            gates = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
+        else:
+            gates, ids = self.routing(x2)
+        return ops.moe_lora(self.dropout(x2), self.lora_A, self.lora_B, gates * self.scaling, ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "grouped":
+            delta = self._grouped_delta(x.reshape(-1, self.in_features))
+            return self.base(x) + delta.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         base = self.base(x)
         hidden = self._down(x.reshape(-1, self.in_features)).to(base.dtype)
         # The up-projection accumulates straight into the base output (one GEMM, no extra pass).
@@ -100,7 +129,7 @@ class MoELoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}")
+                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, kernel={self.kernel}")
 
 
 def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:

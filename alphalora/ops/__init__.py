@@ -1,6 +1,14 @@
 """alphalora's custom ops: typed wrappers over torch.ops.alphalora.* with fake kernels."""
 
 from ._library import HAS_COMPILED_OPS
+from .routing import grouped_lora_expand, grouped_lora_shrink, moe_lora, moe_permute
 from .spectral import eigvalsh_batched, powerlaw_fit, xmin_peak_window
 
-__all__ = ["HAS_COMPILED_OPS", "eigvalsh_batched", "powerlaw_fit", "xmin_peak_window"]
+__all__ = [
+    "HAS_COMPILED_OPS",
+    "eigvalsh_batched",
+    "grouped_lora_expand",
+    "grouped_lora_shrink",
+    "moe_lora",
+    "moe_permute",
+    "powerlaw_fit", "xmin_peak_window"]

@@ -15,6 +15,26 @@ _SCHEMAS = {
         reference.powerlaw_fit,
     ),
     "eigvalsh_batched": ("eigvalsh_batched(Tensor grams) -> Tensor", reference.eigvalsh_batched),
+    "moe_permute": ("moe_permute(Tensor expert_ids, int num_experts) -> (Tensor, Tensor)", reference.moe_permute),
+    "grouped_lora_shrink": (
+        "grouped_lora_shrink(Tensor x, Tensor A, Tensor expert_ids, Tensor order, Tensor offsets) -> Tensor",
+        reference.grouped_lora_shrink,
+    ),
+    "grouped_lora_expand": (
+        "grouped_lora_expand(Tensor h, Tensor B, Tensor gates, Tensor expert_ids, Tensor order, "
+        "Tensor offsets, int num_tokens) -> Tensor",
+        reference.grouped_lora_expand,
+    ),
+    "grouped_lora_shrink_backward": (
+        "grouped_lora_shrink_backward(Tensor grad_h, Tensor x, Tensor A, Tensor expert_ids, Tensor order, "
+        "Tensor offsets) -> (Tensor, Tensor)",
+        reference.grouped_lora_shrink_backward,
+    ),
+    "grouped_lora_expand_backward": (
+        "grouped_lora_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor gates, Tensor expert_ids, "
+        "Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)",
+        reference.grouped_lora_expand_backward,
+    ),
     "xmin_peak_window": (
         "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "
         "-> (Tensor, Tensor)",

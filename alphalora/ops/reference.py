@@ -109,3 +109,47 @@ def xmin_peak_window(
 def eigvalsh_batched(grams: torch.Tensor) -> torch.Tensor:
     """Ascending eigenvalues of each symmetric matrix in a (batch, n, n) tensor."""
     return torch.linalg.eigvalsh(grams)
+
+
+# --- mixture-of-LoRA-experts routing: every pair computed on its own, no grouping -------------
+
+
+def moe_permute(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs sorted (stably) by expert, and each expert's [start, end) in that order."""
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return order, offsets
+
+
+def _tokens(pairs: int, num_tokens: int, device) -> torch.Tensor:
+    return torch.arange(pairs, device=device) // (pairs // num_tokens)
+
+
+def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
+    """h[p] = A[e_p] @ x[t_p]."""
+    tokens = _tokens(expert_ids.numel(), x.shape[0], x.device)
+    return torch.bmm(A[expert_ids], x[tokens].unsqueeze(2)).squeeze(2)
+
+
+def grouped_lora_expand(h, B, gates, expert_ids, order, offsets, num_tokens) -> torch.Tensor:
+    """y[t] = sum over the token's pairs of gates[p] * B[e_p] @ h[p]."""
+    tokens = _tokens(expert_ids.numel(), num_tokens, h.device)
+    contributions = torch.bmm(B[expert_ids], h.unsqueeze(2)).squeeze(2) * gates.unsqueeze(1)
+    return torch.zeros(num_tokens, B.shape[1], dtype=h.dtype, device=h.device).index_add_(0, tokens, contributions)
+
+
+def grouped_lora_shrink_backward(grad_h, x, A, expert_ids, order, offsets):
+    tokens = _tokens(expert_ids.numel(), x.shape[0], x.device)
+    grad_x = torch.zeros_like(x).index_add_(
+        0, tokens, torch.bmm(A[expert_ids].transpose(1, 2), grad_h.unsqueeze(2)).squeeze(2))
+    grad_A = torch.zeros_like(A).index_add_(0, expert_ids, grad_h.unsqueeze(2) * x[tokens].unsqueeze(1))
+    return grad_x, grad_A
+
+
+def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets):
+    tokens = _tokens(expert_ids.numel(), grad_y.shape[0], grad_y.device)
+    gy = grad_y[tokens]
+    back = torch.bmm(B[expert_ids].transpose(1, 2), gy.unsqueeze(2)).squeeze(2)
+    grad_B = torch.zeros_like(B).index_add_(0, expert_ids, (gy * gates.unsqueeze(1)).unsqueeze(2) * h.unsqueeze(1))
+    return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)

@@ -10,10 +10,11 @@ from alphalora.adapters import MoELoRALinear, moe_lora_loop_reference
 from alphalora.adapters.routing import BalanceStatistics
 
 
-def _layer(experts: int, top_k: int, rank: int = 4, dtype=torch.float32, seed: int = 0) -> MoELoRALinear:
+def _layer(experts: int, top_k: int, rank: int = 4, dtype=torch.float32, seed: int = 0,
+           kernel: str = "dense") -> MoELoRALinear:
     torch.manual_seed(seed)
     base = nn.Linear(24, 20, dtype=dtype)
-    layer = MoELoRALinear(base, experts, top_k, rank, lora_alpha=8.0, dropout=0.0)
+    layer = MoELoRALinear(base, experts, top_k, rank, lora_alpha=8.0, dropout=0.0, kernel=kernel)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.3)  # B starts at 0: give the experts something to say
     for p in base.parameters():
@@ -27,9 +28,10 @@ def _grads(layer, out, x):
     return torch.autograd.grad(out.float().square().sum(), params)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
 @pytest.mark.parametrize("experts,top_k", [(1, 1), (3, 1), (3, 2), (8, 2), (6, 6)])
-def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k):
-    layer = _layer(experts, top_k)
+def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k, kernel):
+    layer = _layer(experts, top_k, kernel=kernel)
     x = torch.randn(2, 17, 24, requires_grad=True)
     ours, loop = layer(x), moe_lora_loop_reference(layer, x)
     torch.testing.assert_close(ours, loop, rtol=1e-5, atol=1e-5)
@@ -37,8 +39,9 @@ def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k):
         torch.testing.assert_close(g_ours, g_loop, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_matches_the_loop_at_bf16_tolerance():
-    layer = _layer(8, 2, dtype=torch.bfloat16)
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
+def test_bf16_matches_the_loop_at_bf16_tolerance(kernel):
+    layer = _layer(8, 2, dtype=torch.bfloat16, kernel=kernel)
     x = torch.randn(64, 24, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), moe_lora_loop_reference(layer, x), rtol=2e-2, atol=2e-2)
 
@@ -86,3 +89,11 @@ def test_rejects_bad_shapes():
         MoELoRALinear(nn.Linear(4, 4), 2, 1, 0, 4.0)
     with pytest.raises(TypeError, match="only nn.Linear"):
         MoELoRALinear(nn.Conv2d(3, 3, 3), 2, 1, 2, 4.0)
+
+
+def test_auto_kernel_choice():
+    assert MoELoRALinear(nn.Linear(1024, 1024), 8, 2, 8, 16.0).kernel == "dense"
+    assert MoELoRALinear(nn.Linear(256, 256), 64, 2, 8, 16.0).kernel == "grouped"
+    assert MoELoRALinear(nn.Linear(16, 16), 1, 1, 64, 16.0).kernel == "dense"
+    with pytest.raises(ValueError, match="kernel"):
+        MoELoRALinear(nn.Linear(16, 16), 2, 1, 4, 16.0, kernel="fast")

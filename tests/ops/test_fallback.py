@@ -31,6 +31,16 @@ def test_reference_ops_take_over_when_compiled_library_is_missing():
         x = ((1 - q) ** (-1 / 2.0))[None]
         alpha, _, index = ops.powerlaw_fit(x, torch.tensor([500]), torch.tensor([0]), torch.tensor([499]))
         assert abs(float(alpha) - 3.0) < 0.05, float(alpha)
+        x = torch.randn(6, 8, requires_grad=True)
+        A = torch.randn(3, 2, 8, requires_grad=True)
+        B = torch.randn(3, 5, 2, requires_grad=True)
+        ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2]])
+        gates = torch.full((6, 2), 0.5, requires_grad=True)
+        y = ops.moe_lora(x, A, B, gates, ids)
+        want = sum(0.5 * (B[ids[:, j]] @ (A[ids[:, j]] @ x.unsqueeze(2))).squeeze(2) for j in range(2))
+        assert torch.allclose(y, want, atol=1e-5)
+        y.sum().backward()
+        assert x.grad is not None and A.grad is not None and B.grad is not None and gates.grad is not None
         print("fallback ok")
         """
     )

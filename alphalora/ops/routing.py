@@ -1,0 +1,93 @@
+"""Mixture-of-LoRA-experts routing ops: typed wrappers, fake kernels and autograd.
+
+A token routed to k experts makes k pairs, p = t * k + j. `moe_permute` groups pairs by expert;
+`grouped_lora_shrink` computes every pair's down-projection A_e x_t and `grouped_lora_expand`
+adds gate * B_e h_p back into its token. With several adapters in one batch, expert ids are
+virtual: adapter a's expert e is offset_a + e, so each adapter keeps its own expert count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library  # noqa: F401  (registers the ops: compiled, or the references)
+
+
+@torch.library.register_fake("alphalora::moe_permute")
+def _moe_permute_fake(expert_ids, num_experts):
+    return torch.empty_like(expert_ids), expert_ids.new_empty(num_experts + 1)
+
+
+@torch.library.register_fake("alphalora::grouped_lora_shrink")
+def _shrink_fake(x, A, expert_ids, order, offsets):
+    return x.new_empty(expert_ids.shape[0], A.shape[1])
+
+
+@torch.library.register_fake("alphalora::grouped_lora_expand")
+def _expand_fake(h, B, gates, expert_ids, order, offsets, num_tokens):
+    return h.new_empty(num_tokens, B.shape[1])
+
+
+@torch.library.register_fake("alphalora::grouped_lora_shrink_backward")
+def _shrink_backward_fake(grad_h, x, A, expert_ids, order, offsets):
+    return torch.empty_like(x), torch.empty_like(A)
+
+
+@torch.library.register_fake("alphalora::grouped_lora_expand_backward")
+def _expand_backward_fake(grad_y, h, B, gates, expert_ids, order, offsets):
+    return torch.empty_like(h), torch.empty_like(B), torch.empty_like(gates)
+
+
+def _shrink_setup(ctx, inputs, output):
+    x, A, expert_ids, order, offsets = inputs
+    ctx.save_for_backward(x, A, expert_ids, order, offsets)
+
+
+def _shrink_backward(ctx, grad_h):
+    x, A, expert_ids, order, offsets = ctx.saved_tensors
+    grad_x, grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(
+        grad_h.contiguous(), x, A, expert_ids, order, offsets)
+    return grad_x, grad_A, None, None, None
+
+
+def _expand_setup(ctx, inputs, output):
+    h, B, gates, expert_ids, order, offsets, _num_tokens = inputs
+    ctx.save_for_backward(h, B, gates, expert_ids, order, offsets)
+
+
+def _expand_backward(ctx, grad_y):
+    h, B, gates, expert_ids, order, offsets = ctx.saved_tensors
+    grad_h, grad_B, grad_gates = torch.ops.alphalora.grouped_lora_expand_backward(
+        grad_y.contiguous(), h, B, gates, expert_ids, order, offsets)
+    return grad_h, grad_B, grad_gates, None, None, None, None
+
+
+torch.library.register_autograd("alphalora::grouped_lora_shrink", _shrink_backward, setup_context=_shrink_setup)
+torch.library.register_autograd("alphalora::grouped_lora_expand", _expand_backward, setup_context=_expand_setup)
+
+
+def moe_permute(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): pair indices grouped by expert, and expert e's range offsets[e]:offsets[e+1]."""
+    return torch.ops.alphalora.moe_permute(expert_ids, num_experts)
+
+
+def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
+    """h[p] = A[e_p] x[t_p] for every pair: (T, in) x (E, r, in) -> (P, r)."""
+    return torch.ops.alphalora.grouped_lora_shrink(x, A, expert_ids, order, offsets)
+
+
+def grouped_lora_expand(h, B, gates, expert_ids, order, offsets, num_tokens: int) -> torch.Tensor:
+    """y[t] = sum_j gates[p] B[e_p] h[p] over the token's pairs: (P, r) x (E, out, r) -> (T, out)."""
+    return torch.ops.alphalora.grouped_lora_expand(h, B, gates, expert_ids, order, offsets, num_tokens)
+
+
+def moe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,
+             expert_ids: torch.Tensor) -> torch.Tensor:
+    """The mixture-of-LoRA-experts delta of tokens x (T, in) routed to experts_ids (T, k) with
+    gates (T, k): sum_j gates[t, j] B[e] A[e] x[t]. Gather, grouped matmuls, weighted scatter-add;
+    differentiable in x, A, B and gates."""
+    flat_ids = expert_ids.reshape(-1).contiguous()
+    order, offsets = moe_permute(flat_ids, A.shape[0])
+    h = grouped_lora_shrink(x.contiguous(), A.contiguous(), flat_ids, order, offsets)
+    return grouped_lora_expand(h, B.contiguous(), gates.reshape(-1).to(h.dtype).contiguous(), flat_ids, order,
+                               offsets, x.shape[0])

@@ -1,0 +1,133 @@
+// CPU kernels of the mixture-of-LoRA-experts routing ops.
+//
+// Pairs are the (token, slot) choices of top-k routing, laid out p = t * k + j. `moe_permute`
+// counting-sorts pairs by expert; the grouped ops then run one GEMM per expert over its
+// gathered rows (BLAS does the arithmetic), and scatter back by pair or add by token.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace alphalora::routing {
+namespace {
+
+void check_pairs(const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong,
+              "expert_ids must be a flat int64 tensor (one entry per token-slot pair)");
+  TORCH_CHECK(order.sizes() == expert_ids.sizes() && order.scalar_type() == at::kLong,
+              "order must be int64 with one entry per pair (from moe_permute)");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "offsets must be int64 (num_experts + 1) (from moe_permute)");
+}
+
+int64_t top_k_of(int64_t pairs, int64_t tokens) {
+  TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "the number of pairs (", pairs,
+              ") must be a multiple of the number of tokens (", tokens, ")");
+  return tokens > 0 ? pairs / tokens : 1;
+}
+
+// Calls fn(expert, pair indices of that expert) for every expert that has pairs.
+template <typename Fn>
+void for_each_expert(const at::Tensor& order, const at::Tensor& offsets, Fn fn) {
+  const auto* off = offsets.data_ptr<int64_t>();
+  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) {
+    if (off[e + 1] > off[e]) fn(e, order.slice(0, off[e], off[e + 1]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& expert_ids, int64_t num_experts) {
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong, "expert_ids must be flat int64");
+  TORCH_CHECK(num_experts >= 1, "num_experts must be positive");
+  const at::Tensor ids = expert_ids.contiguous();
+  const int64_t pairs = ids.size(0);
+  at::Tensor offsets = at::zeros({num_experts + 1}, ids.options());
+  at::Tensor order = at::empty({pairs}, ids.options());
+  const auto* id = ids.data_ptr<int64_t>();
+  auto* off = offsets.data_ptr<int64_t>();
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(id[p] >= 0 && id[p] < num_experts, "expert id ", id[p], " is outside [0, ", num_experts, ")");
+    ++off[id[p] + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) off[e + 1] += off[e];
+  std::vector<int64_t> cursor(off, off + num_experts);
+  auto* out = order.data_ptr<int64_t>();
+  for (int64_t p = 0; p < pairs; ++p) out[cursor[id[p]]++] = p;  // stable: pairs keep their order
+  return {order, offsets};
+}
+
+at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& expert_ids,
+                                   const at::Tensor& order, const at::Tensor& offsets) {
+  check_pairs(expert_ids, order, offsets);
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1), "x must be (T, in) and A (E, r, in)");
+  const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
+  at::Tensor h = at::zeros({expert_ids.size(0), A.size(1)}, x.options());
+  for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
+    const at::Tensor rows = x.index_select(0, at::floor_divide(pairs, k));
+    h.index_copy_(0, pairs, at::mm(rows, A[e].t()));
+  });
+  return h;
+}
+
+at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates,
+                                   const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets,
+                                   int64_t num_tokens) {
+  check_pairs(expert_ids, order, offsets);
+  TORCH_CHECK(h.dim() == 2 && B.dim() == 3 && B.size(2) == h.size(1), "h must be (P, r) and B (E, out, r)");
+  TORCH_CHECK(gates.sizes() == expert_ids.sizes(), "gates must have one entry per pair");
+  const int64_t k = top_k_of(h.size(0), num_tokens);
+  at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options());
+  for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
+    const at::Tensor weighted = h.index_select(0, pairs) * gates.index_select(0, pairs).unsqueeze(1);
+    y.index_add_(0, at::floor_divide(pairs, k), at::mm(weighted, B[e].t()));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
+    const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& A, const at::Tensor& expert_ids,
+    const at::Tensor& order, const at::Tensor& offsets) {
+  check_pairs(expert_ids, order, offsets);
+  const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
+  at::Tensor grad_x = at::zeros_like(x);
+  at::Tensor grad_A = at::zeros_like(A);
+  for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
+    const at::Tensor tokens = at::floor_divide(pairs, k);
+    const at::Tensor g = grad_h.index_select(0, pairs);  // (n_e, r)
+    grad_A[e].add_(at::mm(g.t(), x.index_select(0, tokens)));
+    grad_x.index_add_(0, tokens, at::mm(g, A[e]));
+  });
+  return {grad_x, grad_A};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates,
+    const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
+  check_pairs(expert_ids, order, offsets);
+  const int64_t k = top_k_of(h.size(0), grad_y.size(0));
+  at::Tensor grad_h = at::zeros_like(h);
+  at::Tensor grad_B = at::zeros_like(B);
+  at::Tensor grad_gates = at::zeros_like(gates);
+  for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
+    const at::Tensor gy = grad_y.index_select(0, at::floor_divide(pairs, k));  // (n_e, out)
+    const at::Tensor hp = h.index_select(0, pairs);                             // (n_e, r)
+    const at::Tensor gp = gates.index_select(0, pairs).unsqueeze(1);
+    const at::Tensor back = at::mm(gy, B[e]);                                  // (n_e, r) = B_e^T grad_y
+    grad_h.index_copy_(0, pairs, back * gp);
+    grad_gates.index_copy_(0, pairs, (back * hp).sum(1));
+    grad_B[e].add_(at::mm(gy.t(), hp * gp));
+  });
+  return {grad_h, grad_B, grad_gates};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alphalora, CPU, m) {
+  m.impl("moe_permute", &moe_permute_cpu);
+  m.impl("grouped_lora_shrink", &grouped_lora_shrink_cpu);
+  m.impl("grouped_lora_expand", &grouped_lora_expand_cpu);
+  m.impl("grouped_lora_shrink_backward", &grouped_lora_shrink_backward_cpu);
+  m.impl("grouped_lora_expand_backward", &grouped_lora_expand_backward_cpu);
+}
+
+}  // namespace alphalora::routing

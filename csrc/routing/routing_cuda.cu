@@ -1,0 +1,192 @@
+// Mixture-of-LoRA-experts routing on the GPU: a stable counting sort of (token, slot) pairs by
+// expert, a gathered dot-product kernel (shrink, and B^T grad_y), a token-major expand that
+// adds every slot of a token in registers (no atomics, deterministic), and a grouped
+// outer-product reduction for the weight gradients.
+#include "routing_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace alphalora::routing::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ inline float to_float(float v) { return v; }
+__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ inline T from_float(float v);
+template <> __device__ inline float from_float<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
+
+// Block-wide exclusive prefix sum of one flag per thread; returns the prefix, sets *total.
+__device__ int block_exclusive_scan(int flag, int* total) {
+  __shared__ int warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_sums[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kThreads / 32; ++w) {
+    if (w < warp) before += warp_sums[w];
+    sum += warp_sums[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before + in_warp;
+}
+
+__global__ void count_kernel(const int64_t* __restrict__ ids, int64_t pairs, int64_t* __restrict__ counts) {
+  const int64_t e = blockIdx.x;
+  int64_t local = 0;
+  for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x) local += ids[p] == e;
+  __shared__ int64_t partial[kThreads];
+  partial[threadIdx.x] = local;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) counts[e] = partial[0];
+}
+
+__global__ void offsets_kernel(const int64_t* __restrict__ counts, int64_t num_experts, int64_t* __restrict__ offsets) {
+  if (threadIdx.x != 0) return;
+  offsets[0] = 0;
+  for (int64_t e = 0; e < num_experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+}
+
+// One block per expert scans all pairs in chunks; pairs keep their order within an expert.
+__global__ void place_kernel(const int64_t* __restrict__ ids, int64_t pairs, const int64_t* __restrict__ offsets,
+                             int64_t* __restrict__ order) {
+  const int64_t e = blockIdx.x;
+  int64_t next = offsets[e];
+  for (int64_t base = 0; base < pairs; base += blockDim.x) {
+    const int64_t p = base + threadIdx.x;
+    const int flag = p < pairs && ids[p] == e;
+    int total = 0;
+    const int rank = block_exclusive_scan(flag, &total);
+    if (flag) order[next + rank] = p;
+    next += total;
+  }
+}
+
+// One warp per (sorted pair, output column): lanes stride over the inner dimension.
+template <typename T>
+__global__ void gathered_dot_kernel(const T* __restrict__ W, int64_t w_se, int64_t w_si, int64_t w_sc,
+                                    const T* __restrict__ X, int64_t x_cols, int64_t rows_div,
+                                    const int64_t* __restrict__ ids, const int64_t* __restrict__ order,
+                                    int64_t pairs, int64_t out_cols, int64_t inner, T* __restrict__ out) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= pairs * out_cols) return;
+  const int64_t p = order[warp / out_cols];  // neighbouring warps share an expert's weights
+  const int64_t i = warp % out_cols;
+  const T* w = W + ids[p] * w_se + i * w_si;
+  const T* x = X + (p / rows_div) * x_cols;
+  float acc = 0.f;
+  for (int64_t c = lane; c < inner; c += 32) acc += to_float(w[c * w_sc]) * to_float(x[c]);
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (lane == 0) out[p * out_cols + i] = from_float<T>(acc);
+}
+
+template <typename T>
+__global__ void token_expand_kernel(const T* __restrict__ W, int64_t w_se, int64_t w_so, int64_t w_si,
+                                    const T* __restrict__ H, const T* __restrict__ weights,
+                                    const int64_t* __restrict__ ids, int64_t k, int64_t out_cols, int64_t inner,
+                                    T* __restrict__ out) {
+  const int64_t t = blockIdx.y;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= out_cols) return;
+  float acc = 0.f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t p = t * k + j;
+    const T* w = W + ids[p] * w_se + o * w_so;
+    const T* h = H + p * inner;
+    float dot = 0.f;
+    for (int64_t i = 0; i < inner; ++i) dot += to_float(w[i * w_si]) * to_float(h[i]);
+    acc += (weights ? to_float(weights[p]) : 1.f) * dot;
+  }
+  out[t * out_cols + o] = from_float<T>(acc);
+}
+
+template <typename T>
+__global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, int64_t u_div,
+                                     const T* __restrict__ V, int64_t v_cols, int64_t v_div,
+                                     const T* __restrict__ weights, const int64_t* __restrict__ order,
+                                     const int64_t* __restrict__ offsets, T* __restrict__ G) {
+  const int64_t e = blockIdx.y;
+  const int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cell >= u_cols * v_cols) return;
+  const int64_t a = cell / v_cols, b = cell % v_cols;
+  float acc = 0.f;
+  for (int64_t q = offsets[e]; q < offsets[e + 1]; ++q) {
+    const int64_t p = order[q];
+    const float w = weights ? to_float(weights[p]) : 1.f;
+    acc += w * to_float(U[(p / u_div) * u_cols + a]) * to_float(V[(p / v_div) * v_cols + b]);
+  }
+  G[e * u_cols * v_cols + cell] = from_float<T>(acc);
+}
+
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num_experts, int64_t* counts,
+                           int64_t* offsets, int64_t* order, cudaStream_t stream) {
+  const unsigned experts = static_cast<unsigned>(num_experts);
+  count_kernel<<<experts, kThreads, 0, stream>>>(expert_ids, pairs, counts);
+  offsets_kernel<<<1, 32, 0, stream>>>(counts, num_experts, offsets);
+  if (pairs > 0) place_kernel<<<experts, kThreads, 0, stream>>>(expert_ids, pairs, offsets, order);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t w_sc, const T* X, int64_t x_cols,
+                                int64_t rows_div, const int64_t* expert_ids, const int64_t* order, int64_t pairs,
+                                int64_t out_cols, int64_t inner, T* out, cudaStream_t stream) {
+  if (pairs == 0 || out_cols == 0) return cudaSuccess;
+  gathered_dot_kernel<T><<<blocks_for(pairs * out_cols * 32), kThreads, 0, stream>>>(
+      W, w_se, w_si, w_sc, X, x_cols, rows_div, expert_ids, order, pairs, out_cols, inner, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t w_si, const T* H, const T* weights,
+                                const int64_t* expert_ids, int64_t tokens, int64_t k, int64_t out_cols, int64_t inner,
+                                T* out, cudaStream_t stream) {
+  if (tokens == 0 || out_cols == 0) return cudaSuccess;
+  const dim3 grid(blocks_for(out_cols), static_cast<unsigned>(tokens));
+  token_expand_kernel<T><<<grid, kThreads, 0, stream>>>(W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols,
+                                                        inner, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, const T* V, int64_t v_cols,
+                                 int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
+                                 int64_t num_experts, T* G, cudaStream_t stream) {
+  if (num_experts == 0 || u_cols * v_cols == 0) return cudaSuccess;
+  const dim3 grid(blocks_for(u_cols * v_cols), static_cast<unsigned>(num_experts));
+  grouped_outer_kernel<T><<<grid, kThreads, 0, stream>>>(U, u_cols, u_div, V, v_cols, v_div, weights, order,
+                                                         offsets, G);
+  return cudaGetLastError();
+}
+
+#define ALPHALORA_INSTANTIATE(T)                                                                              \
+  template cudaError_t launch_gathered_dot<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, int64_t,    \
+                                              const int64_t*, const int64_t*, int64_t, int64_t, int64_t, T*,     \
+                                              cudaStream_t);                                                      \
+  template cudaError_t launch_token_expand<T>(const T*, int64_t, int64_t, int64_t, const T*, const T*,            \
+                                              const int64_t*, int64_t, int64_t, int64_t, int64_t, T*,            \
+                                              cudaStream_t);                                                      \
+  template cudaError_t launch_grouped_outer<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, \
+                                               const int64_t*, const int64_t*, int64_t, T*, cudaStream_t);
+
+ALPHALORA_INSTANTIATE(float)
+ALPHALORA_INSTANTIATE(__nv_bfloat16)
+ALPHALORA_INSTANTIATE(__half)
+
+}  // namespace alphalora::routing::cuda

@@ -1,0 +1,152 @@
+// CUDA bindings of the routing ops: checks, allocation, dtype mapping and stream, then the
+// plain-CUDA launchers of routing_cuda.cu. Elementwise glue stays in ATen.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "routing_cuda.h"
+
+namespace alphalora::routing {
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  TORCH_CHECK(status == cudaSuccess, what, " failed: ", cudaGetErrorString(status));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Calls fn(T*) with the CUDA element type matching the tensor's dtype.
+template <typename Fn>
+void dispatch_float(at::ScalarType type, Fn fn) {
+  switch (type) {
+    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case at::kHalf: fn(static_cast<__half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "routing ops take float32, bfloat16 or float16, got ", type);
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+int64_t top_k_of(int64_t pairs, int64_t tokens) {
+  TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "pairs (", pairs, ") must be a multiple of tokens (",
+              tokens, ")");
+  return tokens > 0 ? pairs / tokens : 1;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& expert_ids, int64_t num_experts) {
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong, "expert_ids must be flat int64");
+  TORCH_CHECK(num_experts >= 1, "num_experts must be positive");
+  const c10::cuda::CUDAGuard guard(expert_ids.device());
+  const at::Tensor ids = expert_ids.contiguous();
+  at::Tensor counts = at::empty({num_experts}, ids.options());
+  at::Tensor offsets = at::empty({num_experts + 1}, ids.options());
+  at::Tensor order = at::empty({ids.size(0)}, ids.options());
+  check(cuda::launch_permute(ids.data_ptr<int64_t>(), ids.size(0), num_experts, counts.data_ptr<int64_t>(),
+                             offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(), stream()),
+        "moe_permute");
+  TORCH_CHECK(offsets[num_experts].item<int64_t>() == ids.size(0),
+              "expert ids outside [0, ", num_experts, ") in moe_permute");
+  return {order, offsets};
+}
+
+at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids,
+                                    const at::Tensor& order, const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
+  const int64_t pairs = ids.size(0), rank = A.size(1), in = A.size(2);
+  const int64_t k = top_k_of(pairs, x.size(0));
+  at::Tensor h = at::empty({pairs, rank}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(cuda::launch_gathered_dot<T>(ptr<T>(A), rank * in, in, 1, ptr<T>(x), in, k, ids.data_ptr<int64_t>(),
+                                       order.data_ptr<int64_t>(), pairs, rank, in, ptr<T>(h), stream()),
+          "grouped_lora_shrink");
+  });
+  return h;
+}
+
+at::Tensor grouped_lora_expand_cuda(const at::Tensor& h_in, const at::Tensor& B_in, const at::Tensor& gates_in,
+                                    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets,
+                                    int64_t num_tokens) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.contiguous(), B = B_in.contiguous(), gates = gates_in.contiguous();
+  const int64_t out = B.size(1), rank = B.size(2);
+  const int64_t k = top_k_of(h.size(0), num_tokens);
+  at::Tensor y = at::empty({num_tokens, out}, h.options());
+  dispatch_float(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(cuda::launch_token_expand<T>(ptr<T>(B), out * rank, rank, 1, ptr<T>(h), ptr<T>(gates),
+                                       ids.data_ptr<int64_t>(), num_tokens, k, out, rank, ptr<T>(y), stream()),
+          "grouped_lora_expand");
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
+    const at::Tensor& grad_h_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids,
+    const at::Tensor& order, const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor grad_h = grad_h_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous();
+  const int64_t tokens = x.size(0), rank = A.size(1), in = A.size(2), experts = A.size(0);
+  const int64_t k = top_k_of(ids.size(0), tokens);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_A = at::empty_like(A);
+  dispatch_float(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    // grad_x[t, c] = sum_j sum_i A[e, i, c] grad_h[p, i]: a token-major expand over A^T.
+    check(cuda::launch_token_expand<T>(ptr<T>(A), rank * in, 1, in, ptr<T>(grad_h), nullptr,
+                                       ids.data_ptr<int64_t>(), tokens, k, in, rank, ptr<T>(grad_x), stream()),
+          "grouped_lora_shrink_backward (x)");
+    // grad_A[e, i, c] = sum over e's pairs of grad_h[p, i] x[t, c].
+    check(cuda::launch_grouped_outer<T>(ptr<T>(grad_h), rank, 1, ptr<T>(x), in, k, nullptr,
+                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), experts,
+                                        ptr<T>(grad_A), stream()),
+          "grouped_lora_shrink_backward (A)");
+  });
+  return {grad_x, grad_A};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& B_in, const at::Tensor& gates_in,
+    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor grad_y = grad_y_in.contiguous(), h = h_in.contiguous(), B = B_in.contiguous(),
+                   gates = gates_in.contiguous();
+  const int64_t pairs = h.size(0), out = B.size(1), rank = B.size(2), experts = B.size(0);
+  const int64_t k = top_k_of(pairs, grad_y.size(0));
+  at::Tensor back = at::empty({pairs, rank}, h.options());
+  at::Tensor grad_B = at::empty_like(B);
+  dispatch_float(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    // back[p, i] = sum_o B[e, o, i] grad_y[t, o].
+    check(cuda::launch_gathered_dot<T>(ptr<T>(B), out * rank, 1, rank, ptr<T>(grad_y), out, k,
+                                       ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pairs, rank, out,
+                                       ptr<T>(back), stream()),
+          "grouped_lora_expand_backward (h)");
+    // grad_B[e, o, i] = sum over e's pairs of gates[p] grad_y[t, o] h[p, i].
+    check(cuda::launch_grouped_outer<T>(ptr<T>(grad_y), out, k, ptr<T>(h), rank, 1, ptr<T>(gates),
+                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), experts,
+                                        ptr<T>(grad_B), stream()),
+          "grouped_lora_expand_backward (B)");
+  });
+  return {back * gates.unsqueeze(1), grad_B, (back.to(at::kFloat) * h.to(at::kFloat)).sum(1).to(h.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alphalora, CUDA, m) {
+  m.impl("moe_permute", &moe_permute_cuda);
+  m.impl("grouped_lora_shrink", &grouped_lora_shrink_cuda);
+  m.impl("grouped_lora_expand", &grouped_lora_expand_cuda);
+  m.impl("grouped_lora_shrink_backward", &grouped_lora_shrink_backward_cuda);
+  m.impl("grouped_lora_expand_backward", &grouped_lora_expand_backward_cuda);
+}
+
+}  // namespace alphalora::routing

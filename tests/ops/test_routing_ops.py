@@ -1,0 +1,118 @@
+"""Routing kernels against the references and a plain per-expert loop, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alphalora import ops
+from alphalora.ops import reference
+from tests.conftest import requires_cuda
+
+
+def _inputs(tokens=37, k=2, experts=5, d_in=24, d_out=20, rank=4, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d_in, generator=g).to(device, dtype)
+    A = (torch.randn(experts, rank, d_in, generator=g) * 0.3).to(device, dtype)
+    B = (torch.randn(experts, d_out, rank, generator=g) * 0.3).to(device, dtype)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
+    gates = torch.softmax(torch.randn(tokens, k, generator=g), -1).to(device, dtype)
+    return x, A, B, gates, ids
+
+
+def per_expert_loop(x, A, B, gates, ids):
+    """The MoLA way: for each expert, the tokens routed to it, LoRA, weighted index_add."""
+    out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(A.shape[0]):
+        rows, slot = torch.where(ids == e)
+        if rows.numel():
+            delta = F.linear(F.linear(x[rows], A[e]), B[e])
+            out.index_add_(0, rows, delta.float() * gates[rows, slot, None].float())
+    return out
+
+
+def test_moe_permute_groups_pairs_by_expert_stably():
+    ids = torch.tensor([3, 0, 3, 1, 0, 3])
+    order, offsets = ops.moe_permute(ids, 5)
+    assert order.tolist() == [1, 4, 3, 0, 2, 5]
+    assert offsets.tolist() == [0, 2, 3, 3, 6, 6]
+    ref_order, ref_offsets = reference.moe_permute(ids, 5)
+    assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.moe_permute(torch.tensor([0, 7]), 5)
+
+
+@pytest.mark.parametrize("k,experts", [(1, 1), (1, 4), (2, 5), (3, 3), (2, 64)])
+def test_moe_lora_equals_the_per_expert_loop(k, experts):
+    x, A, B, gates, ids = _inputs(k=k, experts=experts)
+    torch.testing.assert_close(ops.moe_lora(x, A, B, gates, ids), per_expert_loop(x, A, B, gates, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,experts", [(1, 4), (2, 5), (2, 64)])
+def test_gradients_equal_the_per_expert_loop(k, experts):
+    tensors = [t.requires_grad_() for t in _inputs(k=k, experts=experts)[:4]]
+    ids = _inputs(k=k, experts=experts)[4]
+    ours = torch.autograd.grad(ops.moe_lora(*tensors, ids).square().sum(), tensors)
+    loop = torch.autograd.grad(per_expert_loop(*tensors, ids).square().sum(), tensors)
+    for got, want in zip(ours, loop, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_at_bf16_tolerance():
+    x, A, B, gates, ids = _inputs(tokens=64, experts=8, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.moe_lora(x, A, B, gates, ids).float(), per_expert_loop(x, A, B, gates, ids),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_kernels_equal_their_references():
+    x, A, B, gates, ids = _inputs(k=2, experts=6)
+    flat = ids.reshape(-1)
+    order, offsets = ops.moe_permute(flat, 6)
+    h = ops.grouped_lora_shrink(x, A, flat, order, offsets)
+    torch.testing.assert_close(h, reference.grouped_lora_shrink(x, A, flat, order, offsets))
+    g = gates.reshape(-1)
+    y = ops.grouped_lora_expand(h, B, g, flat, order, offsets, x.shape[0])
+    torch.testing.assert_close(y, reference.grouped_lora_expand(h, B, g, flat, order, offsets, x.shape[0]))
+    grad_h = torch.randn_like(h)
+    for got, want in zip(torch.ops.alphalora.grouped_lora_shrink_backward(grad_h, x, A, flat, order, offsets),
+                         reference.grouped_lora_shrink_backward(grad_h, x, A, flat, order, offsets), strict=True):
+        torch.testing.assert_close(got, want)
+    grad_y = torch.randn_like(y)
+    for got, want in zip(torch.ops.alphalora.grouped_lora_expand_backward(grad_y, h, B, g, flat, order, offsets),
+                         reference.grouped_lora_expand_backward(grad_y, h, B, g, flat, order, offsets), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_opcheck():
+    x, A, B, gates, ids = _inputs(tokens=9, k=2, experts=3)
+    flat = ids.reshape(-1)
+    order, offsets = ops.moe_permute(flat, 3)
+    torch.library.opcheck(torch.ops.alphalora.moe_permute.default, (flat, 3))
+    x.requires_grad_(), A.requires_grad_()
+    torch.library.opcheck(torch.ops.alphalora.grouped_lora_shrink.default, (x, A, flat, order, offsets))
+    h = ops.grouped_lora_shrink(x, A, flat, order, offsets).detach().requires_grad_()
+    g = gates.reshape(-1).clone().requires_grad_()
+    torch.library.opcheck(torch.ops.alphalora.grouped_lora_expand.default,
+                          (h, B.requires_grad_(), g, flat, order, offsets, 9))
+
+
+def test_compiles_fullgraph():
+    x, A, B, gates, ids = _inputs(tokens=16, experts=4)
+    compiled = torch.compile(ops.moe_lora, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, A, B, gates, ids), ops.moe_lora(x, A, B, gates, ids))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu_in_values_and_gradients(dtype):
+    cpu = [t.requires_grad_() if t.is_floating_point() else t for t in _inputs(tokens=300, experts=16, dtype=dtype)]
+    gpu = [t.detach().cuda().requires_grad_() if t.is_floating_point() else t.cuda() for t in cpu]
+    out_cpu, out_gpu = ops.moe_lora(*cpu), ops.moe_lora(*gpu)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=tol, atol=tol)
+    grads_cpu = torch.autograd.grad(out_cpu.float().square().sum(), cpu[:4])
+    grads_gpu = torch.autograd.grad(out_gpu.float().square().sum(), gpu[:4])
+    for got, want in zip(grads_gpu, grads_cpu, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=tol * 10, atol=tol * 10)
