@@ -113,3 +113,19 @@ def test_cli_train_end_to_end(llama_dir, lm_data, tmp_path, capsys):
     assert main(["train", "--model", str(llama_dir), "--plan", str(tmp_path / "none.json"), "--data", str(lm_data),
                  "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_datasets_folder_and_eval_loss(llama_dir, tmp_path):
+    import datasets
+
+    rows = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "one two three four five"}] * 6
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                   "validation": datasets.Dataset.from_list(rows[:4])})
+    splits.save_to_disk(str(tmp_path / "ds"))
+    splits["validation"].save_to_disk(str(tmp_path / "eval"))
+    result = train(llama_dir, _plan(), tmp_path / "ds", tmp_path / "adapter", eval_data=tmp_path / "eval",
+                   epochs=2, batch_size=4, logging_steps=1, progress=False)
+    assert [h["epoch"] for h in result.log_history if "eval_loss" in h] == [1.0, 2.0]
+    with pytest.raises(DataError, match="no 'train' split"):
+        datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "nosplit"))
+        train(llama_dir, _plan(), tmp_path / "nosplit", tmp_path / "a")
