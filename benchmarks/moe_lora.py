@@ -24,7 +24,7 @@ import types
 import torch
 from torch import nn
 
-from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters, moe_lora_loop_reference
+from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters
 from alphalora.allocation import Plan
 
 
@@ -44,9 +44,33 @@ def timed(fn, repeats: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def mola_style_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter computed the way MoLA's `Linear_MoE.forward` (and so AlphaLoRA) does it: a
+    one-hot expert mask, then per expert torch.where, index lists converted with .tolist(),
+    list-indexed gathers, the expert's own dropout call, and index_add_ into a buffer."""
+    result = layer.base(x)
+    x2 = x.reshape(-1, layer.in_features)
+    logits = layer.router(x2)
+    weights = torch.softmax(logits, dim=1, dtype=torch.float)
+    weights, selected = torch.topk(weights, layer.top_k, dim=-1)
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x2.dtype)
+    mask = torch.nn.functional.one_hot(selected, num_classes=layer.num_experts).permute(2, 1, 0)
+    final = torch.zeros(x2.shape[0], layer.out_features, dtype=x2.dtype, device=x2.device)
+    for e in range(layer.num_experts):
+        slot, rows = torch.where(mask[e])
+        if rows.shape[0] == 0:
+            continue
+        rows_list, slot_list = rows.tolist(), slot.tolist()
+        state = x2[None, rows_list].reshape(-1, layer.in_features)
+        out = torch.nn.functional.linear(torch.nn.functional.linear(layer.dropout(state), layer.lora_A[e]),
+                                         layer.lora_B[e]) * layer.scaling
+        final.index_add_(0, rows, out * weights[rows_list, slot_list, None])
+    return result + final.reshape(*x.shape[:-1], layer.out_features)
+
+
 def use_loop(module: MoELoRALinear) -> None:
     """Makes one layer compute its adapter the MoLA way."""
-    module.forward = types.MethodType(moe_lora_loop_reference, module)
+    module.forward = types.MethodType(mola_style_forward, module)
 
 
 def layer_benchmark(args) -> dict:

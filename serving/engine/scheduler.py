@@ -1,0 +1,132 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+One token budget per step covers prefill chunks and decodes alike (chunked prefill): running
+sequences go first, in arrival order, then waiting ones are admitted while the budget, the
+sequence limit and the KV pool allow. When the pool runs dry, the most recently admitted
+running sequence is preempted (its blocks freed, to be recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of a sequence are computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """Whether the step's last token is the sequence's last known token (so it samples)."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_waiting: int = 1024, max_model_len: int = 2048):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence; raises QueueFullError or ValueError (too long for the context/pool)."""
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting; retry later")
+        total = len(seq.prompt_ids) + seq.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) = {total} "
+                             f"exceeds the maximum context length of {self.max_model_len} tokens")
+        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
+            raise ValueError(f"a sequence of {total} tokens cannot fit the KV cache of "
+                             f"{self.blocks.num_blocks * self.blocks.block_size} tokens")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt_last(self, output: SchedulerOutput) -> Sequence:
+        victim = self.running.pop()
+        self.blocks.free(victim.seq_id)
+        victim.num_computed = 0
+        victim.status = SequenceStatus.WAITING
+        self.waiting.appendleft(victim)
+        output.preempted.append(victim)
+        return victim
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq.seq_id, n):
+                if self._preempt_last(output) is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # the sequence itself was preempted: nothing after it runs either
+            self.blocks.grow(seq.seq_id, n)
+            output.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+            index += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not output.preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.seq_id, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            output.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return output
+
+    def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Records a step: scheduled tokens now have KV; sequences that sampled get their token."""
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # cancelled while the step ran
+            seq.num_computed = chunk.start + chunk.num_tokens
+            if seq.seq_id in sampled:
+                seq.output_ids.append(sampled[seq.seq_id])
+
+    def finish(self, seq: Sequence, reason: str, cancelled: bool = False) -> None:
+        """Ends a sequence (stop, length, cancel) and frees its KV blocks."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status = SequenceStatus.CANCELLED if cancelled else SequenceStatus.FINISHED
+        seq.finish_reason = reason

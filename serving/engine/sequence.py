@@ -1,0 +1,47 @@
+"""A request's sequence as the scheduler sees it: tokens, how many have KV cached, status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Sequence:
+    """One generation: prompt tokens, generated tokens, and the KV-cache progress between them."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    adapter: str | None = None
+    params: Any = None  # sampling parameters, opaque to the scheduler
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    arrival: float = field(default_factory=time.monotonic)
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.CANCELLED)

@@ -1,0 +1,96 @@
+"""Continuous batching without a model: budgets, chunked prefill, preemption, cancellation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from alphalora.serving.engine import BlockManager, QueueFullError, Scheduler, Sequence, SequenceStatus
+
+
+def _step(scheduler: Scheduler, rng: random.Random):
+    """Runs one step as an engine would: every chunk that reaches the end samples a token."""
+    output = scheduler.schedule()
+    sampled = {c.seq.seq_id: rng.randint(0, 99) for c in output.chunks if c.completes_prompt}
+    scheduler.update(output, sampled)
+    for chunk in output.chunks:
+        seq = chunk.seq
+        if len(seq.output_ids) >= seq.max_tokens and not seq.is_finished:
+            scheduler.finish(seq, "length")
+    return output
+
+
+def test_prefill_is_chunked_to_the_token_budget_and_decodes_share_the_step():
+    scheduler = Scheduler(BlockManager(64, 4, watermark=0.0), max_num_seqs=8, max_num_batched_tokens=16)
+    long = Sequence(0, list(range(40)), max_tokens=2)
+    short = Sequence(1, list(range(3)), max_tokens=5)
+    scheduler.add(long)
+    scheduler.add(short)
+    rng = random.Random(0)
+    first = _step(scheduler, rng)
+    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in first.chunks] == [(0, 0, 16)]
+    second = _step(scheduler, rng)
+    assert [(c.seq.seq_id, c.num_tokens) for c in second.chunks] == [(0, 16)]
+    third = _step(scheduler, rng)  # the long prompt's last 8 tokens, then the short prompt
+    assert [(c.seq.seq_id, c.num_tokens) for c in third.chunks] == [(0, 8), (1, 3)]
+    assert len(long.output_ids) == 1 and len(short.output_ids) == 1
+    fourth = _step(scheduler, rng)  # both decode one token each
+    assert [(c.seq.seq_id, c.num_tokens) for c in fourth.chunks] == [(0, 1), (1, 1)]
+    assert long.status is SequenceStatus.FINISHED and long.finish_reason == "length"
+    assert not scheduler.blocks.has(0)
+
+
+def test_queue_bound_and_length_checks():
+    scheduler = Scheduler(BlockManager(8, 4), max_waiting=2, max_model_len=20)
+    scheduler.add(Sequence(0, [1, 2], 4))
+    scheduler.add(Sequence(1, [1, 2], 4))
+    with pytest.raises(QueueFullError, match="retry later"):
+        scheduler.add(Sequence(2, [1, 2], 4))
+    with pytest.raises(ValueError, match="maximum context length of 20"):
+        Scheduler(BlockManager(8, 4), max_model_len=20).add(Sequence(3, list(range(18)), 4))
+    with pytest.raises(ValueError, match="cannot fit the KV cache"):
+        Scheduler(BlockManager(2, 4), max_model_len=100).add(Sequence(4, list(range(9)), 4))
+
+
+def test_preemption_frees_blocks_and_recomputes_later():
+    scheduler = Scheduler(BlockManager(4, 4, watermark=0.0), max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = Sequence(0, list(range(7)), max_tokens=9), Sequence(1, list(range(7)), max_tokens=9)
+    scheduler.add(a)
+    scheduler.add(b)
+    rng = random.Random(1)
+    preempted = []
+    for _ in range(40):
+        if not scheduler.has_work():
+            break
+        preempted += _step(scheduler, rng).preempted
+        scheduler.blocks.check_invariants()
+    assert b in preempted  # 16 slots cannot hold two 16-token sequences at once
+    assert a.status is SequenceStatus.FINISHED and b.status is SequenceStatus.FINISHED
+    assert len(a.output_ids) == 9 and len(b.output_ids) == 9
+    assert scheduler.blocks.num_free_blocks == 4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_admit_finish_cancel_leaks_nothing(seed):
+    rng = random.Random(seed)
+    scheduler = Scheduler(BlockManager(48, 4, watermark=0.02), max_num_seqs=6, max_num_batched_tokens=32,
+                          max_waiting=30, max_model_len=120)
+    sequences = []
+    for _ in range(1500):
+        if rng.random() < 0.3 and len(scheduler.waiting) < 30:
+            seq = Sequence(len(sequences), [rng.randint(0, 99)] * rng.randint(1, 60), max_tokens=rng.randint(1, 40))
+            scheduler.add(seq)
+            sequences.append(seq)
+        if rng.random() < 0.05 and sequences:
+            victim = rng.choice(sequences)
+            scheduler.finish(victim, "abort", cancelled=True)
+        output = _step(scheduler, rng)
+        assert output.num_tokens <= 32 and len(scheduler.running) <= 6
+        scheduler.blocks.check_invariants()
+        live = {s.seq_id for s in scheduler.running}
+        assert all(not scheduler.blocks.has(s.seq_id) for s in sequences if s.seq_id not in live)
+    while scheduler.has_work():
+        _step(scheduler, rng)
+    assert scheduler.blocks.num_free_blocks == 48
+    assert all(s.is_finished for s in sequences)
+    assert all(len(s.output_ids) == s.max_tokens for s in sequences if s.status is SequenceStatus.FINISHED)
