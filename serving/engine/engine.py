@@ -1,0 +1,153 @@
+"""The engine: requests in, tokens out, one continuous-batching step at a time."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterRegistry
+from .block_manager import BlockManager
+from .model_runner import PagedModelRunner, SequenceBatchEntry
+from .sampling import SampleResult, SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence."""
+
+    seq: Sequence
+    token: int
+    logprob: float
+    top_logprobs: dict[int, float] | None
+    finished: bool
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None  # default: max_num_seqs full-length sequences
+    max_loras: int = 4
+    max_waiting: int = 1024
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        cfg = self.config
+        self.tokenizer = tokenizer
+        self.model = model.to(cfg.device, cfg.dtype) if cfg.dtype else model.to(cfg.device)
+        context = getattr(model.config, "max_position_embeddings", 2048)
+        self.max_model_len = min(cfg.max_model_len or context, context)
+        num_blocks = cfg.num_blocks or -(-self.max_model_len // cfg.block_size) * max(1, cfg.max_num_seqs)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting,
+                                   self.max_model_len)
+        self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size)
+        weight_dtype = next(self.model.parameters()).dtype
+        self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device)
+        for name, path in cfg.adapters.items():
+            self.adapters.register(name, path)
+        self._ids = itertools.count()
+        self._generators: dict[int, torch.Generator] = {}
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = config or EngineConfig()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=config.dtype or torch.float32)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), config)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
+        """Queues a request; raises QueueFullError, ValueError (too long) or AdapterError (unknown adapter)."""
+        if adapter is not None:
+            self.adapters.get(adapter)  # fail now, not mid-batch, if it cannot be loaded
+        seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
+        self.scheduler.add(seq)
+        if params.seed is not None:
+            self._generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancels a request and frees its KV blocks at once."""
+        self.scheduler.finish(seq, "abort", cancelled=True)
+        self._generators.pop(seq.seq_id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        output = self.scheduler.schedule()
+        if not output.chunks:
+            return []
+        device = self.config.device
+        ids, entries, new_slots = [], [], []
+        block_size = self.blocks.block_size
+        for chunk in output.chunks:
+            seq = chunk.seq
+            end = chunk.start + chunk.num_tokens
+            ids.extend(seq.all_ids[chunk.start:end])
+            table = torch.tensor(self.blocks.block_table(seq.seq_id))
+            context = torch.arange(end)
+            slots = (table[context // block_size] * block_size + context % block_size).to(device)
+            new_slots.append(slots[chunk.start:end])
+            adapter = self.adapters.get(seq.adapter) if seq.adapter else None
+            entries.append(SequenceBatchEntry(len(ids) - chunk.num_tokens, chunk.num_tokens, slots,
+                                              torch.arange(chunk.start, end, device=device), adapter))
+        logits = self.runner.forward(torch.tensor(ids, device=device), entries, torch.cat(new_slots))
+        sampled: dict[int, SampleResult] = {}
+        for row, chunk in enumerate(output.chunks):
+            if chunk.completes_prompt:
+                seq = chunk.seq
+                sampled[seq.seq_id] = sample(logits[row], seq.params, seq.prompt_ids, seq.output_ids,
+                                             self._generators.get(seq.seq_id))
+        self.scheduler.update(output, {k: v.token for k, v in sampled.items()})
+        results = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.seq_id not in sampled:
+                continue
+            result = sampled[seq.seq_id]
+            reason = self._finish_reason(seq, result.token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._generators.pop(seq.seq_id, None)
+            results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
+        return results
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params: SamplingParams = seq.params
+        if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
+            return "stop"
+        if params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if any(s in text for s in params.stop):
+                return "stop"
+        if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- offline use -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Sequence]:
+        """Runs the requests to completion, all in the same continuous batch."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        seqs = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters, strict=True)]
+        while self.has_work():
+            self.step()
+        return seqs

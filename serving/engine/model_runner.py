@@ -1,0 +1,127 @@
+"""One forward step over a ragged batch: paged KV cache, per-sequence adapters, last-token logits.
+
+The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Gemma):
+its own modules (embeddings, norms, projections, MLP activation, rotary embedding) are reused;
+attention is replaced by paged attention over the KV pool, and every adapted projection adds
+the adapters' deltas for the tokens that asked for them, through the routing kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from alphalora import ops
+from alphalora.adapters.routing import top_k_gates
+
+from .adapters import LoadedAdapter
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+
+
+@dataclass
+class SequenceBatchEntry:
+    """One sequence's part of a step: its new tokens sit at [start, start + count) of the batch."""
+
+    start: int
+    count: int
+    context_slots: torch.Tensor  # KV slots of positions [0, context_len) after this step
+    positions: torch.Tensor  # positions of the new tokens
+    adapter: LoadedAdapter | None
+
+
+class PagedModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {config.model_type!r} is not served; supported: {SUPPORTED_MODEL_TYPES}")
+        self.model = model.eval()
+        self.config = config
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.sliding_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        weight = self.decoder.embed_tokens.weight
+        shape = (len(self.layers), num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+
+    def kv_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def _project(self, module, hidden: torch.Tensor, entries: list[SequenceBatchEntry]) -> torch.Tensor:
+        """module(hidden) plus each sequence's adapter delta on its own tokens."""
+        out = module(hidden)
+        name = self.module_names[id(module)]
+        groups: dict[int, tuple[LoadedAdapter, list[SequenceBatchEntry]]] = {}
+        for entry in entries:
+            if entry.adapter is not None and name in entry.adapter.modules:
+                groups.setdefault(id(entry.adapter), (entry.adapter, []))[1].append(entry)
+        for adapter, members in groups.values():  # segment by adapter, then by expert (in the kernels)
+            rows = torch.cat([torch.arange(e.start, e.start + e.count, device=hidden.device) for e in members])
+            x = hidden[rows]
+            weights = adapter.modules[name]
+            if weights.router is not None:
+                gates, ids = top_k_gates(x @ weights.router.T, weights.top_k)
+            else:
+                ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+                gates = torch.ones(x.shape[0], 1, device=x.device)
+            delta = ops.moe_lora(x, weights.A, weights.B, (gates * weights.scaling).to(x.dtype), ids)
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return out
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, entries: list[SequenceBatchEntry],
+                new_slots: torch.Tensor) -> torch.Tensor:
+        """Logits [num_sequences, vocab] of each sequence's last new token; writes the new KV."""
+        positions = torch.cat([e.positions for e in entries])
+        hidden = self.decoder.embed_tokens(input_ids)
+        if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
+            # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
+            hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
+        cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            attention = layer.self_attn
+            q = self._project(attention.q_proj, hidden, entries).view(-1, self.num_heads, self.head_dim)
+            k = self._project(attention.k_proj, hidden, entries).view(-1, self.num_kv_heads, self.head_dim)
+            v = self._project(attention.v_proj, hidden, entries).view(-1, self.num_kv_heads, self.head_dim)
+            q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+            q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+            self.k_cache[index, new_slots] = k
+            self.v_cache[index, new_slots] = v
+            attended = self._attention(index, q, entries, attention.scaling)
+            hidden = residual + self._project(attention.o_proj, attended, entries)
+            residual = hidden
+            hidden = layer.post_attention_layernorm(hidden)
+            mlp = layer.mlp
+            gate = self._project(mlp.gate_proj, hidden, entries)
+            up = self._project(mlp.up_proj, hidden, entries)
+            hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, entries)
+        last = torch.tensor([e.start + e.count - 1 for e in entries], device=hidden.device)
+        return self.model.lm_head(self.decoder.norm(hidden[last])).float()
+
+    def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float):
+        out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        groups = self.num_heads // self.num_kv_heads
+        for e in entries:
+            keys = self.k_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
+            values = self.v_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
+            query = q[e.start:e.start + e.count].transpose(0, 1)
+            context = torch.arange(e.context_slots.shape[0], device=q.device)
+            allowed = context[None, :] <= e.positions[:, None]
+            if self.sliding_window:
+                allowed &= e.positions[:, None] - context[None, :] < self.sliding_window
+            result = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=allowed,
+                                                    scale=scaling)
+            out[e.start:e.start + e.count] = result[0].transpose(0, 1).reshape(e.count, -1)
+        return out
