@@ -153,6 +153,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from alphalora.adapters import AdapterError
+    from alphalora.serving.openai.server import make_state, parse_adapters, serve
+
+    try:
+        adapters = parse_adapters(args.adapter)
+        state = make_state(args.model_dir, adapters, api_key=args.api_key, adapter_dir=args.adapter_dir,
+                           max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                           dtype=args.dtype, device=args.device, served_name=args.served_model_name,
+                           max_num_batched_tokens=args.max_num_batched_tokens)
+    except (ValueError, AdapterError, OSError) as error:
+        raise CliError(str(error)) from error
+    print(f"serving {state.base_name} with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
+    serve(state, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphalora",
@@ -283,6 +300,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["peft"], default="peft")
     export.add_argument("--out", required=True, help="folder to write the PEFT adapter to")
     export.set_defaults(run=_export)
+
+    serve = verbs.add_parser(
+        "serve",
+        help="serve the base model and many MoE-LoRA / LoRA adapters behind an OpenAI-compatible API",
+        description=(
+            "Continuous batching over a paged KV cache; each request names an adapter (or the base model) in its "
+            "`model` field and requests for different adapters share one batch. Routes: /v1/models, "
+            "/v1/completions, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, "
+            "/detokenize, /health, /metrics."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("model_dir", help="base model folder (Llama, Mistral, Qwen2 or Gemma family)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="an adapter to serve under NAME (ours or a PEFT LoRA folder); repeatable")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
+    serve.add_argument("--adapter-dir", default=None, help="folder /v1/load_lora_adapter may load adapters from")
+    serve.add_argument("--max-loras", type=int, default=4, help="adapters resident at once (LRU)")
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    serve.add_argument("--device", default="cpu")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -106,9 +106,12 @@ class Engine:
             slots = (table[context // block_size] * block_size + context % block_size).to(device)
             new_slots.append(slots[chunk.start:end])
             adapter = self.adapters.get(seq.adapter) if seq.adapter else None
+            wants_prompt = bool(seq.params.prompt_logprobs) and chunk.start < len(seq.prompt_ids)
             entries.append(SequenceBatchEntry(len(ids) - chunk.num_tokens, chunk.num_tokens, slots,
-                                              torch.arange(chunk.start, end, device=device), adapter))
-        logits = self.runner.forward(torch.tensor(ids, device=device), entries, torch.cat(new_slots))
+                                              torch.arange(chunk.start, end, device=device), adapter, wants_prompt))
+        logits, every = self.runner.forward(torch.tensor(ids, device=device), entries, torch.cat(new_slots))
+        for index, chunk_logits in every.items():
+            self._record_prompt_logprobs(output.chunks[index], chunk_logits)
         sampled: dict[int, SampleResult] = {}
         for row, chunk in enumerate(output.chunks):
             if chunk.completes_prompt:
@@ -128,6 +131,18 @@ class Engine:
                 self._generators.pop(seq.seq_id, None)
             results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
         return results
+
+    @staticmethod
+    def _record_prompt_logprobs(chunk, chunk_logits: torch.Tensor) -> None:
+        """logprob of prompt token p given tokens < p, for the prompt positions this chunk covers."""
+        seq = chunk.seq
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first token has no context
+        logprobs = torch.log_softmax(chunk_logits, dim=-1)
+        for offset in range(chunk.num_tokens):
+            target = chunk.start + offset + 1
+            if target < len(seq.prompt_ids):
+                seq.prompt_logprobs.append(float(logprobs[offset, seq.prompt_ids[target]]))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params

@@ -31,6 +31,7 @@ class SequenceBatchEntry:
     context_slots: torch.Tensor  # KV slots of positions [0, context_len) after this step
     positions: torch.Tensor  # positions of the new tokens
     adapter: LoadedAdapter | None
+    all_logits: bool = False  # also return logits for every new token (prompt logprobs)
 
 
 class PagedModelRunner:
@@ -80,8 +81,9 @@ class PagedModelRunner:
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, entries: list[SequenceBatchEntry],
-                new_slots: torch.Tensor) -> torch.Tensor:
-        """Logits [num_sequences, vocab] of each sequence's last new token; writes the new KV."""
+                new_slots: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
+        logits for entries that asked (by entry index); writes the new KV."""
         positions = torch.cat([e.positions for e in entries])
         hidden = self.decoder.embed_tokens(input_ids)
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
@@ -108,7 +110,10 @@ class PagedModelRunner:
             up = self._project(mlp.up_proj, hidden, entries)
             hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, entries)
         last = torch.tensor([e.start + e.count - 1 for e in entries], device=hidden.device)
-        return self.model.lm_head(self.decoder.norm(hidden[last])).float()
+        logits = self.model.lm_head(self.decoder.norm(hidden[last])).float()
+        every = {i: self.model.lm_head(self.decoder.norm(hidden[e.start:e.start + e.count])).float()
+                 for i, e in enumerate(entries) if e.all_logits}
+        return logits, every
 
     def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float):
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)

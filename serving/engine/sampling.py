@@ -21,6 +21,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many top logprobs to return per token (0: only the chosen)
+    prompt_logprobs: bool = False  # logprob of every prompt token given the ones before it
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -29,6 +29,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys and values are in the cache
     arrival: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None
+    prompt_logprobs: list[float | None] = field(default_factory=list)  # filled when params ask for them
 
     @property
     def num_tokens(self) -> int:

@@ -83,3 +83,14 @@ def test_other_decoder_families_match_generate(family, tmp_path):
     seqs = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), ["moe", None])
     assert seqs[0].output_ids == _hf_greedy(family, prompts[0], 5, adapter=adapter)
     assert seqs[1].output_ids == _hf_greedy(family, prompts[1], 5)
+
+
+def test_prompt_logprobs_equal_the_models_full_forward():
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_num_batched_tokens=8, block_size=4))
+    prompt = torch.randint(1, 128, (21,), generator=torch.Generator().manual_seed(2)).tolist()
+    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True))
+    logits = _base("llama")(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = [None] + [float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
+    for got, want in zip(seq.prompt_logprobs[1:], expected[1:], strict=True):
+        assert abs(got - want) < 1e-4

@@ -1,0 +1,108 @@
+"""The engine behind an asyncio server: a background thread steps it, requests stream from queues."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .engine import Engine, StepOutput
+from .sampling import SamplingParams
+from .sequence import Sequence
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics."""
+
+    requests_total: int = 0
+    requests_by_adapter: dict[str, int] = field(default_factory=dict)
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    ttft_seconds: list[float] = field(default_factory=list)
+    tpot_seconds: list[float] = field(default_factory=list)
+
+
+class AsyncEngine:
+    """Thread-safe front of an Engine: `generate` yields StepOutputs as the engine thread makes them."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="alphalora-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                outputs = self.engine.step() if self.engine.has_work() else None
+            if outputs is None:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            for out in outputs:
+                target = self._queues.get(out.seq.seq_id)
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> tuple[Sequence, asyncio.Queue]:
+        """Admits a request (raising QueueFullError / ValueError / AdapterError at once)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            seq = self.engine.add_request(prompt_ids, params, adapter)
+            self._queues[seq.seq_id] = (asyncio.get_running_loop(), queue)
+        self.stats.requests_total += 1
+        key = adapter or "<base>"
+        self.stats.requests_by_adapter[key] = self.stats.requests_by_adapter.get(key, 0) + 1
+        self.stats.prompt_tokens_total += len(prompt_ids)
+        self._wake.set()
+        return seq, queue
+
+    async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
+        """The request's outputs until it finishes; cancelling the consumer aborts the request."""
+        start, last = time.monotonic(), None
+        try:
+            while True:
+                out: StepOutput = await queue.get()
+                now = time.monotonic()
+                if last is None:
+                    self.stats.ttft_seconds.append(now - start)
+                else:
+                    self.stats.tpot_seconds.append(now - last)
+                last = now
+                self.stats.generation_tokens_total += 1
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(seq.seq_id, None)
+            if not seq.is_finished:
+                with self._lock:
+                    self.engine.abort(seq)
+
+    def run_locked(self, fn, *args):
+        """Runs fn(*args) while the engine thread is between steps (adapter load/unload)."""
+        with self._lock:
+            return fn(*args)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)

@@ -1,0 +1,149 @@
+"""The FastAPI application: routes hold no state; they read the ServerState from app.state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from alphalora.adapters.inject import AdapterError
+
+from . import completions
+from .metrics import render_metrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    TokenizeRequest,
+    UnloadLoraAdapterRequest,
+    now,
+)
+from .state import APIError, ServerState
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
+                        status_code=status)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.alphalora
+
+
+async def require_key(request: Request) -> None:
+    key = state_of(request).api_key
+    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="alphalora", description="OpenAI-compatible serving of MoE-LoRA and LoRA adapters")
+    app.state.alphalora = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, error: APIError):
+        return _error(error.status, error.message, error.type, error.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        location = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{first.get('msg', 'invalid request')}" + (f" (at {location})" if location else "")
+        return _error(400, message, "invalid_request_error", location)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, error: StarletteHTTPException):
+        return _error(error.status_code, str(error.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, error: Exception):
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "internal_server_error")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.max_body_bytes:
+            message = f"request body of {length} bytes exceeds {state.max_body_bytes}"
+            return _error(413, message, "invalid_request_error")
+        return await call_next(request)
+
+    v1 = [Depends(require_key)]
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(state.engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        created = now()
+        data = [{"id": state.base_name, "object": "model", "created": created, "owned_by": "alphalora",
+                 "root": state.base_name, "parent": None, "max_model_len": state.max_model_len}]
+        for name, path in state.engine.engine.adapters.paths.items():
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "alphalora",
+                         "root": str(path), "parent": state.base_name, "max_model_len": state.max_model_len})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def create_completion(request: Request, body: CompletionRequest):
+        return await completions.create_completion(request, body, state)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def create_chat_completion(request: Request, body: ChatCompletionRequest):
+        return await completions.create_chat_completion(request, body, state)
+
+    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        if state.adapter_dir is None:
+            raise APIError(400, "loading adapters at run time is off; start the server with --adapter-dir DIR")
+        path = Path(body.lora_path)
+        path = (state.adapter_dir / path if not path.is_absolute() else path).resolve()
+        if not path.is_relative_to(state.adapter_dir.resolve()):
+            raise APIError(400, f"adapters load only from the adapter directory {state.adapter_dir}", param="lora_path")
+        registry = state.engine.engine.adapters
+        if body.lora_name in registry.paths or body.lora_name == state.base_name:
+            raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", param="lora_name")
+        try:
+            state.engine.run_locked(registry.register, body.lora_name, path, True)
+        except AdapterError as error:
+            state.engine.run_locked(registry.unregister, body.lora_name)
+            raise APIError(400, str(error), param="lora_path") from error
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        registry = state.engine.engine.adapters
+        if body.lora_name not in registry.paths:
+            raise APIError(404, f"no adapter named {body.lora_name!r}", "NotFoundError", "lora_name")
+        state.engine.run_locked(registry.unregister, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(body: TokenizeRequest):
+        if body.messages is not None:
+            tokens = completions.chat_prompt(state, body.messages)
+        elif body.prompt is not None:
+            tokens = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        else:
+            raise APIError(400, "give `prompt` or `messages`")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(body: DetokenizeRequest):
+        if any(t < 0 or t >= len(state.tokenizer) for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def describe(app: FastAPI) -> str:
+    return json.dumps(sorted(r.path for r in app.routes))

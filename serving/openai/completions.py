@@ -1,0 +1,292 @@
+"""/v1/completions and /v1/chat/completions: requests -> engine sequences -> OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from alphalora.adapters.inject import AdapterError
+from alphalora.serving.engine import QueueFullError, SamplingParams, StepOutput
+
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now
+from .state import APIError, ServerState
+from .text import TextTracker
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a response, as it accumulates."""
+
+    index: int
+    prompt_ids: list[int]
+    tracker: TextTracker
+    tokens: list[StepOutput] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+
+
+def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            seed=None if body.seed is None else body.seed + seed_offset, stop=stop,
+            stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, **extra)
+    except ValueError as error:
+        raise APIError(400, str(error)) from error
+
+
+def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> None:
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= len(state.tokenizer) for t in prompt):
+        raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="prompt")
+    if len(prompt) + max_tokens > state.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
+                       f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in "
+                       "the completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+
+
+async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
+                 adapter: str | None, stop: list[str], **extra):
+    """Admits n sequences per prompt; returns (choices, streams). Maps engine refusals to HTTP errors."""
+    choices, streams = [], []
+    try:
+        for p, prompt in enumerate(prompts):
+            for i in range(body.n):
+                index = p * body.n + i
+                seq, queue = state.engine.add(prompt, _params(body, max_tokens, index, **extra), adapter)
+                choices.append(Choice(index, prompt, TextTracker(state.tokenizer, stop)))
+                streams.append(state.engine.stream(seq, queue))
+    except QueueFullError as error:
+        await _close(streams)
+        raise APIError(429, str(error), "rate_limit_exceeded") from error
+    except AdapterError as error:
+        await _close(streams)
+        raise APIError(404, str(error), "NotFoundError", "model") from error
+    except ValueError as error:
+        await _close(streams)
+        raise APIError(400, str(error)) from error
+    return choices, streams
+
+
+async def _close(streams) -> None:
+    for stream in streams:
+        await stream.aclose()
+
+
+async def _merged(choices: list[Choice], streams) -> AsyncIterator[tuple[Choice, StepOutput]]:
+    """All choices' outputs as they come; closing this generator aborts whatever still runs."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice, stream):
+        async for out in stream:
+            await queue.put((choice, out))
+        await queue.put((choice, None))
+
+    tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams, strict=True)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, out = await queue.get()
+            if out is None:
+                remaining -= 1
+                continue
+            yield choice, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close(streams)
+
+
+def _record(choice: Choice, out: StepOutput) -> str:
+    choice.tokens.append(out)
+    delta = choice.tracker.add(out.token, out.finished)
+    if choice.tracker.stopped:
+        choice.finish_reason = "stop"
+    elif out.finished:
+        choice.finish_reason = out.seq.finish_reason
+    if out.seq.prompt_logprobs and not choice.prompt_logprobs:
+        choice.prompt_logprobs = list(out.seq.prompt_logprobs)
+    return delta
+
+
+async def _collect(request: Request, choices, streams) -> None:
+    """Runs every choice to the end, aborting all of them if the client goes away."""
+    async def consume():
+        async for choice, out in _merged(choices, streams):
+            _record(choice, out)
+
+    task = asyncio.create_task(consume())
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise asyncio.CancelledError
+    task.result()
+
+
+def _usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# -- /v1/completions ----------------------------------------------------------------------------------
+def _completion_logprobs(state: ServerState, choice: Choice, echo: bool, top: int) -> dict:
+    tokenizer = state.tokenizer
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    text = ""
+    if echo:
+        for token, lp in zip(choice.prompt_ids, choice.prompt_logprobs or [None] * len(choice.prompt_ids),
+                             strict=False):
+            piece = tokenizer.decode([token])
+            tokens.append(piece)
+            token_logprobs.append(lp)
+            top_logprobs.append(None if lp is None else {piece: lp})
+            offsets.append(len(text))
+            text += piece
+    for out in choice.tokens:
+        piece = tokenizer.decode([out.token])
+        tokens.append(piece)
+        token_logprobs.append(out.logprob)
+        top_logprobs.append({tokenizer.decode([t]): lp for t, lp in (out.top_logprobs or {}).items()} if top else None)
+        offsets.append(len(text))
+        text += piece
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+async def create_completion(request: Request, body: CompletionRequest, state: ServerState):
+    adapter = state.resolve_adapter(body.model)
+    raw = body.prompt
+    if isinstance(raw, str):
+        raw = [raw]
+    elif raw and isinstance(raw[0], int):
+        raw = [raw]
+    if not raw:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    prompts = [state.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in raw]
+    only_prompt = body.max_tokens == 0
+    max_tokens = 16 if body.max_tokens is None else max(1, body.max_tokens)
+    for prompt in prompts:
+        _check_length(state, prompt, max_tokens)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    want_prompt_logprobs = body.echo and body.logprobs is not None
+    choices, streams = await _start(state, prompts, body, max_tokens, adapter, stop,
+                                    logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
+    response_id, created = new_id("cmpl"), now()
+
+    def prefix(choice):
+        return state.tokenizer.decode(choice.prompt_ids) if body.echo else ""
+
+    if not body.stream:
+        await _collect(request, choices, streams)
+        payload_choices = []
+        for c in choices:
+            if only_prompt:
+                c.tokens = []
+            text = prefix(c) + ("" if only_prompt else c.tracker.full_text())
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs(state, c, body.echo, body.logprobs)
+            payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": "length" if only_prompt else c.finish_reason})
+        return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                             "choices": payload_choices, "usage": _usage(choices, prompts)})
+
+    async def events():
+        for c in choices:
+            if body.echo:
+                first = {"index": c.index, "text": prefix(c), "logprobs": None, "finish_reason": None}
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [first]})
+        async for choice, out in _merged(choices, streams):
+            delta = _record(choice, out)
+            logprobs = None
+            if body.logprobs is not None:
+                piece = state.tokenizer.decode([out.token])
+                logprobs = {"tokens": [piece], "token_logprobs": [out.logprob],
+                            "top_logprobs": [{state.tokenizer.decode([t]): lp for t, lp in
+                                              (out.top_logprobs or {}).items()}], "text_offset": [0]}
+            done = out.finished or choice.tracker.stopped
+            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"index": choice.index, "text": delta, "logprobs": logprobs,
+                                     "finish_reason": choice.finish_reason if done else None}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [], "usage": _usage(choices, prompts)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# -- /v1/chat/completions -----------------------------------------------------------------------------
+def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    plain = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+              "".join(part.get("text", "") for part in (m.content or []))} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_logprobs(state: ServerState, outs: list[StepOutput]) -> dict:
+    entries = []
+    for out in outs:
+        piece = state.tokenizer.decode([out.token])
+        top = []
+        for t, lp in (out.top_logprobs or {}).items():
+            text = state.tokenizer.decode([t])
+            top.append({"token": text, "logprob": lp, "bytes": list(text.encode())})
+        entries.append({"token": piece, "logprob": out.logprob, "bytes": list(piece.encode()), "top_logprobs": top})
+    return {"content": entries}
+
+
+async def create_chat_completion(request: Request, body: ChatCompletionRequest, state: ServerState):
+    adapter = state.resolve_adapter(body.model)
+    prompt = chat_prompt(state, body.messages, body.add_generation_prompt)
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.max_model_len - len(prompt))
+    _check_length(state, prompt, max_tokens)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    top = body.top_logprobs if body.logprobs else None
+    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, stop,
+                                    logprobs=(top or 0) if body.logprobs else None)
+    response_id, created = new_id("chatcmpl"), now()
+    if not body.stream:
+        await _collect(request, choices, streams)
+        return JSONResponse({
+            "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.full_text()},
+                         "logprobs": _chat_logprobs(state, c.tokens) if body.logprobs else None,
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": _usage(choices, [prompt] * len(choices))})
+
+    async def events():
+        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        for c in choices:
+            yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+        async for choice, out in _merged(choices, streams):
+            delta = _record(choice, out)
+            done = out.finished or choice.tracker.stopped
+            yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},
+                                             "logprobs": _chat_logprobs(state, [out]) if body.logprobs else None,
+                                             "finish_reason": choice.finish_reason if done else None}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(choices, [prompt] * len(choices))})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

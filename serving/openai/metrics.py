@@ -1,0 +1,40 @@
+"""Prometheus text for /metrics: queue sizes, token counters, TTFT/TPOT histograms, requests per adapter."""
+
+from __future__ import annotations
+
+from alphalora.serving.engine.async_engine import AsyncEngine
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _histogram(name: str, help_text: str, values: list[float]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for bound in BUCKETS:
+        lines.append(f'{name}_bucket{{le="{bound}"}} {sum(v <= bound for v in values)}')
+    lines += [f'{name}_bucket{{le="+Inf"}} {len(values)}', f"{name}_sum {sum(values)}", f"{name}_count {len(values)}"]
+    return lines
+
+
+def render_metrics(engine: AsyncEngine) -> str:
+    stats = engine.stats
+    lines = [
+        "# HELP alphalora_num_requests_running Sequences in the running batch.",
+        "# TYPE alphalora_num_requests_running gauge",
+        f"alphalora_num_requests_running {engine.num_running}",
+        "# HELP alphalora_num_requests_waiting Sequences waiting for admission.",
+        "# TYPE alphalora_num_requests_waiting gauge",
+        f"alphalora_num_requests_waiting {engine.num_waiting}",
+        "# HELP alphalora_prompt_tokens_total Prompt tokens admitted.",
+        "# TYPE alphalora_prompt_tokens_total counter",
+        f"alphalora_prompt_tokens_total {stats.prompt_tokens_total}",
+        "# HELP alphalora_generation_tokens_total Tokens generated.",
+        "# TYPE alphalora_generation_tokens_total counter",
+        f"alphalora_generation_tokens_total {stats.generation_tokens_total}",
+        "# HELP alphalora_requests_total Sequences admitted, by adapter.",
+        "# TYPE alphalora_requests_total counter",
+    ]
+    lines += [f'alphalora_requests_total{{adapter="{name}"}} {count}'
+              for name, count in sorted(stats.requests_by_adapter.items())]
+    lines += _histogram("alphalora_time_to_first_token_seconds", "Time to first token.", stats.ttft_seconds)
+    lines += _histogram("alphalora_time_per_output_token_seconds", "Time between output tokens.", stats.tpot_seconds)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""`alphalora serve`: build the engine, the app, and run uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alphalora.serving.engine import Engine, EngineConfig
+from alphalora.serving.engine.async_engine import AsyncEngine
+
+from .app import build_app
+from .state import ServerState
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """['name=path', ...] -> {name: path}; raises ValueError naming the bad entry."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
+        if not Path(path).is_dir():
+            raise ValueError(f"adapter {name!r}: {path} is not a folder")
+        adapters[name] = path
+    return adapters
+
+
+def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str | None = None,
+               adapter_dir: str | Path | None = None, max_loras: int = 4, max_num_seqs: int = 32,
+               max_model_len: int | None = None, dtype: str = "auto", device: str = "cpu",
+               served_name: str | None = None, max_num_batched_tokens: int = 512) -> ServerState:
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_loras=max_loras,
+                          dtype=DTYPES[dtype], device=device, adapters=adapters,
+                          max_num_batched_tokens=max_num_batched_tokens)
+    engine = Engine.from_pretrained(model_dir, config)
+    for name in adapters:  # refuse bad adapters at start-up, not on the first request
+        engine.adapters.get(name)
+    return ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
+                       base_name=served_name or Path(model_dir).name, max_model_len=engine.max_model_len,
+                       api_key=api_key, adapter_dir=Path(adapter_dir) if adapter_dir else None)
+
+
+def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    app = build_app(state)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        state.engine.close()

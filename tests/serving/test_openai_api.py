@@ -1,0 +1,179 @@
+"""The OpenAI-compatible API, driven by raw HTTP and by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from alphalora.serving.openai import build_app
+from alphalora.serving.openai.server import make_state
+from tests.serving.test_engine import _adapter
+from tests.tiny_models import save_tiny
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    model_dir = save_tiny("llama", root / "tiny-llama", initializer_range=0.2, max_position_embeddings=128)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    adapters = root / "adapters"
+    _adapter(adapters / "moe", "llama", (3, 2), seed=1)
+    _adapter(adapters / "spare", "llama", (2, 2), seed=5)
+    state = make_state(model_dir, {"moe": str(adapters / "moe")}, adapter_dir=adapters, max_num_seqs=8)
+    client = TestClient(build_app(state))
+    yield client, state, model_dir, adapters
+    state.engine.close()
+
+
+def test_models_lists_adapters_with_their_parent(served):
+    client, state, _, _ = served
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == [state.base_name, "moe"]
+    assert data[1]["parent"] == state.base_name and data[0]["parent"] is None
+
+
+def test_greedy_completion_equals_generate_with_the_adapter(served):
+    client, _, model_dir, adapters = served
+    prompt = [2, 5, 9, 14, 7, 30]
+    body = client.post("/v1/completions", json={"model": "moe", "prompt": prompt, "max_tokens": 5,
+                                                "temperature": 0, "ignore_eos": True, "logprobs": 1}).json()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = _hf_greedy_from_dir(model_dir, prompt, 5, adapters / "moe")
+    assert body["choices"][0]["text"] == tokenizer.decode(hf, skip_special_tokens=True)
+    assert len(body["choices"][0]["logprobs"]["token_logprobs"]) == 5
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+
+
+def _hf_greedy_from_dir(model_dir, prompt, n, adapter):
+    from transformers import AutoModelForCausalLM
+
+    from alphalora.adapters.io import load_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(model, adapter)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_streaming_chat_with_usage_ends_with_done(served):
+    client, state, _, _ = served
+    payload = {"model": state.base_name, "messages": [{"role": "user", "content": "the cat sat on"}],
+               "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks[:-1])
+
+
+def test_echo_logprobs_give_the_prompt_loglikelihood(served):
+    client, state, model_dir, _ = served
+    prompt = [2, 6, 18, 9, 8, 6, 25]
+    body = client.post("/v1/completions", json={"model": state.base_name, "prompt": prompt, "max_tokens": 0,
+                                                "echo": True, "logprobs": 1, "temperature": 0}).json()
+    lps = body["choices"][0]["logprobs"]["token_logprobs"]
+    from transformers import AutoModelForCausalLM
+
+    logits = AutoModelForCausalLM.from_pretrained(model_dir)(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert lps[0] is None and len(lps) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert abs(lps[i] - float(logits[i - 1, prompt[i]])) < 1e-4
+
+
+def test_openai_client_completions_chat_and_streaming(served):
+    openai = pytest.importorskip("openai")
+    client, state, _, _ = served
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client)
+    completion = api.completions.create(model="moe", prompt="the cat sat on", max_tokens=3, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
+    chat = api.chat.completions.create(model=state.base_name, messages=[{"role": "user", "content": "red green"}],
+                                       max_tokens=3, n=2, seed=1)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    stream = api.chat.completions.create(model="moe", messages=[{"role": "user", "content": "one two"}],
+                                         max_tokens=3, stream=True, temperature=0)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) >= 2
+    models = [m.id for m in api.models.list()]
+    assert "moe" in models
+
+
+@pytest.mark.parametrize("payload, status", [
+    ({"model": "nope", "prompt": "x"}, 404),
+    ({"model": "BASE", "prompt": 5}, 400),
+    ({"model": "BASE", "prompt": "x", "max_tokens": -1}, 400),
+    ({"model": "BASE", "prompt": "x", "n": 10_000}, 400),
+    ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400),
+    ({"model": "BASE", "prompt": list(range(1, 120)), "max_tokens": 50}, 400),
+    ({"model": "BASE", "prompt": [999999]}, 400),
+    ({"model": "BASE"}, 400),
+])
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(served, payload, status):
+    client, state, _, _ = served
+    if payload.get("model") == "BASE":
+        payload = {**payload, "model": state.base_name}
+    response = client.post("/v1/completions", json=payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    ok = client.post("/v1/completions", json={"model": state.base_name, "prompt": "the cat", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_invalid_utf8_and_huge_bodies(served):
+    client, state, _, _ = served
+    response = client.post("/v1/completions", content=b'{"model": "\xff\xfe", "prompt": "x"}',
+                           headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500 and "error" in response.json()
+    huge = client.post("/v1/completions", content=b"x" * (9 * 2**20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+    assert client.get("/health").status_code == 200
+
+
+def test_runtime_adapter_loading_is_confined_to_the_adapter_dir(served):
+    client, state, model_dir, adapters = served
+    outside = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(model_dir)})
+    assert outside.status_code == 400 and "adapter directory" in outside.json()["error"]["message"]
+    loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "spare", "lora_path": str(adapters / "spare")})
+    assert loaded.status_code == 200
+    reply = client.post("/v1/completions", json={"model": "spare", "prompt": "the cat", "max_tokens": 2})
+    assert reply.status_code == 200
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
+    assert client.post("/v1/completions", json={"model": "spare", "prompt": "x"}).status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 404
+
+
+def test_tokenize_detokenize_and_metrics(served):
+    client, state, _, _ = served
+    tokens = client.post("/tokenize", json={"prompt": "the cat sat"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == 3
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "the cat sat"
+    metrics = client.get("/metrics").text
+    assert "alphalora_generation_tokens_total" in metrics and 'alphalora_requests_total{adapter="moe"}' in metrics
+    assert "alphalora_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_api_key(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
+    state = make_state(model_dir, {}, api_key="sekrit")
+    client = TestClient(build_app(state))
+    try:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert client.get("/health").status_code == 200
+    finally:
+        state.engine.close()
