@@ -1,0 +1,169 @@
+"""Serving throughput and latency of the engine against `transformers` generate, in one run.
+
+Workload (fixed seed): requests with prompt lengths drawn from U[16, 96] and a fixed number of
+output tokens, spread over 1, 4 or 16 distinct adapters, plain LoRA (r=8 on q,k,v,o) or MoE-LoRA
+(4 experts, top-2, r=8 on q,k,v,o), all submitted at once to the engine's continuous batch.
+The peer runs the same requests one at a time through `generate` (PEFT for plain LoRA, our
+injected MoE-LoRA model otherwise); its rate is measured on the first --hf-requests requests.
+
+    python benchmarks/serving.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from alphalora.adapters import adapter_parameters, inject_adapters  # noqa: E402
+from alphalora.adapters.io import load_adapter, save_adapter  # noqa: E402
+from alphalora.adapters.peft_export import export_peft  # noqa: E402
+from alphalora.allocation import Plan  # noqa: E402
+from alphalora.serving.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+
+def base_model(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_adapter(args, folder: Path, experts: int, seed: int) -> Path:
+    model = base_model(args)
+    layers = args.layers
+    plan = Plan(method="uniform", base_model="bench", experts_per_layer=[experts] * layers,
+                top_k_per_layer=[min(2, experts)] * layers, target_modules=["q", "k", "v", "o"], rank=8,
+                lora_alpha=16.0, lora_dropout=0.0)
+    inject_adapters(model, plan)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.normal_(0, 0.02)
+    save_adapter(model, folder)
+    if experts == 1:
+        export_peft(folder, folder.with_name(folder.name + "-peft"))
+    return folder
+
+
+def workload(args):
+    g = torch.Generator().manual_seed(1234)
+    lengths = torch.randint(16, 97, (args.requests,), generator=g).tolist()
+    return [torch.randint(10, 4000, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_engine(args, prompts, names, adapters: dict[str, str]):
+    engine = Engine(base_model(args), tokenizer=None, config=EngineConfig(
+        max_num_seqs=args.requests, max_num_batched_tokens=args.batched_tokens, block_size=16,
+        max_loras=max(1, len(adapters)), adapters=adapters))
+    params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
+    for name in set(adapters):
+        engine.adapters.get(name)  # resident before timing, as on a warm server
+    start = time.perf_counter()
+    seqs = [engine.add_request(p, params, n) for p, n in zip(prompts, names, strict=True)]
+    first, last, gaps = {}, {}, []
+    while engine.has_work():
+        for out in engine.step():
+            t = time.perf_counter()
+            sid = out.seq.seq_id
+            if sid not in first:
+                first[sid] = t - start
+            else:
+                gaps.append(t - last[sid])
+            last[sid] = t
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(s.output_ids) for s in seqs)
+    ttft = sorted(first.values())
+    return {"output_tok_s": tokens / elapsed, "seconds": elapsed,
+            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[int(0.99 * (len(ttft) - 1))],
+            "tpot_p50": statistics.median(gaps), "tpot_p99": sorted(gaps)[int(0.99 * (len(gaps) - 1))],
+            "kv_pool_mib": engine.runner.kv_bytes() / 2**20,
+            "adapter_mib": sum(engine.adapters.get(n).nbytes() for n in set(adapters)) / 2**20}
+
+
+def run_hf(args, prompts, names, adapter_dirs: dict[str, Path], plain: bool) -> float:
+    """Output tokens/s of generate, one request at a time, on the first --hf-requests requests."""
+    import peft
+
+    models = {}
+    for name in set(names[: args.hf_requests]):
+        model = base_model(args)
+        if plain:
+            exported = adapter_dirs[name].with_name(adapter_dirs[name].name + "-peft")
+            model = peft.PeftModel.from_pretrained(model, exported)
+        else:
+            load_adapter(model, adapter_dirs[name])
+        models[name] = model.eval()
+    start, tokens = time.perf_counter(), 0
+    for prompt, name in zip(prompts[: args.hf_requests], names[: args.hf_requests], strict=True):
+        out = models[name].generate(torch.tensor([prompt]), max_new_tokens=args.output, min_new_tokens=args.output,
+                                    do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - len(prompt)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--output", type=int, default=64)
+    parser.add_argument("--batched-tokens", type=int, default=1024)
+    parser.add_argument("--hf-requests", type=int, default=6)
+    parser.add_argument("--adapter-counts", default="1,4,16")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    prompts = workload(args)
+    counts = [int(c) for c in args.adapter_counts.split(",")]
+    rows = []
+    for kind, experts in (("lora", 1), ("moe-lora", 4)):
+        dirs = {f"{kind}{i}": make_adapter(args, work / f"{kind}{i}", experts, seed=i) for i in range(max(counts))}
+        hf_rate = None
+        for count in counts:
+            names = [f"{kind}{i % count}" for i in range(args.requests)]
+            ours = run_engine(args, prompts, names, {n: str(dirs[n]) for n in set(names)})
+            if hf_rate is None:
+                hf_rate = run_hf(args, prompts, names, dirs, plain=experts == 1)
+            row = {"kind": kind, "adapters": count, **ours, "hf_generate_tok_s": hf_rate,
+                   "over_hf_generate": ours["output_tok_s"] / hf_rate}
+            rows.append(row)
+            print(f"{kind:9s} {count:2d} adapters: {ours['output_tok_s']:7.1f} tok/s ({row['over_hf_generate']:.1f}x "
+                  f"HF generate {hf_rate:.1f}), TTFT p50/p99 {ours['ttft_p50']:.2f}/{ours['ttft_p99']:.2f} s, "
+                  f"TPOT p50/p99 {ours['tpot_p50'] * 1e3:.0f}/{ours['tpot_p99'] * 1e3:.0f} ms, KV pool "
+                  f"{ours['kv_pool_mib']:.0f} MiB, adapters {ours['adapter_mib']:.1f} MiB")
+    by = {(r["kind"], r["adapters"]): r for r in rows}
+    summary = {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "workload": {"requests": args.requests, "prompt_len": "U[16,96]", "output": args.output,
+                     "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
+        "rows": rows,
+        "over_hf_generate": min(r["over_hf_generate"] for r in rows),
+        "over_vllm": None,  # vLLM peer: not run yet (see RESULTS.md)
+        "mixed16_over_single": min(by[(k, max(counts))]["output_tok_s"] / by[(k, 1)]["output_tok_s"]
+                                   for k in ("lora", "moe-lora") if (k, 1) in by and (k, max(counts)) in by),
+    }
+    print(f"\nover_hf_generate (worst) {summary['over_hf_generate']:.1f}x, mixed{max(counts)}_over_single "
+          f"{summary['mixed16_over_single']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
