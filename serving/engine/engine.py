@@ -139,10 +139,12 @@ class Engine:
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first token has no context
         logprobs = torch.log_softmax(chunk_logits, dim=-1)
+        top_values, top_ids = torch.topk(logprobs, max(1, seq.params.logprobs or 1), dim=-1)
         for offset in range(chunk.num_tokens):
             target = chunk.start + offset + 1
             if target < len(seq.prompt_ids):
-                seq.prompt_logprobs.append(float(logprobs[offset, seq.prompt_ids[target]]))
+                top = dict(zip(top_ids[offset].tolist(), top_values[offset].tolist(), strict=True))
+                seq.prompt_logprobs.append((float(logprobs[offset, seq.prompt_ids[target]]), top))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params

@@ -29,7 +29,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys and values are in the cache
     arrival: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None
-    prompt_logprobs: list[float | None] = field(default_factory=list)  # filled when params ask for them
+    # Filled when params ask: per prompt token, (its logprob, the top-k {token: logprob}); None first.
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -150,12 +150,12 @@ def _completion_logprobs(state: ServerState, choice: Choice, echo: bool, top: in
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     text = ""
     if echo:
-        for token, lp in zip(choice.prompt_ids, choice.prompt_logprobs or [None] * len(choice.prompt_ids),
-                             strict=False):
+        for token, entry in zip(choice.prompt_ids, choice.prompt_logprobs or [None] * len(choice.prompt_ids),
+                                strict=False):
             piece = tokenizer.decode([token])
             tokens.append(piece)
-            token_logprobs.append(lp)
-            top_logprobs.append(None if lp is None else {piece: lp})
+            token_logprobs.append(None if entry is None else entry[0])
+            top_logprobs.append(None if entry is None else {tokenizer.decode([t]): lp for t, lp in entry[1].items()})
             offsets.append(len(text))
             text += piece
     for out in choice.tokens:

@@ -92,5 +92,6 @@ def test_prompt_logprobs_equal_the_models_full_forward():
     logits = _base("llama")(torch.tensor([prompt])).logits[0].log_softmax(-1)
     expected = [None] + [float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
     assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
-    for got, want in zip(seq.prompt_logprobs[1:], expected[1:], strict=True):
+    for i, ((got, top), want) in enumerate(zip(seq.prompt_logprobs[1:], expected[1:], strict=True)):
         assert abs(got - want) < 1e-4
+        assert list(top) == [int(logits[i].argmax())]  # the model's own top-1 at that position
