@@ -7,9 +7,10 @@ Only safetensors are read.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,11 +38,15 @@ class ModuleAdapter:
         return self.A.shape[1]
 
 
+_LOAD_COUNTER = itertools.count()
+
+
 @dataclass
 class LoadedAdapter:
     name: str
     path: Path
     modules: dict[str, ModuleAdapter]  # by the base model's module name
+    uid: int = field(default_factory=lambda: next(_LOAD_COUNTER))  # unique per load, for caches
 
     @property
     def kind(self) -> str:

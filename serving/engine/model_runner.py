@@ -52,31 +52,61 @@ class PagedModelRunner:
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.module_names = {id(m): n for n, m in model.named_modules()}
+        self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # -- adapters ----------------------------------------------------------------------------------
     def _project(self, module, hidden: torch.Tensor, entries: list[SequenceBatchEntry]) -> torch.Tensor:
-        """module(hidden) plus each sequence's adapter delta on its own tokens."""
+        """module(hidden) plus each sequence's adapter delta on its own tokens.
+
+        Tokens are segmented by adapter (each adapter routes its own tokens), then adapters of
+        the same rank and top-k share one routing-kernel call over "virtual" experts (adapter
+        offset + expert), so a batch of many adapters costs a few kernel calls, at true ranks.
+        """
         out = module(hidden)
         name = self.module_names[id(module)]
-        groups: dict[int, tuple[LoadedAdapter, list[SequenceBatchEntry]]] = {}
+        members: dict[str, tuple[LoadedAdapter, list[torch.Tensor]]] = {}
         for entry in entries:
             if entry.adapter is not None and name in entry.adapter.modules:
-                groups.setdefault(id(entry.adapter), (entry.adapter, []))[1].append(entry)
-        for adapter, members in groups.values():  # segment by adapter, then by expert (in the kernels)
-            rows = torch.cat([torch.arange(e.start, e.start + e.count, device=hidden.device) for e in members])
-            x = hidden[rows]
+                rows = torch.arange(entry.start, entry.start + entry.count, device=hidden.device)
+                members.setdefault(entry.adapter.name, (entry.adapter, []))[1].append(rows)
+        buckets: dict[tuple[int, int], list[tuple[LoadedAdapter, torch.Tensor]]] = {}
+        for adapter, row_list in members.values():
             weights = adapter.modules[name]
-            if weights.router is not None:
-                gates, ids = top_k_gates(x @ weights.router.T, weights.top_k)
-            else:
-                ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-                gates = torch.ones(x.shape[0], 1, device=x.device)
-            delta = ops.moe_lora(x, weights.A, weights.B, (gates * weights.scaling).to(x.dtype), ids)
+            buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, torch.cat(row_list)))
+        for bucket in buckets.values():
+            A, B = self._stacked(name, [adapter for adapter, _ in bucket])
+            rows_all, gates_all, ids_all, offset = [], [], [], 0
+            for adapter, rows in bucket:
+                weights = adapter.modules[name]
+                x = hidden[rows]
+                if weights.router is not None:
+                    gates, ids = top_k_gates(x @ weights.router.T, weights.top_k)
+                else:
+                    ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+                    gates = torch.ones(x.shape[0], 1, device=x.device)
+                rows_all.append(rows)
+                gates_all.append(gates * weights.scaling)
+                ids_all.append(ids + offset)
+                offset += weights.num_experts
+            rows = torch.cat(rows_all)
+            delta = ops.moe_lora(hidden[rows], A, B, torch.cat(gates_all).to(hidden.dtype), torch.cat(ids_all))
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
+
+    def _stacked(self, name: str, adapters: list[LoadedAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts of these adapters for one module, stacked (cached while the set repeats)."""
+        key = (name, tuple(a.uid for a in adapters))
+        cached = self._stack_cache.get(key)
+        if cached is None:
+            if len(self._stack_cache) > 4096:
+                self._stack_cache.clear()
+            cached = (torch.cat([a.modules[name].A for a in adapters]),
+                      torch.cat([a.modules[name].B for a in adapters]))
+            self._stack_cache[key] = cached
+        return cached
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
