@@ -77,3 +77,16 @@ def save_tiny(family: str, folder, seed: int = 0, **overrides):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def with_random_adapter(model, plan, seed: int = 0, std: float = 0.1):
+    """Builds `plan` into `model` and fills the adapter with random weights (B included, so the
+    adapter changes the output); returns the model in eval mode."""
+    from alphalora.adapters import adapter_parameters, inject_adapters
+
+    inject_adapters(model, plan)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter_parameters(model).values():
+            parameter.normal_(0, std)
+    return model.eval()

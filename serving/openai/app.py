@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -143,7 +142,3 @@ def build_app(state: ServerState) -> FastAPI:
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
     return app
-
-
-def describe(app: FastAPI) -> str:
-    return json.dumps(sorted(r.path for r in app.routes))

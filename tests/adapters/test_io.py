@@ -7,22 +7,17 @@ import json
 import pytest
 import torch
 
-from alphalora.adapters import AdapterError, adapter_parameters, inject_adapters
+from alphalora.adapters import AdapterError
 from alphalora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from alphalora.allocation import Plan
-from tests.tiny_models import build
+from tests.tiny_models import build, with_random_adapter
 
 
 def _trained(family="llama"):
     model = build(family)
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[3, 2], top_k_per_layer=[2, 1],
                 target_modules=["q", "v", "down"], rank=4, lora_alpha=8.0, lora_dropout=0.0)
-    inject_adapters(model, plan)
-    torch.manual_seed(9)
-    with torch.no_grad():
-        for p in adapter_parameters(model).values():
-            p.normal_(0, 0.1)
-    return model.eval()
+    return with_random_adapter(model, plan, seed=9)
 
 
 def test_loaded_adapter_gives_bit_identical_logits(tmp_path):

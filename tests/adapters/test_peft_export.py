@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from alphalora.adapters import AdapterError, adapter_parameters, inject_adapters
+from alphalora.adapters import AdapterError
 from alphalora.adapters.inject import module_rank
 from alphalora.adapters.io import save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
-from tests.tiny_models import build
+from tests.tiny_models import build, with_random_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -22,12 +22,7 @@ def _adapted(model, experts=(1, 1), heads=()):
                 top_k_per_layer=[1] * len(experts), target_modules=["q", "k", "v", "o", "up", "down"], rank=4,
                 rank_pattern={"q": 2, "model.layers.1.mlp.down_proj": 6, "*.layer.1.output.dense": 6},
                 lora_alpha=12.0, lora_dropout=0.0, modules_to_save=list(heads))
-    inject_adapters(model, plan)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in adapter_parameters(model).values():
-            p.normal_(0, 0.2)
-    return model.eval()
+    return with_random_adapter(model, plan, seed=4, std=0.2)
 
 
 def test_heterogeneous_rank_lora_exports_to_peft_with_identical_logits(tmp_path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphalora.adapters import adapter_parameters, inject_adapters
 from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
-from tests.tiny_models import build
+from tests.tiny_models import build, with_random_adapter
 
 peft = pytest.importorskip("peft")
 FAMILY_OVERRIDES = dict(initializer_range=0.2, max_position_embeddings=128)
@@ -25,12 +24,7 @@ def _adapter(folder, family, experts, rank_pattern=None, seed=1, targets=("q", "
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
                 top_k_per_layer=[min(2, e) for e in experts], target_modules=list(targets), rank=4,
                 rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0)
-    inject_adapters(model, plan)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(model).values():
-            p.normal_(0, 0.3)
-    save_adapter(model, folder)
+    save_adapter(with_random_adapter(model, plan, seed=seed, std=0.3), folder)
     return folder
 
 
