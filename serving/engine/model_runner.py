@@ -120,6 +120,7 @@ class PagedModelRunner:
             # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
+        decode = self._decode_batch(entries)
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
@@ -131,7 +132,7 @@ class PagedModelRunner:
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             self.k_cache[index, new_slots] = k
             self.v_cache[index, new_slots] = v
-            attended = self._attention(index, q, entries, attention.scaling)
+            attended = self._attention(index, q, entries, attention.scaling, decode)
             hidden = residual + self._project(attention.o_proj, attended, entries)
             residual = hidden
             hidden = layer.post_attention_layernorm(hidden)
@@ -145,18 +146,57 @@ class PagedModelRunner:
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
 
-    def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float):
+    def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float,
+                   decode: _DecodeBatch | None):
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         groups = self.num_heads // self.num_kv_heads
-        for e in entries:
+        if decode is not None:  # every one-token sequence in one padded attention call
+            keys = self.k_cache[layer, decode.slots].repeat_interleave(groups, dim=2).transpose(1, 2)
+            values = self.v_cache[layer, decode.slots].repeat_interleave(groups, dim=2).transpose(1, 2)
+            query = q[decode.rows][:, :, None, :]  # [B, heads, 1, head_dim]
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scaling)
+            out[decode.rows] = result[:, :, 0, :].reshape(len(decode.rows), -1)
+        for index, e in enumerate(entries):
+            if decode is not None and index in decode.entry_indices:
+                continue
             keys = self.k_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
             values = self.v_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
             query = q[e.start:e.start + e.count].transpose(0, 1)
-            context = torch.arange(e.context_slots.shape[0], device=q.device)
-            allowed = context[None, :] <= e.positions[:, None]
-            if self.sliding_window:
-                allowed &= e.positions[:, None] - context[None, :] < self.sliding_window
+            allowed = self._mask(e.context_slots.shape[0], e.positions, q.device)
             result = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=allowed,
                                                     scale=scaling)
             out[e.start:e.start + e.count] = result[0].transpose(0, 1).reshape(e.count, -1)
         return out
+
+    def _mask(self, context_len: int, positions: torch.Tensor, device) -> torch.Tensor:
+        """[new tokens, context] causal (and sliding-window) mask."""
+        context = torch.arange(context_len, device=device)
+        allowed = context[None, :] <= positions[:, None]
+        if self.sliding_window:
+            allowed &= positions[:, None] - context[None, :] < self.sliding_window
+        return allowed
+
+    def _decode_batch(self, entries: list[SequenceBatchEntry]) -> _DecodeBatch | None:
+        """Pads the one-token (decode) sequences' KV slots into one [B, max context] matrix."""
+        chosen = [i for i, e in enumerate(entries) if e.count == 1]
+        if len(chosen) < 2:
+            return None
+        device = entries[chosen[0]].context_slots.device
+        width = max(entries[i].context_slots.shape[0] for i in chosen)
+        slots = torch.zeros(len(chosen), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(chosen), 1, 1, width, dtype=torch.bool, device=device)
+        for row, i in enumerate(chosen):
+            e = entries[i]
+            n = e.context_slots.shape[0]
+            slots[row, :n] = e.context_slots
+            mask[row, 0, 0, :n] = self._mask(n, e.positions, device)[0]
+        rows = torch.tensor([entries[i].start for i in chosen], device=device)
+        return _DecodeBatch(set(chosen), rows, slots, mask)
+
+
+@dataclass
+class _DecodeBatch:
+    entry_indices: set[int]
+    rows: torch.Tensor  # batch rows of the decode tokens
+    slots: torch.Tensor  # [B, max context] KV slots, padded with slot 0
+    mask: torch.Tensor  # [B, 1, 1, max context]: real, causal, in-window positions
