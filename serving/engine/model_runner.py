@@ -130,8 +130,8 @@ class PagedModelRunner:
             v = self._project(attention.v_proj, hidden, entries).view(-1, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
-            self.k_cache[index, new_slots] = k
-            self.v_cache[index, new_slots] = v
+            self.k_cache[index].index_copy_(0, new_slots, k)
+            self.v_cache[index].index_copy_(0, new_slots, v)
             attended = self._attention(index, q, entries, attention.scaling, decode)
             hidden = residual + self._project(attention.o_proj, attended, entries)
             residual = hidden
@@ -149,22 +149,26 @@ class PagedModelRunner:
     def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float,
                    decode: _DecodeBatch | None):
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
-        groups = self.num_heads // self.num_kv_heads
+        gqa = self.num_heads != self.num_kv_heads
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         if decode is not None:  # every one-token sequence in one padded attention call
-            keys = self.k_cache[layer, decode.slots].repeat_interleave(groups, dim=2).transpose(1, 2)
-            values = self.v_cache[layer, decode.slots].repeat_interleave(groups, dim=2).transpose(1, 2)
+            batch, width = decode.slots.shape
+            flat = decode.slots.reshape(-1)
+            keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+            values = v_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
             query = q[decode.rows][:, :, None, :]  # [B, heads, 1, head_dim]
-            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scaling)
-            out[decode.rows] = result[:, :, 0, :].reshape(len(decode.rows), -1)
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scaling,
+                                                    enable_gqa=gqa)
+            out[decode.rows] = result[:, :, 0, :].reshape(batch, -1)
         for index, e in enumerate(entries):
             if decode is not None and index in decode.entry_indices:
                 continue
-            keys = self.k_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
-            values = self.v_cache[layer, e.context_slots].repeat_interleave(groups, dim=1).transpose(0, 1)
+            keys = k_cache.index_select(0, e.context_slots).transpose(0, 1)
+            values = v_cache.index_select(0, e.context_slots).transpose(0, 1)
             query = q[e.start:e.start + e.count].transpose(0, 1)
             allowed = self._mask(e.context_slots.shape[0], e.positions, q.device)
             result = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=allowed,
-                                                    scale=scaling)
+                                                    scale=scaling, enable_gqa=gqa)
             out[e.start:e.start + e.count] = result[0].transpose(0, 1).reshape(e.count, -1)
         return out
 
