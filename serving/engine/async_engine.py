@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,26 @@ from dataclasses import dataclass, field
 from .engine import Engine, StepOutput
 from .sampling import SamplingParams
 from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    """A cumulative Prometheus-style histogram: bucket counts, sum and count (bounded memory)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+        self.total += value
+        self.count += 1
 
 
 @dataclass
@@ -21,8 +42,12 @@ class EngineStats:
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    ttft_seconds: list[float] = field(default_factory=list)
-    tpot_seconds: list[float] = field(default_factory=list)
+    ttft_seconds: Histogram = field(default_factory=Histogram)
+    tpot_seconds: Histogram = field(default_factory=Histogram)
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while running a step; the requests in it cannot complete."""
 
 
 class AsyncEngine:
@@ -46,8 +71,13 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
-            with self._lock:
-                outputs = self.engine.step() if self.engine.has_work() else None
+            try:
+                with self._lock:
+                    outputs = self.engine.step() if self.engine.has_work() else None
+            except Exception as error:  # noqa: BLE001 - one bad step must not stop the server
+                logger.exception("engine step failed")
+                self._fail_running(error)
+                continue
             if outputs is None:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
@@ -57,6 +87,18 @@ class AsyncEngine:
                 if target is not None:
                     loop, queue = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _fail_running(self, error: Exception) -> None:
+        """Ends every running sequence (their streams get EngineFailure) so the engine can go on."""
+        with self._lock:
+            failed = list(self.engine.scheduler.running)
+            for seq in failed:
+                self.engine.abort(seq)
+        for seq in failed:
+            target = self._queues.get(seq.seq_id)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, EngineFailure(f"{type(error).__name__}: {error}"))
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> tuple[Sequence, asyncio.Queue]:
@@ -77,12 +119,14 @@ class AsyncEngine:
         start, last = time.monotonic(), None
         try:
             while True:
-                out: StepOutput = await queue.get()
+                out = await queue.get()
+                if isinstance(out, EngineFailure):
+                    raise out
                 now = time.monotonic()
                 if last is None:
-                    self.stats.ttft_seconds.append(now - start)
+                    self.stats.ttft_seconds.observe(now - start)
                 else:
-                    self.stats.tpot_seconds.append(now - last)
+                    self.stats.tpot_seconds.observe(now - last)
                 last = now
                 self.stats.generation_tokens_total += 1
                 yield out

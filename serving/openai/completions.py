@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from alphalora.adapters.inject import AdapterError
 from alphalora.serving.engine import QueueFullError, SamplingParams, StepOutput
+from alphalora.serving.engine.async_engine import EngineFailure
 
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now
 from .state import APIError, ServerState
@@ -86,8 +87,12 @@ async def _merged(choices: list[Choice], streams) -> AsyncIterator[tuple[Choice,
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice, stream):
-        async for out in stream:
-            await queue.put((choice, out))
+        try:
+            async for out in stream:
+                await queue.put((choice, out))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, raised there
+            await queue.put((choice, error))
+            return
         await queue.put((choice, None))
 
     tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams, strict=True)]
@@ -98,12 +103,24 @@ async def _merged(choices: list[Choice], streams) -> AsyncIterator[tuple[Choice,
             if out is None:
                 remaining -= 1
                 continue
+            if isinstance(out, Exception):
+                raise out
             yield choice, out
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await _close(streams)
+
+
+async def _guarded(pairs):
+    """Passes (choice, output) pairs through; an engine failure becomes one OpenAI error payload."""
+    try:
+        async for pair in pairs:
+            yield pair
+    except EngineFailure as error:
+        yield {"error": {"message": f"the engine failed on this request: {error}", "type": "internal_server_error",
+                         "param": None, "code": 500}}, None
 
 
 def _record(choice: Choice, out: StepOutput) -> str:
@@ -131,7 +148,10 @@ async def _collect(request: Request, choices, streams) -> None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise asyncio.CancelledError
-    task.result()
+    try:
+        task.result()
+    except EngineFailure as error:
+        raise APIError(500, f"the engine failed on this request: {error}", "internal_server_error") from error
 
 
 def _usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
@@ -212,7 +232,10 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
                 first = {"index": c.index, "text": prefix(c), "logprobs": None, "finish_reason": None}
                 yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                             "choices": [first]})
-        async for choice, out in _merged(choices, streams):
+        async for choice, out in _guarded(_merged(choices, streams)):
+            if isinstance(choice, dict):
+                yield _sse(choice)
+                break
             delta = _record(choice, out)
             logprobs = None
             if body.logprobs is not None:
@@ -279,7 +302,10 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
         for c in choices:
             yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
-        async for choice, out in _merged(choices, streams):
+        async for choice, out in _guarded(_merged(choices, streams)):
+            if isinstance(choice, dict):
+                yield _sse(choice)
+                break
             delta = _record(choice, out)
             done = out.finished or choice.tracker.stopped
             yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},

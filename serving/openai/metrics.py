@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from alphalora.serving.engine.async_engine import AsyncEngine
-
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+from alphalora.serving.engine.async_engine import AsyncEngine, Histogram
 
 
-def _histogram(name: str, help_text: str, values: list[float]) -> list[str]:
+def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    for bound in BUCKETS:
-        lines.append(f'{name}_bucket{{le="{bound}"}} {sum(v <= bound for v in values)}')
-    lines += [f'{name}_bucket{{le="+Inf"}} {len(values)}', f"{name}_sum {sum(values)}", f"{name}_count {len(values)}"]
+    for bound, count in zip(histogram.bounds, histogram.buckets, strict=True):
+        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+    lines += [f'{name}_bucket{{le="+Inf"}} {histogram.count}', f"{name}_sum {histogram.total}",
+              f"{name}_count {histogram.count}"]
     return lines
 
 

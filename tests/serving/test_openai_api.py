@@ -177,3 +177,23 @@ def test_api_key(tmp_path):
         assert client.get("/health").status_code == 200
     finally:
         state.engine.close()
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(served, monkeypatch):
+    client, state, _, _ = served
+    runner = state.engine.engine.runner
+    original = runner.forward
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", broken)
+    failed = client.post("/v1/completions", json={"model": state.base_name, "prompt": "the cat", "max_tokens": 3})
+    assert failed.status_code == 500 and "injected failure" in failed.json()["error"]["message"]
+    ok = client.post("/v1/completions", json={"model": state.base_name, "prompt": "the cat", "max_tokens": 3})
+    assert ok.status_code == 200
+    assert state.engine.engine.blocks.num_free_blocks == state.engine.engine.blocks.num_blocks
