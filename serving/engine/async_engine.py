@@ -138,6 +138,12 @@ class AsyncEngine:
                 with self._lock:
                     self.engine.abort(seq)
 
+    def cancel(self, seq: Sequence) -> None:
+        """Drops a request that will not be streamed (its KV blocks are freed at once)."""
+        self._queues.pop(seq.seq_id, None)
+        with self._lock:
+            self.engine.abort(seq)
+
     def run_locked(self, fn, *args):
         """Runs fn(*args) while the engine thread is between steps (adapter load/unload)."""
         with self._lock:

@@ -28,7 +28,7 @@ class Choice:
     tracker: TextTracker
     tokens: list[StepOutput] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # the sequence's (logprob, top-k) per prompt token
 
 
 def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) -> SamplingParams:
@@ -57,23 +57,25 @@ def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> Non
 async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
                  adapter: str | None, stop: list[str], **extra):
     """Admits n sequences per prompt; returns (choices, streams). Maps engine refusals to HTTP errors."""
-    choices, streams = [], []
+    choices, streams, admitted = [], [], []
     try:
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
                 index = p * body.n + i
                 seq, queue = state.engine.add(prompt, _params(body, max_tokens, index, **extra), adapter)
+                admitted.append(seq)
                 choices.append(Choice(index, prompt, TextTracker(state.tokenizer, stop)))
                 streams.append(state.engine.stream(seq, queue))
-    except QueueFullError as error:
-        await _close(streams)
-        raise APIError(429, str(error), "rate_limit_exceeded") from error
-    except AdapterError as error:
-        await _close(streams)
-        raise APIError(404, str(error), "NotFoundError", "model") from error
-    except ValueError as error:
-        await _close(streams)
-        raise APIError(400, str(error)) from error
+    except (QueueFullError, AdapterError, ValueError, APIError) as error:
+        for seq in admitted:  # all or nothing: the request's other sequences are cancelled
+            state.engine.cancel(seq)
+        if isinstance(error, QueueFullError):
+            raise APIError(429, str(error), "rate_limit_exceeded") from error
+        if isinstance(error, AdapterError):
+            raise APIError(404, str(error), "NotFoundError", "model") from error
+        if isinstance(error, ValueError):
+            raise APIError(400, str(error)) from error
+        raise
     return choices, streams
 
 

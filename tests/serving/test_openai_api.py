@@ -197,3 +197,20 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(served, mon
     ok = client.post("/v1/completions", json={"model": state.base_name, "prompt": "the cat", "max_tokens": 3})
     assert ok.status_code == 200
     assert state.engine.engine.blocks.num_free_blocks == state.engine.engine.blocks.num_blocks
+
+
+def test_a_refused_request_leaves_nothing_behind(tmp_path):
+    from alphalora.serving.engine import Engine, EngineConfig
+    from alphalora.serving.engine.async_engine import AsyncEngine
+    from alphalora.serving.openai import ServerState
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_waiting=2, max_num_seqs=1))
+    async_engine = AsyncEngine(engine)
+    async_engine.close()  # no stepping: admitted requests stay queued, so the queue bound is reached
+    state = ServerState(engine=async_engine, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
+    client = TestClient(build_app(state))
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 3})
+    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
