@@ -78,23 +78,54 @@ class PagedModelRunner:
             buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, torch.cat(row_list)))
         for bucket in buckets.values():
             A, B = self._stacked(name, [adapter for adapter, _ in bucket])
-            rows_all, gates_all, ids_all, offset = [], [], [], 0
-            for adapter, rows in bucket:
-                weights = adapter.modules[name]
-                x = hidden[rows]
-                if weights.router is not None:
-                    gates, ids = top_k_gates(x @ weights.router.T, weights.top_k)
-                else:
-                    ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-                    gates = torch.ones(x.shape[0], 1, device=x.device)
-                rows_all.append(rows)
-                gates_all.append(gates * weights.scaling)
-                ids_all.append(ids + offset)
-                offset += weights.num_experts
-            rows = torch.cat(rows_all)
-            delta = ops.moe_lora(hidden[rows], A, B, torch.cat(gates_all).to(hidden.dtype), torch.cat(ids_all))
+            rows, gates, ids = self._route(name, hidden, bucket)
+            delta = ops.moe_lora(hidden[rows], A, B, gates.to(hidden.dtype), ids)
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
+
+    def _route(self, name: str, hidden: torch.Tensor, bucket: list[tuple[LoadedAdapter, torch.Tensor]]):
+        """(rows, scaled gates [n, k], virtual expert ids [n, k]) for a bucket's tokens.
+
+        Adapters with routers of the same expert count are routed together: one GEMM against all
+        their routers, then each token keeps the logits of its own adapter's router.
+        """
+        offsets, start = [], 0
+        for adapter, _ in bucket:
+            offsets.append(start)
+            start += adapter.modules[name].num_experts
+        rows_all, gates_all, ids_all = [], [], []
+        routed: dict[int, list[int]] = {}
+        for position, (adapter, rows) in enumerate(bucket):
+            weights = adapter.modules[name]
+            if weights.router is None:  # plain LoRA: one expert, gate 1
+                rows_all.append(rows)
+                gates_all.append(torch.full((rows.shape[0], 1), weights.scaling, device=rows.device))
+                ids_all.append(torch.full((rows.shape[0], 1), offsets[position], dtype=torch.long, device=rows.device))
+            else:
+                routed.setdefault(weights.num_experts, []).append(position)
+        for experts, positions in routed.items():
+            group = [bucket[p] for p in positions]
+            rows = torch.cat([r for _, r in group])
+            member = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long, device=r.device)
+                                for i, (_, r) in enumerate(group)])
+            routers = self._stacked_routers(name, [a for a, _ in group])  # [members * E, in]
+            logits = (hidden[rows] @ routers.T).view(rows.shape[0], len(group), experts)
+            logits = logits[torch.arange(rows.shape[0], device=rows.device), member]
+            gates, ids = top_k_gates(logits, group[0][0].modules[name].top_k)
+            scale = torch.tensor([a.modules[name].scaling for a, _ in group], device=rows.device)[member]
+            base = torch.tensor([offsets[p] for p in positions], device=rows.device)[member]
+            rows_all.append(rows)
+            gates_all.append(gates * scale[:, None])
+            ids_all.append(ids + base[:, None])
+        return torch.cat(rows_all), torch.cat(gates_all), torch.cat(ids_all)
+
+    def _stacked_routers(self, name: str, adapters: list[LoadedAdapter]) -> torch.Tensor:
+        key = ("router", name, tuple(a.uid for a in adapters))
+        cached = self._stack_cache.get(key)
+        if cached is None:
+            cached = torch.cat([a.modules[name].router for a in adapters])
+            self._stack_cache[key] = cached
+        return cached
 
     def _stacked(self, name: str, adapters: list[LoadedAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts of these adapters for one module, stacked (cached while the set repeats)."""

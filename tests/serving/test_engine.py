@@ -45,17 +45,18 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     moe_a = _adapter(root / "moe_a", "llama", (3, 2), seed=1)
     moe_b = _adapter(root / "moe_b", "llama", (2, 4), seed=2, targets=("q", "v", "down"))
+    moe_c = _adapter(root / "moe_c", "llama", (3, 2), seed=9)  # same shapes as moe_a: routed together
     lora = _adapter(root / "lora", "llama", (1, 1), rank_pattern={"q": 2, "down": 6}, seed=3)
     export_peft(lora, root / "peft")
-    return {"moe_a": moe_a, "moe_b": moe_b, "lora": lora, "peft": root / "peft"}
+    return {"moe_a": moe_a, "moe_b": moe_b, "moe_c": moe_c, "lora": lora, "peft": root / "peft"}
 
 
 def test_mixed_adapter_batch_equals_generate_one_request_at_a_time(adapters):
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
         max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in adapters.items()}))
     torch.manual_seed(7)
-    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (5, 17, 9, 3, 30, 12, 7)]
-    names = ["moe_a", None, "moe_b", "lora", "peft", "moe_a", None]
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (5, 17, 9, 3, 30, 12, 7, 11)]
+    names = ["moe_a", None, "moe_b", "lora", "peft", "moe_a", None, "moe_c"]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     seqs = engine.generate(prompts, params, names)
     for prompt, name, seq in zip(prompts, names, seqs, strict=True):
