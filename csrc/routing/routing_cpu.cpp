@@ -4,8 +4,11 @@
 // counting-sorts pairs by expert; the grouped ops then run one GEMM per expert over its
 // gathered rows (BLAS does the arithmetic), and scatter back by pair or add by token.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +28,58 @@ int64_t top_k_of(int64_t pairs, int64_t tokens) {
   TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "the number of pairs (", pairs,
               ") must be a multiple of the number of tokens (", tokens, ")");
   return tokens > 0 ? pairs / tokens : 1;
+}
+
+// Below this many pairs per expert on average, one GEMM per expert costs more in call overhead
+// than it saves; the pair-by-pair loops below take over.
+constexpr int64_t kMinPairsPerExpertForGemm = 64;
+
+bool use_gemm(int64_t pairs, const at::Tensor& offsets) {
+  const int64_t experts = std::max<int64_t>(1, offsets.size(0) - 1);
+  return pairs >= kMinPairsPerExpertForGemm * experts;
+}
+
+// h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float accumulation.
+template <typename T>
+void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int64_t k, int64_t rank, int64_t in,
+                  T* h) {
+  at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* xr = x + (p / k) * in;
+      const T* a = A + ids[p] * rank * in;
+      for (int64_t i = 0; i < rank; ++i) {
+        float acc = 0.f;
+        const T* ai = a + i * in;
+        for (int64_t c = 0; c < in; ++c) acc += static_cast<float>(ai[c]) * static_cast<float>(xr[c]);
+        h[p * rank + i] = static_cast<T>(acc);
+      }
+    }
+  });
+}
+
+// y[t, o] = sum_j g[p] sum_i B[e_p, o, i] h[p, i] over p = t * k + j, tokens in parallel.
+template <typename T>
+void expand_tokens(const T* h, const T* B, const T* gates, const int64_t* ids, int64_t tokens, int64_t k,
+                   int64_t out, int64_t rank, T* y) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(out);
+    std::vector<float> hp(rank);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = t * k + j;
+        const float g = static_cast<float>(gates[p]);
+        for (int64_t i = 0; i < rank; ++i) hp[i] = g * static_cast<float>(h[p * rank + i]);
+        const T* b = B + ids[p] * out * rank;
+        for (int64_t o = 0; o < out; ++o) {
+          float dot = 0.f;
+          for (int64_t i = 0; i < rank; ++i) dot += static_cast<float>(b[o * rank + i]) * hp[i];
+          acc[o] += dot;
+        }
+      }
+      for (int64_t o = 0; o < out; ++o) y[t * out + o] = static_cast<T>(acc[o]);
+    }
+  });
 }
 
 // Calls fn(expert, pair indices of that expert) for every expert that has pairs.
@@ -61,6 +116,15 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
   check_pairs(expert_ids, order, offsets);
   TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1), "x must be (T, in) and A (E, r, in)");
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
+  if (!use_gemm(expert_ids.size(0), offsets)) {
+    const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), ids = expert_ids.contiguous();
+    at::Tensor h = at::empty({ids.size(0), A.size(1)}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_shrink", [&] {
+      shrink_pairs<scalar_t>(xc.data_ptr<scalar_t>(), Ac.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(),
+                             ids.size(0), k, Ac.size(1), Ac.size(2), h.data_ptr<scalar_t>());
+    });
+    return h;
+  }
   at::Tensor h = at::zeros({expert_ids.size(0), A.size(1)}, x.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor rows = x.index_select(0, at::floor_divide(pairs, k));
@@ -76,6 +140,15 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
   TORCH_CHECK(h.dim() == 2 && B.dim() == 3 && B.size(2) == h.size(1), "h must be (P, r) and B (E, out, r)");
   TORCH_CHECK(gates.sizes() == expert_ids.sizes(), "gates must have one entry per pair");
   const int64_t k = top_k_of(h.size(0), num_tokens);
+  if (!use_gemm(h.size(0), offsets)) {
+    const at::Tensor hc = h.contiguous(), Bc = B.contiguous(), gc = gates.contiguous(), ids = expert_ids.contiguous();
+    at::Tensor y = at::empty({num_tokens, B.size(1)}, h.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "grouped_lora_expand", [&] {
+      expand_tokens<scalar_t>(hc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+                              ids.data_ptr<int64_t>(), num_tokens, k, Bc.size(1), Bc.size(2), y.data_ptr<scalar_t>());
+    });
+    return y;
+  }
   at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor weighted = h.index_select(0, pairs) * gates.index_select(0, pairs).unsqueeze(1);
