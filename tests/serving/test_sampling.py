@@ -1,0 +1,78 @@
+"""Sampling semantics: top-k 1 is greedy, seeds reproduce, penalties as defined, stop strings cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
+from alphalora.serving.engine.sampling import apply_penalties, sample
+from tests.serving.test_engine import _base
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    best = int(logits.argmax())
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.7, top_p=1e-6)):
+        for seed in range(5):
+            assert sample(logits.clone(), params, [], [], torch.Generator().manual_seed(seed)).token == best
+
+
+def test_seeded_sampling_reproduces_and_follows_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    params = SamplingParams(temperature=1.0)
+    draws = [sample(logits, params, [], [], torch.Generator().manual_seed(s)).token for s in range(4000)]
+    again = [sample(logits, params, [], [], torch.Generator().manual_seed(s)).token for s in range(4000)]
+    assert draws == again
+    frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / 4000
+    torch.testing.assert_close(frequencies, torch.softmax(logits, 0), atol=0.03, rtol=0)
+    top = sample(logits, SamplingParams(temperature=1.0, top_k=2), [], [], torch.Generator().manual_seed(1)).token
+    assert top in (2, 3)
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), prompt_ids=[0], output_ids=[1])
+    assert out.tolist() == [1.0, -2.0, 0.5, 1.0]  # positive logits divided, negative multiplied
+    out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                          prompt_ids=[], output_ids=[3, 3, 2])
+    assert out.tolist() == [2.0, -1.0, 0.5 - 0.25 - 0.5, 1.0 - 0.5 - 0.5]
+
+
+def test_logprobs_are_the_models_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    result = sample(logits, SamplingParams(temperature=0.0, logprobs=2), [], [], None)
+    expected = torch.log_softmax(logits, 0)
+    assert result.token == 2 and result.logprob == pytest.approx(float(expected[2]))
+    assert list(result.top_logprobs) == [2, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=0),
+                                 dict(repetition_penalty=0), dict(logprobs=21)])
+def test_invalid_parameters_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_stop_token_ids_and_length_end_sequences():
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4))
+    prompt = [5, 9, 14]
+    (greedy,) = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert greedy.finish_reason == "length" and len(greedy.output_ids) == 6
+    stop_at = greedy.output_ids[2]
+    first = greedy.output_ids.index(stop_at)
+    (stopped,) = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                          stop_token_ids=[stop_at]))
+    assert stopped.finish_reason == "stop" and stopped.output_ids == greedy.output_ids[: first + 1]
+
+
+def test_bf16_engine_runs_and_stays_close_to_fp32():
+    prompt = torch.randint(1, 128, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4, dtype=dtype))
+        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=True))
+        results[dtype] = [entry[0] for entry in seq.prompt_logprobs[1:]]
+        assert engine.runner.k_cache.dtype == dtype
+    torch.testing.assert_close(torch.tensor(results[torch.bfloat16]), torch.tensor(results[torch.float32]),
+                               atol=0.15, rtol=0.05)
