@@ -44,3 +44,12 @@ def read_json(path: str | os.PathLike, what: str, how_to_create: str, error: typ
         raise error(f"{what} {path} does not exist; create it with {how_to_create}") from missing
     except json.JSONDecodeError as bad:
         raise error(f"{what} {path} is not valid JSON: {bad}") from bad
+
+
+def check_format_version(data: Any, expected: int, what: str, how_to_create: str, error: type[Exception]) -> None:
+    """Raises `error` unless `data` is a dict carrying format_version == expected."""
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise error(f"not an alphalora {what}: no format_version field")
+    if data["format_version"] != expected:
+        raise error(f"{what} format_version {data['format_version']} is not supported (expected {expected}); "
+                    f"re-create it with {how_to_create}")

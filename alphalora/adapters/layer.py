@@ -103,11 +103,6 @@ class MoELoRALinear(nn.Module):
         """All experts' B side by side: [out, E*r]."""
         return self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution for x [..., in] -> [..., out]."""
-        hidden = self._down(x.reshape(-1, self.in_features))
-        return (hidden @ self._up_weight().T).reshape(*x.shape[:-1], self.out_features)
-
     def _grouped_delta(self, x2: torch.Tensor) -> torch.Tensor:
         """The delta through the routing kernels: gather, grouped low-rank matmuls, weighted scatter-add."""
         if self.num_experts == 1:

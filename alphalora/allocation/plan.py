@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alphalora._io import read_json, write_text_atomic
+from alphalora._io import check_format_version, read_json, write_text_atomic
 
 FORMAT_VERSION = 1
 METHODS = ("alphalora", "mola", "uniform")
@@ -98,13 +98,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if not isinstance(data, dict) or "format_version" not in data:
-            raise PlanFormatError("not an alphalora plan: no format_version field")
-        if data["format_version"] != FORMAT_VERSION:
-            raise PlanFormatError(
-                f"plan format_version {data['format_version']} is not supported (expected {FORMAT_VERSION}); "
-                "re-create it with `alphalora allocate`"
-            )
+        check_format_version(data, FORMAT_VERSION, "plan", "`alphalora allocate`", PlanFormatError)
         fields = {k: v for k, v in data.items() if k != "format_version"}
         try:
             return cls(**fields)

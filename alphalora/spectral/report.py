@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from alphalora._io import read_json, write_text_atomic
+from alphalora._io import check_format_version, read_json, write_text_atomic
 
 FORMAT_VERSION = 1
 AGGREGATIONS = {
@@ -118,13 +118,7 @@ class SpectralReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralReport:
-        if not isinstance(data, dict) or "format_version" not in data:
-            raise ReportFormatError("not an alphalora analysis report: no format_version field")
-        if data["format_version"] != FORMAT_VERSION:
-            raise ReportFormatError(
-                f"report format_version {data['format_version']} is not supported (expected "
-                f"{FORMAT_VERSION}); re-run `alphalora analyze` with this version"
-            )
+        check_format_version(data, FORMAT_VERSION, "analysis report", "`alphalora analyze`", ReportFormatError)
         try:
             matrices = [MatrixReport(**m) for m in data["matrices"]]
             layers = [LayerReport(**layer) for layer in data["layers"]]

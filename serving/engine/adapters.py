@@ -17,6 +17,7 @@ import torch
 
 from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import CONFIG_NAME, _load_weights, read_adapter_config
+from alphalora.spectral.roles import block_index
 
 
 @dataclass
@@ -73,8 +74,6 @@ def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
     tensors = _load_weights(folder)
     modules = {}
     for name in config["module_names"]:
-        from alphalora.spectral.roles import block_index
-
         layer = block_index(name)
         A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
         modules[name] = ModuleAdapter(A=A, B=B, scaling=plan["lora_alpha"] / A.shape[1],
