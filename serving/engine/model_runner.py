@@ -58,7 +58,18 @@ class PagedModelRunner:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # -- adapters ----------------------------------------------------------------------------------
-    def _project(self, module, hidden: torch.Tensor, entries: list[SequenceBatchEntry]) -> torch.Tensor:
+    @staticmethod
+    def _adapter_rows(entries: list[SequenceBatchEntry], device) -> list[tuple[LoadedAdapter, torch.Tensor]]:
+        """Each adapter in the step with its tokens' batch rows (computed once per step)."""
+        rows: dict[str, tuple[LoadedAdapter, list[torch.Tensor]]] = {}
+        for entry in entries:
+            if entry.adapter is not None:
+                span = torch.arange(entry.start, entry.start + entry.count, device=device)
+                rows.setdefault(entry.adapter.name, (entry.adapter, []))[1].append(span)
+        return [(adapter, torch.cat(spans)) for adapter, spans in rows.values()]
+
+    def _project(self, module, hidden: torch.Tensor,
+                 adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]) -> torch.Tensor:
         """module(hidden) plus each sequence's adapter delta on its own tokens.
 
         Tokens are segmented by adapter (each adapter routes its own tokens), then adapters of
@@ -67,15 +78,11 @@ class PagedModelRunner:
         """
         out = module(hidden)
         name = self.module_names[id(module)]
-        members: dict[str, tuple[LoadedAdapter, list[torch.Tensor]]] = {}
-        for entry in entries:
-            if entry.adapter is not None and name in entry.adapter.modules:
-                rows = torch.arange(entry.start, entry.start + entry.count, device=hidden.device)
-                members.setdefault(entry.adapter.name, (entry.adapter, []))[1].append(rows)
         buckets: dict[tuple[int, int], list[tuple[LoadedAdapter, torch.Tensor]]] = {}
-        for adapter, row_list in members.values():
-            weights = adapter.modules[name]
-            buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, torch.cat(row_list)))
+        for adapter, rows in adapter_rows:
+            weights = adapter.modules.get(name)
+            if weights is not None:
+                buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, rows))
         for bucket in buckets.values():
             A, B = self._stacked(name, [adapter for adapter, _ in bucket])
             rows, gates, ids = self._route(name, hidden, bucket)
@@ -152,25 +159,26 @@ class PagedModelRunner:
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
         decode = self._decode_batch(entries)
+        adapters = self._adapter_rows(entries, hidden.device)
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
-            q = self._project(attention.q_proj, hidden, entries).view(-1, self.num_heads, self.head_dim)
-            k = self._project(attention.k_proj, hidden, entries).view(-1, self.num_kv_heads, self.head_dim)
-            v = self._project(attention.v_proj, hidden, entries).view(-1, self.num_kv_heads, self.head_dim)
+            q = self._project(attention.q_proj, hidden, adapters).view(-1, self.num_heads, self.head_dim)
+            k = self._project(attention.k_proj, hidden, adapters).view(-1, self.num_kv_heads, self.head_dim)
+            v = self._project(attention.v_proj, hidden, adapters).view(-1, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             self.k_cache[index].index_copy_(0, new_slots, k)
             self.v_cache[index].index_copy_(0, new_slots, v)
             attended = self._attention(index, q, entries, attention.scaling, decode)
-            hidden = residual + self._project(attention.o_proj, attended, entries)
+            hidden = residual + self._project(attention.o_proj, attended, adapters)
             residual = hidden
             hidden = layer.post_attention_layernorm(hidden)
             mlp = layer.mlp
-            gate = self._project(mlp.gate_proj, hidden, entries)
-            up = self._project(mlp.up_proj, hidden, entries)
-            hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, entries)
+            gate = self._project(mlp.gate_proj, hidden, adapters)
+            up = self._project(mlp.up_proj, hidden, adapters)
+            hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
         last = torch.tensor([e.start + e.count - 1 for e in entries], device=hidden.device)
         logits = self.model.lm_head(self.decoder.norm(hidden[last])).float()
         every = {i: self.model.lm_head(self.decoder.norm(hidden[e.start:e.start + e.count])).float()
