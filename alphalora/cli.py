@@ -94,6 +94,8 @@ def _allocate(args: argparse.Namespace) -> int:
     from alphalora.allocation.plots import plot_allocation
     from alphalora.spectral import ReportFormatError
 
+    if args.method == "hetero":
+        return _allocate_hetero(args)
     budget = args.budget
     if budget is None and args.method != "mola":
         budget = 160
@@ -112,6 +114,49 @@ def _allocate(args: argparse.Namespace) -> int:
     print(f"{plan.method}: {plan.total_experts} experts over {plan.num_layers} layers")
     print("experts per layer: " + ",".join(map(str, plan.experts_per_layer)))
     print("top_k per layer:   " + ",".join(map(str, plan.top_k_per_layer)))
+    plan.save(args.out)
+    print(f"plan: {args.out}")
+    if args.plot:
+        print(f"plot: {plot_allocation(plan, args.plot)}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise CliError(f"{flag} must be comma-separated integers, e.g. 2,4,8,16: {error}") from error
+
+
+def _allocate_hetero(args: argparse.Namespace) -> int:
+    from alphalora.allocation import AllocationError, allocate
+    from alphalora.allocation.plots import hetero_ranks, plot_allocation
+
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--budget", args.budget))
+               if value is None]
+    if missing:
+        raise CliError(f"--method hetero needs {', '.join(missing)} (a model folder, training data to score on, and "
+                       "a budget in trainable parameters)")
+    try:
+        plan = allocate(
+            method="hetero", model_dir=args.model, data=args.data, proxy=args.proxy, budget=args.budget,
+            task=args.task, ranks=_int_list(args.ranks, "--ranks"), shortcuts=args.shortcuts, pools=args.pools,
+            shortcut_share=args.shortcut_share, dynamic_every=args.dynamic_every, proxy_batches=args.proxy_batches,
+            proxy_batch_size=args.proxy_batch_size, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            shortcut_alpha=args.shortcut_alpha, max_length=args.max_length, seed=args.seed,
+            target_modules=args.target_modules.split(",") if args.target_modules else None,
+            progress=not args.no_progress,
+        )
+    except AllocationError as error:
+        raise CliError(str(error)) from error
+    source, ranks = plan.source, hetero_ranks(plan)
+    on = {name: r for name, r in ranks.items() if r}
+    print(f"hetero ({source['proxy']}: {source['proxy_cost']}, {source['proxy_seconds']:.1f} s): "
+          f"{len(on)} of {source['candidates']} candidates on, {source['parameters']} of {source['budget']} parameters")
+    for name, rank in on.items():
+        print(f"  r={rank:<3d} {name}  (score {source['scores'][name]:.4g})")
+    if plan.reallocation is not None:
+        print(f"dynamic: training re-scores every {plan.reallocation.every} steps")
     plan.save(args.out)
     print(f"plan: {args.out}")
     if args.plot:
@@ -218,21 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     allocate = verbs.add_parser(
         "allocate",
-        help="turn layer alphas or a MoLA preset into an adapter plan (experts per layer)",
+        help="turn layer alphas, a MoLA preset or zero-cost proxy scores into an adapter plan",
         description=(
-            "Decide how many LoRA experts each layer gets. alphalora: proportional to alpha^beta (more "
-            "experts where a layer is less well trained); mola: a layer-group preset such as 2468; "
-            "uniform: the same everywhere. Writes a plan JSON for `alphalora train`."
+            "Decide where adapter capacity goes. alphalora: LoRA experts per layer proportional to alpha^beta "
+            "(more experts where a layer is less well trained); mola: a layer-group preset such as 2468; "
+            "uniform: the same everywhere; hetero (HeteroLoRA): score every candidate module (and, with "
+            "--shortcuts, LoRA shortcut connections) with a zero-cost proxy on a few minibatches and enable the "
+            "best at the given ranks within --budget trainable parameters. Writes a plan JSON for `alphalora train`."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = allocate.add_mutually_exclusive_group()
     source.add_argument("--report", help="analysis report from `alphalora analyze` (its layer alphas)")
     source.add_argument("--alphas", help="comma-separated layer alphas instead of a report")
-    allocate.add_argument("--method", choices=["alphalora", "mola", "uniform"], default="alphalora")
+    allocate.add_argument("--method", choices=["alphalora", "mola", "uniform", "hetero"], default="alphalora")
     allocate.add_argument("--preset", help="MoLA digit pattern: 2468, 8642, 5555, 2882, 8228, or e.g. 10-2-2-2")
     allocate.add_argument("--budget", type=int, default=None,
-                          help="total experts (default 160; for mola, default: the preset's literal counts)")
+                          help="total experts (default 160; for mola, default: the preset's literal counts); "
+                          "for hetero: trainable adapter parameters (required)")
     allocate.add_argument("--beta", type=float, default=2.5, help="AlphaLoRA exponent: n_l ~ alpha_l^beta")
     allocate.add_argument("--rounding", choices=["largest-remainder", "compat"], default="largest-remainder",
                           help="compat reproduces the AlphaLoRA authors' rounding, quirks included")
@@ -250,8 +298,32 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one router per adapted module (MoLA) or one shared per layer")
     allocate.add_argument("--aux-loss-coef", type=float, default=0.0,
                           help="Switch-style load-balancing loss weight (MoLA's paper: 0.001)")
+    hetero = allocate.add_argument_group("hetero (HeteroLoRA) options")
+    hetero.add_argument("--proxy", choices=["constant", "grad-norm", "snip", "synflow", "fisher", "alpha"],
+                        default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
+    hetero.add_argument("--model", default=None, help="base model folder to score candidates on")
+    hetero.add_argument("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
+                        "first minibatches")
+    hetero.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
+    hetero.add_argument("--ranks", default="8", help="candidate ranks: one (on/off, as the paper) or several "
+                        "levels chosen from the scores, e.g. 2,4,8,16")
+    hetero.add_argument("--shortcuts", action="store_true",
+                        help="add LoRA shortcut connections (residual and cross-layer) to the search space")
+    hetero.add_argument("--pools", choices=["joint", "separate"], default="joint",
+                        help="rank modules and shortcuts together, or split the budget between them")
+    hetero.add_argument("--shortcut-share", type=float, default=None,
+                        help="separate pools: the shortcuts' budget share (default: their share of all candidates)")
+    hetero.add_argument("--dynamic-every", type=int, default=None, metavar="K",
+                        help="dynamic HeteroLoRA: training re-scores and re-selects every K optimizer steps")
+    hetero.add_argument("--proxy-batches", type=int, default=32, help="minibatches the proxy reads (k)")
+    hetero.add_argument("--proxy-batch-size", type=int, default=8)
+    hetero.add_argument("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
+    hetero.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
+    hetero.add_argument("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
+    hetero.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     allocate.add_argument("--out", default="plan.json", help="plan JSON to write")
-    allocate.add_argument("--plot", default=None, metavar="FILE", help="PNG of the allocation beside the alphas")
+    allocate.add_argument("--plot", default=None, metavar="FILE",
+                          help="PNG of the allocation beside the alphas (hetero: scores and chosen ranks)")
     allocate.set_defaults(run=_allocate)
 
     train = verbs.add_parser(

@@ -14,6 +14,7 @@ from alphalora.spectral.roles import block_index, role_of
 
 from .layer import MoELoRALinear
 from .routing import BalanceStatistics, dense_gates, top_k_gates
+from .shortcuts import ShortcutError, ShortcutLoRA, attach_shortcuts
 
 ADAPTER_ATTRIBUTE = "alphalora_adapter"
 
@@ -52,6 +53,24 @@ class AdapterState:
     plan: Plan
     module_names: list[str]
     balance: dict[int, BalanceStatistics] = field(default_factory=dict)
+    shortcuts: dict[str, ShortcutLoRA] = field(default_factory=dict)  # HeteroLoRA shortcut connections
+
+    def switchable_modules(self, model: nn.Module) -> dict[str, MoELoRALinear | ShortcutLoRA]:
+        """Every adapted module and shortcut by plan name: what HeteroLoRA turns on and off."""
+        modules: dict[str, MoELoRALinear | ShortcutLoRA] = {n: model.get_submodule(n) for n in self.module_names}
+        return {**modules, **self.shortcuts}
+
+    def set_disabled(self, model: nn.Module, disabled: list[str]) -> None:
+        """Switches off exactly `disabled` (they keep their weights) and records it in the plan."""
+        import dataclasses
+
+        modules = self.switchable_modules(model)
+        unknown = sorted(set(disabled) - set(modules))
+        if unknown:
+            raise AdapterError(f"disabled_modules {unknown[:3]} are not adapted modules or shortcuts of this adapter")
+        for name, module in modules.items():
+            module.enabled = name not in disabled
+        self.plan = dataclasses.replace(self.plan, disabled_modules=sorted(disabled))
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics."""
@@ -141,6 +160,15 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
             raise AdapterError(f"modules_to_save entry {name!r} is not a module of this model") from error
         for parameter in head.parameters():
             parameter.requires_grad_(True)
+    if plan.shortcuts:
+        blocks = {layer: model.get_submodule(_block_prefix(name, layer)) for name, (layer, _) in candidates.items()}
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None) or modules_hidden(candidates)
+        try:
+            state.shortcuts = attach_shortcuts(model, blocks, plan.shortcuts, plan.shortcut_alpha, hidden_size)
+        except ShortcutError as error:
+            raise AdapterError(str(error)) from error
+    if plan.disabled_modules:
+        state.set_disabled(model, plan.disabled_modules)
     for layer, modules in by_block.items():
         stats = BalanceStatistics(plan.experts_per_layer[layer])
         state.balance[layer] = stats
@@ -167,6 +195,13 @@ def _attach_shared_router(model: nn.Module, names: list[str], layer: int, module
         router.route(hidden)
 
     block.register_forward_pre_hook(route, with_kwargs=True)
+
+
+def modules_hidden(candidates: dict[str, tuple[int, nn.Module]]) -> int:
+    """The residual width of a model without a config: the input width of its first adapted linear."""
+    from .layer import base_features
+
+    return base_features(next(iter(candidates.values()))[1])[0]
 
 
 def adapter_state(model: nn.Module) -> AdapterState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -47,21 +48,44 @@ def _base_name(model: nn.Module) -> str:
     return getattr(config, "_name_or_path", "") or type(model).__name__
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def _without_disabled(state: AdapterState, tensors: dict[str, torch.Tensor], model: nn.Module):
+    """The plan and tensors of only the switched-on modules: what a finished dynamic HeteroLoRA run keeps."""
+    off = set(state.plan.disabled_modules)
+    prefixes = tuple(f"{name}." for name in off if name in state.module_names)
+    prefixes += tuple(f"{_shortcut_path(model, state, name)}." for name in off if name in state.shortcuts)
+    kept = [n for n in state.module_names if n not in off]
+    plan = dataclasses.replace(
+        state.plan, target_modules=kept, rank_pattern={n: r for n, r in state.plan.rank_pattern.items() if n in kept},
+        shortcuts={n: r for n, r in state.plan.shortcuts.items() if n not in off}, disabled_modules=[],
+        reallocation=None,
+    )
+    return plan, kept, {n: t for n, t in tensors.items() if not n.startswith(prefixes)}
+
+
+def _shortcut_path(model: nn.Module, state: AdapterState, name: str) -> str:
+    module = state.shortcuts[name]
+    return next(path for path, m in model.named_modules() if m is module)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = False) -> Path:
     """Writes the adapter weights and config; the config goes last, so a folder without it is
-    never mistaken for a complete adapter."""
+    never mistaken for a complete adapter. `drop_disabled` leaves out switched-off modules
+    (the final adapter of a dynamic HeteroLoRA run); checkpoints keep them."""
     state = adapter_state(model)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(model).items()}
+    plan, module_names = state.plan, state.module_names
+    if drop_disabled and plan.disabled_modules:
+        plan, module_names, tensors = _without_disabled(state, tensors, model)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "alphalora_format_version": str(FORMAT_VERSION)})
     config = {
         "format_version": FORMAT_VERSION,
         "base_model": _base_name(model),
         "base_fingerprint": base_fingerprint(model),
-        "plan": state.plan.to_dict(),
-        "module_names": state.module_names,
+        "plan": plan.to_dict(),
+        "module_names": module_names,
         "num_parameters": sum(t.numel() for t in tensors.values()),
     }
     write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -121,9 +145,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Loads saved adapter weights into a model that already has the same adapter injected."""
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
-    if Plan.from_dict(config["plan"]) != adapter_state(model).plan:
+    saved, state = Plan.from_dict(config["plan"]), adapter_state(model)
+    if dataclasses.replace(saved, disabled_modules=[]) != dataclasses.replace(state.plan, disabled_modules=[]):
         raise AdapterError(f"{folder} was saved with a different plan than the model's adapter")
     _copy_weights(model, _load_weights(folder), folder)
+    state.set_disabled(model, saved.disabled_modules)  # a dynamic HeteroLoRA checkpoint's selection
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = True) -> AdapterState:

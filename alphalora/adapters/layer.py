@@ -53,6 +53,7 @@ class MoELoRALinear(nn.Module):
                        if num_experts > 1 and own_router else None)
         self.balance: BalanceStatistics | None = None  # set by the model wrapper to collect aux-loss stats
         self.shared_gates: torch.Tensor | None = None  # [T, E], set per forward by a shared router
+        self.enabled = True  # HeteroLoRA switches modules off (they keep their weights)
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         # Dense-masked experts cost E*r extra columns on every token; the grouped kernels cost k*r.
@@ -113,6 +114,8 @@ class MoELoRALinear(nn.Module):
         return ops.moe_lora(self.dropout(x2), self.lora_A, self.lora_B, gates * self.scaling, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         if self.kernel == "grouped":
             delta = self._grouped_delta(x.reshape(-1, self.in_features))
             return self.base(x) + delta.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -124,7 +127,8 @@ class MoELoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, kernel={self.kernel}")
+                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, kernel={self.kernel}"
+                + ("" if self.enabled else ", disabled"))
 
 
 def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:

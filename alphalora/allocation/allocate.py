@@ -54,6 +54,7 @@ def allocate(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
     router: RouterSettings | None = None,
+    **hetero,
 ) -> Plan:
     """Turns an analysis (AlphaLoRA), a MoLA preset or a uniform split into an adapter plan.
 
@@ -61,12 +62,24 @@ def allocate(
     - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups; with ``budget``
       the pattern is scaled to that total (pass ``budget=None`` for the literal counts).
     - ``uniform``: ``budget`` spread evenly.
+    - ``hetero``: HeteroLoRA; ``budget`` is trainable parameters, and the keyword arguments of
+      `alphalora.allocation.hetero.allocate_hetero` (``model_dir``, ``data``, ``proxy``, ``ranks``,
+      ``shortcuts``, ``dynamic_every``, ...) are passed through.
     The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
     q, k, v, o, up, down for BERT), or to the Llama set without a report.
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "hetero":
+        from .hetero import allocate_hetero
+
+        if "model_dir" not in hetero or "data" not in hetero:
+            raise AllocationError("hetero allocation scores modules on a model and data: pass model_dir and data")
+        return allocate_hetero(hetero.pop("model_dir"), hetero.pop("data"), budget=budget, lora_alpha=lora_alpha,
+                               lora_dropout=lora_dropout, target_modules=target_modules, **hetero)
+    if hetero:
+        raise AllocationError(f"options {sorted(hetero)} apply only to method='hetero'")
     layer_alphas, loaded = _layer_alphas(report, alphas)
     if layer_alphas is not None:
         if num_layers is not None and num_layers != len(layer_alphas):

@@ -10,9 +10,12 @@ from typing import Any
 from alphalora._io import check_format_version, read_json, write_text_atomic
 
 FORMAT_VERSION = 1
-METHODS = ("alphalora", "mola", "uniform")
+METHODS = ("alphalora", "mola", "uniform", "hetero")
 DEFAULT_TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 ROUTER_TYPES = ("per_module", "shared")
+SHORTCUT_KINDS = ("residual1", "residual2", "shortcut1", "shortcut2")
+PROXY_NAMES = ("constant", "grad-norm", "snip", "synflow", "fisher", "alpha")
+POOLS = ("joint", "separate")
 
 
 class PlanFormatError(ValueError):
@@ -26,6 +29,20 @@ class RouterSettings:
     type: str = "per_module"
     aux_loss_coef: float = 0.0  # Switch-style load balancing; MoLA's paper runs use 0.001
     renormalize: bool = True  # top-k gates rescaled to sum to 1
+
+
+@dataclass
+class Reallocation:
+    """Dynamic HeteroLoRA: every `every` steps all candidates are re-scored and the best kept."""
+
+    every: int
+    proxy: str = "grad-norm"
+    budget: int = 0  # adapter parameters enabled at a time
+    batches: int = 32  # proxy minibatches: the first `batches` of the training set, unshuffled
+    batch_size: int = 8
+    pools: str = "joint"
+    shortcut_share: float | None = None  # budget share of the shortcut pool when pools == "separate"
+    seed: int = 0  # tie-break and probe-perturbation seed
 
 
 @dataclass
@@ -43,11 +60,17 @@ class Plan:
     lora_dropout: float = 0.05
     router: RouterSettings = field(default_factory=RouterSettings)
     modules_to_save: list[str] = field(default_factory=list)  # trained in full, e.g. a classifier head
+    shortcuts: dict[str, int] = field(default_factory=dict)  # "layer3.residual1" -> rank (HeteroLoRA)
+    shortcut_alpha: float = 4.0  # shortcut scaling = shortcut_alpha / rank (the HeteroLoRA authors' 4)
+    disabled_modules: list[str] = field(default_factory=list)  # built but switched off (dynamic HeteroLoRA)
+    reallocation: Reallocation | None = None
     source: dict[str, Any] = field(default_factory=dict)  # how the counts were derived
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = RouterSettings(**self.router)
+        if isinstance(self.reallocation, dict):
+            self.reallocation = Reallocation(**self.reallocation)
         self.validate()
 
     @property
@@ -73,7 +96,9 @@ class Plan:
         for layer, (n, k) in enumerate(zip(counts, top_k, strict=True)):
             if not isinstance(k, int) or not 1 <= k <= n:
                 fail(f"layer {layer}: top_k {k!r} must be between 1 and its {n} experts")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        shortcuts_only = self.method == "hetero" and bool(self.shortcuts)
+        if not isinstance(self.target_modules, list) or not all(isinstance(t, str) and t for t in self.target_modules) \
+                or not (self.target_modules or shortcuts_only):
             fail(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             fail(f"rank must be a positive integer, got {self.rank!r}")
@@ -89,6 +114,33 @@ class Plan:
             fail(f"router.type {self.router.type!r} is not one of {', '.join(ROUTER_TYPES)}")
         if self.router.aux_loss_coef < 0:
             fail(f"router.aux_loss_coef must be >= 0, got {self.router.aux_loss_coef}")
+        self._validate_hetero(fail)
+
+    def _validate_hetero(self, fail) -> None:
+        for name, rank in self.shortcuts.items():
+            layer, _, kind = name.partition(".")
+            if not (layer.startswith("layer") and layer[5:].isdigit() and kind in SHORTCUT_KINDS):
+                fail(f"shortcut {name!r} must be layer<N>.<kind> with kind one of {', '.join(SHORTCUT_KINDS)}")
+            if int(layer[5:]) >= self.num_layers or (kind == "shortcut2" and layer == "layer0"):
+                fail(f"shortcut {name!r} does not exist in a {self.num_layers}-layer model")
+            if not isinstance(rank, int) or rank < 1:
+                fail(f"shortcut {name!r}: rank must be a positive integer, got {rank!r}")
+        if not isinstance(self.shortcut_alpha, (int, float)) or self.shortcut_alpha <= 0:
+            fail(f"shortcut_alpha must be positive, got {self.shortcut_alpha!r}")
+        if not isinstance(self.disabled_modules, list) or not all(isinstance(n, str) for n in self.disabled_modules):
+            fail(f"disabled_modules must be a list of module names, got {self.disabled_modules!r}")
+        dynamic = self.reallocation
+        if dynamic is not None:
+            if not isinstance(dynamic.every, int) or dynamic.every < 1:
+                fail(f"reallocation.every must be a positive number of steps, got {dynamic.every!r}")
+            if dynamic.proxy not in PROXY_NAMES:
+                fail(f"reallocation.proxy {dynamic.proxy!r} is not one of {', '.join(PROXY_NAMES)}")
+            if dynamic.pools not in POOLS:
+                fail(f"reallocation.pools {dynamic.pools!r} is not one of {', '.join(POOLS)}")
+            if not isinstance(dynamic.budget, int) or dynamic.budget < 1:
+                fail(f"reallocation.budget must be a positive parameter count, got {dynamic.budget!r}")
+            if dynamic.batches < 1 or dynamic.batch_size < 1:
+                fail("reallocation.batches and reallocation.batch_size must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}

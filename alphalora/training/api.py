@@ -23,6 +23,7 @@ class TrainResult:
     adapter_dir: Path
     log_history: list[dict[str, Any]]
     label_names: list[str] | None
+    reallocations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic HeteroLoRA rounds
 
 
 def _load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
@@ -55,6 +56,28 @@ def _tokenize(path, task, tokenizer, max_length, label_names=None):
     if task == "causal-lm":
         return tokenize_causal_lm(rows, tokenizer, max_length, str(path))
     return tokenize_classification(rows, tokenizer, max_length, str(path), label_names)
+
+
+def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, max_length: int | None = None,
+                        bf16: bool = False):
+    """(model, tokenizer, tokenised training data, label names, max_length) for `task`, data checked first."""
+    import torch
+
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    label_names = None
+    num_labels = None
+    if task == "classification":
+        probe = tokenize_classification(read_rows(data), _NullTokenizer(), 10**9, str(data))
+        label_names = probe.label_names
+        num_labels = len(label_names) if label_names else 1 + max(e["labels"] for e in probe.examples)
+    model, tokenizer = _load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
+    limit = _context_length(model, tokenizer)
+    if max_length is not None and max_length > limit:
+        raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
+    max_length = max_length or limit
+    train_set = _tokenize(data, task, tokenizer, max_length, label_names)
+    return model, tokenizer, train_set, label_names, max_length
 
 
 def train(
@@ -92,22 +115,10 @@ def train(
 
     from .trainer import MoELoRATrainer
 
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    label_names = None
-    num_labels = None
-    if task == "classification":
-        probe = tokenize_classification(read_rows(data), _NullTokenizer(), 10**9, str(data))
-        label_names = probe.label_names
-        num_labels = len(label_names) if label_names else 1 + max(e["labels"] for e in probe.examples)
-    model, tokenizer = _load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
-    limit = _context_length(model, tokenizer)
-    if max_length is not None and max_length > limit:
-        raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
-    max_length = max_length or limit
-    train_set = _tokenize(data, task, tokenizer, max_length, label_names)
+    model, tokenizer, train_set, label_names, max_length = load_model_and_data(
+        model_dir, data, task, max_length=max_length, bf16=bf16)
     eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names) if eval_data else None
     if task == "classification":
         heads = [h for h in CLASSIFIER_HEADS if hasattr(model, h)]
@@ -126,20 +137,39 @@ def train(
         bf16=bf16, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0,
         **_checkpointing_argument(gradient_checkpointing),
     )
+    all_callbacks = list(callbacks or [])
+    reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
+    if reallocation is not None:
+        all_callbacks.append(reallocation)
     trainer = MoELoRATrainer(
         model=model, args=args, train_dataset=ListDataset(train_set.examples),
         eval_dataset=ListDataset(eval_set.examples) if eval_set else None,
-        data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
+        data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=all_callbacks,
     )
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
     if resume and last is None:
         print(f"no checkpoint in {checkpoints}: starting from the beginning")
     trainer.train(resume_from_checkpoint=last)
-    save_adapter(model, out)
+    save_adapter(model, out, drop_disabled=True)
     tokenizer.save_pretrained(out)
+    rounds = reallocation.history if reallocation is not None else []
     write_text_atomic(out / "trainer_log.json", json.dumps(
-        {"log_history": trainer.state.log_history, "label_names": label_names}, indent=2) + "\n")
-    return TrainResult(out, trainer.state.log_history, label_names)
+        {"log_history": trainer.state.log_history, "label_names": label_names, "reallocations": rounds},
+        indent=2) + "\n")
+    return TrainResult(out, trainer.state.log_history, label_names, rounds)
+
+
+def _reallocation_callback(model, plan: Plan, examples, pad_id):
+    """Dynamic HeteroLoRA's callback when the plan asks for it; the proxy data is checked here, before training."""
+    settings = plan.reallocation
+    if settings is None:
+        return None
+    from alphalora.allocation.hetero import first_minibatches
+
+    from .reallocation import ReallocationCallback
+
+    batches = first_minibatches(examples, pad_id, settings.batches, settings.batch_size, settings.proxy)
+    return ReallocationCallback(model, settings, batches, plan.rank)
 
 
 def _checkpointing_argument(enabled: bool) -> dict[str, bool]:

@@ -1,0 +1,183 @@
+"""LoRA-adapted shortcut connections (HeteroLoRA): low-rank maps on residual paths and cross-layer skips.
+
+Per block l, with x_l the block input and h_l the state after the attention residual (the FFN's input):
+
+- ``residual1``: the attention residual becomes (I + dW) x_l, i.e. dW x_l joins the attention sum;
+- ``residual2``: the FFN residual becomes (I + dW) h_l, i.e. dW h_l joins the FFN sum;
+- ``shortcut1``: a cross-layer skip from x_l over the whole block, dW x_l joins the FFN sum;
+- ``shortcut2``: a cross-layer skip from h_{l-1} over FFN_{l-1} and Attn_l, joining the attention sum (l > 0).
+
+Each dW = (alpha / r) B A starts at zero (B = 0), and every term is added *inside* the sum its
+sub-block already forms (before a post-LN model's LayerNorm, straight into a pre-LN model's residual
+stream), never followed by an extra normalisation: at initialisation the model computes exactly the
+base model's function. (The authors' code re-applies the sub-block LayerNorm after each cross-layer
+add, which changes the function even with every shortcut off.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alphalora.allocation.plan import SHORTCUT_KINDS
+
+SHORTCUTS_ATTRIBUTE = "alphalora_shortcuts"
+
+
+class ShortcutError(ValueError):
+    """A shortcut plan that this model's block layout cannot carry."""
+
+
+class ShortcutLoRA(nn.Module):
+    """dW h = scaling * B A h with A Kaiming-uniform and B zero; `enabled=False` makes it contribute nothing."""
+
+    def __init__(self, features: int, rank: int, alpha: float, like: torch.Tensor):
+        super().__init__()
+        if not 1 <= rank <= features:
+            raise ShortcutError(f"shortcut rank {rank} must be between 1 and the hidden size {features}")
+        factory = {"device": like.device, "dtype": like.dtype}
+        # Same layout as a one-expert MoE-LoRA layer: [1, r, d] and [1, d, r].
+        self.lora_A = nn.Parameter(torch.empty(1, rank, features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(1, features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A[0], a=math.sqrt(5))
+        self.rank, self.features, self.scaling = rank, features, alpha / rank
+        self.enabled = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        low = hidden.to(self.lora_A.dtype) @ self.lora_A[0].T
+        return (low @ self.lora_B[0].T) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+@dataclass
+class BlockLayout:
+    """Where a block's attention and FFN sums are formed, and where h_l can be read."""
+
+    attention_sum: nn.Module  # its output is added to the residual to form h_l
+    ffn_sum: nn.Module  # its output is added to h_l to form the block output
+    ffn_input: nn.Module  # its (first) input is h_l
+
+
+def block_layout(block: nn.Module) -> BlockLayout:
+    """The sums of a Llama/Mistral/Qwen2/Gemma, GPT-2 or BERT/RoBERTa block."""
+    def has(*path: str) -> bool:
+        module = block
+        for part in path:
+            module = getattr(module, part, None)
+            if module is None:
+                return False
+        return True
+
+    def get(path: str) -> nn.Module:
+        module = block.get_submodule(path)
+        return getattr(module, "base", module)  # a LoRA-wrapped projection: hook its base
+
+    if has("self_attn", "o_proj") and has("mlp", "down_proj") and has("post_attention_layernorm") \
+            and not has("pre_feedforward_layernorm"):  # Gemma 2/3 normalise the sub-block outputs
+        return BlockLayout(get("self_attn.o_proj"), get("mlp.down_proj"), block.post_attention_layernorm)
+    if has("attn", "c_proj") and has("mlp", "c_proj") and has("ln_2"):
+        return BlockLayout(get("attn.c_proj"), get("mlp.c_proj"), block.ln_2)
+    if has("attention", "output", "dense") and has("output", "dense") and has("intermediate"):
+        return BlockLayout(get("attention.output.dense"), get("output.dense"), block.intermediate)
+    raise ShortcutError(
+        f"shortcut connections support Llama/Mistral/Qwen2/Gemma, GPT-2 and BERT/RoBERTa blocks, not "
+        f"{type(block).__name__}; allocate without --shortcuts for this model"
+    )
+
+
+@dataclass
+class _Taps:
+    """The block inputs x_l and FFN inputs h_l of the forward pass in progress."""
+
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def shortcut_name(layer: int, kind: str) -> str:
+    return f"layer{layer}.{kind}"
+
+
+def all_shortcut_names(num_layers: int) -> list[str]:
+    """Every shortcut candidate of a model with `num_layers` blocks (4L - 1 of them)."""
+    return [shortcut_name(layer, kind) for layer in range(num_layers) for kind in SHORTCUT_KINDS
+            if not (layer == 0 and kind == "shortcut2")]
+
+
+def _added(output: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    for term in terms:
+        output = output + term.to(output.dtype)
+    return output
+
+
+def attach_shortcuts(model: nn.Module, blocks: dict[int, nn.Module], ranks: dict[str, int], alpha: float,
+                     hidden_size: int) -> dict[str, ShortcutLoRA]:
+    """Adds the shortcuts named in `ranks` ("layer3.residual1" -> rank) to the blocks; returns them by name."""
+    taps = _Taps()
+    like = next(p for p in model.parameters() if p.is_floating_point())
+    modules: dict[str, ShortcutLoRA] = {}
+    by_layer: dict[int, dict[str, ShortcutLoRA]] = {}
+    for name, rank in ranks.items():
+        layer_text, _, kind = name.partition(".")
+        layer = int(layer_text.removeprefix("layer"))
+        if layer not in blocks:
+            raise ShortcutError(f"shortcut {name}: the model has no block {layer}")
+        module = ShortcutLoRA(hidden_size, rank, alpha, like)
+        modules[name] = module
+        by_layer.setdefault(layer, {})[kind] = module
+    for layer, block in blocks.items():
+        own = by_layer.get(layer, {})
+        feeds_next = "shortcut2" in by_layer.get(layer + 1, {})
+        if not own and not feeds_next:
+            continue
+        layout = block_layout(block)
+        container = getattr(block, SHORTCUTS_ATTRIBUTE, None) or nn.ModuleDict()
+        container.update(own)
+        setattr(block, SHORTCUTS_ATTRIBUTE, container)
+        _wire_block(block, layout, layer, own, taps)
+    def forget(*_) -> None:  # drop the references once the forward pass is over
+        taps.inputs.clear()
+        taps.ffn_inputs.clear()
+
+    model.register_forward_hook(forget)
+    return modules
+
+
+def _wire_block(block: nn.Module, layout: BlockLayout, layer: int, own: dict[str, ShortcutLoRA],
+                taps: _Taps) -> None:
+    def keep_input(_module, args, kwargs):
+        taps.inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+    def keep_ffn_input(_module, args, kwargs):
+        taps.ffn_inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+    def active(kind: str) -> ShortcutLoRA | None:
+        module = own.get(kind)
+        return module if module is not None and module.enabled else None
+
+    def into_attention_sum(_module, _args, output):
+        terms = []
+        if (residual := active("residual1")) is not None:
+            terms.append(residual(taps.inputs[layer]))
+        if (skip := active("shortcut2")) is not None:
+            terms.append(skip(taps.ffn_inputs[layer - 1]))
+        return _added(output, terms) if terms else output
+
+    def into_ffn_sum(_module, _args, output):
+        terms = []
+        if (residual := active("residual2")) is not None:
+            terms.append(residual(taps.ffn_inputs[layer]))
+        if (skip := active("shortcut1")) is not None:
+            terms.append(skip(taps.inputs[layer]))
+        return _added(output, terms) if terms else output
+
+    block.register_forward_pre_hook(keep_input, with_kwargs=True)
+    layout.ffn_input.register_forward_pre_hook(keep_ffn_input, with_kwargs=True)
+    if "residual1" in own or "shortcut2" in own:
+        layout.attention_sum.register_forward_hook(into_attention_sum)
+    if "residual2" in own or "shortcut1" in own:
+        layout.ffn_sum.register_forward_hook(into_ffn_sum)

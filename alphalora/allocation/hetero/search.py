@@ -1,0 +1,189 @@
+"""HeteroLoRA: score every candidate adapter with a zero-cost proxy, keep the best under a budget."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from alphalora.spectral.roles import block_index
+
+from ..expert_counts import AllocationError
+from ..plan import POOLS, Plan, Reallocation
+from .budget import Candidate, check_budget, check_ranks, parameters_used, select
+from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, score_candidates
+
+DEFAULT_PROXY_BATCHES = 32  # the authors' imp_limit_test_batches
+DEFAULT_PROXY_BATCH_SIZE = 8
+
+
+def candidates_of(model: nn.Module) -> list[Candidate]:
+    """The switchable adapters of a model with injected adapters: LoRA modules, then shortcuts."""
+    from alphalora.adapters.inject import adapter_state
+
+    state = adapter_state(model)
+    found = []
+    for name in state.module_names:
+        module = model.get_submodule(name)
+        found.append(Candidate(name, "lora", block_index(name), module.in_features, module.out_features))
+    for name, shortcut in state.shortcuts.items():
+        layer = int(name.partition(".")[0].removeprefix("layer"))
+        found.append(Candidate(name, "shortcut", layer, shortcut.features, shortcut.features))
+    return found
+
+
+def first_minibatches(examples: Sequence[dict], pad_id: int, batches: int, batch_size: int, proxy: str) -> list[dict]:
+    """The first `batches` minibatches of the training data, unshuffled (the authors' choice)."""
+    from alphalora.training.data import DataError, collate
+
+    if proxy not in DATA_PROXIES:
+        return []
+    needed = batches * batch_size
+    if len(examples) < needed:
+        raise DataError(
+            f"the {proxy} proxy reads {batches} minibatches of {batch_size} ({needed} examples) but the data has "
+            f"only {len(examples)}; pass fewer --proxy-batches, a smaller --proxy-batch-size, or more data"
+        )
+    join = collate(pad_id)
+    return [join(list(examples[i * batch_size:(i + 1) * batch_size])) for i in range(batches)]
+
+
+def reallocate(model: nn.Module, settings: Reallocation, batches: Sequence[dict], ranks: Sequence[int],
+               progress: bool = False) -> tuple[dict[str, int], dict[str, float]]:
+    """Re-scores all candidates and switches on the chosen ones (the rest keep their weights)."""
+    from alphalora.adapters.inject import adapter_state
+
+    state = adapter_state(model)
+    modules = state.switchable_modules(model)
+    scores = score_candidates(settings.proxy, model, modules, batches, settings.seed, progress)
+    chosen = select(candidates_of(model), scores, settings.budget, ranks, pools=settings.pools,
+                    shortcut_share=settings.shortcut_share, seed=settings.seed)
+    state.set_disabled(model, [name for name in modules if name not in chosen])
+    return chosen, scores
+
+
+def allocate_hetero(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    proxy: str = "grad-norm",
+    budget: int,
+    task: str = "causal-lm",
+    ranks: Sequence[int] = (8,),
+    target_modules: Sequence[str] | None = None,
+    shortcuts: bool = False,
+    pools: str = "joint",
+    shortcut_share: float | None = None,
+    dynamic_every: int | None = None,
+    proxy_batches: int = DEFAULT_PROXY_BATCHES,
+    proxy_batch_size: int = DEFAULT_PROXY_BATCH_SIZE,
+    lora_alpha: float = 16.0,
+    shortcut_alpha: float = 4.0,
+    lora_dropout: float = 0.05,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Plan:
+    """HeteroLoRA: which modules (and shortcut connections) get LoRA, at which rank, within `budget` parameters.
+
+    Builds every candidate (the `target_modules` roles in every block, and with `shortcuts` the
+    four shortcut connections per block) at the largest candidate rank, scores them with `proxy`
+    on the first `proxy_batches` minibatches of `data`, and enables the best under `budget`
+    trainable adapter parameters (a task head trained alongside is not counted). One rank:
+    on/off as in the paper; several: rank levels from the scores. With `dynamic_every` the plan
+    keeps every candidate and training re-scores and re-selects every that many steps.
+    """
+    from transformers import set_seed
+
+    from alphalora.adapters.inject import AdapterError, candidate_modules, inject_adapters
+    from alphalora.training.api import load_model_and_data
+    from alphalora.training.data import DataError
+
+    check_proxy(proxy)
+    if pools not in POOLS:
+        raise AllocationError(f"pools must be one of {', '.join(POOLS)}, got {pools!r}")
+    if proxy_batches < 1 or proxy_batch_size < 1:
+        raise AllocationError("--proxy-batches and --proxy-batch-size must be at least 1")
+    levels = sorted(set(ranks))
+    if dynamic_every is not None and (dynamic_every < 1 or len(levels) != 1):
+        raise AllocationError("--dynamic-every takes a positive step count and one candidate rank (the paper's "
+                              "on/off re-selection); pass a single --ranks value")
+    if not isinstance(budget, int) or budget < 1:
+        raise AllocationError(f"the budget is a number of trainable parameters (a positive integer), got {budget!r}")
+    try:
+        _check_data_size(data, proxy, proxy_batches, proxy_batch_size)
+        model, tokenizer, train_set, _, _ = load_model_and_data(model_dir, data, task, max_length=max_length)
+    except DataError as error:
+        raise AllocationError(str(error)) from error
+    batches = first_minibatches(train_set.examples, tokenizer.pad_token_id, proxy_batches, proxy_batch_size, proxy)
+    blocks = candidate_modules(model)
+    if not blocks:
+        raise AllocationError(f"{model_dir}: no adaptable linear layers inside transformer blocks")
+    num_layers = max(layer for layer, _ in blocks.values()) + 1
+    roles = list(target_modules) if target_modules else _block_roles(blocks)
+    supernet = Plan(
+        method="hetero", base_model=str(model_dir), experts_per_layer=[1] * num_layers,
+        top_k_per_layer=[1] * num_layers, target_modules=roles, rank=levels[-1], lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, shortcut_alpha=shortcut_alpha,
+        shortcuts=dict.fromkeys(_all_shortcuts(num_layers), levels[-1]) if shortcuts else {},
+    )
+    set_seed(seed)
+    try:
+        state = inject_adapters(model, supernet)
+    except AdapterError as error:
+        raise AllocationError(str(error)) from error
+    candidates = candidates_of(model)
+    check_ranks(candidates, levels)
+    check_budget(candidates, budget, levels)
+
+    start = time.perf_counter()
+    scores = score_candidates(proxy, model, state.switchable_modules(model), batches, seed, progress)
+    seconds = time.perf_counter() - start
+    chosen = select(candidates, scores, budget, levels, pools=pools, shortcut_share=shortcut_share, seed=seed)
+    source = {
+        "budget": budget, "parameters": parameters_used(candidates, chosen), "proxy": proxy,
+        "proxy_cost": PROXY_COST[proxy].replace("k ", f"{proxy_batches} "), "proxy_seconds": round(seconds, 3),
+        "proxy_batches": proxy_batches if proxy in DATA_PROXIES else 0, "proxy_batch_size": proxy_batch_size,
+        "probe_scale": PROBE_SCALE if proxy in ("snip", "synflow", "fisher") else None,
+        "ranks": levels, "pools": pools, "candidates": len(candidates), "scores": scores, "seed": seed,
+        "candidate_roles": roles,
+    }
+    lora_names = [c.name for c in candidates if c.kind == "lora"]
+    if dynamic_every is not None:
+        settings = Reallocation(every=dynamic_every, proxy=proxy, budget=budget, batches=proxy_batches,
+                                batch_size=proxy_batch_size, pools=pools, shortcut_share=shortcut_share, seed=seed)
+        return Plan(**{**_fields(supernet), "target_modules": lora_names, "source": source, "reallocation": settings,
+                       "disabled_modules": sorted(c.name for c in candidates if c.name not in chosen)})
+    enabled = [name for name in lora_names if name in chosen]
+    return Plan(**{**_fields(supernet), "target_modules": enabled, "rank_pattern": {n: chosen[n] for n in enabled},
+                   "shortcuts": {n: r for n, r in chosen.items() if n not in lora_names}, "source": source})
+
+
+def _check_data_size(data, proxy: str, batches: int, batch_size: int) -> None:
+    from alphalora.training.data import DataError, read_rows
+
+    rows = len(read_rows(data))
+    if proxy in DATA_PROXIES and rows < batches * batch_size:
+        raise DataError(
+            f"the {proxy} proxy reads {batches} minibatches of {batch_size} ({batches * batch_size} examples) but "
+            f"{data} has only {rows}; pass fewer --proxy-batches, a smaller --proxy-batch-size, or more data"
+        )
+
+
+def _fields(plan: Plan) -> dict:
+    return {name: getattr(plan, name) for name in plan.__dataclass_fields__}
+
+
+def _block_roles(blocks: dict[str, tuple[int, nn.Module]]) -> list[str]:
+    from alphalora.spectral.roles import ROLE_ORDER, role_of
+
+    found = {role_of(name) for name in blocks}
+    return [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
+
+
+def _all_shortcuts(num_layers: int) -> list[str]:
+    from alphalora.adapters.shortcuts import all_shortcut_names
+
+    return all_shortcut_names(num_layers)
