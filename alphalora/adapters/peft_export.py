@@ -34,6 +34,11 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
             f"{folder} is a mixture-of-LoRA-experts adapter (experts per layer {plan['experts_per_layer']}); "
             "PEFT LoRA has one expert per module. Serve it with the native engine (`alphalora serve`)"
         )
+    if plan.get("shortcuts"):
+        raise AdapterError(
+            f"{folder} has LoRA shortcut connections ({len(plan['shortcuts'])}), which PEFT LoRA cannot express; "
+            "use it from Python (`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
+        )
     tensors = _load_weights(folder)
     names = config["module_names"]
     weights: dict[str, torch.Tensor] = {}

@@ -71,9 +71,13 @@ def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
     plan = config["plan"]
     if plan.get("router", {}).get("type") == "shared":
         raise AdapterError(f"{folder}: shared-router adapters are not served yet; use per-module routers")
+    if plan.get("shortcuts"):
+        raise AdapterError(f"{folder} has LoRA shortcut connections, which the serving engine does not run; "
+                           "use it from Python (`alphalora.adapters.load_adapter`) or allocate without --shortcuts")
     tensors = _load_weights(folder)
     modules = {}
-    for name in config["module_names"]:
+    switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on
+    for name in (n for n in config["module_names"] if n not in switched_off):
         layer = block_index(name)
         A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
         modules[name] = ModuleAdapter(A=A, B=B, scaling=plan["lora_alpha"] / A.shape[1],

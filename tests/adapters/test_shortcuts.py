@@ -1,0 +1,134 @@
+"""LoRA shortcut connections: exactly the base function at initialisation, and the documented sums after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphalora.adapters import AdapterError
+from alphalora.adapters.inject import inject_adapters
+from alphalora.adapters.io import load_adapter, save_adapter
+from alphalora.adapters.peft_export import export_peft
+from alphalora.adapters.shortcuts import SHORTCUTS_ATTRIBUTE, all_shortcut_names
+from alphalora.allocation import Plan
+from tests.tiny_models import FAMILIES, build
+
+
+def _plan(num_layers=2, shortcuts=None, targets=("q", "v")):
+    names = all_shortcut_names(num_layers)
+    return Plan(method="hetero", base_model="tiny", experts_per_layer=[1] * num_layers,
+                top_k_per_layer=[1] * num_layers, target_modules=list(targets), rank=4, lora_alpha=8.0,
+                lora_dropout=0.0, shortcuts=shortcuts if shortcuts is not None else dict.fromkeys(names, 4))
+
+
+def _fill(modules, seed=3, std=0.3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            module.lora_A.normal_(0, std)
+            module.lora_B.normal_(0, std)
+
+
+def _output(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_all_shortcut_names_are_four_per_layer_minus_the_first_cross_layer_skip():
+    names = all_shortcut_names(3)
+    assert len(names) == 4 * 3 - 1 and "layer0.shortcut2" not in names and "layer2.shortcut2" in names
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_shortcut_on_at_initialisation_computes_the_base_function_exactly(family):
+    ids = torch.randint(3, 100, (2, 9))
+    expected = _output(build(family), ids)
+    model = build(family)
+    state = inject_adapters(model, _plan(targets=("o",)))
+    assert len(state.shortcuts) == 7 and all(m.enabled for m in state.shortcuts.values())
+    assert torch.equal(_output(model, ids), expected)  # bit for bit: no extra normalisation anywhere
+
+
+def _llama_by_hand(model, ids, shortcuts):
+    """The documented sums written out with the block's own sub-modules (an independent composition)."""
+    captured = []
+    handles = [layer.register_forward_pre_hook(lambda _m, a, k: captured.append(k), with_kwargs=True)
+               for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids)  # only to capture what each layer is called with (masks, rotary tables)
+    for handle in handles:
+        handle.remove()
+
+    def delta(name, h):
+        module = shortcuts.get(name)
+        return 0 if module is None else (h @ module.lora_A[0].T) @ module.lora_B[0].T * module.scaling
+
+    for module in shortcuts.values():
+        module.enabled = False  # the hooks stay quiet: every term below is added by hand
+    x = model.model.embed_tokens(ids)
+    previous_h = None
+    for index, layer in enumerate(model.model.layers):
+        kwargs = {k: v for k, v in captured[index].items() if k != "hidden_states"}
+        attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+        h = x + attention + delta(f"layer{index}.residual1", x)
+        if previous_h is not None:
+            h = h + delta(f"layer{index}.shortcut2", previous_h)
+        out = h + layer.mlp(layer.post_attention_layernorm(h)) + delta(f"layer{index}.residual2", h) \
+            + delta(f"layer{index}.shortcut1", x)
+        x, previous_h = out, h
+    return model.lm_head(model.model.norm(x))
+
+
+def test_trained_shortcuts_add_exactly_the_documented_terms_in_a_pre_ln_llama():
+    model = build("llama")
+    state = inject_adapters(model, _plan(targets=("q",)))
+    _fill(state.shortcuts.values())
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        base_only = build("llama")(input_ids=ids).logits
+        by_hand = _llama_by_hand(model, ids, state.shortcuts)
+    assert not torch.allclose(ours, base_only, atol=1e-3)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_shortcuts_contribute_nothing_and_get_no_gradient():
+    model = build("llama")
+    state = inject_adapters(model, _plan(targets=("q",)))
+    _fill(state.shortcuts.values())
+    state.set_disabled(model, list(state.shortcuts))
+    ids = torch.randint(3, 100, (2, 9))
+    torch.testing.assert_close(model(input_ids=ids).logits, build("llama")(input_ids=ids).logits, rtol=0, atol=0)
+    state.set_disabled(model, ["layer1.shortcut2"])
+    model(input_ids=ids).logits.sum().backward()
+    assert state.shortcuts["layer1.shortcut2"].lora_A.grad is None
+    assert state.shortcuts["layer0.residual1"].lora_A.grad.abs().sum() > 0
+
+
+def test_shortcut_adapters_save_and_reload_to_identical_outputs(tmp_path):
+    model = build("bert")
+    state = inject_adapters(model, _plan(shortcuts={"layer0.residual2": 2, "layer1.shortcut2": 3}))
+    _fill(state.shortcuts.values())
+    ids = torch.randint(3, 100, (2, 9))
+    expected = _output(model.eval(), ids)
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = build("bert")
+    load_adapter(reloaded, tmp_path / "adapter")
+    assert torch.equal(_output(reloaded.eval(), ids), expected)
+    with pytest.raises(AdapterError, match="shortcut connections"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
+
+
+def test_a_block_layout_without_known_sums_is_refused_with_the_supported_families():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with pytest.raises(AdapterError, match="without --shortcuts"):
+        inject_adapters(model, _plan())
+
+
+def test_shortcut_modules_live_in_their_blocks():
+    model = build("gpt2")
+    inject_adapters(model, _plan(shortcuts={"layer1.residual1": 2}, targets=("o",)))
+    assert "residual1" in getattr(model.transformer.h[1], SHORTCUTS_ATTRIBUTE)

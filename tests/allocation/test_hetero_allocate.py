@@ -1,0 +1,156 @@
+"""HeteroLoRA end to end: allocate on a model and data, train the plan, export, serve, re-select dynamically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import alphalora
+from alphalora.adapters.io import CONFIG_NAME, load_adapter
+from alphalora.adapters.peft_export import export_peft
+from alphalora.allocation import AllocationError, Plan
+from alphalora.allocation.hetero import Candidate, parameters_used
+from alphalora.allocation.plots import hetero_ranks
+from alphalora.cli import main
+from alphalora.training import train
+from tests.tiny_models import build, save_tiny
+
+peft = pytest.importorskip("peft")
+OVERRIDES = dict(initializer_range=0.2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), **OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = [{"prompt": "the cat sat on", "completion": "the mat"},
+            {"prompt": "the dog sat on", "completion": "the log"},
+            {"text": "one two three four five"}, {"text": "red green blue yellow"}] * 8
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cost(plan: Plan, model) -> int:
+    candidates = []
+    for name, rank in hetero_ranks(plan).items():
+        if rank and not name.startswith("layer"):
+            module = model.get_submodule(name)
+            candidates.append(Candidate(name, "lora", 0, module.in_features, module.out_features))
+        elif rank:
+            candidates.append(Candidate(name, "shortcut", 0, 32, 32))
+    return parameters_used(candidates, {n: r for n, r in hetero_ranks(plan).items() if r})
+
+
+def test_static_rank_levels_fit_the_budget_train_export_to_peft_and_serve(llama_dir, data, tmp_path):
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="grad-norm", budget=3000,
+                              ranks=[2, 4, 8], proxy_batches=4, proxy_batch_size=4, progress=False)
+    assert plan.method == "hetero" and plan.disabled_modules == [] and plan.reallocation is None
+    assert len(set(plan.rank_pattern.values())) > 1  # rank levels, not on/off
+    used = _cost(plan, build("llama", **OVERRIDES))
+    assert used == plan.source["parameters"] <= 3000
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+    result = train(llama_dir, plan, data, tmp_path / "adapter", max_steps=4, learning_rate=1e-2, batch_size=8,
+                   save_steps=100, progress=False)
+    config = json.loads((result.adapter_dir / CONFIG_NAME).read_text())
+    assert config["num_parameters"] == used
+    ours = build("llama", **OVERRIDES)
+    load_adapter(ours, result.adapter_dir)
+    ids = torch.randint(3, 100, (2, 7))
+    export_peft(result.adapter_dir, tmp_path / "peft")
+    twin = peft.PeftModel.from_pretrained(build("llama", **OVERRIDES), tmp_path / "peft").eval()
+    torch.testing.assert_close(twin(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(build("llama", **OVERRIDES), tokenizer=None,
+                    config=EngineConfig(max_num_seqs=2, block_size=4, adapters={"hetero": str(result.adapter_dir)}))
+    prompt = ids[0].tolist()
+    served = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), ["hetero"])
+    expected = ours.generate(torch.tensor([prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    assert served[0].output_ids == expected
+
+
+def test_dynamic_reallocation_rescores_keeps_switched_off_weights_and_saves_the_final_choice(llama_dir, data,
+                                                                                              tmp_path):
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="grad-norm", budget=1200,
+                              ranks=[4], dynamic_every=2, proxy_batches=2, proxy_batch_size=4, shortcuts=True,
+                              progress=False)
+    assert plan.reallocation.every == 2 and plan.disabled_modules  # every candidate built, most switched off
+    result = train(llama_dir, plan, data, tmp_path / "adapter", max_steps=6, learning_rate=1e-2, batch_size=4,
+                   save_steps=6, progress=False)
+    rounds = result.reallocations
+    assert [r["step"] for r in rounds] == [0, 2, 4]
+    # A candidate never switched on kept its initial weights: B is still exactly zero in the checkpoint.
+    from safetensors.torch import load_file
+
+    ever_on = {name for r in rounds for name in r["enabled"]}
+    checkpoint = load_file(str(next((tmp_path / "adapter" / "checkpoints").glob("checkpoint-*"))
+                               / "adapter_model.safetensors"))
+    never = [n for n in plan.disabled_modules if n not in ever_on and not n.startswith("layer")]
+    assert never and all(not checkpoint[f"{n}.lora_B"].any() for n in never)
+    assert any(checkpoint[f"{n}.lora_B"].any() for n in ever_on if not n.startswith("layer"))
+    # The finished adapter holds exactly the last round's choice, as a static plan.
+    saved = json.loads((result.adapter_dir / CONFIG_NAME).read_text())
+    final = Plan.from_dict(saved["plan"])
+    assert final.reallocation is None and final.disabled_modules == []
+    assert sorted(final.target_modules + list(final.shortcuts)) == rounds[-1]["enabled"]
+
+
+def test_dynamic_run_resumes_to_the_uninterrupted_loss_curve(llama_dir, data, tmp_path):
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="snip", budget=1500, ranks=[4],
+                              dynamic_every=2, proxy_batches=2, proxy_batch_size=4, progress=False)
+
+    from transformers import TrainerCallback
+
+    class StopAfterCheckpoint(TrainerCallback):  # the run dies right after its step-3 checkpoint
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    def run(folder, resume=False, callbacks=None):
+        return train(llama_dir, plan, data, folder, max_steps=6, learning_rate=1e-2, batch_size=4, save_steps=3,
+                     logging_steps=1, resume=resume, progress=False, callbacks=callbacks)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", callbacks=[StopAfterCheckpoint()])
+    resumed = run(tmp_path / "cut", resume=True)
+    assert [r["step"] for r in resumed.reallocations] == [4]
+    losses = lambda result: [h["loss"] for h in result.log_history if "loss" in h]  # noqa: E731
+    assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-6)
+    assert resumed.reallocations[-1]["enabled"] == full.reallocations[-1]["enabled"]
+
+
+def test_cli_allocate_hetero_writes_plan_and_plot_and_refuses_bad_input(llama_dir, data, tmp_path, capsys):
+    out, plot = tmp_path / "plan.json", tmp_path / "hetero.png"
+    assert main(["allocate", "--method", "hetero", "--model", str(llama_dir), "--data", str(data), "--budget",
+                 "2000", "--proxy", "fisher", "--shortcuts", "--proxy-batches", "2", "--proxy-batch-size", "4",
+                 "--out", str(out), "--plot", str(plot), "--no-progress"]) == 0
+    assert Plan.load(out).source["proxy"] == "fisher" and plot.stat().st_size > 0
+    assert "1 backward" not in capsys.readouterr().out  # fisher costs k passes: "2 forward + 2 backward"
+    bad = {
+        "smaller than one module": ["--budget", "10"],
+        "larger than module": ["--budget", "5000", "--ranks", "4,64"],
+        "reads 32 minibatches of 8": ["--budget", "5000"],
+        "one candidate rank": ["--budget", "5000", "--ranks", "2,4", "--dynamic-every", "3"],
+    }
+    for message, extra in bad.items():
+        assert main(["allocate", "--method", "hetero", "--model", str(llama_dir), "--data", str(data),
+                     "--out", str(tmp_path / "x.json"), "--no-progress",
+                     *(["--proxy-batches", "2"] if message != "reads 32 minibatches of 8" else []), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["allocate", "--method", "hetero", "--budget", "100"]) == 2
+    assert "needs --model, --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["allocate", "--method", "hetero", "--proxy", "jacob_cov"])
+
+
+def test_options_of_hetero_are_refused_for_other_methods():
+    with pytest.raises(AllocationError, match="apply only to method='hetero'"):
+        alphalora.allocate(alphas=[2.0, 3.0], proxy="snip")

@@ -1,0 +1,158 @@
+"""Zero-cost proxies against an independent computation on a PEFT LoRA twin of the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphalora.adapters.inject import inject_adapters
+from alphalora.allocation import Plan
+from alphalora.allocation.expert_counts import AllocationError
+from alphalora.allocation.hetero import proxies, score_candidates
+from tests.tiny_models import build
+
+peft = pytest.importorskip("peft")
+TARGETS = {"q": "q_proj", "v": "v_proj", "down": "down_proj"}
+
+
+def _batches(count=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, 120, (2, 8), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _ours(trained_b: bool):
+    model = build("llama", initializer_range=0.2)
+    plan = Plan(method="hetero", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=list(TARGETS), rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    state = inject_adapters(model, plan)
+    if trained_b:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for name in state.module_names:
+                model.get_submodule(name).lora_B.normal_(0, 0.2)
+    return model, state.switchable_modules(model)
+
+
+def _peft_twin(ours_modules):
+    """PEFT LoRA on the same base with the same A and B (scale 8/4 = 2 in both)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS.values()), lora_dropout=0.0)
+    twin = peft.get_peft_model(build("llama", initializer_range=0.2), config)
+    layers = {}
+    with torch.no_grad():
+        for name, module in ours_modules.items():
+            peft_module = twin.base_model.model.get_submodule(name)
+            peft_module.lora_A["default"].weight.copy_(module.lora_A[0])
+            peft_module.lora_B["default"].weight.copy_(module.lora_B[0])
+            layers[name] = peft_module
+    return twin.eval(), layers
+
+
+def _peft_grads(twin, layers, batches):
+    for batch in batches:
+        twin(**batch).loss.backward()
+    return {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in layers.items()}
+
+
+def test_grad_norm_equals_the_norms_of_the_accumulated_peft_gradients():
+    model, modules = _ours(trained_b=False)
+    twin, layers = _peft_twin(modules)
+    batches = _batches()
+    scores = score_candidates("grad-norm", model, modules, batches)
+    for name, (a, b) in _peft_grads(twin, layers, batches).items():
+        expected = float(a.grad.norm() + b.grad.norm())
+        assert scores[name] == pytest.approx(expected, rel=1e-5)
+        assert a.grad.abs().max() == 0  # B = 0: A gets no gradient, the score is ||G_B|| (as the authors')
+    assert all(m.lora_A.grad is None for m in modules.values())  # gradients cleared after scoring
+
+
+def test_snip_on_trained_factors_equals_weight_times_accumulated_gradient():
+    model, modules = _ours(trained_b=True)
+    twin, layers = _peft_twin(modules)
+    batches = _batches()
+    scores = score_candidates("snip", model, modules, batches)
+    for name, (a, b) in _peft_grads(twin, layers, batches).items():
+        expected = float((a.detach() * a.grad).abs().sum() + (b.detach() * b.grad).abs().sum())
+        assert scores[name] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fisher_equals_the_channel_form_on_the_bottleneck_activation():
+    model, modules = _ours(trained_b=True)
+    twin, layers = _peft_twin(modules)
+    batches = _batches()
+    scores = score_candidates("fisher", model, modules, batches)
+    expected = dict.fromkeys(layers, 0.0)
+    for batch in batches:
+        bottlenecks = {}
+
+        def keep(name, into=bottlenecks):
+            def hook(_module, _inputs, output):
+                output.retain_grad()
+                into[name] = output
+            return hook
+
+        handles = [m.lora_A["default"].register_forward_hook(keep(n)) for n, m in layers.items()]
+        twin(**batch).loss.backward()
+        for handle in handles:
+            handle.remove()
+        for name, z in bottlenecks.items():  # z: [batch, tokens, r]
+            per_channel = (z * z.grad).sum(dim=(0, 1))
+            expected[name] += 0.5 * float((per_channel**2).sum()) / len(batches)
+        twin.zero_grad()
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value, rel=1e-4)
+
+
+def test_synflow_is_the_task_loss_gradient_through_absolute_weights_and_restores_the_model():
+    model, modules = _ours(trained_b=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    twin, layers = _peft_twin(modules)
+    batches = _batches()
+    scores = score_candidates("synflow", model, modules, batches)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # signs restored
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.abs_()
+    first = batches[0]
+    ones = torch.ones(2, 8, 32)
+    twin(inputs_embeds=ones, attention_mask=first["attention_mask"], labels=first["labels"]).loss.backward()
+    for name, module in layers.items():
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        expected = float((a.detach() * a.grad).abs().sum() + (b.detach() * b.grad).abs().sum())
+        assert scores[name] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("proxy", ["snip", "synflow", "fisher"])
+def test_weight_gradient_proxies_rank_modules_at_the_zero_b_start_and_leave_b_zero(proxy, monkeypatch):
+    model, modules = _ours(trained_b=False)
+    batches = _batches()
+    scores = score_candidates(proxy, model, modules, batches)
+    assert all(v > 0 for v in scores.values())  # without the probe every score would be exactly 0
+    assert all(not m.lora_B.any() for m in modules.values())
+    monkeypatch.setattr(proxies, "PROBE_SCALE", proxies.PROBE_SCALE / 10)
+    smaller = score_candidates(proxy, model, modules, batches)
+    assert sorted(scores, key=scores.get) == sorted(smaller, key=smaller.get)  # the ranking is scale-free
+
+
+def test_alpha_scores_each_module_with_its_base_weight_alpha():
+    from alphalora import analyze
+
+    model, modules = _ours(trained_b=False)
+    scores = score_candidates("alpha", model, modules, [])
+    report = analyze(build("llama", initializer_range=0.2), progress=False)
+    for matrix in report.matrices:
+        if matrix.name in scores and matrix.alpha is not None:
+            assert scores[matrix.name] == pytest.approx(matrix.alpha, rel=1e-6)
+
+
+def test_constant_scores_are_equal_and_unknown_proxies_are_refused():
+    model, modules = _ours(trained_b=False)
+    assert set(score_candidates("constant", model, modules, []).values()) == {1.0}
+    with pytest.raises(AllocationError, match="unknown proxy 'nope'"):
+        score_candidates("nope", model, modules, [])
