@@ -98,3 +98,21 @@ def test_default_targets_are_the_roles_the_report_found():
     assert alphalora.allocate(gpt2, budget=4).target_modules == ["qkv", "o", "up", "down"]
     assert alphalora.allocate(alphas=[3.0, 4.0], budget=4).target_modules == [
         "q", "k", "v", "o", "gate", "up", "down"]
+
+
+def test_hetero_fields_are_validated_with_the_field_named():
+    base = dict(method="hetero", base_model="m", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q"])
+    cases = {
+        "shortcut 'block1.residual1' must be layer<N>.<kind>": dict(shortcuts={"block1.residual1": 4}),
+        "shortcut 'layer0.shortcut2' does not exist": dict(shortcuts={"layer0.shortcut2": 4}),
+        "shortcut 'layer5.residual2' does not exist in a 2-layer model": dict(shortcuts={"layer5.residual2": 4}),
+        "reallocation.proxy 'jacob_cov'": dict(reallocation={"every": 2, "proxy": "jacob_cov", "budget": 10}),
+        "reallocation.every must be a positive": dict(reallocation={"every": 0, "budget": 10}),
+        "target_modules must be a non-empty list": dict(target_modules=[]),
+    }
+    for message, fields in cases.items():
+        with pytest.raises(PlanFormatError, match=message.replace("(", r"\(")):
+            Plan(**{**base, **fields})
+    shortcuts_only = Plan(**{**base, "target_modules": [], "shortcuts": {"layer1.shortcut2": 4}})
+    assert Plan.from_dict(shortcuts_only.to_dict()) == shortcuts_only
