@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import write_text_atomic
-from alphalora.adapters.inject import inject_adapters
+from alphalora.adapters.inject import AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan
 
@@ -117,6 +117,9 @@ def train(
 
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    if gradient_checkpointing and plan.shortcuts:
+        raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
+                           "recomputes block by block; train this plan without --gradient-checkpointing")
     model, tokenizer, train_set, label_names, max_length = load_model_and_data(
         model_dir, data, task, max_length=max_length, bf16=bf16)
     eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names) if eval_data else None

@@ -154,3 +154,13 @@ def test_cli_allocate_hetero_writes_plan_and_plot_and_refuses_bad_input(llama_di
 def test_options_of_hetero_are_refused_for_other_methods():
     with pytest.raises(AllocationError, match="apply only to method='hetero'"):
         alphalora.allocate(alphas=[2.0, 3.0], proxy="snip")
+
+
+def test_shortcut_plans_refuse_gradient_checkpointing_before_training(llama_dir, data, tmp_path):
+    from alphalora.adapters import AdapterError
+
+    plan = Plan(method="hetero", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=[], shortcuts={"layer1.shortcut2": 2})
+    with pytest.raises(AdapterError, match="without --gradient-checkpointing"):
+        train(llama_dir, plan, data, tmp_path / "adapter", max_steps=1, gradient_checkpointing=True, progress=False)
+    assert not (tmp_path / "adapter").exists()
