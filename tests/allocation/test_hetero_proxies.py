@@ -102,7 +102,7 @@ def test_fisher_equals_the_channel_form_on_the_bottleneck_activation():
         for handle in handles:
             handle.remove()
         for name, z in bottlenecks.items():  # z: [batch, tokens, r]
-            per_channel = (z * z.grad).sum(dim=(0, 1))
+            per_channel = (z.detach() * z.grad).sum(dim=(0, 1))
             expected[name] += 0.5 * float((per_channel**2).sum()) / len(batches)
         twin.zero_grad()
     for name, value in expected.items():
