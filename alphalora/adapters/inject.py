@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -62,8 +63,6 @@ class AdapterState:
 
     def set_disabled(self, model: nn.Module, disabled: list[str]) -> None:
         """Switches off exactly `disabled` (they keep their weights) and records it in the plan."""
-        import dataclasses
-
         modules = self.switchable_modules(model)
         unknown = sorted(set(disabled) - set(modules))
         if unknown:
