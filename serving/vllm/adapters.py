@@ -142,9 +142,9 @@ def prepare(model_dir: str | Path, adapters: dict[str, str], reads_patterns: boo
             raise AdapterError(f"adapter {name!r}: {folder} is neither an alphalora nor a PEFT adapter folder")
     if moe:
         if not plugin:
-            raise AdapterError(f"{moe} {'is a' if len(moe) == 1 else 'are'} mixture-of-LoRA-experts adapter(s): plain "
-                               "vLLM serves plain LoRA only and the alphalora vLLM plugin is not installed beside "
-                               f"vLLM (`pip install alphalora` in vLLM's environment); or {NATIVE}")
+            raise AdapterError(f"mixture-of-LoRA-experts adapter {moe[0]!r}: vLLM serves plain LoRA only, and the "
+                               "alphalora vLLM plugin is not installed beside vLLM (`pip install alphalora` in vLLM's "
+                               f"environment); or {NATIVE}")
         if len(moe) > 1 or loras:
             raise AdapterError(f"vLLM serves one MoE-LoRA adapter per model, baked in, and no other adapters beside "
                                f"it; got MoE-LoRA {moe} and LoRA {sorted(loras)}. Start one vLLM per MoE-LoRA "
