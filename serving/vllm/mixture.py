@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# Hugging Face module -> (the vLLM linear it is fused into, its slice index; None: the whole linear)
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+         "o_proj": ("o_proj", None), "down_proj": ("down_proj", None)}
+
 
 @dataclass(frozen=True)
 class SliceSpec:
@@ -22,6 +27,32 @@ class SliceSpec:
     size: int  # output columns of the slice on this rank
     rows: tuple[int, int]  # [start, stop) of the module's full output rows held by this rank (lora_B rows)
     cols: tuple[int, int] | None = None  # [start, stop) of its input columns on this rank (row-parallel only)
+
+
+def column_slices(linear) -> list[tuple[int, int, int]]:
+    """(offset in this rank's output, size on this rank, first row of the module's full output) per fused slice.
+
+    `linear` is a vLLM QKVParallelLinear (q, k, v; KV heads replicated when there are fewer than
+    ranks) or MergedColumnParallelLinear (gate, up); only its layout attributes are read.
+    """
+    rank = linear.tp_rank
+    if hasattr(linear, "num_kv_heads"):
+        q, kv = linear.num_heads * linear.head_size, linear.num_kv_heads * linear.head_size
+        kv_rank = rank // linear.num_kv_head_replicas
+        return [(0, q, rank * q), (q, kv, kv_rank * kv), (q + kv, kv, kv_rank * kv)]
+    sizes = [size // linear.tp_size for size in linear.output_sizes]
+    return [(sum(sizes[:i]), size, rank * size) for i, size in enumerate(sizes)]
+
+
+def slice_spec(hf_name: str, linear, index: int | None) -> SliceSpec:
+    """Where module `hf_name` sits in `linear`: slice `index` of a fused column-parallel linear, or
+    (index None) the whole of a row-parallel one, whose input this rank holds only a share of."""
+    if index is not None:
+        offset, size, start = column_slices(linear)[index]
+        return SliceSpec(hf_name, offset, size, (start, start + size))
+    out, cols = linear.output_size, linear.input_size_per_partition
+    start = linear.tp_rank * cols
+    return SliceSpec(hf_name, 0, out, (0, out), (start, start + cols))
 
 
 class ModuleMixture(nn.Module):
@@ -39,6 +70,18 @@ class ModuleMixture(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank, **factory), requires_grad=False)
         self.router = (nn.Parameter(torch.zeros(num_experts, in_features, **factory), requires_grad=False)
                        if num_experts > 1 else None)
+
+    @torch.no_grad()
+    def load(self, spec: SliceSpec, lora_A: torch.Tensor, lora_B: torch.Tensor, router: torch.Tensor | None) -> None:
+        """Copies this rank's share of a module's saved weights: A (E, r, in), B (E, out, r), router (E, in)."""
+        if spec.cols is not None:
+            lora_A = lora_A[:, :, spec.cols[0]: spec.cols[1]]
+            router = router[:, spec.cols[0]: spec.cols[1]] if router is not None else None
+        lora_B = lora_B[:, spec.rows[0]: spec.rows[1], :]
+        self.lora_A.copy_(lora_A.reshape(-1, lora_A.shape[-1]))
+        self.lora_B.copy_(lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1))
+        if self.router is not None:
+            self.router.copy_(router)
 
     def partials(self, x2: torch.Tensor) -> torch.Tensor:
         """[T, E*r (+E)]: the down-projection of every expert, then the router logits; linear in x."""
@@ -97,3 +140,39 @@ class LinearMixture(nn.Module):
         if isinstance(output, tuple):
             return (output[0] + self.delta(args[0]), *output[1:])
         return output + self.delta(args[0])
+
+
+def build_mixtures(module_names: list[str], shapes: dict[str, tuple[int, ...]], plan: dict, linears: dict,
+                   dtype: torch.dtype, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> dict[str, LinearMixture]:
+    """One LinearMixture per adapted vLLM linear (by its name in the vLLM model), sized for this rank.
+
+    `shapes` holds the saved lora_A shapes (E, r, in) by `<module>.lora_A`; `linears` the vLLM
+    linears by name (missing ones, held by another pipeline stage, are skipped); `all_reduce` sums
+    over the tensor-parallel group (used for row-parallel linears when it has several ranks).
+    """
+    grouped: dict[str, list[tuple[SliceSpec, ModuleMixture]]] = {}
+    for hf_name in module_names:
+        parent, _, leaf = hf_name.rpartition(".")
+        if leaf not in FUSED:
+            raise ValueError(f"{hf_name}: the vLLM plugin adapts {sorted(FUSED)} only")
+        target, index = FUSED[leaf]
+        linear = linears.get(f"{parent}.{target}")
+        if linear is None:
+            continue
+        spec = slice_spec(hf_name, linear, index)
+        experts, rank, in_features = shapes[f"{hf_name}.lora_A"]
+        width = spec.cols[1] - spec.cols[0] if spec.cols else in_features
+        layer = int(hf_name.split(".layers.")[1].split(".")[0])
+        mixture = ModuleMixture(experts, plan["top_k_per_layer"][layer], rank, width, spec.rows[1] - spec.rows[0],
+                                plan["lora_alpha"] / rank, dtype)
+        grouped.setdefault(f"{parent}.{target}", []).append((spec, mixture))
+    built = {}
+    for name, entries in grouped.items():
+        linear = linears[name]
+        entries.sort(key=lambda entry: entry[0].offset)
+        row_parallel = entries[0][0].cols is not None
+        out_width = linear.output_size if row_parallel else linear.output_size_per_partition
+        reduce = all_reduce if row_parallel and linear.tp_size > 1 else None
+        built[name] = LinearMixture([s for s, _ in entries], [m for _, m in entries], out_width, reduce)
+    return built
