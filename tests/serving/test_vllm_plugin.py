@@ -1,4 +1,4 @@
-"""MoE-LoRA adapters on real vLLM through the alphalora plugin equal the native engine, token for token.
+"""MoE-LoRA adapters (Llama, Mistral, Qwen2) on real vLLM through the alphalora plugin equal the native engine.
 
 `alphalora serve --engine vllm --adapter moe=DIR` bakes the adapter into a model folder whose
 architecture is the plugin's class; vLLM fuses q/k/v and gate/up, and the plugin adds each
@@ -17,7 +17,7 @@ from tests.serving.vllm_helpers import VLLMServer, native_greedy, own_adapter, r
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, family):
     python = require_vllm()
     if not find_vllm(python).plugin:
