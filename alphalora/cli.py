@@ -174,17 +174,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_vllm(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
+    from alphalora.serving.openai.server import parse_adapters
     from alphalora.serving.vllm.launch import ServeOptions, VLLMNotFound, serve_vllm
 
     try:
-        adapters = {}
-        for spec in args.adapter:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
-            if not Path(path).is_dir():
-                raise ValueError(f"adapter {name!r}: {path} is not a folder")
-            adapters[name] = path
+        adapters = parse_adapters(args.adapter)
         if not (Path(args.model_dir) / "config.json").exists():
             raise ValueError(f"{args.model_dir} is not a model folder (no config.json)")
         options = ServeOptions(

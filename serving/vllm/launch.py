@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import Prepared, prepare, round_rank
+from .adapters import Prepared, peft_ranks, prepare, round_rank
 
 VLLM_PYTHON_ENV = "ALPHALORA_VLLM_PYTHON"
 INSTALL_HINT = (
@@ -102,8 +102,6 @@ class Launch:
 
 def _runtime_rank(adapter_dir: str) -> int:
     """The largest rank among the PEFT folders in --adapter-dir (16 if none), for adapters loaded later."""
-    from .adapters import peft_ranks
-
     ranks = [max(peft_ranks(f).values(), default=1) for f in Path(adapter_dir).iterdir()
              if (f / "adapter_config.json").exists() and (f / "adapter_model.safetensors").exists()]
     return max(ranks, default=16)

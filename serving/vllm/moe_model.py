@@ -34,7 +34,9 @@ class MoELoRAMixin:
         config = json.loads((self._alphalora_dir / "alphalora_config.json").read_text())
         with safe_open(str(self._alphalora_dir / "adapter_model.safetensors"), "pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        mixtures = build_mixtures(config["module_names"], shapes, config["plan"], dict(self.named_modules()),
+        switched_off = set(config["plan"].get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint
+        names = [name for name in config["module_names"] if name not in switched_off]
+        mixtures = build_mixtures(names, shapes, config["plan"], dict(self.named_modules()),
                                   vllm_config.model_config.dtype, tensor_model_parallel_all_reduce)
         self.alphalora = nn.ModuleDict()
         for name, mixture in mixtures.items():
