@@ -77,7 +77,8 @@ def _free_port() -> int:
 class VLLMServer:
     """`alphalora serve --engine vllm ...` in a subprocess, until stop()."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], workdir: Path, extra: list[str] = ()):
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], workdir: Path, extra: list[str] = (),
+                 env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"vllm-{self.port}.log"
@@ -87,7 +88,7 @@ class VLLMServer:
         for name, path in adapters.items():
             argv += ["--adapter", f"{name}={path}"]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                   ALPHALORA_CACHE=str(workdir / "cache"))
+                   ALPHALORA_CACHE=str(workdir / "cache"), **(env or {}))
         self.process = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
                                         cwd=Path(__file__).resolve().parents[2])
         deadline = time.time() + 400
