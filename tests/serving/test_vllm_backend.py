@@ -2,7 +2,8 @@
 
 Greedy token ids are compared token for token with the native engine (and PEFT) for the base model,
 and heterogeneous-rank LoRA adapters (ours, exported to PEFT on the way, and a PEFT folder with
-rank_pattern/alpha_pattern). MoE-LoRA through the plugin: test_vllm_plugin.py.
+rank_pattern/alpha_pattern), also one loaded at run time through /v1/load_lora_adapter. MoE-LoRA
+through the plugin: test_vllm_plugin.py.
 Skipped unless ALPHALORA_VLLM_PYTHON names a python with vLLM installed; .ci/run sets it.
 """
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from alphalora.adapters.peft_export import export_peft
 from tests.serving.vllm_helpers import (
     MAX_TOKENS,
     PROMPTS,
@@ -60,15 +62,18 @@ def served(tmp_path_factory):
     model = tiny_model(root / "tiny-llama")
     adapters = {"hetero": own_adapter(root / "hetero", "llama", (1, 1), rank_pattern={"q": 2, "down": 16}, seed=3),
                 "patterned": _peft_patterned(root / "patterned")}
-    server = VLLMServer(model, adapters, root)
-    yield server, model, adapters
+    late = own_adapter(root / "late", "llama", (1, 1), rank_pattern={"k": 8}, seed=11, targets=("q", "k", "v", "o"))
+    export_peft(late, root / "runtime" / "late")  # loaded later through /v1/load_lora_adapter
+    server = VLLMServer(model, adapters, root, ["--adapter-dir", str(root / "runtime")])
+    yield server, model, {**adapters, "late": late}
     server.stop()
+
 
 def test_models_route_lists_the_base_and_each_adapter_with_its_parent(served):
     server, _, _ = served
     data = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
     by_id = {m["id"]: m for m in data}
-    assert set(by_id) == {"tiny-llama", "hetero", "patterned"}
+    assert set(by_id) - {"late"} == {"tiny-llama", "hetero", "patterned"}  # "late" once loaded at run time
     assert by_id["hetero"]["parent"] == by_id["patterned"]["parent"] == "tiny-llama"
 
 def test_base_model_greedy_equals_native_engine(served):
@@ -86,3 +91,13 @@ def test_rank_and_alpha_pattern_adapter_equals_peft_and_native_engine(served):
     peft_out = _peft_greedy(adapters["patterned"])
     assert native_greedy(model, adapters, "patterned") == peft_out
     assert server.greedy("patterned") == peft_out
+
+
+def test_adapter_loaded_at_run_time_through_the_route_equals_native_engine(served):
+    server, model, adapters = served
+    path = str(adapters["late"].parent / "runtime" / "late")
+    response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    assert "late" in [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
+    assert server.greedy("late") == native_greedy(model, adapters, "late")
