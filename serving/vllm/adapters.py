@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALPHALORA_CACHE") or Path.home() / ".cache" / "alphalora") / "vllm"
 
 
-def _fingerprint(*folders: Path, extra: str = "") -> str:
-    digest = hashlib.sha256(extra.encode())
+def _fingerprint(*folders: Path) -> str:
+    digest = hashlib.sha256()
     for folder in folders:
         for item in sorted(Path(folder).resolve().iterdir()):
             stat = item.stat()
@@ -104,11 +105,18 @@ def _is_moe(folder: Path) -> bool:
     return any(n != 1 for n in read_adapter_config(folder)["plan"]["experts_per_layer"])
 
 
-def _cached(kind: str, sources: list[Path], make, extra: str = "") -> Path:
-    out = cache_root() / f"{kind}-{_fingerprint(*sources, extra=extra)}"
+def _cached(kind: str, sources: list[Path], make) -> Path:
+    """make(folder) into the cache, once per version of the source folders; never left half-written."""
+    out = cache_root() / f"{kind}-{_fingerprint(*sources)}"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        make(out)
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make(tmp)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
