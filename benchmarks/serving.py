@@ -185,8 +185,8 @@ def main() -> None:
     prompts = workload(args)
     counts = [int(c) for c in args.adapter_counts.split(",")]
     rows: list[dict] = []
-    warm = argparse.Namespace(**{**vars(args), "requests": 8, "output": 4})
-    run_engine(warm, prompts[:8], [None] * 8, {})  # first-call costs out of the timed runs
+    warm = argparse.Namespace(**{**vars(args), "output": 4})
+    run_engine(warm, prompts, [None] * args.requests, {})  # first-call and first-allocation costs out of the timings
     base = {"kind": "base", "adapters": 0, **run_engine(args, prompts, [None] * args.requests, {})}
     if args.vllm_python:
         base["vllm"] = run_vllm(args, work, prompts, [None] * args.requests, {})
