@@ -190,6 +190,8 @@ def main() -> None:
     base = {"kind": "base", "adapters": 0, **run_engine(args, prompts, [None] * args.requests, {})}
     if args.vllm_python:
         base["vllm"] = run_vllm(args, work, prompts, [None] * args.requests, {})
+        if base["vllm"]:
+            base["over_vllm"] = base["output_tok_s"] / base["vllm"]["output_tok_s"]
     rows.append(base)
     print(f"base model: {base['output_tok_s']:7.1f} tok/s" + (f", vLLM {base['vllm']['output_tok_s']:.1f} tok/s"
                                                              if base.get("vllm") else ""))
@@ -215,12 +217,13 @@ def main() -> None:
             if vllm:
                 rate = vllm["output_tok_s"]
                 row.update(vllm=vllm, vllm_tok_s=rate, over_vllm=ours["output_tok_s"] / rate)
-                print(f"  vLLM on the same requests: {rate:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
             rows.append(row)
             print(f"{kind:9s} {count:2d} adapters: {ours['output_tok_s']:7.1f} tok/s ({row['over_hf_generate']:.1f}x "
                   f"HF generate {hf_rate:.1f}), TTFT p50/p99 {ours['ttft_p50']:.2f}/{ours['ttft_p99']:.2f} s, "
                   f"TPOT p50/p99 {ours['tpot_p50'] * 1e3:.0f}/{ours['tpot_p99'] * 1e3:.0f} ms, KV pool "
                   f"{ours['kv_pool_mib']:.0f} MiB, adapters {ours['adapter_mib']:.1f} MiB")
+            if vllm:
+                print(f"  vLLM, same requests: {row['vllm_tok_s']:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
     by = {(r["kind"], r["adapters"]): r for r in rows}
     summary = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
@@ -229,7 +232,8 @@ def main() -> None:
                      "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
         "rows": rows,
         "over_hf_generate": min(r["over_hf_generate"] for r in rows if "over_hf_generate" in r),
-        "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r), default=None),
+        "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r and r["kind"] == "lora"), default=None),
+        "over_vllm_by_row": {f"{r['kind']}{r['adapters']}": r["over_vllm"] for r in rows if "over_vllm" in r},
         "mixed16_over_single": min(by[(k, max(counts))]["output_tok_s"] / by[(k, 1)]["output_tok_s"]
                                    for k in ("lora", "moe-lora") if (k, 1) in by and (k, max(counts)) in by),
     }
