@@ -199,6 +199,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _serve_vllm(args)
     from alphalora.adapters import AdapterError
     from alphalora.serving.openai.server import make_state, parse_adapters, serve
 
@@ -213,6 +215,26 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving {state.base_name} with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
     serve(state, args.host, args.port)
     return 0
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    from alphalora.adapters import AdapterError
+    from alphalora.serving.openai.server import parse_adapters
+    from alphalora.serving.vllm.launch import ServeOptions, VLLMNotFound, serve_vllm
+
+    try:
+        adapters = parse_adapters(args.adapter)
+        if not (Path(args.model_dir) / "config.json").exists():
+            raise ValueError(f"{args.model_dir} is not a model folder (no config.json)")
+        options = ServeOptions(
+            args.model_dir, adapters, host=args.host, port=args.port, api_key=args.api_key,
+            adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            served_model_name=args.served_model_name, dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size, vllm_args=args.vllm_args)
+        return serve_vllm(options, args.vllm_python)
+    except (ValueError, AdapterError, VLLMNotFound, OSError) as error:
+        raise CliError(str(error)) from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Continuous batching over a paged KV cache; each request names an adapter (or the base model) in its "
             "`model` field and requests for different adapters share one batch. Routes: /v1/models, "
             "/v1/completions, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, "
-            "/detokenize, /health, /metrics."
+            "/detokenize, /health, /metrics. With --engine vllm the same flags start real vLLM's OpenAI server (same "
+            "routes) with the adapters exported to PEFT form, or one MoE-LoRA adapter baked in for the alphalora "
+            "vLLM plugin; what vLLM cannot express is refused before it starts."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -397,7 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--device", default="cpu", help="native engine only (vLLM picks its own platform)")
+    serve.add_argument("--engine", choices=["native", "vllm"], default="native",
+                       help="native: this package's engine (MoE-LoRA and LoRA mixed in one batch); vllm: real vLLM's "
+                       "OpenAI server (plain LoRA adapters exported to PEFT, or one MoE-LoRA adapter via the plugin)")
+    serve.add_argument("--vllm-python", default=None, metavar="PATH",
+                       help="python of the environment where vLLM is installed (default: this one, or "
+                       "$ALPHALORA_VLLM_PYTHON)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only: GPUs to shard the model over")
+    serve.add_argument("--vllm-args", default="", metavar="ARGS",
+                       help="vLLM only: more arguments for vLLM's server, e.g. \"--pipeline-parallel-size 2 "
+                       "--distributed-executor-backend ray\"")
     serve.set_defaults(run=_serve)
     return parser
 

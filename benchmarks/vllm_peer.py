@@ -1,8 +1,9 @@
 """The vLLM side of benchmarks/serving.py, run in an environment where `vllm` imports.
 
 Reads a JSON job (model folder, prompts as token ids, one adapter name or none per request, PEFT
-adapter folders, output length), runs vLLM's offline `LLM.generate` on all requests at once and
-prints a JSON line with output tokens/s. vLLM serves plain LoRA only, so jobs carry PEFT exports.
+adapter folders, output length), runs vLLM's offline engine on all requests at once and prints a
+JSON line with output tokens/s and per-request TTFT and TPOT (from vLLM's request metrics). Plain
+LoRA jobs carry PEFT exports; a MoE-LoRA job names a baked model folder (the alphalora plugin).
 
     python benchmarks/vllm_peer.py job.json
 """
@@ -11,8 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
 
 
 def main() -> None:
@@ -23,20 +30,31 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     adapters = job["adapters"]
-    llm = LLM(model=job["model"], skip_tokenizer_init=True, enable_lora=bool(adapters), max_lora_rank=8,
-              max_loras=max(1, len(adapters)), max_model_len=512, gpu_memory_utilization=0.3, seed=0,
-              max_num_seqs=len(job["prompts"]))
+    llm = LLM(model=job["model"], skip_tokenizer_init=True, enable_lora=bool(adapters),
+              max_lora_rank=job.get("max_lora_rank", 8), max_loras=max(1, len(adapters)), max_model_len=512,
+              gpu_memory_utilization=0.3, seed=0, max_num_seqs=len(job["prompts"]),
+              max_num_batched_tokens=job.get("max_num_batched_tokens"), disable_log_stats=False)
     params = SamplingParams(max_tokens=job["output"], min_tokens=job["output"], temperature=0.0, ignore_eos=True,
                             detokenize=False)
     ids = {name: i + 1 for i, name in enumerate(sorted(adapters))}
-    lora = [LoRARequest(name, ids[name], adapters[name]) if name else None for name in job["names"]]
+    lora = [LoRARequest(name, ids[name], adapters[name]) if name in adapters else None for name in job["names"]]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     llm.generate(prompts[:2], params, lora_request=lora[:2], use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"output_tok_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}))
+    result = {"output_tok_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
+    # All requests are submitted at once, so each TTFT counts from the batch's start (as for the native engine).
+    metrics = [o.metrics for o in outputs if o.metrics is not None and o.metrics.first_token_ts]
+    if metrics:
+        origin = min(m.queued_ts for m in metrics)
+        ttft = [m.first_token_ts - origin for m in metrics]
+        tpot = [(m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1) for m in metrics
+                if m.num_generation_tokens > 1]
+        result.update(ttft_p50=statistics.median(ttft), ttft_p99=_percentile(ttft, 0.99),
+                      tpot_p50=statistics.median(tpot), tpot_p99=_percentile(tpot, 0.99))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral and Qwen2 (loaded by the plugin).
+
+A baked model folder is the base model's folder plus `alphalora_adapter/` (our adapter folder) and
+a config.json whose `architectures` names one of these classes (see `bake.py`). The base model is
+vLLM's own class, unchanged; a forward hook on each adapted vLLM linear (qkv_proj, o_proj,
+gate_up_proj, down_proj) adds the mixture of every Hugging Face module fused into it to that
+module's slice of the output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from .bake import ADAPTER_SUBDIR
+from .mixture import build_mixtures
+
+
+class MoELoRAMixin:
+    """Adds the adapter in `<model>/alphalora_adapter` to a vLLM causal LM of the Llama family."""
+
+    def _attach_adapter(self, vllm_config) -> None:
+        self._alphalora_dir = Path(vllm_config.model_config.model) / ADAPTER_SUBDIR
+        config = json.loads((self._alphalora_dir / "alphalora_config.json").read_text())
+        with safe_open(str(self._alphalora_dir / "adapter_model.safetensors"), "pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        switched_off = set(config["plan"].get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint
+        names = [name for name in config["module_names"] if name not in switched_off]
+        mixtures = build_mixtures(names, shapes, config["plan"], dict(self.named_modules()),
+                                  vllm_config.model_config.dtype, tensor_model_parallel_all_reduce)
+        self.alphalora = nn.ModuleDict()
+        for name, mixture in mixtures.items():
+            self.alphalora[name.replace(".", "__")] = mixture
+            self.get_submodule(name).register_forward_hook(mixture.hook)
+
+    def _load_adapter(self) -> set[str]:
+        """Copies this rank's share of the adapter weights into the mixtures; returns the loaded names."""
+        tensors = _weights(self._alphalora_dir)
+        loaded = set()
+        for key, linear_mixture in self.alphalora.items():
+            for spec, mixture in zip(linear_mixture.specs, linear_mixture.mixtures, strict=True):
+                mixture.load(spec, tensors[f"{spec.name}.lora_A"], tensors[f"{spec.name}.lora_B"],
+                             tensors.get(f"{spec.name}.router.weight"))
+            loaded |= {f"alphalora.{key}.{name}" for name, _ in linear_mixture.named_parameters()}
+        return loaded
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        return set(loaded) | self._load_adapter()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+class MoELoRALlamaForCausalLM(MoELoRAMixin, LlamaForCausalLM):
+    """Llama with a baked MoE-LoRA adapter."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_adapter(vllm_config)
+
+
+class MoELoRAMistralForCausalLM(MoELoRAMixin, MistralForCausalLM):
+    """Mistral with a baked MoE-LoRA adapter."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_adapter(vllm_config)
+
+
+class MoELoRAQwen2ForCausalLM(MoELoRAMixin, Qwen2ForCausalLM):
+    """Qwen2 with a baked MoE-LoRA adapter."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_adapter(vllm_config)

