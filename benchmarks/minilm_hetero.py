@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--proxy-batch-size", type=int, default=8)
     parser.add_argument("--dynamic-every", type=int, default=5, help="optimizer steps between re-scorings")
     parser.add_argument("--shortcuts", action="store_true", help="also run static grad-norm with shortcut connections")
+    parser.add_argument("--rows", default=None, help="run only these rows (comma-separated names), e.g. to time "
+                        "'static grad-norm,dynamic grad-norm' on a quiet machine")
+    parser.add_argument("--best-other", default=None, help="skip the screening and use this proxy")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -61,6 +64,8 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def run(name: str, make_plan, run_seeds=seeds) -> None:
+        if args.rows and name not in args.rows.split(","):
+            return
         earlier = results.get(name, {"accuracy": [], "seeds": [], "parameters": [], "seconds": [], "rescoring": []})
         scores, seconds, rescoring = earlier["accuracy"], earlier["seconds"], earlier["rescoring"]
         parameters, done = earlier["parameters"], earlier["seeds"]
@@ -89,21 +94,22 @@ def main() -> None:
     others = [p for p in STATIC_PROXIES if p != "grad-norm"]
     for proxy in others:
         run(f"static {proxy}", lambda seed, proxy=proxy: hetero(proxy, seed), seeds[:1])
-    best_other = max((p for p in others if p != "constant"), key=lambda p: results[f"static {p}"]["mean"])
+    best_other = args.best_other or max((p for p in others if p != "constant"),
+                                        key=lambda p: results[f"static {p}"]["mean"])
     run(f"static {best_other}", lambda seed: hetero(best_other, seed))
     for proxy in ("grad-norm", best_other):
         run(f"dynamic {proxy}", lambda seed, proxy=proxy: hetero(proxy, seed, dynamic_every=args.dynamic_every))
     if args.shortcuts:
         run("static grad-norm + shortcuts", lambda seed: hetero("grad-norm", seed, shortcuts=True))
 
-    static_seconds = results["static grad-norm"]["train_seconds"]
+    static_seconds = results.get("static grad-norm", {}).get("train_seconds", float("nan"))
     print(f"\nbudget {budget} parameters; {len(seeds)} seeds; candidate rank {args.rank} (uniform: rank "
           f"{args.uniform_rank})")
     print(f"{'plan':30s} accuracy mean +- std    train s   re-scoring s")
     for name, r in results.items():
         print(f"{name:30s} {r['mean']:.4f} +- {r['std']:.4f}   {r['train_seconds']:7.1f}   "
               f"{r['rescoring_seconds']:6.1f}")
-    for proxy in ("grad-norm", best_other):
+    for proxy in (p for p in ("grad-norm", best_other) if f"dynamic {p}" in results):
         dynamic = results[f"dynamic {proxy}"]
         print(f"dynamic {proxy}: re-scoring {dynamic['rescoring_seconds']:.1f} s, wall time "
               f"{dynamic['train_seconds'] / static_seconds:.2f}x static grad-norm's")
