@@ -55,13 +55,31 @@ def _peft_greedy(peft_dir) -> list[list[int]]:
     return outputs
 
 
+def _heterolora_adapter(model_dir, folder):
+    """An adapter on a HeteroLoRA plan (grad-norm, rank levels): full module names, a rank each."""
+    import json
+
+    import alphalora
+    from alphalora.adapters.io import save_adapter
+    from tests.tiny_models import CORPUS, with_random_adapter
+
+    data = folder.parent / "heterolora.jsonl"
+    data.write_text("\n".join(json.dumps({"text": line}) for line in CORPUS * 2) + "\n")
+    plan = alphalora.allocate(method="hetero", model_dir=model_dir, data=data, proxy="grad-norm", budget=6000,
+                              ranks=[2, 4, 8], proxy_batches=2, proxy_batch_size=4, progress=False)
+    assert len(set(plan.rank_pattern.values())) > 1
+    save_adapter(with_random_adapter(build("llama", 0, **VLLM_TINY), plan, seed=13, std=0.3), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     require_vllm()
     root = tmp_path_factory.mktemp("vllm-lora")
     model = tiny_model(root / "tiny-llama")
     adapters = {"hetero": own_adapter(root / "hetero", "llama", (1, 1), rank_pattern={"q": 2, "down": 16}, seed=3),
-                "patterned": _peft_patterned(root / "patterned")}
+                "patterned": _peft_patterned(root / "patterned"),
+                "heterolora": _heterolora_adapter(model, root / "heterolora")}
     late = own_adapter(root / "late", "llama", (1, 1), rank_pattern={"k": 8}, seed=11, targets=("q", "k", "v", "o"))
     export_peft(late, root / "runtime" / "late")  # loaded later through /v1/load_lora_adapter
     server = VLLMServer(model, adapters, root, ["--adapter-dir", str(root / "runtime")])
@@ -73,7 +91,7 @@ def test_models_route_lists_the_base_and_each_adapter_with_its_parent(served):
     server, _, _ = served
     data = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
     by_id = {m["id"]: m for m in data}
-    assert set(by_id) - {"late"} == {"tiny-llama", "hetero", "patterned"}  # "late" once loaded at run time
+    assert set(by_id) - {"late"} == {"tiny-llama", "hetero", "patterned", "heterolora"}  # "late": at run time
     assert by_id["hetero"]["parent"] == by_id["patterned"]["parent"] == "tiny-llama"
 
 def test_base_model_greedy_equals_native_engine(served):
@@ -85,6 +103,13 @@ def test_exported_heterogeneous_rank_adapter_equals_native_engine(served):
     native = native_greedy(model, adapters, "hetero")
     assert native != native_greedy(model, adapters, None)  # the adapter changes the output
     assert server.greedy("hetero") == native
+
+
+def test_heterolora_plan_adapter_exported_on_the_way_equals_native_engine(served):
+    server, model, adapters = served
+    native = native_greedy(model, adapters, "heterolora")
+    assert native != native_greedy(model, adapters, None)
+    assert server.greedy("heterolora") == native
 
 def test_rank_and_alpha_pattern_adapter_equals_peft_and_native_engine(served):
     server, model, adapters = served
