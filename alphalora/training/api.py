@@ -120,6 +120,7 @@ def train(
     if gradient_checkpointing and plan.shortcuts:
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
                            "recomputes block by block; train this plan without --gradient-checkpointing")
+    set_seed(seed)  # a new task head (classification) is initialised while loading: same seed, same head
     model, tokenizer, train_set, label_names, max_length = load_model_and_data(
         model_dir, data, task, max_length=max_length, bf16=bf16)
     eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names) if eval_data else None

@@ -129,3 +129,19 @@ def test_datasets_folder_and_eval_loss(llama_dir, tmp_path):
     with pytest.raises(DataError, match="no 'train' split"):
         datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "nosplit"))
         train(llama_dir, _plan(), tmp_path / "nosplit", tmp_path / "a")
+
+
+def test_the_same_seed_gives_the_same_classification_run_whatever_ran_before(tmp_path):
+    bert = save_tiny("bert", tmp_path / "bert")
+    rows = [{"text": "the cat sat on the mat", "label": "cat"}, {"text": "the dog sat on the log", "label": "dog"}] * 4
+    data = _write_jsonl(tmp_path / "cls.jsonl", rows)
+    plan = _plan(experts=(1, 1), aux=0.0, targets=("q", "v"))
+
+    def run(name):
+        result = train(bert, plan, data, tmp_path / name, task="classification", max_steps=2, batch_size=4,
+                       seed=3, save_steps=100, logging_steps=1, progress=False)
+        return [h["loss"] for h in result.log_history if "loss" in h]
+
+    first = run("first")
+    torch.rand(1000)  # the global generator moves on, as another run in the same process would move it
+    assert run("second") == first

@@ -114,6 +114,7 @@ def allocate_hetero(
         raise AllocationError(f"the budget is a number of trainable parameters (a positive integer), got {budget!r}")
     try:
         _check_data_size(data, proxy, proxy_batches, proxy_batch_size)
+        set_seed(seed)  # the task head a classification model gets while loading is part of the scores
         model, tokenizer, train_set, _, _ = load_model_and_data(model_dir, data, task, max_length=max_length)
     except DataError as error:
         raise AllocationError(str(error)) from error
