@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alphalora.allocation.plan import SHORTCUT_KINDS
+from alphalora.allocation.plan import parse_shortcut
 
 SHORTCUTS_ATTRIBUTE = "alphalora_shortcuts"
 
@@ -98,16 +98,6 @@ class _Taps:
     ffn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def shortcut_name(layer: int, kind: str) -> str:
-    return f"layer{layer}.{kind}"
-
-
-def all_shortcut_names(num_layers: int) -> list[str]:
-    """Every shortcut candidate of a model with `num_layers` blocks (4L - 1 of them)."""
-    return [shortcut_name(layer, kind) for layer in range(num_layers) for kind in SHORTCUT_KINDS
-            if not (layer == 0 and kind == "shortcut2")]
-
-
 def _added(output: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
     for term in terms:
         output = output + term.to(output.dtype)
@@ -122,8 +112,7 @@ def attach_shortcuts(model: nn.Module, blocks: dict[int, nn.Module], ranks: dict
     modules: dict[str, ShortcutLoRA] = {}
     by_layer: dict[int, dict[str, ShortcutLoRA]] = {}
     for name, rank in ranks.items():
-        layer_text, _, kind = name.partition(".")
-        layer = int(layer_text.removeprefix("layer"))
+        layer, kind = parse_shortcut(name)  # the plan validated the name
         if layer not in blocks:
             raise ShortcutError(f"shortcut {name}: the model has no block {layer}")
         module = ShortcutLoRA(hidden_size, rank, alpha, like)

@@ -18,6 +18,25 @@ PROXY_NAMES = ("constant", "grad-norm", "snip", "synflow", "fisher", "alpha")
 POOLS = ("joint", "separate")
 
 
+def shortcut_name(layer: int, kind: str) -> str:
+    """The plan name of a shortcut connection, e.g. "layer3.residual1"."""
+    return f"layer{layer}.{kind}"
+
+
+def parse_shortcut(name: str) -> tuple[int, str] | None:
+    """(layer, kind) of a shortcut's plan name, or None when `name` is not one (e.g. a module name)."""
+    layer, _, kind = name.partition(".")
+    if layer.startswith("layer") and layer[5:].isdigit() and kind in SHORTCUT_KINDS:
+        return int(layer[5:]), kind
+    return None
+
+
+def all_shortcut_names(num_layers: int) -> list[str]:
+    """Every shortcut candidate of a model with `num_layers` blocks (4L - 1 of them)."""
+    return [shortcut_name(layer, kind) for layer in range(num_layers) for kind in SHORTCUT_KINDS
+            if not (layer == 0 and kind == "shortcut2")]
+
+
 class PlanFormatError(ValueError):
     """A plan that is not valid: the message names the field and the fix."""
 
@@ -118,10 +137,11 @@ class Plan:
 
     def _validate_hetero(self, fail) -> None:
         for name, rank in self.shortcuts.items():
-            layer, _, kind = name.partition(".")
-            if not (layer.startswith("layer") and layer[5:].isdigit() and kind in SHORTCUT_KINDS):
+            parsed = parse_shortcut(name)
+            if parsed is None:
                 fail(f"shortcut {name!r} must be layer<N>.<kind> with kind one of {', '.join(SHORTCUT_KINDS)}")
-            if int(layer[5:]) >= self.num_layers or (kind == "shortcut2" and layer == "layer0"):
+            layer, kind = parsed
+            if layer >= self.num_layers or (kind == "shortcut2" and layer == 0):
                 fail(f"shortcut {name!r} does not exist in a {self.num_layers}-layer model")
             if not isinstance(rank, int) or rank < 1:
                 fail(f"shortcut {name!r}: rank must be a positive integer, got {rank!r}")

@@ -9,8 +9,9 @@ from alphalora.adapters import AdapterError
 from alphalora.adapters.inject import inject_adapters
 from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
-from alphalora.adapters.shortcuts import SHORTCUTS_ATTRIBUTE, all_shortcut_names
+from alphalora.adapters.shortcuts import SHORTCUTS_ATTRIBUTE
 from alphalora.allocation import Plan
+from alphalora.allocation.plan import all_shortcut_names
 from tests.tiny_models import FAMILIES, build
 
 

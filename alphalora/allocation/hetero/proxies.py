@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..expert_counts import AllocationError
-from ..plan import PROXY_NAMES
+from ..plan import PROXY_NAMES, parse_shortcut
 
 PROBE_SCALE = 1e-3
 PROXY_COST = {
@@ -166,12 +166,11 @@ def spectral_alpha(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str,
     by_layer = {layer.layer: layer.alpha for layer in report.layers}
     scores = {}
     for name in modules:
-        if name in by_name:
-            scores[name] = by_name[name]
-        elif name.startswith("layer"):  # a shortcut "layer3.residual1"
-            scores[name] = by_layer.get(int(name.partition(".")[0][5:]), float("nan"))
+        shortcut = parse_shortcut(name)
+        if shortcut is not None:
+            scores[name] = by_layer.get(shortcut[0], float("nan"))
         else:
-            scores[name] = float("nan")  # no fit (too few eigenvalues): ranked last
+            scores[name] = by_name.get(name, float("nan"))  # no fit (too few eigenvalues): ranked last
     return scores
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from alphalora.spectral.roles import block_index
 
 from ..expert_counts import AllocationError
-from ..plan import POOLS, Plan, Reallocation
+from ..plan import POOLS, Plan, Reallocation, all_shortcut_names, parse_shortcut
 from .budget import Candidate, check_budget, check_ranks, parameters_used, select
 from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, score_candidates
 
@@ -29,7 +29,7 @@ def candidates_of(model: nn.Module) -> list[Candidate]:
         module = model.get_submodule(name)
         found.append(Candidate(name, "lora", block_index(name), module.in_features, module.out_features))
     for name, shortcut in state.shortcuts.items():
-        layer = int(name.partition(".")[0].removeprefix("layer"))
+        layer, _ = parse_shortcut(name)
         found.append(Candidate(name, "shortcut", layer, shortcut.features, shortcut.features))
     return found
 
@@ -128,7 +128,7 @@ def allocate_hetero(
         method="hetero", base_model=str(model_dir), experts_per_layer=[1] * num_layers,
         top_k_per_layer=[1] * num_layers, target_modules=roles, rank=levels[-1], lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, shortcut_alpha=shortcut_alpha,
-        shortcuts=dict.fromkeys(_all_shortcuts(num_layers), levels[-1]) if shortcuts else {},
+        shortcuts=dict.fromkeys(all_shortcut_names(num_layers), levels[-1]) if shortcuts else {},
     )
     set_seed(seed)
     try:
@@ -183,8 +183,3 @@ def _block_roles(blocks: dict[str, tuple[int, nn.Module]]) -> list[str]:
     found = {role_of(name) for name in blocks}
     return [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
 
-
-def _all_shortcuts(num_layers: int) -> list[str]:
-    from alphalora.adapters.shortcuts import all_shortcut_names
-
-    return all_shortcut_names(num_layers)
