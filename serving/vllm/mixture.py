@@ -1,7 +1,7 @@
 """One vLLM linear's MoE-LoRA delta: each fused slice (q/k/v, gate/up) gets its own module's mixture.
 
 Kept free of vLLM imports except the tensor-parallel all-reduce, so the math can be tested
-against the native engine without vLLM installed.
+against the native engine without vLLM installed; the gating is the training layer's own.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from alphalora.adapters.routing import dense_gates, top_k_gates
+from alphalora.spectral.roles import block_index
 
 # Hugging Face module -> (the vLLM linear it is fused into, its slice index; None: the whole linear)
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -94,10 +97,8 @@ class ModuleMixture(nn.Module):
         hidden = partials[:, :width]
         if self.router is None:
             return (hidden * self.scaling) @ self.lora_B.T
-        probs = torch.softmax(partials[:, width:].float(), dim=-1)
-        gates, ids = torch.topk(probs, self.top_k, dim=-1)
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-        dense = torch.zeros_like(probs).scatter(1, ids, gates) * self.scaling
+        gates, ids = top_k_gates(partials[:, width:], self.top_k)
+        dense = dense_gates(gates, ids, self.num_experts) * self.scaling
         hidden = hidden * dense.to(hidden.dtype).repeat_interleave(self.rank, dim=1)
         return hidden @ self.lora_B.T
 
@@ -163,7 +164,7 @@ def build_mixtures(module_names: list[str], shapes: dict[str, tuple[int, ...]], 
         spec = slice_spec(hf_name, linear, index)
         experts, rank, in_features = shapes[f"{hf_name}.lora_A"]
         width = spec.cols[1] - spec.cols[0] if spec.cols else in_features
-        layer = int(hf_name.split(".layers.")[1].split(".")[0])
+        layer = block_index(hf_name)
         mixture = ModuleMixture(experts, plan["top_k_per_layer"][layer], rank, width, spec.rows[1] - spec.rows[0],
                                 plan["lora_alpha"] / rank, dtype)
         grouped.setdefault(f"{parent}.{target}", []).append((spec, mixture))
