@@ -238,6 +238,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alphalora.allocation.plan import POOLS, PROXY_NAMES
+
     parser = argparse.ArgumentParser(
         prog="alphalora",
         description="Decide where a model needs adapter capacity from its weight spectra.",
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--aux-loss-coef", type=float, default=0.0,
                           help="Switch-style load-balancing loss weight (MoLA's paper: 0.001)")
     hetero = allocate.add_argument_group("hetero (HeteroLoRA) options")
-    hetero.add_argument("--proxy", choices=["constant", "grad-norm", "snip", "synflow", "fisher", "alpha"],
+    hetero.add_argument("--proxy", choices=PROXY_NAMES,
                         default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
     hetero.add_argument("--model", default=None, help="base model folder to score candidates on")
     hetero.add_argument("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels chosen from the scores, e.g. 2,4,8,16")
     hetero.add_argument("--shortcuts", action="store_true",
                         help="add LoRA shortcut connections (residual and cross-layer) to the search space")
-    hetero.add_argument("--pools", choices=["joint", "separate"], default="joint",
+    hetero.add_argument("--pools", choices=POOLS, default="joint",
                         help="rank modules and shortcuts together, or split the budget between them")
     hetero.add_argument("--shortcut-share", type=float, default=None,
                         help="separate pools: the shortcuts' budget share (default: their share of all candidates)")

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alphalora._io import atomic_path, write_text_atomic
+from alphalora._io import atomic_path, check_format_version, read_json, write_text_atomic
 from alphalora.allocation.plan import Plan, PlanFormatError
 
 from .inject import AdapterError, AdapterState, adapter_parameters, adapter_state, inject_adapters
@@ -100,13 +100,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
         raise AdapterError(f"{folder} has no {CONFIG_NAME}: not an alphalora adapter (or an incomplete save)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{config_path}: unsupported format_version {config.get('format_version')!r} "
-                           f"(this version reads {FORMAT_VERSION})")
+    config = read_json(config_path, "adapter config", "`alphalora train`", AdapterError)
+    check_format_version(config, FORMAT_VERSION, f"adapter config {config_path}", "`alphalora train`", AdapterError)
     try:
         Plan.from_dict(config["plan"])
     except (KeyError, PlanFormatError) as error:
