@@ -101,10 +101,6 @@ def fold_peft_scales(folder: Path, out: Path) -> Path:
     return out
 
 
-def _is_moe(folder: Path) -> bool:
-    return any(n != 1 for n in read_adapter_config(folder)["plan"]["experts_per_layer"])
-
-
 def _cached(kind: str, sources: list[Path], make) -> Path:
     """make(folder) into the cache, once per version of the source folders; never left half-written."""
     out = cache_root() / f"{kind}-{_fingerprint(*sources)}"
@@ -133,10 +129,10 @@ def prepare(model_dir: str | Path, adapters: dict[str, str], reads_patterns: boo
     for name, path in adapters.items():
         folder = Path(path)
         if (folder / CONFIG_NAME).exists():
-            if _is_moe(folder):
+            plan = read_adapter_config(folder)["plan"]
+            if any(n != 1 for n in plan["experts_per_layer"]):
                 moe.append(name)
                 continue
-            plan = read_adapter_config(folder)["plan"]
             if plan.get("modules_to_save"):
                 raise AdapterError(f"adapter {name!r} trains {plan['modules_to_save']} as well (modules_to_save), "
                                    f"which vLLM cannot serve; {NATIVE}")
