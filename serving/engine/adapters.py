@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import CONFIG_NAME, _load_weights, read_adapter_config
+from alphalora.adapters.peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from alphalora.spectral.roles import block_index
 
 
@@ -59,11 +62,19 @@ class LoadedAdapter:
 
 
 def _match_pattern(pattern: dict, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key that ends the module name."""
+    """PEFT's rank_pattern/alpha_pattern lookup (its get_pattern_key): the first key that is the
+    module name or a dotted suffix of it, keys read as regular expressions."""
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or name.endswith(key):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def peft_scaling(config: dict, name: str, rank: int) -> float:
+    """The scale PEFT gives module `name` of rank `rank`: its alpha (alpha_pattern first) over r,
+    or over sqrt(r) for rsLoRA."""
+    alpha = _match_pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
@@ -86,14 +97,14 @@ def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
 
 
 def _load_peft(folder: Path) -> dict[str, ModuleAdapter]:
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{folder}: only PEFT LoRA adapters are served, not {config.get('peft_type')}")
     if config.get("use_dora") or config.get("modules_to_save"):
         raise AdapterError(f"{folder}: DoRA and modules_to_save are not supported for serving")
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / PEFT_WEIGHTS_NAME
     if not weights.exists():
-        raise AdapterError(f"{folder} has no adapter_model.safetensors (pickled .bin weights are refused)")
+        raise AdapterError(f"{folder} has no {PEFT_WEIGHTS_NAME} (pickled .bin weights are refused)")
     from safetensors.torch import load_file
 
     try:
@@ -106,9 +117,7 @@ def _load_peft(folder: Path) -> dict[str, ModuleAdapter]:
             continue
         name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
         b = tensors[key.replace("lora_A", "lora_B")]
-        rank = a.shape[0]
-        alpha = _match_pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        modules[name] = ModuleAdapter(A=a[None], B=b[None], scaling=alpha / rank)
+        modules[name] = ModuleAdapter(A=a[None], B=b[None], scaling=peft_scaling(config, name, a.shape[0]))
     if not modules:
         raise AdapterError(f"{weights} holds no LoRA weights")
     return modules
@@ -119,7 +128,7 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
     folder = Path(path)
     if (folder / CONFIG_NAME).exists():
         modules = _load_own(folder)
-    elif (folder / "adapter_config.json").exists():
+    elif (folder / PEFT_CONFIG_NAME).exists():
         modules = _load_peft(folder)
     else:
         raise AdapterError(f"{folder} is neither an alphalora nor a PEFT adapter folder")

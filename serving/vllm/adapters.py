@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -81,15 +80,13 @@ def check_peft(folder: Path, name: str) -> dict:
 def fold_peft_scales(folder: Path, out: Path) -> Path:
     """A copy of a PEFT LoRA folder with each module's scale folded into lora_B and every scale 1,
     for vLLM releases that read only `r` and `lora_alpha` (not rank_pattern/alpha_pattern)."""
-    from alphalora.serving.engine.adapters import _match_pattern
+    from alphalora.serving.engine.adapters import peft_scaling
 
     config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     tensors = load_file(str(folder / PEFT_WEIGHTS_NAME))
     ranks = peft_ranks(folder)
     for module, rank in ranks.items():
-        short = module.removeprefix("base_model.model.")
-        alpha = _match_pattern(config.get("alpha_pattern") or {}, short, config["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        scale = peft_scaling(config, module.removeprefix("base_model.model."), rank)
         key = f"{module}.lora_B.weight"
         tensors[key] = (tensors[key].float() * scale).to(tensors[key].dtype).contiguous()
     top = max(ranks.values())

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alphalora.adapters.peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+
 from .adapters import Prepared, peft_ranks, prepare, round_rank
 
 VLLM_PYTHON_ENV = "ALPHALORA_VLLM_PYTHON"
@@ -103,7 +105,7 @@ class Launch:
 def _runtime_rank(adapter_dir: str) -> int:
     """The largest rank among the PEFT folders in --adapter-dir (16 if none), for adapters loaded later."""
     ranks = [max(peft_ranks(f).values(), default=1) for f in Path(adapter_dir).iterdir()
-             if (f / "adapter_config.json").exists() and (f / "adapter_model.safetensors").exists()]
+             if (f / PEFT_CONFIG_NAME).exists() and (f / PEFT_WEIGHTS_NAME).exists()]
     return max(ranks, default=16)
 
 

@@ -90,3 +90,19 @@ def test_prompt_logprobs_equal_the_models_full_forward():
     for i, ((got, top), want) in enumerate(zip(seq.prompt_logprobs[1:], expected[1:], strict=True)):
         assert abs(got - want) < 1e-4
         assert list(top) == [int(logits[i].argmax())]  # the model's own top-1 at that position
+
+
+def test_peft_scales_follow_peft_for_alpha_patterns_and_rslora():
+    from alphalora.serving.engine.adapters import peft_scaling
+
+    for rslora in (False, True):
+        config = peft.LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, lora_dropout=0.0,
+                                 target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 4},
+                                 alpha_pattern={"v_proj": 40, "layers.1.self_attn.q_proj": 2, "proj": 99})
+        model = peft.get_peft_model(_base("llama"), config)
+        as_dict = config.to_dict()
+        layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "scaling")
+                  and isinstance(m.scaling, dict) and "default" in m.scaling}
+        assert len(layers) == 6
+        for name, layer in layers.items():
+            assert peft_scaling(as_dict, name, layer.r["default"]) == pytest.approx(layer.scaling["default"]), name
