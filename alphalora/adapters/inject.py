@@ -74,10 +74,20 @@ class AdapterState:
     def aux_loss(self) -> torch.Tensor | None:
         """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics."""
         losses = [stats.loss() for stats in self.balance.values()]
-        for stats in self.balance.values():
-            stats.reset()
+        self.reset_statistics()
         losses = [loss for loss in losses if loss is not None]
         return torch.stack(losses).sum() if losses else None
+
+    def reset_statistics(self) -> None:
+        for stats in self.balance.values():
+            stats.reset()
+
+
+def _reset_routing_statistics(model: nn.Module, _args) -> None:
+    """Each forward of the model starts the routing statistics afresh. Activation checkpointing
+    re-runs the blocks' forwards during backward, after the aux loss was read: without this, those
+    re-runs would leak into the next step's aux loss (and its freed graph)."""
+    adapter_state(model).reset_statistics()
 
 
 def _is_adaptable(module: nn.Module) -> bool:
@@ -177,6 +187,7 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
             for module in modules:
                 module.balance = stats
     setattr(model, ADAPTER_ATTRIBUTE, state)
+    model.register_forward_pre_hook(_reset_routing_statistics)
     return state
 
 

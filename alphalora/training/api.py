@@ -182,7 +182,9 @@ def _checkpointing_argument(enabled: bool) -> dict[str, bool]:
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    return {name: enabled} if enabled else {}
+    # Non-reentrant: the routers' logits inside a checkpointed block keep their graph, so the aux
+    # loss reaches the routers (transformers 4.x defaulted to the reentrant form, which drops it).
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {}
 
 
 class _NullTokenizer:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from alphalora.adapters import MoELoRALinear, moe_lora_loop_reference
 from alphalora.adapters.routing import BalanceStatistics
+from tests.conftest import requires_cuda
 
 
 def _layer(experts: int, top_k: int, rank: int = 4, dtype=torch.float32, seed: int = 0,
@@ -97,3 +100,20 @@ def test_auto_kernel_choice():
     assert MoELoRALinear(nn.Linear(16, 16), 1, 1, 64, 16.0).kernel == "dense"
     with pytest.raises(ValueError, match="kernel"):
         MoELoRALinear(nn.Linear(16, 16), 2, 1, 4, 16.0, kernel="fast")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
+@pytest.mark.parametrize("experts,top_k", [(1, 1), (8, 2)])
+def test_cuda_layer_equals_the_cpu_layer_in_values_and_gradients(experts, top_k, kernel, dtype):
+    cpu = _layer(experts, top_k, kernel=kernel)
+    gpu = copy.deepcopy(cpu).to("cuda", dtype)
+    x = torch.randn(3, 41, 24, requires_grad=True)
+    x_gpu = x.detach().to("cuda", dtype).requires_grad_()
+    out_cpu, out_gpu = cpu(x), gpu(x_gpu)
+    assert out_gpu.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out_gpu.float().cpu(), out_cpu, rtol=tol, atol=tol)
+    for got, want in zip(_grads(gpu, out_gpu, x_gpu), _grads(cpu, out_cpu, x), strict=True):
+        torch.testing.assert_close(got.float().cpu(), want, rtol=tol * 10, atol=tol * 10)

@@ -9,6 +9,7 @@ from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
+from tests.conftest import requires_cuda
 from tests.tiny_models import build, with_random_adapter
 
 peft = pytest.importorskip("peft")
@@ -106,3 +107,84 @@ def test_peft_scales_follow_peft_for_alpha_patterns_and_rslora():
         assert len(layers) == 6
         for name, layer in layers.items():
             assert peft_scaling(as_dict, name, layer.r["default"]) == pytest.approx(layer.scaling["default"]), name
+
+
+# -- on a CUDA GPU (skipped without one) ------------------------------------------------------
+CUDA_NAMES = ["moe_a", None, "moe_b", "lora", "peft", "moe_c"]
+
+
+def _cuda_prompts(seed: int, lengths=(5, 17, 9, 3, 30, 12)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def _cuda_engine(adapters, dtype=None, **config):
+    return Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=24, block_size=4,
+        adapters={k: str(v) for k, v in adapters.items()}, **config))
+
+
+@requires_cuda
+def test_cuda_fp32_mixed_adapter_batch_equals_generate(adapters):
+    engine = _cuda_engine(adapters)
+    prompts = _cuda_prompts(7)
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), CUDA_NAMES)
+    for prompt, name, seq in zip(prompts, CUDA_NAMES, seqs, strict=True):
+        if name == "peft":
+            expected = _hf_greedy("llama", prompt, 6, peft_dir=adapters["peft"])
+        else:
+            expected = _hf_greedy("llama", prompt, 6, adapter=adapters[name] if name else None)
+        assert seq.output_ids == expected, (name, seq.output_ids, expected)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def _prompt_logprobs_by_transformers(prompt: list[int], adapter, device: str, dtype) -> torch.Tensor:
+    model = _base("llama")
+    if adapter is not None:
+        load_adapter(model, adapter)
+    model = model.to(device, dtype).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device=device)).logits[0].float().log_softmax(-1).cpu()
+    return torch.tensor([float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,slack", [(torch.bfloat16, 0.01), (torch.float16, 0.002)])
+@pytest.mark.parametrize("name", [None, "moe_a", "lora"])
+def test_cuda_half_precision_is_as_close_to_fp32_as_transformers_in_that_precision(adapters, dtype, slack, name):
+    """bf16/fp16 round differently from any fp32 oracle (and top-k routing can flip on a rounding), so
+    the engine's prompt logprobs in half precision must be about as close to the fp32 model's as
+    transformers' own forward in that precision on the same GPU is."""
+    errors = []
+    for seed in (2, 3):
+        (prompt,) = _cuda_prompts(seed, lengths=(29,))
+        engine = _cuda_engine(adapters, dtype=dtype)
+        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True),
+                                 [name])
+        exact = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, "cpu", torch.float32)
+        ours = torch.tensor([logprob for logprob, _ in seq.prompt_logprobs[1:]])
+        theirs = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, "cuda", dtype)
+        errors.append(((ours - exact).abs().mean(), (theirs - exact).abs().mean()))
+    ours_error = sum(e for e, _ in errors) / 2
+    theirs_error = sum(e for _, e in errors) / 2
+    assert ours_error <= 2 * theirs_error + slack, (ours_error, theirs_error)
+
+
+@requires_cuda
+def test_cuda_penalties_and_seeded_sampling_follow_the_cpu_engine(adapters):
+    """Penalties index and count on the device; greedy with penalties equals the CPU engine, and a
+    seeded sampled request repeats itself exactly."""
+    prompts = _cuda_prompts(11, lengths=(8, 13, 21))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                            presence_penalty=0.5, frequency_penalty=0.7)
+    names = ["moe_a", "lora", None]
+    cpu = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, block_size=4, adapters={k: str(v) for k, v in adapters.items()}))
+    want = [s.output_ids for s in cpu.generate(prompts, greedy, names)]
+    assert [s.output_ids for s in _cuda_engine(adapters).generate(prompts, greedy, names)] == want
+
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=5, ignore_eos=True,
+                             frequency_penalty=0.3, logprobs=3)
+    first = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
+    second = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
+    assert first == second and all(len(ids) == 8 for ids in first)

@@ -12,6 +12,7 @@ from alphalora.adapters import AdapterError
 from alphalora.adapters.io import load_adapter
 from alphalora.allocation import Plan, RouterSettings
 from alphalora.training import DataError, train
+from tests.conftest import requires_cuda
 from tests.tiny_models import save_tiny
 
 
@@ -145,3 +146,39 @@ def test_the_same_seed_gives_the_same_classification_run_whatever_ran_before(tmp
     first = run("first")
     torch.rand(1000)  # the global generator moves on, as another run in the same process would move it
     assert run("second") == first
+
+
+def test_gradient_checkpointing_follows_the_same_loss_curve(llama_dir, lm_data, tmp_path):
+    """Checkpointed blocks re-run their forwards during backward; the routers' aux loss must still
+    count each forward once (it used to collect the re-runs into the next step and fail)."""
+    def losses(checkpointing, folder):
+        result = train(llama_dir, _plan(aux=0.1), lm_data, tmp_path / folder, max_steps=8, learning_rate=2e-2,
+                       batch_size=8, logging_steps=1, save_steps=100, gradient_checkpointing=checkpointing,
+                       progress=False)
+        return [value for h in result.log_history if "loss" in h for value in (h["loss"], h["aux_loss"])]
+
+    plain, checkpointed = losses(False, "plain"), losses(True, "checkpointed")
+    assert len(plain) == 16
+    assert checkpointed == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+@requires_cuda
+def test_cuda_bf16_training_with_checkpointing_lowers_the_loss_and_reloads_on_cpu(llama_dir, lm_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train(llama_dir, _plan(), lm_data, tmp_path / "adapter", max_steps=60, learning_rate=2e-2,
+                   batch_size=8, logging_steps=5, save_steps=100, bf16=True, gradient_checkpointing=True,
+                   progress=False)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0], losses
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    trained = AutoModelForCausalLM.from_pretrained(llama_dir)
+    load_adapter(trained, result.adapter_dir)  # saved from the GPU, loaded on the CPU
+    on_gpu = AutoModelForCausalLM.from_pretrained(llama_dir)
+    load_adapter(on_gpu, result.adapter_dir)
+    on_gpu = on_gpu.cuda()
+    with torch.no_grad():
+        cpu_logits, gpu_logits = trained(input_ids=ids).logits, on_gpu(input_ids=ids.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert not torch.allclose(cpu_logits, base(input_ids=ids).logits)
