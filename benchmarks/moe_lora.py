@@ -44,6 +44,21 @@ def timed(fn, repeats: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth(device: str, dtype: torch.dtype, repeats: int) -> float:
+    """Measured memory bandwidth in bytes/s (read + write) of a large device-to-device copy."""
+    source = torch.empty(256 * 2**20 // dtype.itemsize, device=device, dtype=dtype).normal_()
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), repeats, device)
+    return 2 * source.numel() * dtype.itemsize / seconds
+
+
+def adapter_min_bytes(tokens: int, width_in: int, width_out: int, dtype: torch.dtype) -> int:
+    """The least memory traffic of the adapter part of a forward + backward, weights and the
+    [T, k*r] bottleneck neglected: forward reads x and updates the output (read + write);
+    backward reads the output gradient and x again and updates x's gradient (read + write)."""
+    return (tokens * (3 * width_in + 3 * width_out)) * dtype.itemsize
+
+
 def mola_style_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The adapter computed the way MoLA's `Linear_MoE.forward` (and so AlphaLoRA) does it: a
     one-hot expert mask, then per expert torch.where, index lists converted with .tolist(),
@@ -95,6 +110,12 @@ def layer_benchmark(args) -> dict:
     results = {name: timed(step(module), args.repeats, args.device)
                for name, module in [("base", base), ("loop", loop), ("ours", layer)]}
     results["adapter_overhead_ratio"] = (results["ours"] - results["base"]) / (results["loop"] - results["base"])
+    # Roofline of the adapter part alone: the time its least traffic takes at the measured
+    # copy bandwidth, over the time it adds to the base linear.
+    results["copy_bandwidth_gb_s"] = copy_bandwidth(args.device, dtype, args.repeats) / 1e9
+    results["adapter_min_bytes"] = adapter_min_bytes(args.tokens, args.hidden, args.hidden, dtype)
+    results["adapter_roofline_fraction"] = (results["adapter_min_bytes"] / (results["copy_bandwidth_gb_s"] * 1e9)
+                                            / max(results["ours"] - results["base"], 1e-12))
     return results
 
 
@@ -192,6 +213,9 @@ def main() -> None:
     for name in ("base", "loop", "ours"):
         print(f"  {name:5s} {layer[name] * 1e3:8.2f} ms")
     print(f"  adapter_overhead_ratio (ours - base) / (loop - base) = {layer['adapter_overhead_ratio']:.3f}")
+    print(f"  adapter part at {layer['adapter_roofline_fraction']:.0%} of the memory roofline "
+          f"({layer['adapter_min_bytes'] / 2**20:.0f} MiB least traffic, copy bandwidth "
+          f"{layer['copy_bandwidth_gb_s']:.0f} GB/s)")
 
     many = many_experts_benchmark(args)
     print(f"\nlayer fwd+bwd with {args.many_experts} experts x rank {args.many_rank} (E*r = "
@@ -213,6 +237,7 @@ def main() -> None:
             "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
             "layer": layer, "many_experts": many, "model": model,
             "adapter_overhead_ratio": layer["adapter_overhead_ratio"],
+            "adapter_roofline_fraction": layer["adapter_roofline_fraction"],
             "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")},
         }
         with open(args.json, "w") as handle:

