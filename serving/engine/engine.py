@@ -11,7 +11,7 @@ import torch
 from .adapters import AdapterRegistry
 from .block_manager import BlockManager
 from .model_runner import PagedModelRunner, SequenceBatchEntry
-from .sampling import SampleResult, SamplingParams, sample
+from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -94,30 +94,11 @@ class Engine:
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
-        device = self.config.device
-        ids, entries, new_slots = [], [], []
-        block_size = self.blocks.block_size
-        for chunk in output.chunks:
-            seq = chunk.seq
-            end = chunk.start + chunk.num_tokens
-            ids.extend(seq.all_ids[chunk.start:end])
-            table = torch.tensor(self.blocks.block_table(seq.seq_id))
-            context = torch.arange(end)
-            slots = (table[context // block_size] * block_size + context % block_size).to(device)
-            new_slots.append(slots[chunk.start:end])
-            adapter = self.adapters.get(seq.adapter) if seq.adapter else None
-            wants_prompt = bool(seq.params.prompt_logprobs) and chunk.start < len(seq.prompt_ids)
-            entries.append(SequenceBatchEntry(len(ids) - chunk.num_tokens, chunk.num_tokens, slots,
-                                              torch.arange(chunk.start, end, device=device), adapter, wants_prompt))
-        logits, every = self.runner.forward(torch.tensor(ids, device=device), entries, torch.cat(new_slots))
+        input_ids, entries, new_slots = self._batch_inputs(output.chunks)
+        logits, every = self.runner.forward(input_ids, entries, new_slots)
         for index, chunk_logits in every.items():
             self._record_prompt_logprobs(output.chunks[index], chunk_logits)
-        sampled: dict[int, SampleResult] = {}
-        for row, chunk in enumerate(output.chunks):
-            if chunk.completes_prompt:
-                seq = chunk.seq
-                sampled[seq.seq_id] = sample(logits[row], seq.params, seq.prompt_ids, seq.output_ids,
-                                             self._generators.get(seq.seq_id))
+        sampled = self._sample(output.chunks, logits)
         self.scheduler.update(output, {k: v.token for k, v in sampled.items()})
         results = []
         for chunk in output.chunks:
@@ -131,6 +112,38 @@ class Engine:
                 self._generators.pop(seq.seq_id, None)
             results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
         return results
+
+    def _batch_inputs(self, chunks) -> tuple[torch.Tensor, list[SequenceBatchEntry], torch.Tensor]:
+        """The step's token ids, one entry per scheduled chunk, and the cache slots of its new tokens."""
+        device, block_size = self.config.device, self.blocks.block_size
+        ids, contexts = [], []
+        for chunk in chunks:
+            end = chunk.start + chunk.num_tokens
+            ids.extend(chunk.seq.all_ids[chunk.start:end])
+            table = torch.tensor(self.blocks.block_table(chunk.seq.seq_id))
+            context = torch.arange(end)
+            contexts.append(table[context // block_size] * block_size + context % block_size)
+        # One transfer for every sequence's cache slots (not one per sequence), then views of it.
+        all_slots = torch.cat(contexts).to(device).split([c.numel() for c in contexts])
+        entries, offset = [], 0
+        for chunk, slots in zip(chunks, all_slots, strict=True):
+            seq = chunk.seq
+            adapter = self.adapters.get(seq.adapter) if seq.adapter else None
+            wants_prompt = bool(seq.params.prompt_logprobs) and chunk.start < len(seq.prompt_ids)
+            positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=device)
+            entries.append(SequenceBatchEntry(offset, chunk.num_tokens, slots, positions, adapter, wants_prompt))
+            offset += chunk.num_tokens
+        new_slots = torch.cat([slots[chunk.start:] for chunk, slots in zip(chunks, all_slots, strict=True)])
+        return torch.tensor(ids, device=device), entries, new_slots
+
+    def _sample(self, chunks, logits: torch.Tensor) -> dict[int, SampleResult]:
+        """The next token of every sequence whose prompt is complete after this step, by sequence id."""
+        rows = [row for row, chunk in enumerate(chunks) if chunk.completes_prompt]
+        if not rows:
+            return {}
+        seqs = [chunks[row].seq for row in rows]
+        requests = [(s.params, s.prompt_ids, s.output_ids, self._generators.get(s.seq_id)) for s in seqs]
+        return {s.seq_id: result for s, result in zip(seqs, sample_rows(logits[rows], requests), strict=True)}
 
     @staticmethod
     def _record_prompt_logprobs(chunk, chunk_logits: torch.Tensor) -> None:

@@ -45,6 +45,37 @@ class SampleResult:
     top_logprobs: dict[int, float] | None
 
 
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
+def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[int], list[int],
+                                                           torch.Generator | None]]) -> list[SampleResult]:
+    """`sample` for every row of logits [R, vocab]: (params, prompt ids, output ids, generator) per row.
+
+    Greedy rows without penalties, the common case, go in one batched argmax with one transfer
+    to the host (no device synchronisation per row); the others are sampled one by one."""
+    results: list[SampleResult | None] = [None] * len(requests)
+    plain = [i for i, (params, *_) in enumerate(requests) if params.temperature == 0 and not _has_penalties(params)]
+    if plain:
+        rows = logits[torch.tensor(plain, device=logits.device)]
+        logprobs = torch.log_softmax(rows, dim=-1)
+        tokens = torch.argmax(rows, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        most = max(requests[i][0].logprobs or 0 for i in plain)
+        top = torch.topk(logprobs, most, dim=-1) if most else None
+        tokens, chosen = tokens.tolist(), chosen.tolist()
+        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        for j, i in enumerate(plain):
+            wanted = requests[i][0].logprobs
+            top_i = dict(zip(top_ids[j][:wanted], top_values[j][:wanted], strict=True)) if wanted else None
+            results[i] = SampleResult(tokens[j], chosen[j], top_i)
+    for i, (params, prompt_ids, output_ids, generator) in enumerate(requests):
+        if results[i] is None:
+            results[i] = sample(logits[i], params, prompt_ids, output_ids, generator)
+    return results
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> torch.Tensor:
     if params.repetition_penalty != 1.0:

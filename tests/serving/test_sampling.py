@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
-from alphalora.serving.engine.sampling import apply_penalties, sample
+from alphalora.serving.engine.sampling import apply_penalties, sample, sample_rows
 from tests.serving.test_engine import _base
 
 
@@ -76,3 +76,28 @@ def test_bf16_engine_runs_and_stays_close_to_fp32():
         assert engine.runner.k_cache.dtype == dtype
     torch.testing.assert_close(torch.tensor(results[torch.bfloat16]), torch.tensor(results[torch.float32]),
                                atol=0.15, rtol=0.05)
+
+
+def test_sample_rows_equals_sampling_each_row_alone():
+    """The batched path (greedy rows without penalties in one argmax) gives what `sample` gives row by row."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    logits[4, 7] = logits[4, 9] = logits[4].max() + 1  # a tie: the first index wins in both paths
+    requests = [
+        (SamplingParams(temperature=0.0), [1, 2], [3], None),
+        (SamplingParams(temperature=0.0, logprobs=3), [], [], None),
+        (SamplingParams(temperature=0.0, repetition_penalty=1.5, logprobs=1), [5, 6], [7, 7], None),
+        (SamplingParams(temperature=0.8, top_p=0.9, seed=4), [1], [], torch.Generator().manual_seed(4)),
+        (SamplingParams(temperature=0.0, logprobs=0), [], [], None),
+        (SamplingParams(temperature=0.0, logprobs=5), [2], [], None),
+    ]
+    batched = sample_rows(logits.clone(), requests)
+    alone = [sample(logits[i].clone(), p, prompt, out, torch.Generator().manual_seed(4) if g else None)
+             for i, (p, prompt, out, g) in enumerate(requests)]
+    assert [r.token for r in batched] == [r.token for r in alone]
+    assert batched[4].token == 7
+    for got, want in zip(batched, alone, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-6)
+        assert (got.top_logprobs is None) == (want.top_logprobs is None)
+        if want.top_logprobs:
+            assert list(got.top_logprobs) == list(want.top_logprobs)
+            assert list(got.top_logprobs.values()) == pytest.approx(list(want.top_logprobs.values()), abs=1e-6)
