@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = allocate.add_mutually_exclusive_group()
     source.add_argument("--report", help="analysis report from `alphalora analyze` (its layer alphas)")
     source.add_argument("--alphas", help="comma-separated layer alphas instead of a report")
-    allocate.add_argument("--method", choices=["alphalora", "mola", "uniform", "hetero"], default="alphalora")
+    allocate.add_argument("--method", choices=["alphalora", "mola", "uniform", "hetero"], default="alphalora",
+                          help="alphalora: experts per layer from the layer alphas; mola: a digit preset; uniform: "
+                          "the same count everywhere; hetero: modules, ranks and shortcuts by a zero-cost proxy")
     allocate.add_argument("--preset", help="MoLA digit pattern: 2468, 8642, 5555, 2882, 8228, or e.g. 10-2-2-2")
     allocate.add_argument("--budget", type=int, default=None,
                           help="total experts (default 160; for mola, default: the preset's literal counts); "
@@ -317,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the report found in the blocks; without a report q,k,v,o,gate,up,down)")
     allocate.add_argument("--rank", type=int, default=8, help="LoRA rank of every expert")
     allocate.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
-    allocate.add_argument("--lora-dropout", type=float, default=0.05)
+    allocate.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter's input")
     allocate.add_argument("--router", choices=["per_module", "shared"], default="per_module",
                           help="one router per adapted module (MoLA) or one shared per layer")
     allocate.add_argument("--aux-loss-coef", type=float, default=0.0,
@@ -328,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     hetero.add_argument("--model", default=None, help="base model folder to score candidates on")
     hetero.add_argument("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
                         "first minibatches")
-    hetero.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
+    hetero.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
+                        help="the loss the proxies score with (as for `alphalora train`)")
     hetero.add_argument("--ranks", default="8", help="candidate ranks: one (on/off, as the paper) or several "
                         "levels chosen from the scores, e.g. 2,4,8,16")
     hetero.add_argument("--shortcuts", action="store_true",
@@ -340,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     hetero.add_argument("--dynamic-every", type=int, default=None, metavar="K",
                         help="dynamic HeteroLoRA: training re-scores and re-selects every K optimizer steps")
     hetero.add_argument("--proxy-batches", type=int, default=32, help="minibatches the proxy reads (k)")
-    hetero.add_argument("--proxy-batch-size", type=int, default=8)
+    hetero.add_argument("--proxy-batch-size", type=int, default=8, help="examples per proxy minibatch")
     hetero.add_argument("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
     hetero.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
     hetero.add_argument("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
@@ -365,19 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
     train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
     train.add_argument("--out", required=True, help="adapter folder to write")
-    train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
+    train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
+                       help="causal-lm: loss on the completion tokens; classification: a sequence-classification "
+                       "head trained with the adapter (labels from the data)")
     train.add_argument("--eval-data", default=None, help="evaluation data, same format (eval loss each epoch)")
-    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides epochs)")
     train.add_argument("--lr", type=float, default=3e-4, help="learning rate (MoLA/AlphaLoRA: 3e-4)")
-    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=8, help="examples per device per step")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")
     train.add_argument("--max-length", type=int, default=None, help="longest example in tokens (default: context)")
     train.add_argument("--bf16", action="store_true", help="train in bfloat16")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     train.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
-    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--logging-steps", type=int, default=10, help="log loss and aux loss every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=_train)
@@ -393,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     export.add_argument("adapter", help="adapter folder written by `alphalora train`")
-    export.add_argument("--format", choices=["peft"], default="peft")
+    export.add_argument("--format", choices=["peft"], default="peft", help="output format")
     export.add_argument("--out", required=True, help="folder to write the PEFT adapter to")
     export.set_defaults(run=_export)
 
@@ -413,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_dir", help="base model folder (Llama, Mistral, Qwen2 or Gemma family)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="an adapter to serve under NAME (ours or a PEFT LoRA folder); repeatable")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
     serve.add_argument("--adapter-dir", default=None, help="folder /v1/load_lora_adapter may load adapters from")
     serve.add_argument("--max-loras", type=int, default=4, help="adapters resident at once (LRU)")
@@ -422,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="weights and activations (auto: float32 on CPU, the checkpoint's dtype on CUDA)")
     serve.add_argument("--device", default="cpu", help="native engine only (vLLM picks its own platform)")
     serve.add_argument("--engine", choices=["native", "vllm"], default="native",
                        help="native: this package's engine (MoE-LoRA and LoRA mixed in one batch); vllm: real vLLM's "

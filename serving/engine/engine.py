@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,18 @@ class EngineConfig:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
+def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported: bool | None = None) -> torch.dtype:
+    """`--dtype auto`, as vLLM reads it: float32 on the CPU; on a GPU the checkpoint's half precision,
+    and a float32 checkpoint in bfloat16 (float16 where the GPU has no bfloat16)."""
+    if not device.startswith("cuda"):
+        return torch.float32
+    if checkpoint_dtype in (torch.bfloat16, torch.float16):
+        return checkpoint_dtype
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
@@ -64,10 +76,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = config or EngineConfig()
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=config.dtype or torch.float32)
+        if config.dtype is None:
+            model_config = AutoConfig.from_pretrained(model_dir)
+            stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+            stored = getattr(torch, stored) if isinstance(stored, str) else stored
+            config = replace(config, dtype=auto_dtype(stored, config.device))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=config.dtype)
         return cls(model, AutoTokenizer.from_pretrained(model_dir), config)
 
     # -- requests ----------------------------------------------------------------------------------

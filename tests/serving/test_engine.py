@@ -10,7 +10,7 @@ from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
 from tests.conftest import requires_cuda
-from tests.tiny_models import build, with_random_adapter
+from tests.tiny_models import build, save_tiny, with_random_adapter
 
 peft = pytest.importorskip("peft")
 FAMILY_OVERRIDES = dict(initializer_range=0.2, max_position_embeddings=128)
@@ -188,3 +188,17 @@ def test_cuda_penalties_and_seeded_sampling_follow_the_cpu_engine(adapters):
     first = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
     second = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
     assert first == second and all(len(ids) == 8 for ids in first)
+
+
+def test_auto_dtype_reads_like_vllm(tmp_path):
+    from alphalora.serving.engine.engine import auto_dtype
+
+    assert auto_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert auto_dtype(torch.float16, "cuda:0") == torch.float16
+    assert auto_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert auto_dtype(torch.float32, "cuda", bf16_supported=True) == torch.bfloat16
+    assert auto_dtype(None, "cuda", bf16_supported=False) == torch.float16
+    folder = save_tiny("llama", tmp_path / "bf16-model")
+    _base("llama").to(torch.bfloat16).save_pretrained(folder)  # the checkpoint in bfloat16
+    engine = Engine.from_pretrained(folder, EngineConfig(max_num_seqs=2))
+    assert next(engine.model.parameters()).dtype == torch.float32  # auto on the CPU
