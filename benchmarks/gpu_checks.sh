@@ -48,7 +48,8 @@ stage build 240 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIS
 "$python" -c "import alphalora._C, alphalora.serving.engine" >> "$log" 2>&1 \
   || echo "warning: alphalora._C or alphalora.serving does not import" | tee -a "$summary"
 stage tests 150 "$python" -m pytest -q -p no:cacheprovider -k cuda tests/ops tests/adapters/test_layer.py \
-  tests/serving/test_engine.py tests/training/test_train.py tests/spectral/test_bad_input.py
+  tests/serving/test_engine.py tests/training/test_train.py tests/spectral/test_bad_input.py \
+  tests/spectral/test_cuda_analysis.py
 stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
   --repeats 1 --json "$results/spectral_cuda.json"
 stage moe_lora 120 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \
