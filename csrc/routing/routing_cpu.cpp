@@ -12,23 +12,10 @@
 #include <tuple>
 #include <vector>
 
+#include "routing_checks.h"
+
 namespace alphalora::routing {
 namespace {
-
-void check_pairs(const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
-  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong,
-              "expert_ids must be a flat int64 tensor (one entry per token-slot pair)");
-  TORCH_CHECK(order.sizes() == expert_ids.sizes() && order.scalar_type() == at::kLong,
-              "order must be int64 with one entry per pair (from moe_permute)");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
-              "offsets must be int64 (num_experts + 1) (from moe_permute)");
-}
-
-int64_t top_k_of(int64_t pairs, int64_t tokens) {
-  TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "the number of pairs (", pairs,
-              ") must be a multiple of the number of tokens (", tokens, ")");
-  return tokens > 0 ? pairs / tokens : 1;
-}
 
 // Below this many pairs per expert on average, one GEMM per expert costs more in call overhead
 // than it saves; the pair-by-pair loops below take over.
@@ -113,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& expert_ids,
 
 at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& expert_ids,
                                    const at::Tensor& order, const at::Tensor& offsets) {
-  check_pairs(expert_ids, order, offsets);
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1), "x must be (T, in) and A (E, r, in)");
+  check_shrink(x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   if (!use_gemm(expert_ids.size(0), offsets)) {
     const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), ids = expert_ids.contiguous();
@@ -136,9 +122,7 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
 at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates,
                                    const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets,
                                    int64_t num_tokens) {
-  check_pairs(expert_ids, order, offsets);
-  TORCH_CHECK(h.dim() == 2 && B.dim() == 3 && B.size(2) == h.size(1), "h must be (P, r) and B (E, out, r)");
-  TORCH_CHECK(gates.sizes() == expert_ids.sizes(), "gates must have one entry per pair");
+  check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
   if (!use_gemm(h.size(0), offsets)) {
     const at::Tensor hc = h.contiguous(), Bc = B.contiguous(), gc = gates.contiguous(), ids = expert_ids.contiguous();
@@ -160,7 +144,7 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
 std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
     const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& A, const at::Tensor& expert_ids,
     const at::Tensor& order, const at::Tensor& offsets) {
-  check_pairs(expert_ids, order, offsets);
+  check_shrink_backward(grad_h, x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   at::Tensor grad_x = at::zeros_like(x);
   at::Tensor grad_A = at::zeros_like(A);
@@ -176,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates,
     const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
-  check_pairs(expert_ids, order, offsets);
+  check_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), grad_y.size(0));
   at::Tensor grad_h = at::zeros_like(h);
   at::Tensor grad_B = at::zeros_like(B);

@@ -12,13 +12,20 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_float(__half v) { return __half2float(v); }
-template <typename T> __device__ inline T from_float(float v);
-template <> __device__ inline float from_float<float>(float v) { return v; }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
+// Sums run in float for float and the 16-bit types (rounded once on store), in double for double.
+template <typename T> struct Accumulator { using type = float; };
+template <> struct Accumulator<double> { using type = double; };
+template <typename T> using acc_t = typename Accumulator<T>::type;
+
+__device__ inline double to_acc(double v) { return v; }
+__device__ inline float to_acc(float v) { return v; }
+__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_acc(__half v) { return __half2float(v); }
+template <typename T> __device__ inline T from_acc(acc_t<T> v);
+template <> __device__ inline double from_acc<double>(double v) { return v; }
+template <> __device__ inline float from_acc<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ inline __half from_acc<__half>(float v) { return __float2half(v); }
 
 // Block-wide exclusive prefix sum of one flag per thread; returns the prefix, sets *total.
 __device__ int block_exclusive_scan(int flag, int* total) {
@@ -86,48 +93,51 @@ __global__ void gathered_dot_kernel(const T* __restrict__ W, int64_t w_se, int64
   const int64_t i = warp % out_cols;
   const T* w = W + ids[p] * w_se + i * w_si;
   const T* x = X + (p / rows_div) * x_cols;
-  float acc = 0.f;
-  for (int64_t c = lane; c < inner; c += 32) acc += to_float(w[c * w_sc]) * to_float(x[c]);
+  acc_t<T> acc = 0;
+  for (int64_t c = lane; c < inner; c += 32) acc += to_acc(w[c * w_sc]) * to_acc(x[c]);
   for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-  if (lane == 0) out[p * out_cols + i] = from_float<T>(acc);
+  if (lane == 0) out[p * out_cols + i] = from_acc<T>(acc);
 }
 
 template <typename T>
 __global__ void token_expand_kernel(const T* __restrict__ W, int64_t w_se, int64_t w_so, int64_t w_si,
                                     const T* __restrict__ H, const T* __restrict__ weights,
                                     const int64_t* __restrict__ ids, int64_t k, int64_t out_cols, int64_t inner,
-                                    T* __restrict__ out) {
-  const int64_t t = blockIdx.y;
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                    int64_t col_blocks, T* __restrict__ out) {
+  // A flat grid of tokens x column blocks (gridDim.y would cap the tokens at 65535).
+  const int64_t t = blockIdx.x / col_blocks;
+  const int64_t o = (blockIdx.x % col_blocks) * blockDim.x + threadIdx.x;
   if (o >= out_cols) return;
-  float acc = 0.f;
+  acc_t<T> acc = 0;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t p = t * k + j;
     const T* w = W + ids[p] * w_se + o * w_so;
     const T* h = H + p * inner;
-    float dot = 0.f;
-    for (int64_t i = 0; i < inner; ++i) dot += to_float(w[i * w_si]) * to_float(h[i]);
-    acc += (weights ? to_float(weights[p]) : 1.f) * dot;
+    acc_t<T> dot = 0;
+    for (int64_t i = 0; i < inner; ++i) dot += to_acc(w[i * w_si]) * to_acc(h[i]);
+    acc += (weights ? to_acc(weights[p]) : acc_t<T>(1)) * dot;
   }
-  out[t * out_cols + o] = from_float<T>(acc);
+  out[t * out_cols + o] = from_acc<T>(acc);
 }
 
 template <typename T>
 __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, int64_t u_div,
                                      const T* __restrict__ V, int64_t v_cols, int64_t v_div,
                                      const T* __restrict__ weights, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ offsets, T* __restrict__ G) {
-  const int64_t e = blockIdx.y;
-  const int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                     const int64_t* __restrict__ offsets, int64_t cell_blocks,
+                                     T* __restrict__ G) {
+  // A flat grid of experts x cell blocks (gridDim.y would cap the experts at 65535).
+  const int64_t e = blockIdx.x / cell_blocks;
+  const int64_t cell = (blockIdx.x % cell_blocks) * blockDim.x + threadIdx.x;
   if (cell >= u_cols * v_cols) return;
   const int64_t a = cell / v_cols, b = cell % v_cols;
-  float acc = 0.f;
+  acc_t<T> acc = 0;
   for (int64_t q = offsets[e]; q < offsets[e + 1]; ++q) {
     const int64_t p = order[q];
-    const float w = weights ? to_float(weights[p]) : 1.f;
-    acc += w * to_float(U[(p / u_div) * u_cols + a]) * to_float(V[(p / v_div) * v_cols + b]);
+    const acc_t<T> w = weights ? to_acc(weights[p]) : acc_t<T>(1);
+    acc += w * to_acc(U[(p / u_div) * u_cols + a]) * to_acc(V[(p / v_div) * v_cols + b]);
   }
-  G[e * u_cols * v_cols + cell] = from_float<T>(acc);
+  G[e * u_cols * v_cols + cell] = from_acc<T>(acc);
 }
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
@@ -158,9 +168,9 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
                                 const int64_t* expert_ids, int64_t tokens, int64_t k, int64_t out_cols, int64_t inner,
                                 T* out, cudaStream_t stream) {
   if (tokens == 0 || out_cols == 0) return cudaSuccess;
-  const dim3 grid(blocks_for(out_cols), static_cast<unsigned>(tokens));
-  token_expand_kernel<T><<<grid, kThreads, 0, stream>>>(W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols,
-                                                        inner, out);
+  const int64_t col_blocks = blocks_for(out_cols);
+  token_expand_kernel<T><<<static_cast<unsigned>(tokens * col_blocks), kThreads, 0, stream>>>(
+      W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols, inner, col_blocks, out);
   return cudaGetLastError();
 }
 
@@ -169,9 +179,9 @@ cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, cons
                                  int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
                                  int64_t num_experts, T* G, cudaStream_t stream) {
   if (num_experts == 0 || u_cols * v_cols == 0) return cudaSuccess;
-  const dim3 grid(blocks_for(u_cols * v_cols), static_cast<unsigned>(num_experts));
-  grouped_outer_kernel<T><<<grid, kThreads, 0, stream>>>(U, u_cols, u_div, V, v_cols, v_div, weights, order,
-                                                         offsets, G);
+  const int64_t cell_blocks = blocks_for(u_cols * v_cols);
+  grouped_outer_kernel<T><<<static_cast<unsigned>(num_experts * cell_blocks), kThreads, 0, stream>>>(
+      U, u_cols, u_div, V, v_cols, v_div, weights, order, offsets, cell_blocks, G);
   return cudaGetLastError();
 }
 
@@ -185,6 +195,7 @@ cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, cons
   template cudaError_t launch_grouped_outer<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, \
                                                const int64_t*, const int64_t*, int64_t, T*, cudaStream_t);
 
+ALPHALORA_INSTANTIATE(double)
 ALPHALORA_INSTANTIATE(float)
 ALPHALORA_INSTANTIATE(__nv_bfloat16)
 ALPHALORA_INSTANTIATE(__half)

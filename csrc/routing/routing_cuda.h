@@ -13,7 +13,7 @@ cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num
                            int64_t* offsets, int64_t* order, cudaStream_t stream);
 
 // out[p, i] = sum_c W[e_p, i, c] * X[row(p), c], row(p) = p / rows_div (tokens: k; pairs: 1).
-// W is addressed as W + e * w_se + i * w_si + c * w_sc. Accumulates in float.
+// W is addressed as W + e * w_se + i * w_si + c * w_sc. Accumulates in float (double for double).
 template <typename T>
 cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t w_sc, const T* X,
                                 int64_t x_cols, int64_t rows_div, const int64_t* expert_ids,

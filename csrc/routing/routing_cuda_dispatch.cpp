@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "routing_checks.h"
 #include "routing_cuda.h"
 
 namespace alphalora::routing {
@@ -24,21 +25,23 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 template <typename Fn>
 void dispatch_float(at::ScalarType type, Fn fn) {
   switch (type) {
+    case at::kDouble: fn(static_cast<double*>(nullptr)); break;
     case at::kFloat: fn(static_cast<float*>(nullptr)); break;
     case at::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
     case at::kHalf: fn(static_cast<__half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "routing ops take float32, bfloat16 or float16, got ", type);
+    default: TORCH_CHECK(false, "routing ops take float64, float32, bfloat16 or float16, got ", type);
   }
 }
 
 template <typename T>
 T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-int64_t top_k_of(int64_t pairs, int64_t tokens) {
-  TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "pairs (", pairs, ") must be a multiple of tokens (",
-              tokens, ")");
-  return tokens > 0 ? pairs / tokens : 1;
-}
+// The index tensors as the kernels read them: contiguous int64.
+struct Pairs {
+  at::Tensor ids, order, offsets;
+  Pairs(const at::Tensor& i, const at::Tensor& o, const at::Tensor& f)
+      : ids(i.contiguous()), order(o.contiguous()), offsets(f.contiguous()) {}
+};
 
 std::tuple<at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& expert_ids, int64_t num_experts) {
   TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong, "expert_ids must be flat int64");
@@ -56,9 +59,12 @@ std::tuple<at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& expert_ids
   return {order, offsets};
 }
 
-at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids,
-                                    const at::Tensor& order, const at::Tensor& offsets) {
+at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids_in,
+                                    const at::Tensor& order_in, const at::Tensor& offsets_in) {
+  check_shrink(x_in, A_in, ids_in, order_in, offsets_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const Pairs pairs_of(ids_in, order_in, offsets_in);
+  const at::Tensor &ids = pairs_of.ids, &order = pairs_of.order;
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
   const int64_t pairs = ids.size(0), rank = A.size(1), in = A.size(2);
   const int64_t k = top_k_of(pairs, x.size(0));
@@ -73,9 +79,12 @@ at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_
 }
 
 at::Tensor grouped_lora_expand_cuda(const at::Tensor& h_in, const at::Tensor& B_in, const at::Tensor& gates_in,
-                                    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets,
-                                    int64_t num_tokens) {
+                                    const at::Tensor& ids_in, const at::Tensor& order_in,
+                                    const at::Tensor& offsets_in, int64_t num_tokens) {
+  check_expand(h_in, B_in, gates_in, ids_in, order_in, offsets_in);
   const c10::cuda::CUDAGuard guard(h_in.device());
+  const Pairs pairs_of(ids_in, order_in, offsets_in);
+  const at::Tensor& ids = pairs_of.ids;
   const at::Tensor h = h_in.contiguous(), B = B_in.contiguous(), gates = gates_in.contiguous();
   const int64_t out = B.size(1), rank = B.size(2);
   const int64_t k = top_k_of(h.size(0), num_tokens);
@@ -90,9 +99,12 @@ at::Tensor grouped_lora_expand_cuda(const at::Tensor& h_in, const at::Tensor& B_
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
-    const at::Tensor& grad_h_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids,
-    const at::Tensor& order, const at::Tensor& offsets) {
+    const at::Tensor& grad_h_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& ids_in,
+    const at::Tensor& order_in, const at::Tensor& offsets_in) {
+  check_shrink_backward(grad_h_in, x_in, A_in, ids_in, order_in, offsets_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const Pairs pairs_of(ids_in, order_in, offsets_in);
+  const at::Tensor &ids = pairs_of.ids, &order = pairs_of.order, &offsets = pairs_of.offsets;
   const at::Tensor grad_h = grad_h_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous();
   const int64_t tokens = x.size(0), rank = A.size(1), in = A.size(2), experts = A.size(0);
   const int64_t k = top_k_of(ids.size(0), tokens);
@@ -115,8 +127,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& B_in, const at::Tensor& gates_in,
-    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets) {
+    const at::Tensor& ids_in, const at::Tensor& order_in, const at::Tensor& offsets_in) {
+  check_expand_backward(grad_y_in, h_in, B_in, gates_in, ids_in, order_in, offsets_in);
   const c10::cuda::CUDAGuard guard(h_in.device());
+  const Pairs pairs_of(ids_in, order_in, offsets_in);
+  const at::Tensor &ids = pairs_of.ids, &order = pairs_of.order, &offsets = pairs_of.offsets;
   const at::Tensor grad_y = grad_y_in.contiguous(), h = h_in.contiguous(), B = B_in.contiguous(),
                    gates = gates_in.contiguous();
   const int64_t pairs = h.size(0), out = B.size(1), rank = B.size(2), experts = B.size(0);

@@ -12,12 +12,17 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 
+// A spectrum's length as the CPU kernel and the reference read it: clamped to [0, stride].
+__device__ inline int64_t row_length(const int64_t* lengths, int64_t b, int64_t stride) {
+  return min(max(lengths[b], int64_t{0}), stride);
+}
+
 __global__ void prepare_kernel(const double* __restrict__ x, const int64_t* __restrict__ lengths,
                                const int64_t* __restrict__ lo, const int64_t* __restrict__ hi,
                                int64_t stride, int64_t min_tail, bool bias_corrected,
                                double* __restrict__ log_x, double* __restrict__ alpha) {
   const int64_t b = blockIdx.x;
-  const int64_t n = lengths[b];
+  const int64_t n = row_length(lengths, b, stride);
   const double* row = x + b * stride;
   double* lrow = log_x + b * stride;
   double* arow = alpha + b * stride;
@@ -29,10 +34,11 @@ __global__ void prepare_kernel(const double* __restrict__ x, const int64_t* __re
   if (threadIdx.x != 0) return;
   const int64_t first = max(lo[b], int64_t{0});
   const int64_t last = min(hi[b], n - 1);
-  // Same subtraction-free recurrence and the same order of additions as the CPU kernel.
+  // Same subtraction-free recurrence and the same order of additions as the CPU kernel, with
+  // explicitly rounded operations: nvcc would otherwise fuse the multiply-add (the CPU does not).
   double tail_log_sum = 0.0;
   for (int64_t i = n - 2; i >= 0; --i) {
-    tail_log_sum += static_cast<double>(n - i - 1) * (lrow[i + 1] - lrow[i]);
+    tail_log_sum = __dadd_rn(tail_log_sum, __dmul_rn(static_cast<double>(n - i - 1), lrow[i + 1] - lrow[i]));
     if (i < first || i >= last || n - i < min_tail) continue;
     const double tail = static_cast<double>(n - i);
     double a = nan("");
@@ -46,13 +52,14 @@ __global__ void prepare_kernel(const double* __restrict__ x, const int64_t* __re
 }
 
 __global__ void ks_kernel(const double* __restrict__ log_x, const double* __restrict__ alpha,
-                          const int64_t* __restrict__ lengths, int64_t stride,
+                          const int64_t* __restrict__ lengths, int64_t stride, int64_t candidate_blocks,
                           double* __restrict__ distance) {
-  const int64_t b = blockIdx.y;
-  const int64_t n = lengths[b];
+  // A flat grid of spectra x candidate blocks (gridDim.y would cap the spectra at 65535).
+  const int64_t b = blockIdx.x / candidate_blocks;
+  const int64_t n = row_length(lengths, b, stride);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t i = (blockIdx.x % candidate_blocks) * kWarpsPerBlock + warp;
   if (i >= stride) return;
   const double* lrow = log_x + b * stride;
   const double a = alpha[b * stride + i];
@@ -112,11 +119,26 @@ __global__ void argmin_kernel(const double* __restrict__ distance,
   }
 }
 
+// Rounded multiply and add, never fused (the host code they mirror does not fuse them).
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ inline float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+
+// log10 and 10^x for float computed in double and rounded once: the correctly rounded value,
+// where the device's own float versions may be an ulp away from the host's.
+__device__ inline double host_log10(double v) { return log10(v); }
+__device__ inline float host_log10(float v) { return static_cast<float>(log10(static_cast<double>(v))); }
+__device__ inline double host_pow10(double v) { return pow(10.0, v); }
+__device__ inline float host_pow10(float v) { return static_cast<float>(pow(10.0, static_cast<double>(v))); }
+
 template <typename T>
 __device__ T linspace_at(T start, T end, int64_t steps, int64_t idx) {
   const T step = (end - start) / static_cast<T>(steps - 1);
-  if (idx < steps / 2) return start + step * static_cast<T>(idx);
-  return end - step * static_cast<T>(steps - idx - 1);
+  if (idx < steps / 2) return add_rn(start, mul_rn(step, static_cast<T>(idx)));
+  return sub_rn(end, mul_rn(step, static_cast<T>(steps - idx - 1)));
 }
 
 // One thread per spectrum: the histogram of a sorted spectrum is a run-length scan.
@@ -128,21 +150,21 @@ __global__ void peak_window_kernel(const T* __restrict__ x, const int64_t* __res
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const T* row = x + b * stride;
-  const int64_t n = lengths[b];
+  const int64_t n = row_length(lengths, b, stride);
   if (n < 2) {
     lo_out[b] = 0;
     hi_out[b] = 0;
     return;
   }
-  const T left = log10(row[0]);
-  const T right = log10(row[n - 1]);
+  const T left = host_log10(row[0]);
+  const T right = host_log10(row[n - 1]);
   int64_t peak_bin = 0;
   if (right > left) {
     int64_t best_count = -1, current_bin = -1, current_count = 0;
     for (int64_t j = 0; j <= n; ++j) {
       int64_t bin = -2;
       if (j < n) {
-        bin = static_cast<int64_t>((log10(row[j]) - left) * static_cast<T>(bins) / (right - left));
+        bin = static_cast<int64_t>((host_log10(row[j]) - left) * static_cast<T>(bins) / (right - left));
         bin = min(max(bin, int64_t{0}), bins - 1);
       }
       if (bin != current_bin) {
@@ -157,8 +179,8 @@ __global__ void peak_window_kernel(const T* __restrict__ x, const int64_t* __res
       ++current_count;
     }
   }
-  const T peak = pow(static_cast<T>(10), linspace_at<T>(left, right, bins + 1, peak_bin));
-  const T lower = log_lower_bound ? log10(static_cast<T>(0.95) * peak) : static_cast<T>(0.95) * peak;
+  const T peak = host_pow10(linspace_at<T>(left, right, bins + 1, peak_bin));
+  const T lower = log_lower_bound ? host_log10(static_cast<T>(0.95) * peak) : static_cast<T>(0.95) * peak;
   const T upper = static_cast<T>(1.5) * peak;
   int64_t lo = 0;
   while (lo < n - 1 && row[lo] < lower) ++lo;
@@ -175,15 +197,17 @@ cudaError_t launch_powerlaw_fit(const double* x, const int64_t* lengths, const i
                                 int64_t min_tail, bool bias_corrected, double* workspace,
                                 double* alpha_out, double* d_out, int64_t* index_out,
                                 cudaStream_t stream) {
-  if (batch == 0 || stride == 0) return cudaSuccess;
+  if (batch == 0) return cudaSuccess;
   double* log_x = workspace;
   double* alpha = log_x + batch * stride;
   double* distance = alpha + batch * stride;
-  prepare_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      x, lengths, lo, hi, stride, min_tail, bias_corrected, log_x, alpha);
-  const dim3 ks_grid(static_cast<unsigned>((stride + kWarpsPerBlock - 1) / kWarpsPerBlock),
-                     static_cast<unsigned>(batch));
-  ks_kernel<<<ks_grid, kThreads, 0, stream>>>(log_x, alpha, lengths, stride, distance);
+  if (stride > 0) {  // with no eigenvalues at all, argmin alone writes (NaN, NaN, -1) per spectrum
+    prepare_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        x, lengths, lo, hi, stride, min_tail, bias_corrected, log_x, alpha);
+    const int64_t candidate_blocks = (stride + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    ks_kernel<<<static_cast<unsigned>(batch * candidate_blocks), kThreads, 0, stream>>>(
+        log_x, alpha, lengths, stride, candidate_blocks, distance);
+  }
   argmin_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
       distance, alpha, stride, alpha_out, d_out, index_out);
   return cudaGetLastError();

@@ -43,6 +43,34 @@ def test_moe_permute_groups_pairs_by_expert_stably():
         ops.moe_permute(torch.tensor([0, 7]), 5)
 
 
+def _compiled_ops():
+    if not ops.HAS_COMPILED_OPS:
+        pytest.skip("the compiled library is not loaded")
+    return torch.ops.alphalora
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_kernels_refuse_inconsistent_inputs_before_reading_them(device):
+    """Shapes, dtypes and expert counts are checked before a kernel reads a pointer (on a GPU an
+    unchecked mismatch reads out of bounds)."""
+    alphalora_ops = _compiled_ops()
+    x, A, B, gates, ids = _inputs(tokens=6, k=2, experts=3, device=device)
+    flat = ids.reshape(-1)
+    order, offsets = alphalora_ops.moe_permute(flat, 3)
+    h = alphalora_ops.grouped_lora_shrink(x, A, flat, order, offsets)
+    pair_gates = gates.reshape(-1)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        alphalora_ops.grouped_lora_expand(h, B, pair_gates.double(), flat, order, offsets, 6)
+    with pytest.raises(RuntimeError, match="num_experts \\+ 1"):
+        alphalora_ops.grouped_lora_expand(h, B, pair_gates, flat, order, offsets[:-1], 6)
+    with pytest.raises(RuntimeError, match="A \\(E, r, in\\)"):
+        alphalora_ops.grouped_lora_shrink(x[:, :-1], A, flat, order, offsets)
+    with pytest.raises(RuntimeError, match="grad_h must be"):
+        alphalora_ops.grouped_lora_shrink_backward(h[:-1], x, A, flat, order, offsets)
+    with pytest.raises(RuntimeError, match="one row per pair"):
+        alphalora_ops.grouped_lora_expand(h[:-2], B, pair_gates, flat, order, offsets, 6)
+
+
 @pytest.mark.parametrize("k,experts", [(1, 1), (1, 4), (2, 5), (3, 3), (2, 64)])
 def test_moe_lora_equals_the_per_expert_loop(k, experts):
     x, A, B, gates, ids = _inputs(k=k, experts=experts)
@@ -116,6 +144,21 @@ def test_cuda_equals_cpu_in_values_and_gradients(dtype):
     grads_gpu = torch.autograd.grad(out_gpu.float().square().sum(), gpu[:4])
     for got, want in zip(grads_gpu, grads_cpu, strict=True):
         torch.testing.assert_close(got.cpu(), want, rtol=tol * 10, atol=tol * 10)
+
+
+@requires_cuda
+def test_cuda_kernels_take_more_tokens_than_a_grid_dimension_and_float64():
+    """70,000 tokens (beyond a CUDA grid's y limit of 65535) and float64, against the CPU kernels."""
+    for tokens, dtype in ((70_000, torch.float32), (300, torch.float64)):
+        cpu = [t.requires_grad_() if t.is_floating_point() else t
+               for t in _inputs(tokens=tokens, experts=4, d_in=8, d_out=6, rank=2, dtype=dtype)]
+        gpu = [t.detach().cuda().requires_grad_() if t.is_floating_point() else t.cuda() for t in cpu]
+        out_cpu, out_gpu = ops.moe_lora(*cpu), ops.moe_lora(*gpu)
+        torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+        grads_cpu = torch.autograd.grad(out_cpu.square().sum(), cpu[:4])
+        grads_gpu = torch.autograd.grad(out_gpu.square().sum(), gpu[:4])
+        for got, want in zip(grads_gpu, grads_cpu, strict=True):  # sums over ~35,000 pairs: compare norms
+            assert float((got.cpu() - want).norm() / want.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("tokens,experts", [(600, 2), (40, 16)])  # per-expert GEMMs; pair-by-pair loops

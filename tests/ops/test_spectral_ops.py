@@ -122,6 +122,25 @@ def test_powerlaw_fit_cuda_matches_cpu(min_tail, bias_corrected, full):
 
 
 @requires_cuda
+def test_powerlaw_fit_cuda_edge_shapes_match_cpu():
+    """No eigenvalues at all, and more spectra than a CUDA grid's y dimension holds (65535)."""
+    empty = torch.empty(3, 0, dtype=torch.float64)
+    none = torch.zeros(3, dtype=torch.long)
+    for got, want in zip(ops.powerlaw_fit(empty.cuda(), none.cuda(), none.cuda(), none.cuda(), 1, False),
+                         ops.powerlaw_fit(empty, none, none, none, 1, False), strict=True):
+        torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+    many = 70_000
+    evals = torch.linspace(1.0, 2.0, 12, dtype=torch.float64).pow(3).repeat(many, 1)
+    evals[::7] *= 1.5  # not all the same spectrum
+    lengths = torch.full((many,), 12)
+    lo, hi = torch.zeros_like(lengths), lengths - 1
+    cpu = ops.powerlaw_fit(evals, lengths, lo, hi, 1, False)
+    gpu = ops.powerlaw_fit(evals.cuda(), lengths.cuda(), lo.cuda(), hi.cuda(), 1, False)
+    assert torch.equal(gpu[2].cpu(), cpu[2])
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_xmin_peak_window_cuda_matches_cpu(dtype):
     evals, lengths = _spectra(4, batch=8, dtype=dtype)

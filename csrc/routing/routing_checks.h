@@ -1,0 +1,78 @@
+// Argument checks shared by the CPU and CUDA bindings of the routing ops: shapes, dtypes and
+// devices are checked before any kernel reads a pointer.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+
+namespace alphalora::routing {
+
+inline void check_pairs(const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong,
+              "expert_ids must be a flat int64 tensor (one entry per token-slot pair)");
+  TORCH_CHECK(order.sizes() == expert_ids.sizes() && order.scalar_type() == at::kLong,
+              "order must be int64 with one entry per pair (from moe_permute)");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) >= 1,
+              "offsets must be int64 (num_experts + 1) (from moe_permute)");
+}
+
+inline int64_t top_k_of(int64_t pairs, int64_t tokens) {
+  TORCH_CHECK(tokens > 0 ? pairs % tokens == 0 : pairs == 0, "the number of pairs (", pairs,
+              ") must be a multiple of the number of tokens (", tokens, ")");
+  return tokens > 0 ? pairs / tokens : 1;
+}
+
+// Every tensor on the first one's device, and the floating ones in the first one's dtype.
+inline void check_alike(std::initializer_list<const at::Tensor*> tensors, const char* op) {
+  const at::Tensor& first = **tensors.begin();
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device() == first.device(), op, ": every tensor must be on ", first.device(), ", got one on ",
+                t->device());
+    TORCH_CHECK(!t->is_floating_point() || t->scalar_type() == first.scalar_type(), op,
+                ": the floating-point inputs must share one dtype (", first.scalar_type(), "), got ",
+                t->scalar_type());
+  }
+}
+
+inline void check_experts(const at::Tensor& weights, const at::Tensor& offsets, const char* op) {
+  TORCH_CHECK(offsets.size(0) == weights.size(0) + 1, op, ": offsets has ", offsets.size(0),
+              " entries for ", weights.size(0), " experts; it must have num_experts + 1 (from moe_permute)");
+}
+
+inline void check_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& ids, const at::Tensor& order,
+                         const at::Tensor& offsets) {
+  check_pairs(ids, order, offsets);
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1), "x must be (T, in) and A (E, r, in)");
+  check_experts(A, offsets, "grouped_lora_shrink");
+  check_alike({&x, &A, &ids, &order, &offsets}, "grouped_lora_shrink");
+}
+
+inline void check_expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates, const at::Tensor& ids,
+                         const at::Tensor& order, const at::Tensor& offsets) {
+  check_pairs(ids, order, offsets);
+  TORCH_CHECK(h.dim() == 2 && B.dim() == 3 && B.size(2) == h.size(1), "h must be (P, r) and B (E, out, r)");
+  TORCH_CHECK(h.size(0) == ids.size(0), "h must have one row per pair");
+  TORCH_CHECK(gates.sizes() == ids.sizes(), "gates must have one entry per pair");
+  check_experts(B, offsets, "grouped_lora_expand");
+  check_alike({&h, &B, &gates, &ids, &order, &offsets}, "grouped_lora_expand");
+}
+
+inline void check_shrink_backward(const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& A,
+                                  const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets) {
+  check_shrink(x, A, ids, order, offsets);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == ids.size(0) && grad_h.size(1) == A.size(1),
+              "grad_h must be (P, r)");
+  check_alike({&x, &grad_h}, "grouped_lora_shrink_backward");
+}
+
+inline void check_expand_backward(const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& B,
+                                  const at::Tensor& gates, const at::Tensor& ids, const at::Tensor& order,
+                                  const at::Tensor& offsets) {
+  check_expand(h, B, gates, ids, order, offsets);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(1) == B.size(1), "grad_y must be (T, out)");
+  check_alike({&h, &grad_y}, "grouped_lora_expand_backward");
+}
+
+}  // namespace alphalora::routing
