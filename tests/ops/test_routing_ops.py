@@ -21,6 +21,9 @@ def _inputs(tokens=37, k=2, experts=5, d_in=24, d_out=20, rank=4, dtype=torch.fl
     return x, A, B, gates, ids
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
 def per_expert_loop(x, A, B, gates, ids):
     """The MoLA way: for each expert, the tokens routed to it, LoRA, weighted index_add."""
     out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float32, device=x.device)
@@ -49,7 +52,7 @@ def _compiled_ops():
     return torch.ops.alphalora
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_kernels_refuse_inconsistent_inputs_before_reading_them(device):
     """Shapes, dtypes and expert counts are checked before a kernel reads a pointer (on a GPU an
     unchecked mismatch reads out of bounds)."""
@@ -113,8 +116,9 @@ def test_kernels_equal_their_references():
         torch.testing.assert_close(got, want)
 
 
-def test_opcheck():
-    x, A, B, gates, ids = _inputs(tokens=9, k=2, experts=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, A, B, gates, ids = _inputs(tokens=9, k=2, experts=3, device=device)
     flat = ids.reshape(-1)
     order, offsets = ops.moe_permute(flat, 3)
     torch.library.opcheck(torch.ops.alphalora.moe_permute.default, (flat, 3))
@@ -126,8 +130,9 @@ def test_opcheck():
                           (h, B.requires_grad_(), g, flat, order, offsets, 9))
 
 
-def test_compiles_fullgraph():
-    x, A, B, gates, ids = _inputs(tokens=16, experts=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiles_fullgraph(device):
+    x, A, B, gates, ids = _inputs(tokens=16, experts=4, device=device)
     compiled = torch.compile(ops.moe_lora, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, A, B, gates, ids), ops.moe_lora(x, A, B, gates, ids))
 

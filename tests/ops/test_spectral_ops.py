@@ -86,14 +86,19 @@ def test_xmin_peak_window_matches_reference(seed, dtype, log_lower_bound):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_opcheck_powerlaw_fit():
-    evals, lengths = _spectra(1, batch=3)
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_powerlaw_fit(device):
+    evals, lengths = (t.to(device) for t in _spectra(1, batch=3))
     lo, hi = torch.zeros_like(lengths), lengths - 1
     torch.library.opcheck(torch.ops.alphalora.powerlaw_fit.default, (evals, lengths, lo, hi, 1, False))
 
 
-def test_opcheck_xmin_peak_window():
-    evals, lengths = _spectra(2, batch=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_xmin_peak_window(device):
+    evals, lengths = (t.to(device) for t in _spectra(2, batch=3))
     torch.library.opcheck(torch.ops.alphalora.xmin_peak_window.default, (evals, lengths, 100, True))
 
 
