@@ -43,7 +43,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 build="$python -m pip install --no-build-isolation --no-deps --no-index -q -e . && exit 0
 echo 'pip could not install; building in place'
 $python setup.py -q build_ext --inplace && { [ -e alphalora/serving ] || ln -s ../serving alphalora/serving; }"
-stage build 240 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
+stage build 180 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
   bash -c "$build"
 "$python" -c "import alphalora._C, alphalora.serving.engine" >> "$log" 2>&1 \
   || echo "warning: alphalora._C or alphalora.serving does not import" | tee -a "$summary"
@@ -52,8 +52,8 @@ stage tests 150 "$python" -m pytest -q -p no:cacheprovider -k cuda tests/ops tes
   tests/spectral/test_cuda_analysis.py
 stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
   --repeats 1 --json "$results/spectral_cuda.json"
-stage moe_lora 120 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \
+stage moe_lora 90 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_cuda.json"
-stage serving 150 "$python" benchmarks/serving.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+stage serving 120 "$python" benchmarks/serving.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
   --requests 128 --json "$results/serving_cuda.json"
 exit "$failed"

@@ -112,8 +112,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         for n, p in adapter_parameters(model).items():
             if "lora_B" in n:
                 p.data.normal_(0, 0.1)
-        if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing:  # transformers renamed gradient_checkpointing_* to activation_checkpointing_* in 5.2x
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(**_inputs("llama")).logits.square().mean().backward()
         return {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
 
