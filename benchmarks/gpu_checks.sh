@@ -21,7 +21,7 @@ python=${PYTHON:-python3}
 log="$results/gpu_checks.log"
 summary="$results/summary.txt"
 touch "$log"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 
 stage() {  # stage NAME SECONDS COMMAND...
@@ -39,10 +39,13 @@ stage() {  # stage NAME SECONDS COMMAND...
 { nvidia-smi -L; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
   2>&1 | tee -a "$summary" >> "$log"
 
-# An editable install; where pip cannot, the extension in place and the serving package linked in.
+# An editable install; where pip cannot (an older setuptools refusing the project metadata, say),
+# the extension built in place without the metadata and the serving package linked in.
 build="$python -m pip install --no-build-isolation --no-deps --no-index -q -e . && exit 0
 echo 'pip could not install; building in place'
-$python setup.py -q build_ext --inplace && { [ -e alphalora/serving ] || ln -s ../serving alphalora/serving; }"
+mv pyproject.toml pyproject.toml.aside && $python setup.py -q build_ext --inplace; rc=\$?
+mv pyproject.toml.aside pyproject.toml
+[ \$rc -eq 0 ] && { [ -e alphalora/serving ] || ln -s ../serving alphalora/serving; }"
 stage build 180 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
   bash -c "$build"
 "$python" -c "import alphalora._C, alphalora.serving.engine" >> "$log" 2>&1 \
