@@ -151,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda
                                         ptr<T>(grad_B), stream()),
           "grouped_lora_expand_backward (B)");
   });
-  return {back * gates.unsqueeze(1), grad_B, (back.to(at::kFloat) * h.to(at::kFloat)).sum(1).to(h.scalar_type())};
+  const at::ScalarType accumulate = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {back * gates.unsqueeze(1), grad_B, (back.to(accumulate) * h.to(accumulate)).sum(1).to(h.scalar_type())};
 }
 
 }  // namespace
