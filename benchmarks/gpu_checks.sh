@@ -12,9 +12,10 @@
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
-results=${1:-gpu-results}
+results=${1:-$(dirname "$0")/../gpu-results}
+case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
+cd "$(dirname "$0")/.."
 stages=${*:-build tests spectral moe_lora serving}
 mkdir -p "$results"
 python=${PYTHON:-python3}
