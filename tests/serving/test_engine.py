@@ -111,15 +111,18 @@ def test_peft_scales_follow_peft_for_alpha_patterns_and_rslora():
             assert peft_scaling(as_dict, name, layer.r["default"]) == pytest.approx(layer.scaling["default"]), name
 
 
-# -- on a CUDA GPU (skipped without one) ------------------------------------------------------
-def _cuda_prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+# -- half precision, and on a CUDA GPU (skipped without one) ---------------------------------
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 128, (n,), generator=g).tolist() for n in lengths]
 
 
-def _cuda_engine(adapters, dtype=None, **config):
+def _engine_on(adapters, dtype=None, device="cuda", **config):
     return Engine(_base("llama"), tokenizer=None, config=EngineConfig(
-        device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=24, block_size=4,
+        device=device, dtype=dtype, max_num_seqs=8, max_num_batched_tokens=24, block_size=4,
         adapters={k: str(v) for k, v in adapters.items()}, **config))
 
 
@@ -133,22 +136,22 @@ def _prompt_logprobs_by_transformers(prompt: list[int], adapter, device: str, dt
     return torch.tensor([float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)])
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,slack", [(torch.bfloat16, 0.01), (torch.float16, 0.002)])
 @pytest.mark.parametrize("name", [None, "moe_a", "lora"])
-def test_cuda_half_precision_is_as_close_to_fp32_as_transformers_in_that_precision(adapters, dtype, slack, name):
+def test_half_precision_is_as_close_to_fp32_as_transformers_in_that_precision(adapters, dtype, slack, name, device):
     """bf16/fp16 round differently from any fp32 oracle (and top-k routing can flip on a rounding), so
     the engine's prompt logprobs in half precision must be about as close to the fp32 model's as
-    transformers' own forward in that precision on the same GPU is."""
+    transformers' own forward in that precision on the same device is."""
     errors = []
     for seed in (2, 3):
-        (prompt,) = _cuda_prompts(seed, lengths=(29,))
-        engine = _cuda_engine(adapters, dtype=dtype)
+        (prompt,) = _prompts(seed, lengths=(29,))
+        engine = _engine_on(adapters, dtype=dtype, device=device)
         (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True),
                                  [name])
         exact = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, "cpu", torch.float32)
         ours = torch.tensor([logprob for logprob, _ in seq.prompt_logprobs[1:]])
-        theirs = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, "cuda", dtype)
+        theirs = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, device, dtype)
         errors.append(((ours - exact).abs().mean(), (theirs - exact).abs().mean()))
     ours_error = sum(e for e, _ in errors) / 2
     theirs_error = sum(e for _, e in errors) / 2
@@ -159,19 +162,19 @@ def test_cuda_half_precision_is_as_close_to_fp32_as_transformers_in_that_precisi
 def test_cuda_penalties_and_seeded_sampling_follow_the_cpu_engine(adapters):
     """Penalties index and count on the device; greedy with penalties equals the CPU engine, and a
     seeded sampled request repeats itself exactly."""
-    prompts = _cuda_prompts(11, lengths=(8, 13, 21))
+    prompts = _prompts(11, lengths=(8, 13, 21))
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
                             presence_penalty=0.5, frequency_penalty=0.7)
     names = ["moe_a", "lora", None]
     cpu = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
         max_num_seqs=8, block_size=4, adapters={k: str(v) for k, v in adapters.items()}))
     want = [s.output_ids for s in cpu.generate(prompts, greedy, names)]
-    assert [s.output_ids for s in _cuda_engine(adapters).generate(prompts, greedy, names)] == want
+    assert [s.output_ids for s in _engine_on(adapters).generate(prompts, greedy, names)] == want
 
     sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=5, ignore_eos=True,
                              frequency_penalty=0.3, logprobs=3)
-    first = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
-    second = [s.output_ids for s in _cuda_engine(adapters).generate(prompts, sampled, names)]
+    first = [s.output_ids for s in _engine_on(adapters).generate(prompts, sampled, names)]
+    second = [s.output_ids for s in _engine_on(adapters).generate(prompts, sampled, names)]
     assert first == second and all(len(ids) == 8 for ids in first)
 
 
