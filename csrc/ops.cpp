@@ -44,4 +44,11 @@ TORCH_LIBRARY(alphalora, m) {
   m.def(
       "grouped_lora_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor gates, "
       "Tensor expert_ids, Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)");
+
+  // Serving: one-token (decode) attention over the paged KV cache. q (B, H, D); caches (S, Hkv, D);
+  // slots (B, W): row b's context positions as cache slots; row b attends positions
+  // starts[b] .. lengths[b]-1. Returns (B, H, D).
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, "
+      "Tensor starts, float scale) -> Tensor");
 }

@@ -1,6 +1,7 @@
 """alphalora's custom ops: typed wrappers over torch.ops.alphalora.* with fake kernels."""
 
 from ._library import HAS_COMPILED_OPS
+from .attention import paged_decode_attention
 from .routing import grouped_lora_expand, grouped_lora_shrink, moe_lora, moe_permute
 from .spectral import eigvalsh_batched, powerlaw_fit, xmin_peak_window
 
@@ -11,4 +12,5 @@ __all__ = [
     "grouped_lora_shrink",
     "moe_lora",
     "moe_permute",
+    "paged_decode_attention",
     "powerlaw_fit", "xmin_peak_window"]

@@ -35,6 +35,11 @@ _SCHEMAS = {
         "Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)",
         reference.grouped_lora_expand_backward,
     ),
+    "paged_decode_attention": (
+        "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, "
+        "Tensor starts, float scale) -> Tensor",
+        reference.paged_decode_attention,
+    ),
     "xmin_peak_window": (
         "xmin_peak_window(Tensor evals, Tensor lengths, int bins, bool log_lower_bound) "
         "-> (Tensor, Tensor)",

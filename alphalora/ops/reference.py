@@ -153,3 +153,20 @@ def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets
     back = torch.bmm(B[expert_ids].transpose(1, 2), gy.unsqueeze(2)).squeeze(2)
     grad_B = torch.zeros_like(B).index_add_(0, expert_ids, (gy * gates.unsqueeze(1)).unsqueeze(2) * h.unsqueeze(1))
     return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)
+
+
+# --- serving: decode attention over the paged KV cache -----------------------------------------
+
+
+def paged_decode_attention(q, k_cache, v_cache, slots, lengths, starts, scale) -> torch.Tensor:
+    """Gather each row's context from the cache, then masked softmax attention (GQA by repetition)."""
+    batch, heads, dim = q.shape
+    positions = torch.arange(slots.shape[1], device=q.device)
+    allowed = (positions[None, :] >= starts[:, None]) & (positions[None, :] < lengths[:, None])  # [B, W]
+    group = heads // k_cache.shape[1]
+    keys = k_cache[slots].repeat_interleave(group, dim=2).float()  # [B, W, H, D]
+    values = v_cache[slots].repeat_interleave(group, dim=2).float()
+    scores = torch.einsum("bhd,bwhd->bhw", q.float(), keys) * scale
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    weights = torch.nan_to_num(torch.softmax(scores, dim=-1))  # a row with no context gives zeros
+    return torch.einsum("bhw,bwhd->bhd", weights, values).to(q.dtype)

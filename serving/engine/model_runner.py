@@ -190,7 +190,12 @@ class PagedModelRunner:
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         gqa = self.num_heads != self.num_kv_heads
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        if decode is not None:  # every one-token sequence in one padded attention call
+        if decode is not None and k_cache.device.type == "cpu":
+            # Every one-token sequence at once, keys and values read in place in the paged cache.
+            result = ops.paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.slots, decode.lengths,
+                                                decode.starts, scaling)
+            out[decode.rows] = result.reshape(result.shape[0], -1)
+        elif decode is not None:  # on a GPU: one padded gather, then one attention call
             batch, width = decode.slots.shape
             flat = decode.slots.reshape(-1)
             keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
@@ -228,13 +233,16 @@ class PagedModelRunner:
         width = max(entries[i].context_slots.shape[0] for i in chosen)
         slots = torch.zeros(len(chosen), width, dtype=torch.long, device=device)
         mask = torch.zeros(len(chosen), 1, 1, width, dtype=torch.bool, device=device)
+        lengths = [entries[i].context_slots.shape[0] for i in chosen]
         for row, i in enumerate(chosen):
-            e = entries[i]
-            n = e.context_slots.shape[0]
+            e, n = entries[i], lengths[row]
             slots[row, :n] = e.context_slots
             mask[row, 0, 0, :n] = self._mask(n, e.positions, device)[0]
+        # The one new token sits at position n - 1; a sliding window keeps the last `window` positions.
+        starts = [max(0, n - self.sliding_window) if self.sliding_window else 0 for n in lengths]
         rows = torch.tensor([entries[i].start for i in chosen], device=device)
-        return _DecodeBatch(set(chosen), rows, slots, mask)
+        return _DecodeBatch(set(chosen), rows, slots, mask, torch.tensor(lengths, device=device),
+                            torch.tensor(starts, device=device))
 
 
 @dataclass
@@ -243,3 +251,5 @@ class _DecodeBatch:
     rows: torch.Tensor  # batch rows of the decode tokens
     slots: torch.Tensor  # [B, max context] KV slots, padded with slot 0
     mask: torch.Tensor  # [B, 1, 1, max context]: real, causal, in-window positions
+    lengths: torch.Tensor  # [B] context lengths (the new token included)
+    starts: torch.Tensor  # [B] first attended position (after a sliding window; else 0)

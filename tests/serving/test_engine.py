@@ -83,6 +83,22 @@ def test_other_decoder_families_match_generate(family, tmp_path):
     assert seqs[1].output_ids == _hf_greedy(family, prompts[1], 5)
 
 
+def test_mistral_sliding_window_matches_generate():
+    """Decode steps of several sequences (the batched paged attention) keep only the window."""
+    def model():
+        return build("mistral", seed=0, sliding_window=5, **FAMILY_OVERRIDES)
+
+    engine = Engine(model(), tokenizer=None, config=EngineConfig(max_num_seqs=4, block_size=4))
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14)]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, seq in zip(prompts, seqs, strict=True):
+        reference = model().eval()
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=0)
+        assert seq.output_ids == out[0, len(prompt):].tolist()
+
+
 def test_prompt_logprobs_equal_the_models_full_forward():
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_num_batched_tokens=8, block_size=4))
     prompt = torch.randint(1, 128, (21,), generator=torch.Generator().manual_seed(2)).tolist()

@@ -1,0 +1,33 @@
+"""Decode attention over the paged KV cache (the serving engine's): typed wrapper and fake kernel.
+
+The CPU kernel reads keys and values where the block table put them; on a GPU the reference
+(a gather, then attention) stands in, as gathers there are cheap next to the rest of a step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library, reference
+
+
+@torch.library.register_fake("alphalora::paged_decode_attention")
+def _paged_decode_attention_fake(q, k_cache, v_cache, slots, lengths, starts, scale):
+    return torch.empty_like(q)
+
+
+if _library.HAS_COMPILED_OPS:  # the compiled library has no CUDA kernel for this op
+    _cuda_library = torch.library.Library("alphalora", "IMPL")
+    _cuda_library.impl("paged_decode_attention", reference.paged_decode_attention, "CUDA")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                           lengths: torch.Tensor, starts: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per row over its cached context.
+
+    q [B, H, D]; k_cache, v_cache [S, Hkv, D] (H a multiple of Hkv: grouped-query attention);
+    slots [B, W]: row b's context positions 0..W-1 as cache slots (padding beyond lengths[b] is
+    never read); row b attends positions starts[b] .. lengths[b]-1 (a sliding window starts
+    later than 0). Returns [B, H, D] in q's dtype.
+    """
+    return torch.ops.alphalora.paged_decode_attention(q, k_cache, v_cache, slots, lengths, starts, float(scale))

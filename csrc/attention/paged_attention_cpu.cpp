@@ -1,0 +1,103 @@
+// Decode attention straight over the paged KV cache, on the CPU: each (sequence, head) reads its
+// keys and values where the block table put them, with no gathered copy of the context.
+//
+// q [B, H, D]; k_cache, v_cache [S, Hkv, D]; slots [B, W] (row b's context positions 0..W-1 as
+// cache slots, padded); lengths [B] (row b attends positions starts[b] .. lengths[b]-1). Scores in
+// the accumulation type (float for float, bfloat16 and half; double for double), softmax in two
+// passes, output in q's dtype. Grouped-query attention: head h reads kv head h / (H / Hkv).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace alphalora::attention {
+namespace {
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                  const at::Tensor& lengths, const at::Tensor& starts) {
+  TORCH_CHECK(q.dim() == 3, "q must be (batch, heads, head_dim), got ", q.dim(), " dims");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must both be (slots, kv_heads, head_dim)");
+  TORCH_CHECK(k_cache.size(2) == q.size(2), "q's head_dim (", q.size(2), ") differs from the cache's (",
+              k_cache.size(2), ")");
+  TORCH_CHECK(k_cache.size(1) > 0 && q.size(1) % k_cache.size(1) == 0, "heads (", q.size(1),
+              ") must be a multiple of kv_heads (", k_cache.size(1), ")");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q, k_cache and v_cache must share one dtype");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == q.size(0) && slots.scalar_type() == at::kLong,
+              "slots must be int64 (batch, max_context)");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0) && lengths.scalar_type() == at::kLong,
+              "lengths must be int64 (batch,)");
+  TORCH_CHECK(starts.sizes() == lengths.sizes() && starts.scalar_type() == at::kLong, "starts must be int64 (batch,)");
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const at::Tensor& slots_in, const at::Tensor& lengths_in,
+                                      const at::Tensor& starts_in, double scale) {
+  check_inputs(q_in, k_in, v_in, slots_in, lengths_in, starts_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor slots = slots_in.contiguous(), lengths = lengths_in.contiguous(), starts = starts_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(1), cache_slots = k.size(0), width = slots.size(1);
+  const int64_t group = heads / kv_heads;
+  at::Tensor out = at::empty_like(q);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(length[b] >= 0 && length[b] <= width, "lengths[", b, "]=", length[b], " is outside [0, ", width, "]");
+    TORCH_CHECK(start[b] >= 0 && start[b] <= length[b], "starts[", b, "]=", start[b], " is outside [0, lengths[b]]");
+    for (int64_t j = start[b]; j < length[b]; ++j) {
+      TORCH_CHECK(slot[b * width + j] >= 0 && slot[b * width + j] < cache_slots, "slot ", slot[b * width + j],
+                  " of row ", b, " is outside the cache's ", cache_slots, " slots");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> query(dim), acc(dim), scores;
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / heads, h = row % heads, g = h / group;
+        const int64_t first = start[b], n = length[b];
+        for (int64_t d = 0; d < dim; ++d) query[d] = static_cast<acc_t>(qp[row * dim + d]);
+        scores.resize(static_cast<size_t>(std::max<int64_t>(n - first, 0)));
+        acc_t best = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = first; j < n; ++j) {
+          const scalar_t* key = kp + (slot[b * width + j] * kv_heads + g) * dim;
+          acc_t dot = 0;
+          for (int64_t d = 0; d < dim; ++d) dot += query[d] * static_cast<acc_t>(key[d]);
+          const acc_t s = dot * static_cast<acc_t>(scale);
+          scores[j - first] = s;
+          best = std::max(best, s);
+        }
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t total = 0;
+        for (int64_t j = first; j < n; ++j) {
+          const acc_t p = std::exp(scores[j - first] - best);
+          total += p;
+          const scalar_t* value = vp + (slot[b * width + j] * kv_heads + g) * dim;
+          for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<acc_t>(value[d]);
+        }
+        const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // no context: zeros
+        for (int64_t d = 0; d < dim; ++d) op[row * dim + d] = static_cast<scalar_t>(acc[d] * inverse);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alphalora, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention_cpu); }
+
+}  // namespace alphalora::attention
