@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "../common/dot.h"
+
 namespace alphalora::attention {
 namespace {
 
@@ -74,9 +76,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
         acc_t best = -std::numeric_limits<acc_t>::infinity();
         for (int64_t j = first; j < n; ++j) {
           const scalar_t* key = kp + (slot[b * width + j] * kv_heads + g) * dim;
-          acc_t dot = 0;
-          for (int64_t d = 0; d < dim; ++d) dot += query[d] * static_cast<acc_t>(key[d]);
-          const acc_t s = dot * static_cast<acc_t>(scale);
+          const acc_t s = dot<acc_t>(query.data(), key, dim) * static_cast<acc_t>(scale);
           scores[j - first] = s;
           best = std::max(best, s);
         }

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/dot.h"
 #include "routing_checks.h"
 
 namespace alphalora::routing {
@@ -34,12 +35,7 @@ void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int
     for (int64_t p = begin; p < end; ++p) {
       const T* xr = x + (p / k) * in;
       const T* a = A + ids[p] * rank * in;
-      for (int64_t i = 0; i < rank; ++i) {
-        float acc = 0.f;
-        const T* ai = a + i * in;
-        for (int64_t c = 0; c < in; ++c) acc += static_cast<float>(ai[c]) * static_cast<float>(xr[c]);
-        h[p * rank + i] = static_cast<T>(acc);
-      }
+      for (int64_t i = 0; i < rank; ++i) h[p * rank + i] = static_cast<T>(dot<float>(a + i * in, xr, in));
     }
   });
 }
@@ -59,15 +55,42 @@ void expand_tokens(const T* h, const T* B, const T* gates, const int64_t* ids, i
         for (int64_t i = 0; i < rank; ++i) hp[i] = g * static_cast<float>(h[p * rank + i]);
         const T* b = B + ids[p] * out * rank;
         for (int64_t o = 0; o < out; ++o) {
-          float dot = 0.f;
-          for (int64_t i = 0; i < rank; ++i) dot += static_cast<float>(b[o * rank + i]) * hp[i];
-          acc[o] += dot;
+          float sum = 0.f;
+          for (int64_t i = 0; i < rank; ++i) sum += static_cast<float>(b[o * rank + i]) * hp[i];
+          acc[o] += sum;
         }
       }
       for (int64_t o = 0; o < out; ++o) y[t * out + o] = static_cast<T>(acc[o]);
     }
   });
 }
+
+// The same sum with B transposed to Bt[e, i, o]: each pair adds rank contiguous rows (vectorised
+// multiply-adds over o) instead of a rank-long dot per output column. Worth the transpose when
+// every expert has several pairs.
+template <typename T>
+void expand_tokens_transposed(const T* h, const T* Bt, const T* gates, const int64_t* ids, int64_t tokens,
+                              int64_t k, int64_t out, int64_t rank, T* y) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(out);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = t * k + j;
+        const float g = static_cast<float>(gates[p]);
+        for (int64_t i = 0; i < rank; ++i) {
+          const float c = g * static_cast<float>(h[p * rank + i]);
+          const T* row = Bt + (ids[p] * rank + i) * out;
+          for (int64_t o = 0; o < out; ++o) acc[o] += c * static_cast<float>(row[o]);
+        }
+      }
+      for (int64_t o = 0; o < out; ++o) y[t * out + o] = static_cast<T>(acc[o]);
+    }
+  });
+}
+
+// Pairs per expert from which transposing B once beats a rank-long dot per output column.
+constexpr int64_t kMinPairsPerExpertForTranspose = 8;
 
 // Calls fn(expert, pair indices of that expert) for every expert that has pairs.
 template <typename Fn>
@@ -125,11 +148,14 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
   check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
   if (!use_gemm(h.size(0), offsets)) {
-    const at::Tensor hc = h.contiguous(), Bc = B.contiguous(), gc = gates.contiguous(), ids = expert_ids.contiguous();
+    const at::Tensor hc = h.contiguous(), gc = gates.contiguous(), ids = expert_ids.contiguous();
     at::Tensor y = at::empty({num_tokens, B.size(1)}, h.options());
+    const bool transpose = h.size(0) >= kMinPairsPerExpertForTranspose * B.size(0);
+    const at::Tensor Bc = transpose ? B.transpose(1, 2).contiguous() : B.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "grouped_lora_expand", [&] {
-      expand_tokens<scalar_t>(hc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-                              ids.data_ptr<int64_t>(), num_tokens, k, Bc.size(1), Bc.size(2), y.data_ptr<scalar_t>());
+      auto expand = transpose ? expand_tokens_transposed<scalar_t> : expand_tokens<scalar_t>;
+      expand(hc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(),
+             num_tokens, k, B.size(1), B.size(2), y.data_ptr<scalar_t>());
     });
     return y;
   }
