@@ -167,7 +167,7 @@ def test_cuda_kernels_take_more_tokens_than_a_grid_dimension_and_float64():
 
 
 @pytest.mark.parametrize("tokens,experts", [(600, 2), (100, 4), (40, 16)])  # GEMMs; transposed-B loops; pair loops
-def test_both_cpu_strategies_equal_the_loop(tokens, experts):
+def test_every_cpu_strategy_equals_the_loop(tokens, experts):
     tensors = [t.requires_grad_() for t in _inputs(tokens=tokens, k=2, experts=experts)[:4]]
     ids = _inputs(tokens=tokens, k=2, experts=experts)[4]
     ours = ops.moe_lora(*tensors, ids)
