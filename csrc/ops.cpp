@@ -29,7 +29,9 @@ TORCH_LIBRARY(alphalora, m) {
   // Mixture-of-LoRA-experts routing. Pairs are top-k (token, slot) choices, p = t * k + j, each
   // naming a (virtual) expert: with several adapters in one batch, ids are offset per adapter.
   // moe_permute counting-sorts pairs by expert: order (pairs grouped by expert) and offsets.
-  m.def("moe_permute(Tensor expert_ids, int num_experts) -> (Tensor, Tensor)");
+  // validate=False skips the range check of the ids on a GPU (a host sync per call) for callers
+  // whose ids are in range by construction (top-k over their own experts); the CPU always checks.
+  m.def("moe_permute(Tensor expert_ids, int num_experts, bool validate=True) -> (Tensor, Tensor)");
   // h[p] = A[e_p] x[t_p]: every pair's down-projection, (P, r).
   m.def(
       "grouped_lora_shrink(Tensor x, Tensor A, Tensor expert_ids, Tensor order, Tensor offsets) "

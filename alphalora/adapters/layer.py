@@ -111,7 +111,7 @@ class MoELoRALinear(nn.Module):
             gates = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
         else:
             gates, ids = self.routing(x2)
-        return ops.moe_lora(self.dropout(x2), self.lora_A, self.lora_B, gates * self.scaling, ids)
+        return ops.moe_lora(self.dropout(x2), self.lora_A, self.lora_B, gates * self.scaling, ids, ids_in_range=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

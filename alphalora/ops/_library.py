@@ -15,7 +15,10 @@ _SCHEMAS = {
         reference.powerlaw_fit,
     ),
     "eigvalsh_batched": ("eigvalsh_batched(Tensor grams) -> Tensor", reference.eigvalsh_batched),
-    "moe_permute": ("moe_permute(Tensor expert_ids, int num_experts) -> (Tensor, Tensor)", reference.moe_permute),
+    "moe_permute": (
+        "moe_permute(Tensor expert_ids, int num_experts, bool validate=True) -> (Tensor, Tensor)",
+        reference.moe_permute,
+    ),
     "grouped_lora_shrink": (
         "grouped_lora_shrink(Tensor x, Tensor A, Tensor expert_ids, Tensor order, Tensor offsets) -> Tensor",
         reference.grouped_lora_shrink,

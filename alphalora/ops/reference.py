@@ -114,8 +114,10 @@ def eigvalsh_batched(grams: torch.Tensor) -> torch.Tensor:
 # --- mixture-of-LoRA-experts routing: every pair computed on its own, no grouping -------------
 
 
-def moe_permute(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_permute(expert_ids: torch.Tensor, num_experts: int, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs sorted (stably) by expert, and each expert's [start, end) in that order."""
+    if expert_ids.numel() and not 0 <= int(expert_ids.min()) <= int(expert_ids.max()) < num_experts:
+        raise RuntimeError(f"expert ids outside [0, {num_experts}) in moe_permute")
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=num_experts)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])

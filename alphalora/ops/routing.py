@@ -14,7 +14,7 @@ from . import _library  # noqa: F401  (registers the ops: compiled, or the refer
 
 
 @torch.library.register_fake("alphalora::moe_permute")
-def _moe_permute_fake(expert_ids, num_experts):
+def _moe_permute_fake(expert_ids, num_experts, validate=True):
     return torch.empty_like(expert_ids), expert_ids.new_empty(num_experts + 1)
 
 
@@ -66,9 +66,12 @@ torch.library.register_autograd("alphalora::grouped_lora_shrink", _shrink_backwa
 torch.library.register_autograd("alphalora::grouped_lora_expand", _expand_backward, setup_context=_expand_setup)
 
 
-def moe_permute(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, offsets): pair indices grouped by expert, and expert e's range offsets[e]:offsets[e+1]."""
-    return torch.ops.alphalora.moe_permute(expert_ids, num_experts)
+def moe_permute(expert_ids: torch.Tensor, num_experts: int, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): pair indices grouped by expert, and expert e's range offsets[e]:offsets[e+1].
+
+    Ids outside [0, num_experts) are an error; `validate=False` lets a caller whose ids are in range
+    by construction skip the check's host synchronisation on a GPU (the CPU checks anyway)."""
+    return torch.ops.alphalora.moe_permute(expert_ids, num_experts, validate)
 
 
 def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
@@ -82,12 +85,13 @@ def grouped_lora_expand(h, B, gates, expert_ids, order, offsets, num_tokens: int
 
 
 def moe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,
-             expert_ids: torch.Tensor) -> torch.Tensor:
+             expert_ids: torch.Tensor, ids_in_range: bool = False) -> torch.Tensor:
     """The mixture-of-LoRA-experts delta of tokens x (T, in) routed to experts_ids (T, k) with
     gates (T, k): sum_j gates[t, j] B[e] A[e] x[t]. Gather, grouped matmuls, weighted scatter-add;
-    differentiable in x, A, B and gates."""
+    differentiable in x, A, B and gates. `ids_in_range=True` (ids from top-k over A's experts)
+    skips the range check's host synchronisation on a GPU."""
     flat_ids = expert_ids.reshape(-1).contiguous()
-    order, offsets = moe_permute(flat_ids, A.shape[0])
+    order, offsets = moe_permute(flat_ids, A.shape[0], validate=not ids_in_range)
     h = grouped_lora_shrink(x.contiguous(), A.contiguous(), flat_ids, order, offsets)
     return grouped_lora_expand(h, B.contiguous(), gates.reshape(-1).to(h.dtype).contiguous(), flat_ids, order,
                                offsets, x.shape[0])

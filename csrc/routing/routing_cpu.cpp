@@ -101,7 +101,8 @@ void for_each_expert(const at::Tensor& order, const at::Tensor& offsets, Fn fn) 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& expert_ids, int64_t num_experts) {
+std::tuple<at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& expert_ids, int64_t num_experts,
+                                                   bool /*validate: the CPU checks while it counts*/) {
   TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.scalar_type() == at::kLong, "expert_ids must be flat int64");
   TORCH_CHECK(num_experts >= 1, "num_experts must be positive");
   const at::Tensor ids = expert_ids.contiguous();

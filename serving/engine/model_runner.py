@@ -86,7 +86,7 @@ class PagedModelRunner:
         for bucket in buckets.values():
             A, B = self._stacked(name, [adapter for adapter, _ in bucket])
             rows, gates, ids = self._route(name, hidden, bucket)
-            delta = ops.moe_lora(hidden[rows], A, B, gates.to(hidden.dtype), ids)
+            delta = ops.moe_lora(hidden[rows], A, B, gates.to(hidden.dtype), ids, ids_in_range=True)
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 

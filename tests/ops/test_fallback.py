@@ -41,6 +41,12 @@ def test_reference_ops_take_over_when_compiled_library_is_missing():
         assert torch.allclose(y, want, atol=1e-5)
         y.sum().backward()
         assert x.grad is not None and A.grad is not None and B.grad is not None and gates.grad is not None
+        q, cache = torch.randn(1, 2, 4), torch.randn(6, 1, 4)
+        slots, n = torch.tensor([[5, 1, 3]]), torch.tensor([3])
+        out = ops.paged_decode_attention(q, cache, cache, slots, n, torch.tensor([0]), 0.5)
+        keys = cache[slots[0], 0]
+        want = torch.softmax(q[0] @ keys.T * 0.5, -1) @ keys
+        assert torch.allclose(out[0], want, atol=1e-5)
         print("fallback ok")
         """
     )

@@ -44,6 +44,17 @@ def test_moe_permute_groups_pairs_by_expert_stably():
     assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
     with pytest.raises(RuntimeError, match="outside"):
         ops.moe_permute(torch.tensor([0, 7]), 5)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.moe_permute(torch.tensor([0, 7]), 5, validate=False)  # the CPU checks as it counts, always
+
+
+@requires_cuda
+def test_cuda_moe_permute_checks_ids_unless_told_they_are_in_range():
+    ids = torch.tensor([3, 0, 3, 1, 0, 3], device="cuda")
+    order, offsets = ops.moe_permute(ids, 5, validate=False)
+    assert order.tolist() == [1, 4, 3, 0, 2, 5] and offsets.tolist() == [0, 2, 3, 3, 6, 6]
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.moe_permute(torch.tensor([0, 7], device="cuda"), 5)
 
 
 def _compiled_ops():
@@ -122,6 +133,7 @@ def test_opcheck(device):
     flat = ids.reshape(-1)
     order, offsets = ops.moe_permute(flat, 3)
     torch.library.opcheck(torch.ops.alphalora.moe_permute.default, (flat, 3))
+    torch.library.opcheck(torch.ops.alphalora.moe_permute.default, (flat, 3, False))
     x.requires_grad_(), A.requires_grad_()
     torch.library.opcheck(torch.ops.alphalora.grouped_lora_shrink.default, (x, A, flat, order, offsets))
     h = ops.grouped_lora_shrink(x, A, flat, order, offsets).detach().requires_grad_()
