@@ -201,7 +201,7 @@ class PagedModelRunner:
             keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
             values = v_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
             query = q[decode.rows][:, :, None, :]  # [B, heads, 1, head_dim]
-            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask, scale=scaling,
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask(), scale=scaling,
                                                     enable_gqa=gqa)
             out[decode.rows] = result[:, :, 0, :].reshape(batch, -1)
         for index, e in enumerate(entries):
@@ -232,16 +232,13 @@ class PagedModelRunner:
         device = entries[chosen[0]].context_slots.device
         width = max(entries[i].context_slots.shape[0] for i in chosen)
         slots = torch.zeros(len(chosen), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(chosen), 1, 1, width, dtype=torch.bool, device=device)
         lengths = [entries[i].context_slots.shape[0] for i in chosen]
         for row, i in enumerate(chosen):
-            e, n = entries[i], lengths[row]
-            slots[row, :n] = e.context_slots
-            mask[row, 0, 0, :n] = self._mask(n, e.positions, device)[0]
+            slots[row, :lengths[row]] = entries[i].context_slots
         # The one new token sits at position n - 1; a sliding window keeps the last `window` positions.
         starts = [max(0, n - self.sliding_window) if self.sliding_window else 0 for n in lengths]
         rows = torch.tensor([entries[i].start for i in chosen], device=device)
-        return _DecodeBatch(set(chosen), rows, slots, mask, torch.tensor(lengths, device=device),
+        return _DecodeBatch(set(chosen), rows, slots, torch.tensor(lengths, device=device),
                             torch.tensor(starts, device=device))
 
 
@@ -250,6 +247,10 @@ class _DecodeBatch:
     entry_indices: set[int]
     rows: torch.Tensor  # batch rows of the decode tokens
     slots: torch.Tensor  # [B, max context] KV slots, padded with slot 0
-    mask: torch.Tensor  # [B, 1, 1, max context]: real, causal, in-window positions
     lengths: torch.Tensor  # [B] context lengths (the new token included)
     starts: torch.Tensor  # [B] first attended position (after a sliding window; else 0)
+
+    def mask(self) -> torch.Tensor:
+        """[B, 1, 1, max context]: the attended positions, starts[b] <= j < lengths[b]."""
+        positions = torch.arange(self.slots.shape[1], device=self.slots.device)
+        return ((positions >= self.starts[:, None]) & (positions < self.lengths[:, None]))[:, None, None, :]
