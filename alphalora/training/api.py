@@ -176,7 +176,7 @@ def _reallocation_callback(model, plan: Plan, examples, pad_id):
     return ReallocationCallback(model, settings, batches, plan.rank)
 
 
-def _checkpointing_argument(enabled: bool) -> dict[str, bool]:
+def _checkpointing_argument(enabled: bool) -> dict[str, Any]:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
     from transformers import TrainingArguments
 
