@@ -40,10 +40,13 @@ void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int
   });
 }
 
-// y[t, o] = sum_j g[p] sum_i B[e_p, o, i] h[p, i] over p = t * k + j, tokens in parallel.
+// y[t, o] = sum_j g[p] sum_i B[e_p, o, i] h[p, i] over p = t * k + j, tokens in parallel. W is B,
+// or with `transposed` B laid out as Bt[e, i, o]: then each pair adds rank contiguous rows
+// (vectorised multiply-adds over o) instead of a rank-long dot per output column, which is worth
+// the transpose when every expert has several pairs.
 template <typename T>
-void expand_tokens(const T* h, const T* B, const T* gates, const int64_t* ids, int64_t tokens, int64_t k,
-                   int64_t out, int64_t rank, T* y) {
+void expand_tokens(const T* h, const T* W, bool transposed, const T* gates, const int64_t* ids, int64_t tokens,
+                   int64_t k, int64_t out, int64_t rank, T* y) {
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(out);
     std::vector<float> hp(rank);
@@ -53,35 +56,18 @@ void expand_tokens(const T* h, const T* B, const T* gates, const int64_t* ids, i
         const int64_t p = t * k + j;
         const float g = static_cast<float>(gates[p]);
         for (int64_t i = 0; i < rank; ++i) hp[i] = g * static_cast<float>(h[p * rank + i]);
-        const T* b = B + ids[p] * out * rank;
-        for (int64_t o = 0; o < out; ++o) {
-          float sum = 0.f;
-          for (int64_t i = 0; i < rank; ++i) sum += static_cast<float>(b[o * rank + i]) * hp[i];
-          acc[o] += sum;
-        }
-      }
-      for (int64_t o = 0; o < out; ++o) y[t * out + o] = static_cast<T>(acc[o]);
-    }
-  });
-}
-
-// The same sum with B transposed to Bt[e, i, o]: each pair adds rank contiguous rows (vectorised
-// multiply-adds over o) instead of a rank-long dot per output column. Worth the transpose when
-// every expert has several pairs.
-template <typename T>
-void expand_tokens_transposed(const T* h, const T* Bt, const T* gates, const int64_t* ids, int64_t tokens,
-                              int64_t k, int64_t out, int64_t rank, T* y) {
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(out);
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = t * k + j;
-        const float g = static_cast<float>(gates[p]);
-        for (int64_t i = 0; i < rank; ++i) {
-          const float c = g * static_cast<float>(h[p * rank + i]);
-          const T* row = Bt + (ids[p] * rank + i) * out;
-          for (int64_t o = 0; o < out; ++o) acc[o] += c * static_cast<float>(row[o]);
+        const T* w = W + ids[p] * out * rank;
+        if (transposed) {
+          for (int64_t i = 0; i < rank; ++i) {
+            const T* row = w + i * out;
+            for (int64_t o = 0; o < out; ++o) acc[o] += hp[i] * static_cast<float>(row[o]);
+          }
+        } else {
+          for (int64_t o = 0; o < out; ++o) {
+            float sum = 0.f;
+            for (int64_t i = 0; i < rank; ++i) sum += static_cast<float>(w[o * rank + i]) * hp[i];
+            acc[o] += sum;
+          }
         }
       }
       for (int64_t o = 0; o < out; ++o) y[t * out + o] = static_cast<T>(acc[o]);
@@ -154,9 +140,8 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
     const bool transpose = h.size(0) >= kMinPairsPerExpertForTranspose * B.size(0);
     const at::Tensor Bc = transpose ? B.transpose(1, 2).contiguous() : B.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "grouped_lora_expand", [&] {
-      auto expand = transpose ? expand_tokens_transposed<scalar_t> : expand_tokens<scalar_t>;
-      expand(hc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(),
-             num_tokens, k, B.size(1), B.size(2), y.data_ptr<scalar_t>());
+      expand_tokens<scalar_t>(hc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(), transpose, gc.data_ptr<scalar_t>(),
+                              ids.data_ptr<int64_t>(), num_tokens, k, B.size(1), B.size(2), y.data_ptr<scalar_t>());
     });
     return y;
   }
