@@ -18,6 +18,8 @@ from .routing import BalanceStatistics, dense_gates, top_k_gates
 from .shortcuts import ShortcutError, ShortcutLoRA, attach_shortcuts
 
 ADAPTER_ATTRIBUTE = "alphalora_adapter"
+# Sequence-classification heads of transformers models, trained in full beside the adapter.
+CLASSIFIER_HEADS = ("classifier", "score")
 
 
 class AdapterError(ValueError):

@@ -10,11 +10,9 @@ from safetensors.torch import save_file
 
 from alphalora._io import atomic_path, write_text_atomic
 
-from .inject import AdapterError
+from .inject import CLASSIFIER_HEADS, AdapterError
 from .io import _load_weights, read_adapter_config
-
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+from .peft_format import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME
 
 
 def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -47,16 +45,16 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         a, b = tensors[f"{name}.lora_A"][0], tensors[f"{name}.lora_B"][0]  # (r, in), (out, r)
         rank = a.shape[0]
         ranks[name] = rank
-        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = (b * (plan["lora_alpha"] / rank)).contiguous()
+        weights[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        weights[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (b * (plan["lora_alpha"] / rank)).contiguous()
     heads = plan.get("modules_to_save", [])
     for key, value in tensors.items():
         if any(key.startswith(f"{head}.") for head in heads):
-            weights[f"base_model.model.{key}"] = value
+            weights[f"{PEFT_PREFIX}{key}"] = value
     base_rank = max(ranks.values())
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if any(h.rpartition(".")[2] in CLASSIFIER_HEADS for h in heads) else "CAUSAL_LM",
         "base_model_name_or_path": config["base_model"],
         "r": base_rank,
         "lora_alpha": base_rank,

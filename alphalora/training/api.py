@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import write_text_atomic
-from alphalora.adapters.inject import AdapterError, inject_adapters
+from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan
 
 from .data import TASKS, DataError, ListDataset, collate, read_rows, tokenize_causal_lm, tokenize_classification
-
-CLASSIFIER_HEADS = ("classifier", "score")
 
 
 @dataclass

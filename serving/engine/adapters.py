@@ -8,9 +8,6 @@ Only safetensors are read.
 from __future__ import annotations
 
 import itertools
-import json
-import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,13 @@ import torch
 
 from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import CONFIG_NAME, _load_weights, read_adapter_config
-from alphalora.adapters.peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from alphalora.adapters.peft_format import (
+    PEFT_CONFIG_NAME,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS_NAME,
+    peft_scaling,
+    read_peft_lora_config,
+)
 from alphalora.spectral.roles import block_index
 
 
@@ -50,34 +53,63 @@ class LoadedAdapter:
     name: str
     path: Path
     modules: dict[str, ModuleAdapter]  # by the base model's module name
+    # modules_to_save: modules trained in full (lm_head, embed_tokens), by module name, then parameter name
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_LOAD_COUNTER))  # unique per load, for caches
 
     @property
     def kind(self) -> str:
         return "moe-lora" if any(m.num_experts > 1 for m in self.modules.values()) else "lora"
 
+    def tensors(self) -> list[torch.Tensor]:
+        experts = [t for m in self.modules.values() for t in (m.A, m.B, m.router) if t is not None]
+        return experts + [t for params in self.heads.values() for t in params.values()]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values()
-                   for t in (m.A, m.B, m.router) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _match_pattern(pattern: dict, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (its get_pattern_key): the first key that is the
-    module name or a dotted suffix of it, keys read as regular expressions."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+@dataclass(frozen=True)
+class ServedModel:
+    """What an adapter must fit to be served: the base model's linear layers (in, out) and the
+    parameter shapes of the modules the engine can swap per adapter (lm_head, embed_tokens)."""
+
+    linears: dict[str, tuple[int, int]]
+    heads: dict[str, dict[str, tuple[int, ...]]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, swappable: dict[str, torch.nn.Module]) -> ServedModel:
+        linears = {name: (module.in_features, module.out_features)
+                   for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        heads = {name: {p: tuple(t.shape) for p, t in module.named_parameters()} for name, module in swappable.items()}
+        return cls(linears, heads)
+
+    def check(self, adapter: LoadedAdapter) -> None:
+        """AdapterError naming the first module of `adapter` that this base model cannot take."""
+        where = f"adapter {adapter.name!r} ({adapter.path})"
+        for name, module in adapter.modules.items():
+            if name not in self.linears:
+                raise AdapterError(f"{where} adapts {name!r}, which this base model does not have as a linear "
+                                   "layer: it was trained for another model; serve it with its own base model")
+            fan_in, fan_out = self.linears[name]
+            reads = {module.A.shape[-1]} | (set() if module.router is None else {module.router.shape[-1]})
+            if reads != {fan_in} or module.B.shape[1] != fan_out:
+                raise AdapterError(f"{where}: {name!r} is {fan_in} -> {fan_out} in this base model but the adapter's "
+                                   f"weights are {module.A.shape[-1]} -> {module.B.shape[1]}: it was trained for "
+                                   "another model; serve it with its own base model")
+        for name, params in adapter.heads.items():
+            if name not in self.heads:
+                raise AdapterError(f"{where} trains {name!r} in full (modules_to_save); the engine swaps in only "
+                                   f"{sorted(self.heads)} per adapter (a sequence-classification head does not "
+                                   "generate text)")
+            expected = self.heads[name]
+            got = {p: tuple(t.shape) for p, t in params.items()}
+            if got != expected:
+                raise AdapterError(f"{where}: its {name!r} has parameters {got} but the base model's are {expected}; "
+                                   "adapters that resize the vocabulary are not served")
 
 
-def peft_scaling(config: dict, name: str, rank: int) -> float:
-    """The scale PEFT gives module `name` of rank `rank`: its alpha (alpha_pattern first) over r,
-    or over sqrt(r) for rsLoRA."""
-    alpha = _match_pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
+def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]]]:
     config = read_adapter_config(folder)
     plan = config["plan"]
     if plan.get("router", {}).get("type") == "shared":
@@ -93,59 +125,69 @@ def _load_own(folder: Path) -> dict[str, ModuleAdapter]:
         A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
         modules[name] = ModuleAdapter(A=A, B=B, scaling=plan["lora_alpha"] / A.shape[1],
                                       top_k=plan["top_k_per_layer"][layer], router=tensors.get(f"{name}.router.weight"))
-    return modules
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for head in plan.get("modules_to_save", []):
+        heads[head] = {key[len(head) + 1:]: value for key, value in tensors.items() if key.startswith(f"{head}.")}
+    return modules, heads
 
 
-def _load_peft(folder: Path) -> dict[str, ModuleAdapter]:
-    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{folder}: only PEFT LoRA adapters are served, not {config.get('peft_type')}")
-    if config.get("use_dora") or config.get("modules_to_save"):
-        raise AdapterError(f"{folder}: DoRA and modules_to_save are not supported for serving")
-    weights = folder / PEFT_WEIGHTS_NAME
-    if not weights.exists():
-        raise AdapterError(f"{folder} has no {PEFT_WEIGHTS_NAME} (pickled .bin weights are refused)")
+def _load_peft(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]]]:
+    config = read_peft_lora_config(folder)
     from safetensors.torch import load_file
 
+    weights = folder / PEFT_WEIGHTS_NAME
     try:
-        tensors = load_file(str(weights))
+        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(str(weights)).items()}
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
         raise AdapterError(f"{weights} is corrupt: {error}") from error
-    modules = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-        b = tensors[key.replace("lora_A", "lora_B")]
-        modules[name] = ModuleAdapter(A=a[None], B=b[None], scaling=peft_scaling(config, name, a.shape[0]))
-    if not modules:
+    modules, heads = {}, {}
+    for key, value in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            b = tensors.get(f"{name}.lora_B.weight")
+            if b is None:
+                raise AdapterError(f"{weights} has {key} but no {name}.lora_B.weight; re-save the adapter")
+            modules[name] = ModuleAdapter(A=value[None], B=b[None], scaling=peft_scaling(config, name, value.shape[0]))
+        elif ".lora_" in key:
+            if not key.endswith(".lora_B.weight"):
+                raise AdapterError(f"{weights} holds {key}: LoRA on embedding or convolution layers is not served")
+        else:  # modules_to_save: a module trained in full
+            module, _, param = key.rpartition(".")
+            heads.setdefault(module, {})[param] = value
+    if not modules and not heads:
         raise AdapterError(f"{weights} holds no LoRA weights")
-    return modules
+    return modules, heads
 
 
-def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device) -> LoadedAdapter:
-    """Reads an adapter folder (ours or PEFT's) into engine form."""
+def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device,
+                         fits: ServedModel | None = None) -> LoadedAdapter:
+    """Reads an adapter folder (ours or PEFT's) into engine form, checked against the served model."""
     folder = Path(path)
     if (folder / CONFIG_NAME).exists():
-        modules = _load_own(folder)
+        modules, heads = _load_own(folder)
     elif (folder / PEFT_CONFIG_NAME).exists():
-        modules = _load_peft(folder)
+        modules, heads = _load_peft(folder)
     else:
         raise AdapterError(f"{folder} is neither an alphalora nor a PEFT adapter folder")
+    adapter = LoadedAdapter(name, folder, modules, heads)
+    if fits is not None:
+        fits.check(adapter)  # before any copy to the device
     for module in modules.values():
         module.A = module.A.to(device, dtype)
         module.B = module.B.to(device, dtype)
         if module.router is not None:
             module.router = module.router.to(device, dtype)
-    return LoadedAdapter(name, folder, modules)
+    adapter.heads = {head: {p: t.to(device, dtype) for p, t in params.items()} for head, params in heads.items()}
+    return adapter
 
 
 class AdapterRegistry:
     """Known adapters by name; at most `max_loras` resident, least recently used evicted."""
 
-    def __init__(self, max_loras: int, dtype: torch.dtype, device):
+    def __init__(self, max_loras: int, dtype: torch.dtype, device, fits: ServedModel | None = None):
         self.max_loras = max_loras
         self.dtype, self.device = dtype, device
+        self.fits = fits  # adapters are checked against the served model as they load
         self.paths: dict[str, Path] = {}
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
 
@@ -165,7 +207,7 @@ class AdapterRegistry:
             return self._resident[name]
         if name not in self.paths:
             raise AdapterError(f"unknown adapter {name!r}")
-        adapter = load_serving_adapter(name, self.paths[name], self.dtype, self.device)
+        adapter = load_serving_adapter(name, self.paths[name], self.dtype, self.device, self.fits)
         self._resident[name] = adapter
         while len(self._resident) > self.max_loras:
             self._resident.popitem(last=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterRegistry
+from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
 from .model_runner import PagedModelRunner, SequenceBatchEntry
 from .sampling import SampleResult, SamplingParams, sample_rows
@@ -67,7 +67,8 @@ class Engine:
                                    self.max_model_len)
         self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size)
         weight_dtype = next(self.model.parameters()).dtype
-        self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device)
+        fits = ServedModel.of(self.model, self.runner.swappable_heads())
+        self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device, fits)
         for name, path in cfg.adapters.items():
             self.adapters.register(name, path)
         self._ids = itertools.count()

@@ -153,7 +153,7 @@ class PagedModelRunner:
         """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
         logits for entries that asked (by entry index); writes the new KV."""
         positions = torch.cat([e.positions for e in entries])
-        hidden = self.decoder.embed_tokens(input_ids)
+        hidden = self._embed(input_ids, entries)
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
             # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
@@ -180,10 +180,41 @@ class PagedModelRunner:
             up = self._project(mlp.up_proj, hidden, adapters)
             hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
         last = torch.tensor([e.start + e.count - 1 for e in entries], device=hidden.device)
-        logits = self.model.lm_head(self.decoder.norm(hidden[last])).float()
-        every = {i: self.model.lm_head(self.decoder.norm(hidden[e.start:e.start + e.count])).float()
+        logits = self._logits(self.decoder.norm(hidden[last]), [e.adapter for e in entries])
+        every = {i: self._with_heads(self.model.lm_head, self.decoder.norm(hidden[e.start:e.start + e.count]),
+                                     [(e.adapter, 0, e.count)]).float()
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
+
+    # -- modules an adapter replaces (modules_to_save) --------------------------------------------------
+    def swappable_heads(self) -> dict[str, torch.nn.Module]:
+        """The modules an adapter may replace for its own tokens, by name: the input embedding and the LM head."""
+        return {self.module_names[id(m)]: m for m in (self.decoder.embed_tokens, self.model.lm_head)}
+
+    def _with_heads(self, module, inputs: torch.Tensor,
+                    spans: list[tuple[LoadedAdapter | None, int, int]]) -> torch.Tensor:
+        """module(inputs); rows [start, start + count) of each span whose adapter replaces the module
+        (modules_to_save) are computed with that adapter's weights instead."""
+        out = module(inputs)
+        name = self.module_names[id(module)]
+        owners: dict[int, tuple[LoadedAdapter, list[torch.Tensor]]] = {}
+        for adapter, start, count in spans:
+            if adapter is not None and name in adapter.heads:
+                span = torch.arange(start, start + count, device=inputs.device)
+                owners.setdefault(adapter.uid, (adapter, []))[1].append(span)
+        for adapter, rows in owners.values():
+            index = torch.cat(rows)
+            out[index] = torch.func.functional_call(module, adapter.heads[name], (inputs[index],)).to(out.dtype)
+        return out
+
+    def _embed(self, input_ids: torch.Tensor, entries: list[SequenceBatchEntry]) -> torch.Tensor:
+        spans = [(e.adapter, e.start, e.count) for e in entries]
+        return self._with_heads(self.decoder.embed_tokens, input_ids, spans)
+
+    def _logits(self, normed: torch.Tensor, adapters: list[LoadedAdapter | None]) -> torch.Tensor:
+        """LM-head logits of `normed`, one row per entry of `adapters`."""
+        spans = [(adapter, row, 1) for row, adapter in enumerate(adapters)]
+        return self._with_heads(self.model.lm_head, normed, spans).float()
 
     def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float,
                    decode: _DecodeBatch | None):

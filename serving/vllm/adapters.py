@@ -14,7 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import CONFIG_NAME, read_adapter_config
-from alphalora.adapters.peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft
+from alphalora.adapters.peft_export import export_peft
+from alphalora.adapters.peft_format import (
+    PEFT_CONFIG_NAME,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS_NAME,
+    peft_scaling,
+    read_peft_lora_config,
+)
 
 from .bake import NATIVE, bake_moe_model
 
@@ -64,33 +71,25 @@ def peft_ranks(folder: Path) -> dict[str, int]:
 
 def check_peft(folder: Path, name: str) -> dict:
     """The PEFT config of a LoRA folder vLLM can serve; AdapterError naming the native engine otherwise."""
-    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r} is a PEFT {config.get('peft_type')} adapter; vLLM serves LoRA only")
+    config = read_peft_lora_config(folder)
     if config.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r} trains {config['modules_to_save']} as well (modules_to_save), which "
                            f"vLLM cannot serve; {NATIVE}")
-    if config.get("use_dora"):
-        raise AdapterError(f"adapter {name!r} is DoRA, which vLLM cannot serve")
-    if not (folder / PEFT_WEIGHTS_NAME).exists():
-        raise AdapterError(f"adapter {name!r}: {folder} has no {PEFT_WEIGHTS_NAME} (pickled weights are refused)")
     return config
 
 
 def fold_peft_scales(folder: Path, out: Path) -> Path:
     """A copy of a PEFT LoRA folder with each module's scale folded into lora_B and every scale 1,
     for vLLM releases that read only `r` and `lora_alpha` (not rank_pattern/alpha_pattern)."""
-    from alphalora.serving.engine.adapters import peft_scaling
-
-    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+    config = read_peft_lora_config(folder)
     tensors = load_file(str(folder / PEFT_WEIGHTS_NAME))
     ranks = peft_ranks(folder)
     for module, rank in ranks.items():
-        scale = peft_scaling(config, module.removeprefix("base_model.model."), rank)
+        scale = peft_scaling(config, module.removeprefix(PEFT_PREFIX), rank)
         key = f"{module}.lora_B.weight"
         tensors[key] = (tensors[key].float() * scale).to(tensors[key].dtype).contiguous()
     top = max(ranks.values())
-    pattern = {m.removeprefix("base_model.model."): r for m, r in ranks.items() if r != top}
+    pattern = {m.removeprefix(PEFT_PREFIX): r for m, r in ranks.items() if r != top}
     config.update(r=top, lora_alpha=top, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alphalora.adapters.peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from alphalora.adapters.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
 from .adapters import Prepared, peft_ranks, prepare, round_rank
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import transformers
 
+from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
@@ -20,11 +24,12 @@ def _base(family="llama"):
     return build(family, seed=0, **FAMILY_OVERRIDES)
 
 
-def _adapter(folder, family, experts, rank_pattern=None, seed=1, targets=("q", "k", "v", "o", "gate", "up", "down")):
-    model = _base(family)
+def _adapter(folder, family, experts, rank_pattern=None, seed=1, targets=("q", "k", "v", "o", "gate", "up", "down"),
+             base=None, **plan_fields):
+    model = base if base is not None else _base(family)
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
                 top_k_per_layer=[min(2, e) for e in experts], target_modules=list(targets), rank=4,
-                rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0)
+                rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0, **plan_fields)
     save_adapter(with_random_adapter(model, plan, seed=seed, std=0.3), folder)
     return folder
 
@@ -111,8 +116,101 @@ def test_prompt_logprobs_equal_the_models_full_forward():
         assert list(top) == [int(logits[i].argmax())]  # the model's own top-1 at that position
 
 
+HEADS = ["lm_head", "model.embed_tokens"]  # modules_to_save: trained in full, swapped in per adapter
+
+
+def test_adapters_that_replace_lm_head_and_embeddings_match_generate_in_a_mixed_batch(adapters, tmp_path):
+    own_moe = _adapter(tmp_path / "moe_heads", "llama", (2, 3), seed=11, modules_to_save=HEADS)
+    own_lora = _adapter(tmp_path / "lora_heads", "llama", (1, 1), seed=12, targets=("q", "v"),
+                        modules_to_save=["lm_head"])
+    peft_dir = export_peft(_adapter(tmp_path / "lora_both", "llama", (1, 1), seed=13, modules_to_save=HEADS),
+                           tmp_path / "peft_heads")
+    folders = {"moe_heads": own_moe, "lora_heads": own_lora, "peft_heads": peft_dir, "moe_a": adapters["moe_a"]}
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=20, block_size=4, adapters={k: str(v) for k, v in folders.items()}))
+    torch.manual_seed(8)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (6, 13, 4, 9, 21, 5)]
+    names = ["moe_heads", None, "peft_heads", "lora_heads", "moe_a", "moe_heads"]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        if name == "peft_heads":
+            expected = _hf_greedy("llama", prompt, 6, peft_dir=peft_dir)
+        else:
+            expected = _hf_greedy("llama", prompt, 6, adapter=folders[name] if name else None)
+        assert seq.output_ids == expected, (name, seq.output_ids, expected)
+
+
+def test_prompt_logprobs_use_the_adapters_own_lm_head(tmp_path):
+    folder = _adapter(tmp_path / "heads", "llama", (2, 2), seed=14, modules_to_save=HEADS)
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_batched_tokens=8, block_size=4, adapters={"heads": str(folder)}))
+    prompt = torch.randint(1, 128, (15,), generator=torch.Generator().manual_seed(3)).tolist()
+    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True), ["heads"])
+    model = _base("llama")
+    load_adapter(model, folder)
+    logits = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for i, (got, _) in enumerate(seq.prompt_logprobs[1:]):
+        assert abs(got - float(logits[i, prompt[i + 1]])) < 1e-4
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("wider_model", "in this base model but the adapter's weights are"),
+    ("deeper_model", "which this base model does not have as a linear layer"),
+    ("classifier_head", "does not generate text"),
+    ("resized_vocabulary", "resize the vocabulary"),
+    ("peft_bias", "trains the base model's biases"),
+    ("peft_embedding_lora", "LoRA on embedding"),
+    ("peft_dora", "DoRA"),
+    ("peft_pickled", "pickled"),
+    ("peft_not_json", "is not valid JSON"),
+])
+def test_adapters_that_do_not_fit_the_served_model_are_refused_at_load(tmp_path, case, needle):
+    folder = tmp_path / case
+
+    def peft_folder(**config):
+        model = peft.get_peft_model(_base("llama"), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "embed_tokens"] if case == "peft_embedding_lora" else ["q_proj"],
+            **config))
+        model.save_pretrained(folder)
+        return folder
+
+    def rewrite_config(**fields):
+        import json
+
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+
+    if case == "wider_model":
+        _adapter(folder, "llama", (2, 2), base=build("llama", 0, **FAMILY_OVERRIDES, hidden_size=64))
+    elif case == "deeper_model":
+        _adapter(folder, "llama", (2, 2, 2), base=build("llama", 0, **FAMILY_OVERRIDES, num_hidden_layers=3))
+    elif case == "classifier_head":
+        _adapter(folder, "llama", (2, 2), modules_to_save=["score"],
+                 base=transformers.LlamaForSequenceClassification(_base("llama").config))
+    elif case == "resized_vocabulary":
+        _adapter(folder, "llama", (1, 1), modules_to_save=["lm_head"],
+                 base=build("llama", 0, **FAMILY_OVERRIDES, vocab_size=130))
+    elif case == "peft_bias":
+        peft_folder(bias="all")
+    elif case == "peft_embedding_lora":
+        peft_folder()
+    elif case == "peft_dora":
+        peft_folder()
+        rewrite_config(use_dora=True)
+    elif case == "peft_pickled":
+        peft_folder()
+        (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    elif case == "peft_not_json":
+        peft_folder()
+        (folder / "adapter_config.json").write_text("{not json")
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters={"bad": str(folder)}))
+    with pytest.raises(AdapterError, match=re.escape(needle)):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "bad")
+    assert engine.adapters.resident == [] and not engine.has_work()
+
+
 def test_peft_scales_follow_peft_for_alpha_patterns_and_rslora():
-    from alphalora.serving.engine.adapters import peft_scaling
+    from alphalora.adapters.peft_format import peft_scaling
 
     for rslora in (False, True):
         config = peft.LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, lora_dropout=0.0,

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from alphalora.serving.openai import build_app
 from alphalora.serving.openai.server import make_state
 from tests.serving.test_engine import _adapter
-from tests.tiny_models import save_tiny
+from tests.tiny_models import build, save_tiny
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}assistant {% endif %}")
@@ -154,6 +154,16 @@ def test_runtime_adapter_loading_is_confined_to_the_adapter_dir(served):
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
     assert client.post("/v1/completions", json={"model": "spare", "prompt": "x"}).status_code == 404
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 404
+
+
+def test_an_adapter_for_another_model_gets_a_400_at_load_and_serving_goes_on(served):
+    client, state, _, adapters = served
+    _adapter(adapters / "wide", "llama", (2, 2), seed=6, base=build("llama", 0, hidden_size=64))
+    refused = client.post("/v1/load_lora_adapter", json={"lora_name": "wide", "lora_path": str(adapters / "wide")})
+    assert refused.status_code == 400 and "trained for another model" in refused.json()["error"]["message"]
+    assert "wide" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    ok = client.post("/v1/completions", json={"model": "moe", "prompt": "the cat", "max_tokens": 2})
+    assert ok.status_code == 200
 
 
 def test_tokenize_detokenize_and_metrics(served):
