@@ -21,4 +21,14 @@ inline void check_bounds(const at::Tensor& evals, const at::Tensor& bound, const
   TORCH_CHECK(bound.device() == evals.device(), name, " must be on evals' device");
 }
 
+// The inputs of powerlaw_fit: float64 spectra with int64 lengths and per-spectrum candidate bounds.
+inline void check_fit_inputs(const at::Tensor& evals, const at::Tensor& lengths, const at::Tensor& cand_lo,
+                             const at::Tensor& cand_hi) {
+  check_spectra(evals, lengths);
+  check_bounds(evals, cand_lo, "cand_lo");
+  check_bounds(evals, cand_hi, "cand_hi");
+  TORCH_CHECK(evals.scalar_type() == at::kDouble, "powerlaw_fit fits in float64; got ",
+              evals.scalar_type());
+}
+
 }  // namespace alphalora::spectral

@@ -20,11 +20,7 @@ void check_launch(cudaError_t status, const char* what) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> powerlaw_fit_cuda(
     const at::Tensor& evals, const at::Tensor& lengths, const at::Tensor& cand_lo,
     const at::Tensor& cand_hi, int64_t min_tail, bool bias_corrected) {
-  check_spectra(evals, lengths);
-  check_bounds(evals, cand_lo, "cand_lo");
-  check_bounds(evals, cand_hi, "cand_hi");
-  TORCH_CHECK(evals.scalar_type() == at::kDouble, "powerlaw_fit fits in float64; got ",
-              evals.scalar_type());
+  check_fit_inputs(evals, lengths, cand_lo, cand_hi);
   const c10::cuda::CUDAGuard guard(evals.device());
   const at::Tensor x = evals.contiguous();
   const at::Tensor len = lengths.contiguous(), lo = cand_lo.contiguous(), hi = cand_hi.contiguous();
