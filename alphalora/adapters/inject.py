@@ -74,7 +74,8 @@ class AdapterState:
         self.plan = dataclasses.replace(self.plan, disabled_modules=sorted(disabled))
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics."""
+        """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics.
+        None when nothing was routed, or when the plan's aux_loss_coef is 0 (no statistics are kept)."""
         losses = [stats.loss() for stats in self.balance.values()]
         self.reset_statistics()
         losses = [loss for loss in losses if loss is not None]
@@ -181,8 +182,11 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     if plan.disabled_modules:
         state.set_disabled(model, plan.disabled_modules)
     for layer, modules in by_block.items():
-        stats = BalanceStatistics(plan.experts_per_layer[layer])
-        state.balance[layer] = stats
+        # Routing statistics cost a softmax and a count per module and step: gathered only when
+        # the load-balancing loss is trained on.
+        stats = BalanceStatistics(plan.experts_per_layer[layer]) if plan.router.aux_loss_coef > 0 else None
+        if stats is not None:
+            state.balance[layer] = stats
         if shared and plan.experts_per_layer[layer] > 1:
             _attach_shared_router(model, state.module_names, layer, modules, stats)
         else:
@@ -194,7 +198,7 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
 
 
 def _attach_shared_router(model: nn.Module, names: list[str], layer: int, modules: list[MoELoRALinear],
-                          stats: BalanceStatistics) -> None:
+                          stats: BalanceStatistics | None) -> None:
     block_name = _block_prefix(next(n for n in names if block_index(n) == layer), layer)
     block = model.get_submodule(block_name)
     hidden_size = model.config.hidden_size if hasattr(model, "config") else modules[0].in_features

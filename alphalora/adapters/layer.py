@@ -10,6 +10,7 @@ from torch import nn
 
 from alphalora import ops
 
+from .dense_moe import dense_moe_lora
 from .routing import BalanceStatistics, dense_gates, top_k_gates
 
 
@@ -119,11 +120,37 @@ class MoELoRALinear(nn.Module):
         if self.kernel == "grouped":
             delta = self._grouped_delta(x.reshape(-1, self.in_features))
             return self.base(x) + delta.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        weight = self._fusable_base_weight(x)
+        if weight is not None:
+            x2 = x.reshape(-1, self.in_features)
+            dropped = self.dropout(x2)
+            out, logits, ids = dense_moe_lora(x2, None if dropped is x2 else dropped, weight, self.base.bias,
+                                              self.router.weight, self.lora_A, self.lora_B, self.scaling, self.top_k)
+            if self.balance is not None and self.training:
+                self.balance.add(logits, ids)
+            return out.reshape(*x.shape[:-1], self.out_features)
         base = self.base(x)
         hidden = self._down(x.reshape(-1, self.in_features)).to(base.dtype)
         # The up-projection accumulates straight into the base output (one GEMM, no extra pass).
         out = torch.addmm(base.reshape(-1, self.out_features), hidden, self._up_weight().T.to(base.dtype))
         return out.reshape(base.shape)
+
+    def _fusable_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base weight as [out, in] when the dense path with this module's own router can run as one
+        autograd function with the base (same math): a plain frozen nn.Linear or GPT-2 Conv1D and one
+        dtype throughout. None otherwise (quantised or trainable bases, shared routers)."""
+        if self.router is None or self.shared_gates is not None:
+            return None
+        base = self.base
+        if type(base) is nn.Linear:
+            weight = base.weight
+        elif type(base).__name__ == "Conv1D":
+            weight = base.weight.T
+        else:
+            return None
+        frozen = not weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == self.router.weight.dtype
+        return weight if frozen and same_dtype else None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "

@@ -10,10 +10,10 @@ from alphalora.allocation import Plan, RouterSettings
 from tests.tiny_models import EXPECTED_ROLES, FAMILIES, build
 
 
-def _plan(experts=(3, 2), top_k=(2, 1), targets=None, router="per_module", rank=4) -> Plan:
+def _plan(experts=(3, 2), top_k=(2, 1), targets=None, router="per_module", rank=4, aux_loss_coef=0.0) -> Plan:
     return Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts), top_k_per_layer=list(top_k),
                 target_modules=list(targets or ["q", "k", "v", "o", "up", "down"]), rank=rank,
-                lora_alpha=8.0, lora_dropout=0.0, router=RouterSettings(type=router))
+                lora_alpha=8.0, lora_dropout=0.0, router=RouterSettings(type=router, aux_loss_coef=aux_loss_coef))
 
 
 def _inputs(family):
@@ -93,15 +93,23 @@ def test_shared_router_feeds_every_module_of_its_block():
     assert all(m.shared_gates is modules[0].shared_gates for m in modules)
 
 
-def test_aux_loss_collects_each_layers_routing():
+@pytest.mark.parametrize("router", ["per_module", "shared"])
+def test_aux_loss_collects_each_layers_routing(router):
     model = build("llama").train()
-    state = inject_adapters(model, _plan(experts=(4, 3), top_k=(2, 2)))
+    state = inject_adapters(model, _plan(experts=(4, 3), top_k=(2, 2), router=router, aux_loss_coef=0.01))
     model(**_inputs("llama"))
     loss = adapter_state(model).aux_loss()
     assert loss is not None and loss.requires_grad
     assert 0.0 < float(loss.detach()) <= 4 + 3  # each layer contributes at most E_l
     assert adapter_state(model).aux_loss() is None  # reset after reading
     assert state.plan.num_layers == 2
+
+
+def test_without_an_aux_loss_no_routing_statistics_are_kept():
+    model = build("llama").train()
+    inject_adapters(model, _plan(experts=(4, 3), top_k=(2, 2)))
+    model(**_inputs("llama"))
+    assert adapter_state(model).aux_loss() is None and not adapter_state(model).balance
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -42,6 +42,40 @@ def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k, ker
         torch.testing.assert_close(g_ours, g_loop, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("aux_loss", [False, True])
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_the_fused_dense_function_equals_the_op_by_op_autograd_chain(dropout, aux_loss, base, monkeypatch):
+    """The one-function dense path (base GEMM included, hand-written routing backward) against the
+    same math as the base module plus a chain of tensor ops differentiated by autograd: dropout on
+    the experts' input only, the load-balancing loss reading the router logits, GPT-2's Conv1D."""
+    layer = _layer(6, 2).train()
+    if base == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(20, 24)
+        with torch.no_grad():
+            conv.weight.copy_(layer.base.weight.T)
+            conv.bias.copy_(layer.base.bias)
+        layer.base = conv.requires_grad_(False)
+    layer.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+    x = torch.randn(3, 11, 24, requires_grad=True)
+
+    def run(fused: bool):
+        if not fused:
+            monkeypatch.setattr(MoELoRALinear, "_fusable_base_weight", lambda *_: None)
+        layer.balance = BalanceStatistics(6) if aux_loss else None
+        torch.manual_seed(5)  # the same dropout mask on both paths
+        out = layer(x)
+        loss = out.square().sum() + (3.0 * layer.balance.loss() if aux_loss else 0.0)
+        return out, torch.autograd.grad(loss, [layer.lora_A, layer.lora_B, layer.router.weight, x])
+
+    (fused_out, fused_grads), (chain_out, chain_grads) = run(True), run(False)
+    torch.testing.assert_close(fused_out, chain_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused_grads, chain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["dense", "grouped"])
 def test_bf16_matches_the_loop_at_bf16_tolerance(kernel):
     layer = _layer(8, 2, dtype=torch.bfloat16, kernel=kernel)
@@ -117,3 +151,13 @@ def test_cuda_layer_equals_the_cpu_layer_in_values_and_gradients(experts, top_k,
     torch.testing.assert_close(out_gpu.float().cpu(), out_cpu, rtol=tol, atol=tol)
     for got, want in zip(_grads(gpu, out_gpu, x_gpu), _grads(cpu, out_cpu, x), strict=True):
         torch.testing.assert_close(got.float().cpu(), want, rtol=tol * 10, atol=tol * 10)
+
+
+def test_the_layer_compiles_in_one_graph_with_the_same_values_and_gradients():
+    layer = _layer(6, 2)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(_grads(layer, compiled, x), _grads(layer, eager, x), strict=True):
+        torch.testing.assert_close(got, want)

@@ -1,0 +1,97 @@
+"""The dense-masked mixture of LoRA experts with its own router and the frozen base linear, as one
+autograd function.
+
+Where E x r is small next to the hidden size, computing every expert's down-projection for every
+token and zeroing the unchosen ones by their gates costs less than gathering tokens per expert.
+Written out as a chain of tensor ops this is ~15 autograd nodes and as many temporaries per
+module. Here the forward is the base GEMM, one GEMM over the concatenated [A; router] weights and
+the gated up-projection accumulated in place into the base output; the backward accumulates the
+adapter's input gradient into the base's in place (no separate sum of the two), and the routing
+gradient (top-k renormalised softmax) is written out by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _DenseMoELoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_dropped, weight, bias, router, lora_A, lora_B, scaling: float, top_k: int):
+        num_experts, rank, fan_in = lora_A.shape
+        fan_out = lora_B.shape[1]
+        width = num_experts * rank
+        down = lora_A.reshape(width, fan_in)
+        shared = x_dropped is None  # no dropout: one GEMM gives the experts' down-projections and the logits
+        if shared:
+            stacked = torch.cat([down, router])
+            both = x @ stacked.T
+            hidden, logits = both[:, :width], both[:, width:]
+        else:
+            stacked = None
+            hidden, logits = x_dropped @ down.T, x @ router.T
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, ids = torch.topk(probs, top_k, dim=-1)
+        total = top.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter_(1, ids, top / total * scaling).to(hidden.dtype)  # [T, E]
+        up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
+        gated = (hidden.view(-1, num_experts, rank) * gates[:, :, None]).view(-1, width)
+        out = F.linear(x, weight, bias).addmm_(gated, up.T)
+        ctx.save_for_backward(x, x_dropped, weight, router, down, stacked, up, hidden,
+                              gated, gates, probs, ids, total)
+        ctx.shape = (num_experts, rank, fan_in, fan_out)
+        ctx.scaling, ctx.shared = scaling, shared
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(ids)
+        return out, logits, ids
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_logits, _grad_ids):
+        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates, probs, ids, total = ctx.saved_tensors
+        num_experts, rank, fan_in, fan_out = ctx.shape
+        width = num_experts * rank
+        grads = [None] * 9
+        if grad_out is None:
+            grad_out = torch.zeros(x.shape[0], fan_out, dtype=hidden.dtype, device=x.device)
+        grad_up = grad_out.T @ gated  # [out, E*r]
+        grad_gated = (grad_out @ up).view(-1, num_experts, rank)
+        grad_hidden = (grad_gated * gates[:, :, None]).view(-1, width)
+        # d loss / d (scaled dense gate) of the chosen experts, back through the renormalisation
+        # g_j = p_j / sum_i p_i and the softmax.
+        chosen = torch.gather((grad_gated * hidden.view(-1, num_experts, rank)).sum(-1).float(), 1, ids) * ctx.scaling
+        renormalised = torch.gather(probs, 1, ids) / total
+        grad_top = (chosen - (chosen * renormalised).sum(-1, keepdim=True)) / total
+        grad_probs = torch.zeros_like(probs).scatter_(1, ids, grad_top)
+        grad_logits_total = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        if grad_logits is not None:  # the load-balancing loss reads the logits too
+            grad_logits_total = grad_logits_total + grad_logits.float()
+        grad_logits_total = grad_logits_total.to(hidden.dtype)
+        if ctx.shared:
+            grad_both = torch.cat([grad_hidden, grad_logits_total], dim=1)
+            if ctx.needs_input_grad[0]:
+                grads[0] = (grad_out @ weight).addmm_(grad_both, stacked)
+            weight_grad = grad_both.T @ x
+            grad_down, grads[4] = weight_grad[:width], weight_grad[width:]
+        else:
+            if ctx.needs_input_grad[0]:
+                grads[0] = (grad_out @ weight).addmm_(grad_logits_total, router)
+            if ctx.needs_input_grad[1]:
+                grads[1] = grad_hidden @ down
+            grad_down, grads[4] = grad_hidden.T @ x_dropped, grad_logits_total.T @ x
+        grads[5] = grad_down.view(num_experts, rank, fan_in)
+        grads[6] = grad_up.view(fan_out, num_experts, rank).permute(1, 0, 2)
+        return tuple(grads)
+
+
+def dense_moe_lora(x: torch.Tensor, x_dropped: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                   router: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x @ weight.T + bias + scaling * sum over each token's top-k experts e of g_e B_e A_e x_dropped,
+    the router logits [T, E] (differentiable, for the load-balancing loss), the chosen experts [T, k]).
+
+    x: [T, in]; x_dropped: x after dropout, the experts' input (None without dropout); weight [out, in] and bias: the frozen
+    base linear (no gradient is computed for them); router: [E, in]; lora_A: [E, r, in];
+    lora_B: [E, out, r]. Gates: softmax of x @ router.T in fp32, top-k, renormalised to sum to 1.
+    """
+    return _DenseMoELoRA.apply(x, x_dropped, weight, bias, router, lora_A, lora_B, scaling, top_k)
