@@ -90,8 +90,8 @@ def dense_moe_lora(x: torch.Tensor, x_dropped: torch.Tensor | None, weight: torc
     """(x @ weight.T + bias + scaling * sum over each token's top-k experts e of g_e B_e A_e x_dropped,
     the router logits [T, E] (differentiable, for the load-balancing loss), the chosen experts [T, k]).
 
-    x: [T, in]; x_dropped: x after dropout, the experts' input (None without dropout); weight [out, in] and bias: the frozen
-    base linear (no gradient is computed for them); router: [E, in]; lora_A: [E, r, in];
-    lora_B: [E, out, r]. Gates: softmax of x @ router.T in fp32, top-k, renormalised to sum to 1.
+    x: [T, in]; x_dropped: x after dropout, the experts' input (None without dropout); weight
+    [out, in] and bias: the frozen base linear (no gradient is computed for them); router: [E, in];
+    lora_A: [E, r, in]; lora_B: [E, out, r]. Gates: softmax of x @ router.T in fp32, top-k, renormalised to sum to 1.
     """
     return _DenseMoELoRA.apply(x, x_dropped, weight, bias, router, lora_A, lora_B, scaling, top_k)
