@@ -155,6 +155,23 @@ def small_llama(args):
     return LlamaForCausalLM(config).to(args.device)
 
 
+def interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function over `repeats` rounds that call every function once in turn
+    (after two warm-up rounds), so that a noisy machine's slow spells hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(repeats + 2):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def model_benchmark(args) -> dict:
     layers = args.model_layers
     experts = max(1, round(160 / 32))
@@ -164,7 +181,7 @@ def model_benchmark(args) -> dict:
         "moe_lora_loop": ([experts] * layers, [min(2, experts)] * layers, True),
     }
     ids = torch.randint(0, 4096, (args.batch, args.seq), device=args.device)
-    results = {}
+    steps = {}
     for name, (counts, top_k, loop) in variants.items():
         model = small_llama(args).train()
         plan = Plan(method="uniform", base_model="small-llama", experts_per_layer=counts, top_k_per_layer=top_k,
@@ -180,8 +197,9 @@ def model_benchmark(args) -> dict:
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
 
-        seconds = timed(train_step, args.model_repeats, args.device)
-        results[name] = {"step_s": seconds, "tokens_per_s": args.batch * args.seq / seconds}
+        steps[name] = train_step
+    seconds = interleaved(steps, args.model_repeats, args.device)
+    results = {name: {"step_s": s, "tokens_per_s": args.batch * args.seq / s} for name, s in seconds.items()}
     results["moe_over_lora"] = results["moe_lora"]["tokens_per_s"] / results["lora_r8"]["tokens_per_s"]
     results["moe_over_loop"] = results["moe_lora"]["tokens_per_s"] / results["moe_lora_loop"]["tokens_per_s"]
     return results
@@ -203,7 +221,7 @@ def main() -> None:
     parser.add_argument("--model-hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--model-repeats", type=int, default=3)
+    parser.add_argument("--model-repeats", type=int, default=10, help="interleaved rounds of the three training steps")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from alphalora import ops
 
-from .dense_moe import dense_moe_lora
+from .fused import dense_moe_lora, lora_linear
 from .routing import BalanceStatistics, dense_gates, top_k_gates
 
 
@@ -124,10 +124,14 @@ class MoELoRALinear(nn.Module):
         if weight is not None:
             x2 = x.reshape(-1, self.in_features)
             dropped = self.dropout(x2)
-            out, logits, ids = dense_moe_lora(x2, None if dropped is x2 else dropped, weight, self.base.bias,
-                                              self.router.weight, self.lora_A, self.lora_B, self.scaling, self.top_k)
-            if self.balance is not None and self.training:
-                self.balance.add(logits, ids)
+            dropped = None if dropped is x2 else dropped
+            if self.num_experts == 1:
+                out = lora_linear(x2, dropped, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+            else:
+                out, logits, ids = dense_moe_lora(x2, dropped, weight, self.base.bias, self.router.weight,
+                                                  self.lora_A, self.lora_B, self.scaling, self.top_k)
+                if self.balance is not None and self.training:
+                    self.balance.add(logits, ids)
             return out.reshape(*x.shape[:-1], self.out_features)
         base = self.base(x)
         hidden = self._down(x.reshape(-1, self.in_features)).to(base.dtype)
@@ -136,10 +140,10 @@ class MoELoRALinear(nn.Module):
         return out.reshape(base.shape)
 
     def _fusable_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The base weight as [out, in] when the dense path with this module's own router can run as one
-        autograd function with the base (same math): a plain frozen nn.Linear or GPT-2 Conv1D and one
-        dtype throughout. None otherwise (quantised or trainable bases, shared routers)."""
-        if self.router is None or self.shared_gates is not None:
+        """The base weight as [out, in] when the dense path (plain LoRA, or experts with this module's own
+        router) can run as one autograd function with the base (same math): a plain frozen nn.Linear or
+        GPT-2 Conv1D and one dtype throughout. None otherwise (quantised or trainable bases, shared routers)."""
+        if self.num_experts > 1 and (self.router is None or self.shared_gates is not None):
             return None
         base = self.base
         if type(base) is nn.Linear:
@@ -149,7 +153,8 @@ class MoELoRALinear(nn.Module):
         else:
             return None
         frozen = not weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-        same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == self.router.weight.dtype
+        router = self.router.weight.dtype if self.router is not None else x.dtype
+        same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == router
         return weight if frozen and same_dtype else None
 
     def extra_repr(self) -> str:

@@ -43,13 +43,14 @@ def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k, ker
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("aux_loss", [False, True])
+@pytest.mark.parametrize("experts,aux_loss", [(1, False), (6, False), (6, True)])
 @pytest.mark.parametrize("base", ["linear", "conv1d"])
-def test_the_fused_dense_function_equals_the_op_by_op_autograd_chain(dropout, aux_loss, base, monkeypatch):
-    """The one-function dense path (base GEMM included, hand-written routing backward) against the
-    same math as the base module plus a chain of tensor ops differentiated by autograd: dropout on
-    the experts' input only, the load-balancing loss reading the router logits, GPT-2's Conv1D."""
-    layer = _layer(6, 2).train()
+def test_the_fused_dense_function_equals_the_op_by_op_autograd_chain(dropout, experts, aux_loss, base, monkeypatch):
+    """The one-function paths (plain LoRA, MoE-LoRA; base GEMM included, hand-written routing
+    backward) against the same math as the base module plus a chain of tensor ops differentiated by
+    autograd: dropout on the experts' input only, the load-balancing loss reading the router logits,
+    GPT-2's Conv1D."""
+    layer = _layer(experts, min(2, experts)).train()
     if base == "conv1d":
         from transformers.pytorch_utils import Conv1D
 
@@ -64,11 +65,12 @@ def test_the_fused_dense_function_equals_the_op_by_op_autograd_chain(dropout, au
     def run(fused: bool):
         if not fused:
             monkeypatch.setattr(MoELoRALinear, "_fusable_base_weight", lambda *_: None)
-        layer.balance = BalanceStatistics(6) if aux_loss else None
+        layer.balance = BalanceStatistics(experts) if aux_loss else None
         torch.manual_seed(5)  # the same dropout mask on both paths
         out = layer(x)
         loss = out.square().sum() + (3.0 * layer.balance.loss() if aux_loss else 0.0)
-        return out, torch.autograd.grad(loss, [layer.lora_A, layer.lora_B, layer.router.weight, x])
+        params = [layer.lora_A, layer.lora_B, x] + ([layer.router.weight] if layer.router is not None else [])
+        return out, torch.autograd.grad(loss, params)
 
     (fused_out, fused_grads), (chain_out, chain_grads) = run(True), run(False)
     torch.testing.assert_close(fused_out, chain_out, rtol=1e-5, atol=1e-5)
@@ -153,8 +155,9 @@ def test_cuda_layer_equals_the_cpu_layer_in_values_and_gradients(experts, top_k,
         torch.testing.assert_close(got.float().cpu(), want, rtol=tol * 10, atol=tol * 10)
 
 
-def test_the_layer_compiles_in_one_graph_with_the_same_values_and_gradients():
-    layer = _layer(6, 2)
+@pytest.mark.parametrize("experts", [1, 6])
+def test_the_layer_compiles_in_one_graph_with_the_same_values_and_gradients(experts):
+    layer = _layer(experts, min(2, experts))
     x = torch.randn(2, 7, 24, requires_grad=True)
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)

@@ -1,19 +1,45 @@
-"""The dense-masked mixture of LoRA experts with its own router and the frozen base linear, as one
-autograd function.
+"""An adapter and its frozen base linear as one autograd function: plain LoRA, and the dense-masked
+mixture of LoRA experts with its own router.
 
-Where E x r is small next to the hidden size, computing every expert's down-projection for every
-token and zeroing the unchosen ones by their gates costs less than gathering tokens per expert.
-Written out as a chain of tensor ops this is ~15 autograd nodes and as many temporaries per
-module. Here the forward is the base GEMM, one GEMM over the concatenated [A; router] weights and
-the gated up-projection accumulated in place into the base output; the backward accumulates the
-adapter's input gradient into the base's in place (no separate sum of the two), and the routing
-gradient (top-k renormalised softmax) is written out by hand.
+Written out as a chain of tensor ops an adapted linear is the base GEMM, the adapter's GEMMs, a
+separate sum of the two outputs and, in backward, a separate sum of the two input gradients (for
+MoE-LoRA also ~15 autograd nodes of routing). Here the adapter's output and input gradient are
+accumulated in place into the base's (addmm_), and the routing gradient (top-k renormalised
+softmax) is written out by hand. For MoE-LoRA, where E x r is small next to the hidden size, every
+expert's down-projection is computed for every token (one GEMM over the concatenated [A; router]
+weights) and the unchosen ones are zeroed by their gates: cheaper than gathering tokens per expert.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+class _LoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_dropped, weight, bias, lora_A, lora_B, scaling: float):
+        down, up = lora_A[0], lora_B[0]  # [r, in], [out, r]
+        hidden = (x if x_dropped is None else x_dropped) @ down.T * scaling
+        out = F.linear(x, weight, bias).addmm_(hidden, up.T)
+        ctx.save_for_backward(x, x_dropped, weight, down, up, hidden)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, x_dropped, weight, down, up, hidden = ctx.saved_tensors
+        grads = [None] * 7
+        grad_hidden = (grad_out @ up) * ctx.scaling
+        if ctx.needs_input_grad[0]:
+            grads[0] = grad_out @ weight
+            if x_dropped is None:
+                grads[0].addmm_(grad_hidden, down)
+        if x_dropped is not None and ctx.needs_input_grad[1]:
+            grads[1] = grad_hidden @ down
+        grads[4] = (grad_hidden.T @ (x if x_dropped is None else x_dropped))[None]
+        grads[5] = (grad_out.T @ hidden)[None]
+        return tuple(grads)
 
 
 class _DenseMoELoRA(torch.autograd.Function):
@@ -95,3 +121,10 @@ def dense_moe_lora(x: torch.Tensor, x_dropped: torch.Tensor | None, weight: torc
     lora_A: [E, r, in]; lora_B: [E, out, r]. Gates: softmax of x @ router.T in fp32, top-k, renormalised to sum to 1.
     """
     return _DenseMoELoRA.apply(x, x_dropped, weight, bias, router, lora_A, lora_B, scaling, top_k)
+
+
+def lora_linear(x: torch.Tensor, x_dropped: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x @ weight.T + bias + scaling * B A x_dropped for one expert (lora_A [1, r, in], lora_B [1, out, r]);
+    x_dropped is None without dropout; the base weight and bias get no gradient."""
+    return _LoRA.apply(x, x_dropped, weight, bias, lora_A, lora_B, scaling)
