@@ -155,7 +155,8 @@ class MoELoRALinear(nn.Module):
         frozen = not weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         router = self.router.weight.dtype if self.router is not None else x.dtype
         same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == router
-        return weight if frozen and same_dtype else None
+        autocast = torch.is_autocast_enabled(x.device.type)  # mixed precision casts op by op: keep the op chain
+        return weight if frozen and same_dtype and not autocast else None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "

@@ -164,3 +164,15 @@ def test_the_layer_compiles_in_one_graph_with_the_same_values_and_gradients(expe
     torch.testing.assert_close(compiled, eager)
     for got, want in zip(_grads(layer, compiled, x), _grads(layer, eager, x), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
+@pytest.mark.parametrize("experts", [1, 6])
+def test_under_autocast_the_layer_follows_the_fp32_loop_at_bf16_tolerance(experts, kernel):
+    layer = _layer(experts, min(2, experts), kernel=kernel)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), moe_lora_loop_reference(layer, x).detach(), rtol=3e-2, atol=3e-2)
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
