@@ -170,6 +170,13 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
             head = model.get_submodule(name)
         except AttributeError as error:
             raise AdapterError(f"modules_to_save entry {name!r} is not a module of this model") from error
+        own = {id(parameter) for parameter in head.parameters()}
+        tied = [other for other, parameter in model.named_parameters(remove_duplicate=False)
+                if id(parameter) in own and not other.startswith(f"{name}.")]
+        if tied:
+            raise AdapterError(f"modules_to_save entry {name!r} shares its weights with {tied[0]!r} (tied "
+                               "embeddings): training it would change the base model too; untie them "
+                               "(tie_word_embeddings=False) or leave it out of modules_to_save")
         for parameter in head.parameters():
             parameter.requires_grad_(True)
     if plan.shortcuts:

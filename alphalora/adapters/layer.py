@@ -142,7 +142,8 @@ class MoELoRALinear(nn.Module):
     def _fusable_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The base weight as [out, in] when the dense path (plain LoRA, or experts with this module's own
         router) can run as one autograd function with the base (same math): a plain frozen nn.Linear or
-        GPT-2 Conv1D and one dtype throughout. None otherwise (quantised or trainable bases, shared routers)."""
+        GPT-2 Conv1D, one dtype throughout, no autocast. None otherwise (quantised or trainable bases, shared
+        routers, mixed precision)."""
         if self.num_experts > 1 and (self.router is None or self.shared_gates is not None):
             return None
         base = self.base

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -139,3 +141,14 @@ def test_bf16_model():
     for p in adapter_parameters(model).values():
         assert p.dtype == torch.bfloat16
     assert model(**_inputs("qwen2")).logits.dtype == torch.bfloat16
+
+
+def test_a_tied_head_in_modules_to_save_is_refused():
+    model = build("gemma")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # Gemma ties its embeddings
+    plan = dataclasses.replace(_plan(), modules_to_save=["lm_head"])
+    with pytest.raises(AdapterError, match="tied embeddings"):
+        inject_adapters(model, plan)
+    untied = build("llama")
+    inject_adapters(untied, dataclasses.replace(_plan(), modules_to_save=["lm_head"]))
+    assert untied.lm_head.weight.requires_grad and not untied.model.embed_tokens.weight.requires_grad
