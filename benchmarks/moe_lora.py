@@ -28,20 +28,23 @@ from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapter
 from alphalora.allocation import Plan
 
 
+def seconds_of_one_call(fn, device: str) -> float:
+    """Wall seconds of fn(), GPU work included."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats: int, device: str) -> float:
     """Median seconds of `repeats` calls after two warm-up calls."""
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = sorted(seconds_of_one_call(fn, device) for _ in range(repeats))
+    return times[len(times) // 2]
 
 
 def copy_bandwidth(device: str, dtype: torch.dtype, repeats: int) -> float:
@@ -161,14 +164,9 @@ def interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(repeats + 2):
         for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            seconds = seconds_of_one_call(fn, device)
             if round_index >= 2:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
