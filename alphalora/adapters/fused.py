@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .routing import dense_gates, softmax_top_k
+
 
 class _LoRA(torch.autograd.Function):
     @staticmethod
@@ -57,10 +59,9 @@ class _DenseMoELoRA(torch.autograd.Function):
         else:
             stacked = None
             hidden, logits = x_dropped @ down.T, x @ router.T
-        probs = torch.softmax(logits.float(), dim=-1)
-        top, ids = torch.topk(probs, top_k, dim=-1)
+        probs, top, ids = softmax_top_k(logits, top_k)
         total = top.sum(dim=-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter_(1, ids, top / total * scaling).to(hidden.dtype)  # [T, E]
+        gates = dense_gates(top / total * scaling, ids, num_experts).to(hidden.dtype)  # [T, E]
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
         gated = (hidden.view(-1, num_experts, rank) * gates[:, :, None]).view(-1, width)
         out = F.linear(x, weight, bias).addmm_(gated, up.T)

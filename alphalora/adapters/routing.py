@@ -7,13 +7,20 @@ from dataclasses import dataclass
 import torch
 
 
+def softmax_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities [T, E] in fp32, the top-k of them [T, k], their expert ids [T, k]); ids of
+    equal probability keep torch.topk's order."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, ids = torch.topk(probs, top_k, dim=-1)
+    return probs, top, ids
+
+
 def top_k_gates(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in fp32, the top-k per token, renormalised to sum to 1.
 
     Returns (gates [T, k] in fp32, expert ids [T, k]); ids of equal probability keep torch.topk's order.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    gates, ids = torch.topk(probs, top_k, dim=-1)
+    _, gates, ids = softmax_top_k(logits, top_k)
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return gates, ids

@@ -115,7 +115,8 @@ def eigvalsh_batched(grams: torch.Tensor) -> torch.Tensor:
 
 
 def moe_permute(expert_ids: torch.Tensor, num_experts: int, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs sorted (stably) by expert, and each expert's [start, end) in that order."""
+    """Pairs sorted (stably) by expert, and each expert's [start, end) in that order. The ids are
+    always range-checked here (`validate` only lets GPU kernels skip the host synchronisation)."""
     if expert_ids.numel() and not 0 <= int(expert_ids.min()) <= int(expert_ids.max()) < num_experts:
         raise RuntimeError(f"expert ids outside [0, {num_experts}) in moe_permute")
     order = torch.argsort(expert_ids, stable=True)
