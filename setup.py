@@ -46,6 +46,13 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
 
 
+# _C must not carry a second C++ runtime that torch's can interpose: where LDFLAGS or a custom GCC
+# link libstdc++ statically, its symbols in _C resolve half to torch's shared copy and half to the
+# private one, and TORCH_CHECK crashes formatting its first integer (seen with a toolchain in
+# /opt/gcc). Link the shared runtime first, and keep whatever static archive still comes in private.
+LINK_FLAGS = ["-fopenmp", "-lstdc++", "-Wl,--exclude-libs,ALL"]
+
+
 def _extension():
     cpp = [s for s in _sources("csrc/**/*.cpp") if "/tests/" not in s and not s.endswith("_dispatch.cpp")]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
@@ -56,14 +63,14 @@ def _extension():
             "alphalora._C",
             sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_FLAGS,
             py_limited_api=True,
         )
     return CppExtension(
         "alphalora._C",
         cpp,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_FLAGS,
         py_limited_api=True,
     )
 
