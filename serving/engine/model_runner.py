@@ -53,6 +53,7 @@ class PagedModelRunner:
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_layouts: dict[tuple, _BucketLayout] = {}  # this step's routing layouts, by bucket
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -60,13 +61,21 @@ class PagedModelRunner:
     # -- adapters ----------------------------------------------------------------------------------
     @staticmethod
     def _adapter_rows(entries: list[SequenceBatchEntry], device) -> list[tuple[LoadedAdapter, torch.Tensor]]:
-        """Each adapter in the step with its tokens' batch rows (computed once per step)."""
-        rows: dict[str, tuple[LoadedAdapter, list[torch.Tensor]]] = {}
+        """Each adapter in the step with its tokens' batch rows: one host-to-device copy per step, each
+        adapter's rows a slice of it (a kernel launch per sequence here added up over a batch)."""
+        rows: dict[str, tuple[LoadedAdapter, list[int]]] = {}
         for entry in entries:
             if entry.adapter is not None:
-                span = torch.arange(entry.start, entry.start + entry.count, device=device)
-                rows.setdefault(entry.adapter.name, (entry.adapter, []))[1].append(span)
-        return [(adapter, torch.cat(spans)) for adapter, spans in rows.values()]
+                rows.setdefault(entry.adapter.name, (entry.adapter, []))[1].extend(
+                    range(entry.start, entry.start + entry.count))
+        if not rows:
+            return []
+        flat = torch.tensor([row for _, spans in rows.values() for row in spans], device=device)
+        out, start = [], 0
+        for adapter, spans in rows.values():
+            out.append((adapter, flat[start:start + len(spans)]))
+            start += len(spans)
+        return out
 
     def _project(self, module, hidden: torch.Tensor,
                  adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]) -> torch.Tensor:
@@ -86,7 +95,7 @@ class PagedModelRunner:
         for bucket in buckets.values():
             A, B = self._stacked(name, [adapter for adapter, _ in bucket])
             rows, gates, ids = self._route(name, hidden, bucket)
-            delta = ops.moe_lora(hidden[rows], A, B, gates.to(hidden.dtype), ids, ids_in_range=True)
+            delta = ops.moe_lora(hidden[rows], A, B, gates, ids, ids_in_range=True)
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 
@@ -94,37 +103,67 @@ class PagedModelRunner:
         """(rows, scaled gates [n, k], virtual expert ids [n, k]) for a bucket's tokens.
 
         Adapters with routers of the same expert count are routed together: one GEMM against all
-        their routers, then each token keeps the logits of its own adapter's router.
+        their routers, then each token keeps the logits of its own adapter's router. Plain LoRA
+        tokens have fixed gates and ids, so only the routers' part is computed per module.
         """
-        offsets, start = [], 0
+        layout = self._bucket_layout(name, bucket, hidden.dtype)
+        plain = layout.plain_ids.shape[0] > 0
+        gates_all, ids_all = ([layout.plain_gates], [layout.plain_ids]) if plain else ([], [])
+        for group in layout.groups:
+            routers = self._stacked_routers(name, group.adapters)  # [members * E, in]
+            logits = (hidden[group.rows] @ routers.T).view(group.rows.shape[0], len(group.adapters), -1)
+            logits = logits[group.token_index, group.member]
+            gates, ids = top_k_gates(logits, group.top_k)
+            gates_all.append((gates * group.scale[:, None]).to(hidden.dtype))
+            ids_all.append(ids + group.base[:, None])
+        if len(gates_all) == 1:
+            return layout.rows, gates_all[0], ids_all[0]
+        return layout.rows, torch.cat(gates_all), torch.cat(ids_all)
+
+    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, torch.Tensor]],
+                       dtype: torch.dtype) -> _BucketLayout:
+        """What routing a bucket needs besides the hidden states, built once per step for every
+        module whose bucket has the same adapters, expert counts and scales (usually all of them)."""
+        described = tuple((a.uid, a.modules[name].num_experts, a.modules[name].top_k, a.modules[name].scaling,
+                           a.modules[name].router is None) for a, _ in bucket)
+        key = (described, dtype)
+        layout = self._step_layouts.get(key)
+        if layout is not None:
+            return layout
+        device = bucket[0][1].device
+        offsets = [0]
         for adapter, _ in bucket:
-            offsets.append(start)
-            start += adapter.modules[name].num_experts
-        rows_all, gates_all, ids_all = [], [], []
+            offsets.append(offsets[-1] + adapter.modules[name].num_experts)
+        plain = [(p, rows) for p, (adapter, rows) in enumerate(bucket) if adapter.modules[name].router is None]
+        counts = torch.tensor([rows.shape[0] for _, rows in plain], dtype=torch.long)
+        plain_gates = torch.tensor([bucket[p][0].modules[name].scaling for p, _ in plain]).repeat_interleave(counts)
+        plain_ids = torch.tensor([offsets[p] for p, _ in plain], dtype=torch.long).repeat_interleave(counts)
         routed: dict[int, list[int]] = {}
-        for position, (adapter, rows) in enumerate(bucket):
-            weights = adapter.modules[name]
-            if weights.router is None:  # plain LoRA: one expert, gate 1
-                rows_all.append(rows)
-                gates_all.append(torch.full((rows.shape[0], 1), weights.scaling, device=rows.device))
-                ids_all.append(torch.full((rows.shape[0], 1), offsets[position], dtype=torch.long, device=rows.device))
-            else:
-                routed.setdefault(weights.num_experts, []).append(position)
-        for experts, positions in routed.items():
-            group = [bucket[p] for p in positions]
-            rows = torch.cat([r for _, r in group])
-            member = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long, device=r.device)
-                                for i, (_, r) in enumerate(group)])
-            routers = self._stacked_routers(name, [a for a, _ in group])  # [members * E, in]
-            logits = (hidden[rows] @ routers.T).view(rows.shape[0], len(group), experts)
-            logits = logits[torch.arange(rows.shape[0], device=rows.device), member]
-            gates, ids = top_k_gates(logits, group[0][0].modules[name].top_k)
-            scale = torch.tensor([a.modules[name].scaling for a, _ in group], device=rows.device)[member]
-            base = torch.tensor([offsets[p] for p in positions], device=rows.device)[member]
-            rows_all.append(rows)
-            gates_all.append(gates * scale[:, None])
-            ids_all.append(ids + base[:, None])
-        return torch.cat(rows_all), torch.cat(gates_all), torch.cat(ids_all)
+        for position, (adapter, _) in enumerate(bucket):
+            if adapter.modules[name].router is not None:
+                routed.setdefault(adapter.modules[name].num_experts, []).append(position)
+        groups = [self._router_group(name, [bucket[p] for p in positions], [offsets[p] for p in positions])
+                  for positions in routed.values()]
+        layout = _BucketLayout(
+            rows=torch.cat([rows for _, rows in plain] + [g.rows for g in groups]),
+            plain_gates=plain_gates[:, None].to(device, dtype),
+            plain_ids=plain_ids[:, None].to(device),
+            groups=groups,
+        )
+        self._step_layouts[key] = layout
+        return layout
+
+    @staticmethod
+    def _router_group(name: str, group: list[tuple[LoadedAdapter, torch.Tensor]], offsets: list[int]) -> _RouterGroup:
+        counts = torch.tensor([rows.shape[0] for _, rows in group], dtype=torch.long)
+        member = torch.arange(len(group)).repeat_interleave(counts)
+        scale = torch.tensor([a.modules[name].scaling for a, _ in group])[member]
+        base = torch.tensor(offsets, dtype=torch.long)[member]
+        rows = torch.cat([r for _, r in group])
+        device = rows.device
+        return _RouterGroup(adapters=[a for a, _ in group], top_k=group[0][0].modules[name].top_k, rows=rows,
+                            token_index=torch.arange(rows.shape[0], device=device), member=member.to(device),
+                            scale=scale.to(device), base=base.to(device))
 
     def _stacked_routers(self, name: str, adapters: list[LoadedAdapter]) -> torch.Tensor:
         key = ("router", name, tuple(a.uid for a in adapters))
@@ -160,6 +199,7 @@ class PagedModelRunner:
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
         decode = self._decode_batch(entries)
         adapters = self._adapter_rows(entries, hidden.device)
+        self._step_layouts = {}
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
@@ -285,3 +325,27 @@ class _DecodeBatch:
         """[B, 1, 1, max context]: the attended positions, starts[b] <= j < lengths[b]."""
         positions = torch.arange(self.slots.shape[1], device=self.slots.device)
         return ((positions >= self.starts[:, None]) & (positions < self.lengths[:, None]))[:, None, None, :]
+
+
+@dataclass
+class _RouterGroup:
+    """Adapters of a bucket whose routers have the same expert count: routed with one GEMM."""
+
+    adapters: list[LoadedAdapter]
+    top_k: int
+    rows: torch.Tensor  # their tokens' batch rows
+    token_index: torch.Tensor  # arange over those rows
+    member: torch.Tensor  # each row's adapter, as an index into `adapters`
+    scale: torch.Tensor  # each row's adapter scaling
+    base: torch.Tensor  # each row's first virtual expert id
+
+
+@dataclass
+class _BucketLayout:
+    """A bucket's rows (plain LoRA adapters' first, then each router group's) with plain LoRA's
+    fixed gates and virtual expert ids."""
+
+    rows: torch.Tensor
+    plain_gates: torch.Tensor  # [plain rows, 1], in the hidden states' dtype
+    plain_ids: torch.Tensor  # [plain rows, 1]
+    groups: list[_RouterGroup]
