@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .routing import dense_gates, softmax_top_k
+from .routing import dense_gates, renormalised_top_k
 
 
 class _LoRA(torch.autograd.Function):
@@ -59,14 +59,13 @@ class _DenseMoELoRA(torch.autograd.Function):
         else:
             stacked = None
             hidden, logits = x_dropped @ down.T, x @ router.T
-        probs, top, ids = softmax_top_k(logits, top_k)
-        total = top.sum(dim=-1, keepdim=True)
-        gates = dense_gates(top / total * scaling, ids, num_experts).to(hidden.dtype)  # [T, E]
+        chosen_gates, ids = renormalised_top_k(logits, top_k)  # [T, k] fp32, the softmax of the top-k logits
+        gates = dense_gates(chosen_gates * scaling, ids, num_experts).to(hidden.dtype)  # [T, E]
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
         gated = (hidden.view(-1, num_experts, rank) * gates[:, :, None]).view(-1, width)
         out = F.linear(x, weight, bias).addmm_(gated, up.T)
         ctx.save_for_backward(x, x_dropped, weight, router, down, stacked, up, hidden,
-                              gated, gates, probs, ids, total)
+                              gated, gates, chosen_gates, ids)
         ctx.shape = (num_experts, rank, fan_in, fan_out)
         ctx.scaling, ctx.shared = scaling, shared
         ctx.set_materialize_grads(False)
@@ -75,7 +74,7 @@ class _DenseMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, _grad_ids):
-        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates, probs, ids, total = ctx.saved_tensors
+        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates, chosen_gates, ids = ctx.saved_tensors
         num_experts, rank, fan_in, fan_out = ctx.shape
         width = num_experts * rank
         grads = [None] * 9
@@ -84,15 +83,14 @@ class _DenseMoELoRA(torch.autograd.Function):
         grad_up = grad_out.T @ gated  # [out, E*r]
         grad_gated = (grad_out @ up).view(-1, num_experts, rank)
         grad_hidden = (grad_gated * gates[:, :, None]).view(-1, width)
-        # d loss / d (scaled dense gate) of the chosen experts, back through the renormalisation
-        # g_j = p_j / sum_i p_i and the softmax.
+        # d loss / d gate of the chosen experts, then back through g = softmax(top-k logits): the
+        # softmax Jacobian over the k chosen logits, zero for the others.
         chosen = torch.gather((grad_gated * hidden.view(-1, num_experts, rank)).sum(-1).float(), 1, ids) * ctx.scaling
-        renormalised = torch.gather(probs, 1, ids) / total
-        grad_top = (chosen - (chosen * renormalised).sum(-1, keepdim=True)) / total
-        grad_probs = torch.zeros_like(probs).scatter_(1, ids, grad_top)
-        grad_logits_total = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_top = chosen_gates * (chosen - (chosen * chosen_gates).sum(-1, keepdim=True))
+        grad_logits_total = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+        grad_logits_total.scatter_(1, ids, grad_top)
         if grad_logits is not None:  # the load-balancing loss reads the logits too
-            grad_logits_total = grad_logits_total + grad_logits.float()
+            grad_logits_total += grad_logits.float()
         grad_logits_total = grad_logits_total.to(hidden.dtype)
         if ctx.shared:
             grad_both = torch.cat([grad_hidden, grad_logits_total], dim=1)

@@ -7,23 +7,22 @@ from dataclasses import dataclass
 import torch
 
 
-def softmax_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities [T, E] in fp32, the top-k of them [T, k], their expert ids [T, k]); ids of
-    equal probability keep torch.topk's order."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    top, ids = torch.topk(probs, top_k, dim=-1)
-    return probs, top, ids
+def renormalised_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates [T, k] in fp32, expert ids [T, k]): the top-k of the softmax over experts, renormalised
+    to sum to 1, computed as what it equals, the softmax over the top-k logits alone (two small ops
+    where the whole softmax, top-k and renormalisation take five; its gradient is zero off the top-k)."""
+    top, ids = torch.topk(logits.float(), top_k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts in fp32, the top-k per token, renormalised to sum to 1.
+    """Softmax over experts in fp32, the top-k per token, renormalised to sum to 1 (by default).
 
-    Returns (gates [T, k] in fp32, expert ids [T, k]); ids of equal probability keep torch.topk's order.
+    Returns (gates [T, k] in fp32, expert ids [T, k]); ids of equal logits keep torch.topk's order.
     """
-    _, gates, ids = softmax_top_k(logits, top_k)
     if renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    return gates, ids
+        return renormalised_top_k(logits, top_k)
+    return torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
 
 
 def dense_gates(gates: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -101,8 +101,9 @@ def test_gates_are_top_k_renormalised_softmax():
     assert torch.all((gates > 0).sum(1) == 2)
     torch.testing.assert_close(gates.sum(1), torch.ones(30))
     probs = torch.softmax(layer.router(x), -1)
-    chosen = probs.topk(2, -1).indices
+    top, chosen = probs.topk(2, -1)
     assert torch.equal(gates.topk(2, -1).indices.sort(-1).values, chosen.sort(-1).values)
+    torch.testing.assert_close(gates.gather(1, chosen), top / top.sum(1, keepdim=True))
 
 
 def test_balance_statistics_equal_the_switch_formula_on_concatenated_logits():
