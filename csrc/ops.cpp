@@ -46,6 +46,16 @@ TORCH_LIBRARY(alphalora, m) {
   m.def(
       "grouped_lora_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor gates, "
       "Tensor expert_ids, Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)");
+  // The dense-masked path's router: hidden (T, E * r) every expert's down-projection, logits (T, E).
+  // Returns gated (hidden times scaling times each expert's gate), the dense float32 gates (T, E):
+  // the softmax over each token's top-k logits, zero elsewhere; and the chosen ids (T, top_k),
+  // largest logit first, equal logits by lower index.
+  m.def("router_gates(Tensor hidden, Tensor logits, int top_k, float scaling) -> (Tensor, Tensor, Tensor)");
+  // (T, E * r + E) in hidden's dtype: d gated_input, then d logits through the gates (plus
+  // grad_logits, the load-balancing loss's, when given).
+  m.def(
+      "router_gates_backward(Tensor grad_gated, Tensor hidden, Tensor gates, Tensor? grad_logits, "
+      "float scaling) -> Tensor");
 
   // Serving: one-token (decode) attention over the paged KV cache. q (B, H, D); caches (S, Hkv, D);
   // slots (B, W): row b's context positions as cache slots; row b attends positions

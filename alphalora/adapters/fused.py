@@ -4,8 +4,9 @@ mixture of LoRA experts with its own router.
 Written out as a chain of tensor ops an adapted linear is the base GEMM, the adapter's GEMMs, a
 separate sum of the two outputs and, in backward, a separate sum of the two input gradients (for
 MoE-LoRA also ~15 autograd nodes of routing). Here the adapter's output and input gradient are
-accumulated in place into the base's (addmm_), and the routing gradient (top-k renormalised
-softmax) is written out by hand. For MoE-LoRA, where E x r is small next to the hidden size, every
+accumulated in place into the base's (addmm_), and the routing runs as one kernel each way
+(`alphalora::router_gates` and its backward: top-k, softmax over the chosen logits, gating, and the
+gradient through them). For MoE-LoRA, where E x r is small next to the hidden size, every
 expert's down-projection is computed for every token (one GEMM over the concatenated [A; router]
 weights) and the unchosen ones are zeroed by their gates: cheaper than gathering tokens per expert.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .routing import dense_gates, renormalised_top_k
+from alphalora import ops
 
 
 class _LoRA(torch.autograd.Function):
@@ -59,13 +60,12 @@ class _DenseMoELoRA(torch.autograd.Function):
         else:
             stacked = None
             hidden, logits = x_dropped @ down.T, x @ router.T
-        chosen_gates, ids = renormalised_top_k(logits, top_k)  # [T, k] fp32, the softmax of the top-k logits
-        gates = dense_gates(chosen_gates * scaling, ids, num_experts).to(hidden.dtype)  # [T, E]
+        # gates: [T, E] fp32, the softmax of each token's top-k logits (zero elsewhere); gated: hidden
+        # times scaling times its expert's gate.
+        gated, gates, ids = ops.router_gates(hidden, logits, top_k, scaling)
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
-        gated = (hidden.view(-1, num_experts, rank) * gates[:, :, None]).view(-1, width)
         out = F.linear(x, weight, bias).addmm_(gated, up.T)
-        ctx.save_for_backward(x, x_dropped, weight, router, down, stacked, up, hidden,
-                              gated, gates, chosen_gates, ids)
+        ctx.save_for_backward(x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates)
         ctx.shape = (num_experts, rank, fan_in, fan_out)
         ctx.scaling, ctx.shared = scaling, shared
         ctx.set_materialize_grads(False)
@@ -74,26 +74,18 @@ class _DenseMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, _grad_ids):
-        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates, chosen_gates, ids = ctx.saved_tensors
+        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates = ctx.saved_tensors
         num_experts, rank, fan_in, fan_out = ctx.shape
         width = num_experts * rank
         grads = [None] * 9
         if grad_out is None:
             grad_out = torch.zeros(x.shape[0], fan_out, dtype=hidden.dtype, device=x.device)
         grad_up = grad_out.T @ gated  # [out, E*r]
-        grad_gated = (grad_out @ up).view(-1, num_experts, rank)
-        grad_hidden = (grad_gated * gates[:, :, None]).view(-1, width)
-        # d loss / d gate of the chosen experts, then back through g = softmax(top-k logits): the
-        # softmax Jacobian over the k chosen logits, zero for the others.
-        chosen = torch.gather((grad_gated * hidden.view(-1, num_experts, rank)).sum(-1).float(), 1, ids) * ctx.scaling
-        grad_top = chosen_gates * (chosen - (chosen * chosen_gates).sum(-1, keepdim=True))
-        grad_logits_total = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
-        grad_logits_total.scatter_(1, ids, grad_top)
-        if grad_logits is not None:  # the load-balancing loss reads the logits too
-            grad_logits_total += grad_logits.float()
-        grad_logits_total = grad_logits_total.to(hidden.dtype)
+        # [d hidden | d logits] in one buffer, the layout of [A; router]; the logits' gradient goes back
+        # through g = softmax(top-k logits) (plus the load-balancing loss's, which reads them too).
+        grad_both = ops.router_gates_backward(grad_out @ up, hidden, gates, grad_logits, ctx.scaling)
+        grad_hidden, grad_logits_total = grad_both[:, :width], grad_both[:, width:]
         if ctx.shared:
-            grad_both = torch.cat([grad_hidden, grad_logits_total], dim=1)
             if ctx.needs_input_grad[0]:
                 grads[0] = (grad_out @ weight).addmm_(grad_both, stacked)
             weight_grad = grad_both.T @ x

@@ -2,7 +2,14 @@
 
 from ._library import HAS_COMPILED_OPS
 from .attention import paged_decode_attention
-from .routing import grouped_lora_expand, grouped_lora_shrink, moe_lora, moe_permute
+from .routing import (
+    grouped_lora_expand,
+    grouped_lora_shrink,
+    moe_lora,
+    moe_permute,
+    router_gates,
+    router_gates_backward,
+)
 from .spectral import eigvalsh_batched, powerlaw_fit, xmin_peak_window
 
 __all__ = [
@@ -13,4 +20,6 @@ __all__ = [
     "moe_lora",
     "moe_permute",
     "paged_decode_attention",
+    "router_gates",
+    "router_gates_backward",
     "powerlaw_fit", "xmin_peak_window"]

@@ -38,6 +38,15 @@ _SCHEMAS = {
         "Tensor order, Tensor offsets) -> (Tensor, Tensor, Tensor)",
         reference.grouped_lora_expand_backward,
     ),
+    "router_gates": (
+        "router_gates(Tensor hidden, Tensor logits, int top_k, float scaling) -> (Tensor, Tensor, Tensor)",
+        reference.router_gates,
+    ),
+    "router_gates_backward": (
+        "router_gates_backward(Tensor grad_gated, Tensor hidden, Tensor gates, Tensor? grad_logits, "
+        "float scaling) -> Tensor",
+        reference.router_gates_backward,
+    ),
     "paged_decode_attention": (
         "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, "
         "Tensor starts, float scale) -> Tensor",

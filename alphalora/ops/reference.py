@@ -158,6 +158,30 @@ def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets
     return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)
 
 
+def router_gates(hidden, logits, top_k, scaling):
+    """The dense-masked path's router: (hidden * scaling * gate per expert, dense float32 gates, ids)."""
+    tokens, experts = logits.shape
+    top, ids = torch.topk(logits.float(), top_k, dim=-1)
+    gates = torch.zeros(tokens, experts, dtype=torch.float32, device=logits.device)
+    gates.scatter_(1, ids, torch.softmax(top, dim=-1))
+    scaled = (gates * scaling).repeat_interleave(hidden.shape[1] // experts, dim=1)
+    return (hidden.float() * scaled).to(hidden.dtype), gates, ids
+
+
+def router_gates_backward(grad_gated, hidden, gates, grad_logits, scaling):
+    """[d hidden | d logits] of router_gates: g = softmax(top-k logits) has the softmax Jacobian over
+    the chosen experts and none elsewhere (gates are zero there)."""
+    tokens, experts = gates.shape
+    rank = hidden.shape[1] // experts
+    grad = grad_gated.float().view(tokens, experts, rank)
+    grad_gate = (grad * hidden.float().view(tokens, experts, rank)).sum(-1) * scaling
+    grad_logit = gates * (grad_gate - (gates * grad_gate).sum(-1, keepdim=True))
+    if grad_logits is not None:
+        grad_logit = grad_logit + grad_logits.float()
+    grad_hidden = (grad * (gates * scaling)[:, :, None]).view(tokens, experts * rank)
+    return torch.cat([grad_hidden, grad_logit], dim=1).to(hidden.dtype)
+
+
 # --- serving: decode attention over the paged KV cache -----------------------------------------
 
 

@@ -38,6 +38,18 @@ def _expand_backward_fake(grad_y, h, B, gates, expert_ids, order, offsets):
     return torch.empty_like(h), torch.empty_like(B), torch.empty_like(gates)
 
 
+@torch.library.register_fake("alphalora::router_gates")
+def _router_gates_fake(hidden, logits, top_k, scaling):
+    tokens, experts = logits.shape
+    return (hidden.new_empty(tokens, hidden.shape[1]), logits.new_empty(tokens, experts, dtype=torch.float32),
+            logits.new_empty(tokens, top_k, dtype=torch.long))
+
+
+@torch.library.register_fake("alphalora::router_gates_backward")
+def _router_gates_backward_fake(grad_gated, hidden, gates, grad_logits, scaling):
+    return hidden.new_empty(hidden.shape[0], hidden.shape[1] + gates.shape[1])
+
+
 def _shrink_setup(ctx, inputs, output):
     x, A, expert_ids, order, offsets = inputs
     ctx.save_for_backward(x, A, expert_ids, order, offsets)
@@ -95,3 +107,19 @@ def moe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Ten
     h = grouped_lora_shrink(x.contiguous(), A.contiguous(), flat_ids, order, offsets)
     return grouped_lora_expand(h, B.contiguous(), gates.reshape(-1).to(h.dtype).contiguous(), flat_ids, order,
                                offsets, x.shape[0])
+
+
+def router_gates(hidden: torch.Tensor, logits: torch.Tensor, top_k: int,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense-masked MoE-LoRA router in one pass per token: hidden (T, E * r) holds every expert's
+    down-projection, logits (T, E) the router's. Returns (hidden scaled by scaling x each expert's
+    gate, the dense float32 gates (T, E): the softmax over each token's top-k logits, which is the
+    renormalised top-k of the softmax, zero elsewhere, and the chosen ids (T, top_k), largest first)."""
+    return torch.ops.alphalora.router_gates(hidden, logits, top_k, scaling)
+
+
+def router_gates_backward(grad_gated: torch.Tensor, hidden: torch.Tensor, gates: torch.Tensor,
+                          grad_logits: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """(T, E * r + E) in hidden's dtype: the gradient of router_gates' hidden input, then of its
+    logits (plus `grad_logits`, another use of the logits, when given): [A; router]'s column order."""
+    return torch.ops.alphalora.router_gates_backward(grad_gated, hidden, gates, grad_logits, scaling)

@@ -75,4 +75,35 @@ inline void check_expand_backward(const at::Tensor& grad_y, const at::Tensor& h,
   check_alike({&h, &grad_y}, "grouped_lora_expand_backward");
 }
 
+// The router gate kernels read rows with any stride (hidden and logits are column slices of one
+// GEMM's output) but columns contiguous.
+inline at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// router_gates: hidden (T, E * r) and logits (T, E) of one dtype, 1 <= top_k <= E.
+inline void check_router_gates(const at::Tensor& hidden, const at::Tensor& logits, int64_t top_k) {
+  TORCH_CHECK(hidden.dim() == 2 && logits.dim() == 2 && hidden.size(0) == logits.size(0),
+              "router_gates: hidden must be (T, E * r) and logits (T, E) for the same T tokens");
+  const int64_t experts = logits.size(1);
+  TORCH_CHECK(experts >= 1 && hidden.size(1) % experts == 0, "router_gates: hidden has ", hidden.size(1),
+              " columns, not a multiple of the ", experts, " experts' ranks");
+  TORCH_CHECK(top_k >= 1 && top_k <= experts, "router_gates: top_k must be in [1, ", experts, "], got ", top_k);
+  check_alike({&hidden, &logits}, "router_gates");
+}
+
+// router_gates_backward: grad_gated and hidden (T, E * r), gates (T, E) float32, grad_logits (T, E) or none.
+inline void check_router_gates_backward(const at::Tensor& grad_gated, const at::Tensor& hidden,
+                                        const at::Tensor& gates, const c10::optional<at::Tensor>& grad_logits) {
+  TORCH_CHECK(gates.dim() == 2 && gates.scalar_type() == at::kFloat && gates.size(1) >= 1,
+              "router_gates_backward: gates must be the (T, E) float32 gates from router_gates");
+  TORCH_CHECK(grad_gated.dim() == 2 && grad_gated.sizes() == hidden.sizes() && hidden.size(0) == gates.size(0) &&
+                  hidden.size(1) % gates.size(1) == 0,
+              "router_gates_backward: grad_gated and hidden must both be (T, E * r) for gates (T, E)");
+  check_alike({&grad_gated, &hidden}, "router_gates_backward");
+  TORCH_CHECK(gates.device() == hidden.device(), "router_gates_backward: gates must be on ", hidden.device());
+  if (grad_logits.has_value()) {
+    TORCH_CHECK(grad_logits->sizes() == gates.sizes() && grad_logits->device() == hidden.device(),
+                "router_gates_backward: grad_logits must be (T, E) like gates, on ", hidden.device());
+  }
+}
+
 }  // namespace alphalora::routing

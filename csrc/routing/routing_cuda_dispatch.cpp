@@ -9,32 +9,12 @@
 
 #include <tuple>
 
+#include "cuda_binding.h"
 #include "routing_checks.h"
 #include "routing_cuda.h"
 
 namespace alphalora::routing {
 namespace {
-
-void check(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, what, " failed: ", cudaGetErrorString(status));
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
-
-// Calls fn(T*) with the CUDA element type matching the tensor's dtype.
-template <typename Fn>
-void dispatch_float(at::ScalarType type, Fn fn) {
-  switch (type) {
-    case at::kDouble: fn(static_cast<double*>(nullptr)); break;
-    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case at::kHalf: fn(static_cast<__half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "routing ops take float64, float32, bfloat16 or float16, got ", type);
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 // The index tensors as the kernels read them: contiguous int64.
 struct Pairs {
