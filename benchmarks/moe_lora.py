@@ -188,7 +188,8 @@ def model_benchmark(args) -> dict:
         if loop:
             for module_name in state.module_names:
                 use_loop(model.get_submodule(module_name))
-        optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4)
+        # transformers.Trainer's default optimizer (optim="adamw_torch_fused"), as `alphalora train` runs it.
+        optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4, fused=True)
 
         def train_step(model=model, optimizer=optimizer):
             optimizer.zero_grad()
