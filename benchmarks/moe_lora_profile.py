@@ -1,0 +1,140 @@
+"""Where a MoE-LoRA training step's time goes, next to plain LoRA's: a diagnostic, not a claim.
+
+For the dense-masked layer (forward + backward) and for a whole training step of the small Llama of
+`moe_lora.py` (plain LoRA r=8 against MoE-LoRA, 5 experts top-2), it prints wall time, the time the
+device was busy, the number of kernels (device) or aten calls (CPU) per call, and the ops that took
+the most time. Wall time far above busy time means launch-bound: fewer, larger kernels are the fix;
+busy time near wall time means the kernels themselves are the cost.
+
+    python benchmarks/moe_lora_profile.py --device cuda --dtype bf16 --json profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters
+from alphalora.allocation import Plan
+
+_spec = importlib.util.spec_from_file_location("moe_lora_bench", Path(__file__).with_name("moe_lora.py"))
+moe_lora_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(moe_lora_bench)
+
+
+def _inside_aten(event) -> bool:
+    """Whether an aten op was called by another (on the CPU only the outermost ones are counted)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def profiled(fn, calls: int, device: str, top: int) -> dict:
+    """Per call: wall ms, device-busy ms, kernels (CUDA) or aten ops (CPU); and the top ops by time."""
+    for _ in range(3):
+        fn()
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    wall = moe_lora_bench.seconds_of_one_call(lambda: [fn() for _ in range(calls)], device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.device_time for e in kernels)
+    else:
+        kernels = [e for e in events if e.name.startswith("aten::") and not _inside_aten(e)]
+        busy_us = sum(e.cpu_time_total for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time if cuda else e.cpu_time_total
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    return {"wall_ms": wall / calls * 1e3, "busy_ms": busy_us / calls / 1e3, "kernels_per_call": len(kernels) / calls,
+            "top": [{"name": n, "calls_per_call": c / calls, "ms_per_call": t / calls / 1e3} for n, (c, t) in ranked]}
+
+
+def layer_steps(args) -> dict:
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base = nn.Linear(args.hidden, args.hidden, bias=False, device=args.device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+    modules = {"base": base,
+               "lora_r8": MoELoRALinear(base, 1, 1, args.rank, lora_alpha=2.0 * args.rank),
+               "moe_lora": MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)}
+
+    def step(module):
+        def run():
+            x.grad = None
+            module(x).float().square().mean().backward()
+        return run
+
+    return {name: step(module) for name, module in modules.items()}
+
+
+def model_steps(args) -> dict:
+    ids = torch.randint(0, 4096, (args.batch, args.seq), device=args.device)
+    steps = {}
+    for name, experts in (("lora_r8", 1), ("moe_lora", 5)):
+        model = moe_lora_bench.small_llama(args).train()
+        plan = Plan(method="uniform", base_model="small-llama", experts_per_layer=[experts] * args.model_layers,
+                    top_k_per_layer=[min(2, experts)] * args.model_layers, rank=8, lora_alpha=16.0, lora_dropout=0.0)
+        inject_adapters(model, plan)
+        optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4, fused=True)
+
+        def train_step(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        steps[name] = train_step
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--hidden", type=int, default=1024, help="the layer's width (4096 on a GPU)")
+    parser.add_argument("--tokens", type=int, default=2048, help="the layer's tokens (8192 on a GPU)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--model-layers", type=int, default=4)
+    parser.add_argument("--model-hidden", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls of each step")
+    parser.add_argument("--top", type=int, default=12, help="ops listed per step")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype}
+    for level, steps in (("layer", layer_steps(args)), ("model", model_steps(args))):
+        report[level] = {name: profiled(fn, args.calls, args.device, args.top) for name, fn in steps.items()}
+        unit = "kernels" if args.device.startswith("cuda") else "aten ops"
+        print(f"\n== {level}")
+        for name, row in report[level].items():
+            print(f"{name:9s} wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  "
+                  f"{row['kernels_per_call']:6.0f} {unit} per call")
+            for op in row["top"][:6]:
+                print(f"    {op['ms_per_call']:8.3f} ms  x{op['calls_per_call']:<5.0f} {op['name']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
