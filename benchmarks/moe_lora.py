@@ -91,6 +91,14 @@ def use_loop(module: MoELoRALinear) -> None:
     module.forward = types.MethodType(mola_style_forward, module)
 
 
+def forward_backward(module: nn.Module, x: torch.Tensor):
+    """One call of it: the module's forward and backward on x (x's gradient included)."""
+    def run():
+        x.grad = None
+        module(x).float().square().mean().backward()
+    return run
+
+
 def layer_benchmark(args) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -103,14 +111,7 @@ def layer_benchmark(args) -> dict:
     use_loop(loop)
     x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
     torch.testing.assert_close(layer(x), loop(x), rtol=2e-2, atol=2e-2)  # the same function
-
-    def step(module):
-        def run():
-            x.grad = None
-            module(x).float().square().mean().backward()
-        return run
-
-    results = {name: timed(step(module), args.repeats, args.device)
+    results = {name: timed(forward_backward(module, x), args.repeats, args.device)
                for name, module in [("base", base), ("loop", loop), ("ours", layer)]}
     results["adapter_overhead_ratio"] = (results["ours"] - results["base"]) / (results["loop"] - results["base"])
     # Roofline of the adapter part alone: the time its least traffic takes at the measured
@@ -134,14 +135,7 @@ def many_experts_benchmark(args) -> dict:
     loop.load_state_dict(layers["dense"].state_dict())
     use_loop(loop)
     x = torch.randn(args.tokens, args.hidden, device=args.device, requires_grad=True)
-
-    def step(module):
-        def run():
-            x.grad = None
-            module(x).square().mean().backward()
-        return run
-
-    results = {name: timed(step(module), args.repeats, args.device)
+    results = {name: timed(forward_backward(module, x), args.repeats, args.device)
                for name, module in [("base", base), ("loop", loop), ("dense", layers["dense"]),
                                     ("grouped", layers["grouped"])]}
     results["grouped_over_dense"] = (results["dense"] - results["base"]) / (results["grouped"] - results["base"])
@@ -170,7 +164,10 @@ def interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def model_benchmark(args) -> dict:
+def training_steps(args, names=("lora_r8", "moe_lora", "moe_lora_loop")) -> dict:
+    """One training step (forward, backward, optimizer) of the small Llama per variant: plain LoRA
+    r=8, MoE-LoRA (5 experts per layer, 160 scaled from 32 layers, top-2, r=8), and the same MoE-LoRA
+    computed with the MoLA loop."""
     layers = args.model_layers
     experts = max(1, round(160 / 32))
     variants = {
@@ -180,7 +177,8 @@ def model_benchmark(args) -> dict:
     }
     ids = torch.randint(0, 4096, (args.batch, args.seq), device=args.device)
     steps = {}
-    for name, (counts, top_k, loop) in variants.items():
+    for name in names:
+        counts, top_k, loop = variants[name]
         model = small_llama(args).train()
         plan = Plan(method="uniform", base_model="small-llama", experts_per_layer=counts, top_k_per_layer=top_k,
                     rank=8, lora_alpha=16.0, lora_dropout=0.0)
@@ -197,6 +195,11 @@ def model_benchmark(args) -> dict:
             optimizer.step()
 
         steps[name] = train_step
+    return steps
+
+
+def model_benchmark(args) -> dict:
+    steps = training_steps(args)
     seconds = interleaved(steps, args.model_repeats, args.device)
     results = {name: {"step_s": s, "tokens_per_s": args.batch * args.seq / s} for name, s in seconds.items()}
     results["moe_over_lora"] = results["moe_lora"]["tokens_per_s"] / results["lora_r8"]["tokens_per_s"]

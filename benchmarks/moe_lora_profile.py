@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters
-from alphalora.allocation import Plan
+from alphalora.adapters import MoELoRALinear
 
 _spec = importlib.util.spec_from_file_location("moe_lora_bench", Path(__file__).with_name("moe_lora.py"))
 moe_lora_bench = importlib.util.module_from_spec(_spec)
@@ -75,33 +74,7 @@ def layer_steps(args) -> dict:
     modules = {"base": base,
                "lora_r8": MoELoRALinear(base, 1, 1, args.rank, lora_alpha=2.0 * args.rank),
                "moe_lora": MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)}
-
-    def step(module):
-        def run():
-            x.grad = None
-            module(x).float().square().mean().backward()
-        return run
-
-    return {name: step(module) for name, module in modules.items()}
-
-
-def model_steps(args) -> dict:
-    ids = torch.randint(0, 4096, (args.batch, args.seq), device=args.device)
-    steps = {}
-    for name, experts in (("lora_r8", 1), ("moe_lora", 5)):
-        model = moe_lora_bench.small_llama(args).train()
-        plan = Plan(method="uniform", base_model="small-llama", experts_per_layer=[experts] * args.model_layers,
-                    top_k_per_layer=[min(2, experts)] * args.model_layers, rank=8, lora_alpha=16.0, lora_dropout=0.0)
-        inject_adapters(model, plan)
-        optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4, fused=True)
-
-        def train_step(model=model, optimizer=optimizer):
-            optimizer.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-
-        steps[name] = train_step
-    return steps
+    return {name: moe_lora_bench.forward_backward(module, x) for name, module in modules.items()}
 
 
 def main() -> None:
@@ -122,7 +95,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype}
-    for level, steps in (("layer", layer_steps(args)), ("model", model_steps(args))):
+    model_steps = moe_lora_bench.training_steps(args, names=("lora_r8", "moe_lora"))
+    for level, steps in (("layer", layer_steps(args)), ("model", model_steps)):
         report[level] = {name: profiled(fn, args.calls, args.device, args.top) for name, fn in steps.items()}
         unit = "kernels" if args.device.startswith("cuda") else "aten ops"
         print(f"\n== {level}")

@@ -2,9 +2,6 @@
 // plain-CUDA launchers of routing_cuda.cu. Elementwise glue stays in ATen.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <tuple>
