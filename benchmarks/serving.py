@@ -13,9 +13,11 @@ injected MoE-LoRA model otherwise); its rate is measured on the first --hf-reque
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -194,6 +196,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # adapters and models: hundreds of MB
     prompts = workload(args)
     counts = [int(c) for c in args.adapter_counts.split(",")]
     rows: list[dict] = []
