@@ -6,7 +6,7 @@
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
-# Stages: build tests spectral moe_lora serving moe_lora_bf16 profile. A later run on the same machine can skip the
+# Stages: build tests spectral moe_lora serving moe_lora_bf16 profile serving_profile. A later run on the same machine can skip the
 # build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
@@ -16,7 +16,7 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-stages=${*:-build tests spectral moe_lora serving moe_lora_bf16 profile}
+stages=${*:-build tests spectral moe_lora serving moe_lora_bf16 profile serving_profile}
 mkdir -p "$results"
 python=${PYTHON:-python3}
 log="$results/gpu_checks.log"
@@ -68,4 +68,6 @@ stage moe_lora_bf16 60 "$python" benchmarks/moe_lora.py --device cuda --dtype bf
   --json "$results/moe_lora_cuda_bf16.json"
 stage profile 90 "$python" benchmarks/moe_lora_profile.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_profile_cuda.json"
+stage serving_profile 90 "$python" benchmarks/serving_profile.py --device cuda --dtype bf16 \
+  --json "$results/serving_profile_cuda.json"
 exit "$failed"

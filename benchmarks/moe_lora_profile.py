@@ -38,7 +38,8 @@ def _inside_aten(event) -> bool:
 
 
 def profiled(fn, calls: int, device: str, top: int) -> dict:
-    """Per call: wall ms, device-busy ms, kernels (CUDA) or aten ops (CPU); and the top ops by time."""
+    """Per call: wall ms, device-busy ms, kernels (CUDA) or aten ops (CPU), host synchronisations with
+    the device (a copy to or from pageable memory, `.item()`, ...); and the top ops by time."""
     for _ in range(3):
         fn()
     cuda = device.startswith("cuda")
@@ -56,6 +57,7 @@ def profiled(fn, calls: int, device: str, top: int) -> dict:
     else:
         kernels = [e for e in events if e.name.startswith("aten::") and not _inside_aten(e)]
         busy_us = sum(e.cpu_time_total for e in kernels)
+    syncs = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and "Synchronize" in e.name)
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         entry = by_name.setdefault(e.name[:90], [0, 0.0])
@@ -63,6 +65,7 @@ def profiled(fn, calls: int, device: str, top: int) -> dict:
         entry[1] += e.device_time if cuda else e.cpu_time_total
     ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
     return {"wall_ms": wall / calls * 1e3, "busy_ms": busy_us / calls / 1e3, "kernels_per_call": len(kernels) / calls,
+            "syncs_per_call": syncs / calls,
             "top": [{"name": n, "calls_per_call": c / calls, "ms_per_call": t / calls / 1e3} for n, (c, t) in ranked]}
 
 

@@ -76,13 +76,19 @@ def synchronize(args) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(args, prompts, names, adapters: dict[str, str]):
+def build_engine(args, adapters: dict[str, str]) -> Engine:
+    """The engine on the benchmark's model, every adapter resident, as on a warm server."""
     engine = Engine(base_model(args), tokenizer=None, config=EngineConfig(
         max_num_seqs=args.requests, max_num_batched_tokens=args.batched_tokens, block_size=16,
         max_loras=max(1, len(adapters)), adapters=adapters, device=args.device, dtype=DTYPES[args.dtype]))
-    params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
     for name in set(adapters):
-        engine.adapters.get(name)  # resident before timing, as on a warm server
+        engine.adapters.get(name)
+    return engine
+
+
+def run_engine(args, prompts, names, adapters: dict[str, str]):
+    engine = build_engine(args, adapters)
+    params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     seqs = [engine.add_request(p, params, n) for p, n in zip(prompts, names, strict=True)]
     first, last, gaps = {}, {}, []

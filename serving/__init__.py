@@ -1,1 +1,1 @@
-"""Multi-adapter serving (installed as alphalora.serving); the engine arrives with its own issue."""
+"""Multi-adapter serving (installed as alphalora.serving): the engine, the OpenAI-compatible server, vLLM."""

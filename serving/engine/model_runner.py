@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from alphalora import ops
 from alphalora.adapters.routing import top_k_gates
 
+from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
@@ -52,7 +53,7 @@ class PagedModelRunner:
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.module_names = {id(m): n for n, m in model.named_modules()}
-        self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stacks = AdapterStacks()  # adapters' weights per module, each adapter at a fixed offset
         self._step_layouts: dict[tuple, _BucketLayout] = {}  # this step's routing layouts, by bucket
 
     def kv_bytes(self) -> int:
@@ -81,9 +82,9 @@ class PagedModelRunner:
                  adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]) -> torch.Tensor:
         """module(hidden) plus each sequence's adapter delta on its own tokens.
 
-        Tokens are segmented by adapter (each adapter routes its own tokens), then adapters of
-        the same rank and top-k share one routing-kernel call over "virtual" experts (adapter
-        offset + expert), so a batch of many adapters costs a few kernel calls, at true ranks.
+        Adapters of the same rank and top-k share one routing-kernel call over "virtual" experts
+        (the adapter's offset in the module's stack + expert), so a batch of many adapters costs a
+        few kernel calls, at true ranks, reading weights stacked once rather than per step.
         """
         out = module(hidden)
         name = self.module_names[id(module)]
@@ -92,60 +93,68 @@ class PagedModelRunner:
             weights = adapter.modules.get(name)
             if weights is not None:
                 buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, rows))
-        for bucket in buckets.values():
-            A, B = self._stacked(name, [adapter for adapter, _ in bucket])
-            rows, gates, ids = self._route(name, hidden, bucket)
-            delta = ops.moe_lora(hidden[rows], A, B, gates, ids, ids_in_range=True)
-            out = out.index_add(0, rows, delta.to(out.dtype))
+        for (rank, _), bucket in buckets.items():
+            experts = self.stacks.experts(name, rank, [adapter for adapter, _ in bucket])
+            layout = self._bucket_layout(name, bucket, experts, hidden.dtype)
+            gates, ids = self._route(name, hidden, layout)
+            A, B = experts.tensors
+            delta = ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True)
+            out = out.index_add(0, layout.rows, delta.to(out.dtype))
         return out
 
-    def _route(self, name: str, hidden: torch.Tensor, bucket: list[tuple[LoadedAdapter, torch.Tensor]]):
-        """(rows, scaled gates [n, k], virtual expert ids [n, k]) for a bucket's tokens.
+    def _route(self, name: str, hidden: torch.Tensor, layout: _BucketLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled gates [n, k], virtual expert ids [n, k]) for the layout's rows.
 
-        Adapters with routers of the same expert count are routed together: one GEMM against all
-        their routers, then each token keeps the logits of its own adapter's router. Plain LoRA
-        tokens have fixed gates and ids, so only the routers' part is computed per module.
+        Adapters with routers of the same expert count are routed together: one GEMM against the
+        module's stack of such routers, then each token keeps the logits of its own adapter's router.
+        Plain LoRA tokens have fixed gates and ids, so only the routers' part is computed per module.
         """
-        layout = self._bucket_layout(name, bucket, hidden.dtype)
         plain = layout.plain_ids.shape[0] > 0
         gates_all, ids_all = ([layout.plain_gates], [layout.plain_ids]) if plain else ([], [])
         for group in layout.groups:
-            routers = self._stacked_routers(name, group.adapters)  # [members * E, in]
-            logits = (hidden[group.rows] @ routers.T).view(group.rows.shape[0], len(group.adapters), -1)
+            routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
+            logits = (hidden[group.rows] @ routers.T).view(group.rows.shape[0], -1, group.num_experts)
             logits = logits[group.token_index, group.member]
             gates, ids = top_k_gates(logits, group.top_k)
             gates_all.append((gates * group.scale[:, None]).to(hidden.dtype))
             ids_all.append(ids + group.base[:, None])
         if len(gates_all) == 1:
-            return layout.rows, gates_all[0], ids_all[0]
-        return layout.rows, torch.cat(gates_all), torch.cat(ids_all)
+            return gates_all[0], ids_all[0]
+        return torch.cat(gates_all), torch.cat(ids_all)
 
-    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, torch.Tensor]],
+    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, torch.Tensor]], experts: AdapterStack,
                        dtype: torch.dtype) -> _BucketLayout:
         """What routing a bucket needs besides the hidden states, built once per step for every
-        module whose bucket has the same adapters, expert counts and scales (usually all of them)."""
-        described = tuple((a.uid, a.modules[name].num_experts, a.modules[name].top_k, a.modules[name].scaling,
-                           a.modules[name].router is None) for a, _ in bucket)
-        key = (described, dtype)
+        module whose bucket has the same adapters, expert counts, scales and stack offsets (usually
+        all of them)."""
+        routed: dict[int, list[int]] = {}  # expert count -> positions in the bucket
+        for position, (adapter, _) in enumerate(bucket):
+            if adapter.modules[name].router is not None:
+                routed.setdefault(adapter.modules[name].num_experts, []).append(position)
+        routers = {count: self.stacks.routers(name, count, [bucket[p][0] for p in positions])
+                   for count, positions in routed.items()}
+        described = []
+        for adapter, _ in bucket:
+            module = adapter.modules[name]
+            router = None if module.router is None else routers[module.num_experts]
+            described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
+                              experts.offsets[adapter.uid],
+                              None if router is None else (router.offsets[adapter.uid], router.rows)))
+        key = (tuple(described), dtype)
         layout = self._step_layouts.get(key)
         if layout is not None:
             return layout
         device = bucket[0][1].device
-        offsets = [0]
-        for adapter, _ in bucket:
-            offsets.append(offsets[-1] + adapter.modules[name].num_experts)
-        plain = [(p, rows) for p, (adapter, rows) in enumerate(bucket) if adapter.modules[name].router is None]
-        counts = torch.tensor([rows.shape[0] for _, rows in plain], dtype=torch.long)
-        plain_gates = torch.tensor([bucket[p][0].modules[name].scaling for p, _ in plain]).repeat_interleave(counts)
-        plain_ids = torch.tensor([offsets[p] for p, _ in plain], dtype=torch.long).repeat_interleave(counts)
-        routed: dict[int, list[int]] = {}
-        for position, (adapter, _) in enumerate(bucket):
-            if adapter.modules[name].router is not None:
-                routed.setdefault(adapter.modules[name].num_experts, []).append(position)
-        groups = [self._router_group(name, [bucket[p] for p in positions], [offsets[p] for p in positions])
-                  for positions in routed.values()]
+        plain = [rows for adapter, rows in bucket if adapter.modules[name].router is None]
+        counts = torch.tensor([rows.shape[0] for rows in plain], dtype=torch.long)
+        plain_adapters = [adapter for adapter, _ in bucket if adapter.modules[name].router is None]
+        plain_gates = torch.tensor([a.modules[name].scaling for a in plain_adapters]).repeat_interleave(counts)
+        plain_ids = torch.tensor([experts.offsets[a.uid] for a in plain_adapters],
+                                 dtype=torch.long).repeat_interleave(counts)
+        groups = [self._router_group(name, [bucket[p] for p in positions], experts, routers[count])
+                  for count, positions in routed.items()]
         layout = _BucketLayout(
-            rows=torch.cat([rows for _, rows in plain] + [g.rows for g in groups]),
+            rows=torch.cat(plain + [g.rows for g in groups]),
             plain_gates=plain_gates[:, None].to(device, dtype),
             plain_ids=plain_ids[:, None].to(device),
             groups=groups,
@@ -154,36 +163,19 @@ class PagedModelRunner:
         return layout
 
     @staticmethod
-    def _router_group(name: str, group: list[tuple[LoadedAdapter, torch.Tensor]], offsets: list[int]) -> _RouterGroup:
+    def _router_group(name: str, group: list[tuple[LoadedAdapter, torch.Tensor]], experts: AdapterStack,
+                      routers: AdapterStack) -> _RouterGroup:
+        num_experts = group[0][0].modules[name].num_experts
         counts = torch.tensor([rows.shape[0] for _, rows in group], dtype=torch.long)
-        member = torch.arange(len(group)).repeat_interleave(counts)
-        scale = torch.tensor([a.modules[name].scaling for a, _ in group])[member]
-        base = torch.tensor(offsets, dtype=torch.long)[member]
+        member = torch.tensor([routers.offsets[a.uid] // num_experts for a, _ in group]).repeat_interleave(counts)
+        scale = torch.tensor([a.modules[name].scaling for a, _ in group]).repeat_interleave(counts)
+        base = torch.tensor([experts.offsets[a.uid] for a, _ in group], dtype=torch.long).repeat_interleave(counts)
         rows = torch.cat([r for _, r in group])
         device = rows.device
-        return _RouterGroup(adapters=[a for a, _ in group], top_k=group[0][0].modules[name].top_k, rows=rows,
+        return _RouterGroup(adapters=[a for a, _ in group], num_experts=num_experts,
+                            top_k=group[0][0].modules[name].top_k, rows=rows,
                             token_index=torch.arange(rows.shape[0], device=device), member=member.to(device),
                             scale=scale.to(device), base=base.to(device))
-
-    def _stacked_routers(self, name: str, adapters: list[LoadedAdapter]) -> torch.Tensor:
-        key = ("router", name, tuple(a.uid for a in adapters))
-        cached = self._stack_cache.get(key)
-        if cached is None:
-            cached = torch.cat([a.modules[name].router for a in adapters])
-            self._stack_cache[key] = cached
-        return cached
-
-    def _stacked(self, name: str, adapters: list[LoadedAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts of these adapters for one module, stacked (cached while the set repeats)."""
-        key = (name, tuple(a.uid for a in adapters))
-        cached = self._stack_cache.get(key)
-        if cached is None:
-            if len(self._stack_cache) > 4096:
-                self._stack_cache.clear()
-            cached = (torch.cat([a.modules[name].A for a in adapters]),
-                      torch.cat([a.modules[name].B for a in adapters]))
-            self._stack_cache[key] = cached
-        return cached
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,10 +324,11 @@ class _RouterGroup:
     """Adapters of a bucket whose routers have the same expert count: routed with one GEMM."""
 
     adapters: list[LoadedAdapter]
+    num_experts: int
     top_k: int
     rows: torch.Tensor  # their tokens' batch rows
     token_index: torch.Tensor  # arange over those rows
-    member: torch.Tensor  # each row's adapter, as an index into `adapters`
+    member: torch.Tensor  # each row's adapter, as its position in the module's router stack
     scale: torch.Tensor  # each row's adapter scaling
     base: torch.Tensor  # each row's first virtual expert id
 

@@ -1,0 +1,84 @@
+"""Where a serving decode step's time goes, one adapter against many: a diagnostic, not a claim.
+
+The engine of `serving.py` on its workload, all requests prefilled, then steady decode steps
+profiled with one plain LoRA adapter for every request against 16 distinct ones (and the base
+model): wall time per step, the time the device was busy, kernels (device) or aten ops (CPU) per
+step, host synchronisations per step and the ops that took the most time. The step is launch- or
+host-bound where wall time is far above busy time; a synchronisation per step stalls the queue.
+
+    python benchmarks/serving_profile.py --device cuda --dtype bf16 --json profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+serving = _load("serving")
+moe_lora_profile = _load("moe_lora_profile")
+
+
+def decode_step(args, prompts, names, adapters: dict[str, str]):
+    """One engine step at a time, after every request's prompt is in: the steady decode batch."""
+    engine = serving.build_engine(args, adapters)
+    params = serving.SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(p, params, n) for p, n in zip(prompts, names, strict=True)]
+    while any(not s.output_ids for s in seqs):
+        engine.step()
+    return engine.step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--batched-tokens", type=int, default=1024)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(serving.DTYPES), default="fp32")
+    parser.add_argument("--adapters", type=int, default=16, help="distinct adapters of the mixed row")
+    parser.add_argument("--calls", type=int, default=8, help="profiled decode steps of each row")
+    parser.add_argument("--top", type=int, default=12, help="ops listed per row")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    args.output = 3 + 2 * args.calls + 2  # warm-up, timed and profiled steps, with room to spare
+
+    work = Path(tempfile.mkdtemp(prefix="serving-profile-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    prompts = serving.workload(args)
+    dirs = {f"lora{i}": str(serving.make_adapter(args, work / f"lora{i}", 1, seed=i)) for i in range(args.adapters)}
+    rows = {"base": ([None] * args.requests, {}),
+            "lora_1": (["lora0"] * args.requests, {"lora0": dirs["lora0"]}),
+            f"lora_{args.adapters}": ([f"lora{i % args.adapters}" for i in range(args.requests)], dirs)}
+    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "dtype": args.dtype, "requests": args.requests, "rows": {}}
+    unit = "kernels" if args.device.startswith("cuda") else "aten ops"
+    for name, (names, adapters) in rows.items():
+        row = moe_lora_profile.profiled(decode_step(args, prompts, names, adapters), args.calls, args.device, args.top)
+        report["rows"][name] = row
+        print(f"{name:8s} wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  "
+              f"{row['kernels_per_call']:6.0f} {unit}  {row['syncs_per_call']:4.1f} syncs per decode step")
+        for op in row["top"][:8]:
+            print(f"    {op['ms_per_call']:8.3f} ms  x{op['calls_per_call']:<5.0f} {op['name']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
