@@ -10,10 +10,11 @@ import torch
 
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
-from .model_runner import PagedModelRunner, SequenceBatchEntry
+from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .step_inputs import StepBatch, build_step_batch
 
 
 @dataclass
@@ -112,8 +113,7 @@ class Engine:
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
-        input_ids, entries, new_slots = self._batch_inputs(output.chunks)
-        logits, every = self.runner.forward(input_ids, entries, new_slots)
+        logits, every = self.runner.forward(self._batch_inputs(output.chunks))
         for index, chunk_logits in every.items():
             self._record_prompt_logprobs(output.chunks[index], chunk_logits)
         sampled = self._sample(output.chunks, logits)
@@ -131,28 +131,17 @@ class Engine:
             results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
         return results
 
-    def _batch_inputs(self, chunks) -> tuple[torch.Tensor, list[SequenceBatchEntry], torch.Tensor]:
-        """The step's token ids, one entry per scheduled chunk, and the cache slots of its new tokens."""
-        device, block_size = self.config.device, self.blocks.block_size
-        ids, contexts = [], []
+    def _batch_inputs(self, chunks) -> StepBatch:
+        """The step's token ids, positions and KV slots, one entry per scheduled chunk."""
+        ids = []
         for chunk in chunks:
-            end = chunk.start + chunk.num_tokens
-            ids.extend(chunk.seq.all_ids[chunk.start:end])
-            table = torch.tensor(self.blocks.block_table(chunk.seq.seq_id))
-            context = torch.arange(end)
-            contexts.append(table[context // block_size] * block_size + context % block_size)
-        # One transfer for every sequence's cache slots (not one per sequence), then views of it.
-        all_slots = torch.cat(contexts).to(device).split([c.numel() for c in contexts])
-        entries, offset = [], 0
-        for chunk, slots in zip(chunks, all_slots, strict=True):
-            seq = chunk.seq
-            adapter = self.adapters.get(seq.adapter) if seq.adapter else None
-            wants_prompt = bool(seq.params.prompt_logprobs) and chunk.start < len(seq.prompt_ids)
-            positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=device)
-            entries.append(SequenceBatchEntry(offset, chunk.num_tokens, slots, positions, adapter, wants_prompt))
-            offset += chunk.num_tokens
-        new_slots = torch.cat([slots[chunk.start:] for chunk, slots in zip(chunks, all_slots, strict=True)])
-        return torch.tensor(ids, device=device), entries, new_slots
+            ids.extend(chunk.seq.all_ids[chunk.start:chunk.start + chunk.num_tokens])
+        seqs = [chunk.seq for chunk in chunks]
+        return build_step_batch(
+            ids, [chunk.start for chunk in chunks], [chunk.num_tokens for chunk in chunks],
+            [self.blocks.block_table(seq.seq_id) for seq in seqs], self.blocks.block_size,
+            [self.adapters.get(seq.adapter) if seq.adapter else None for seq in seqs],
+            [bool(chunk.seq.params.prompt_logprobs) and chunk.start < len(chunk.seq.prompt_ids) for chunk in chunks])
 
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, SampleResult]:
         """The next token of every sequence whose prompt is complete after this step, by sequence id."""

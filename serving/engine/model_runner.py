@@ -19,20 +19,9 @@ from alphalora.adapters.routing import top_k_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
+from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
-
-
-@dataclass
-class SequenceBatchEntry:
-    """One sequence's part of a step: its new tokens sit at [start, start + count) of the batch."""
-
-    start: int
-    count: int
-    context_slots: torch.Tensor  # KV slots of positions [0, context_len) after this step
-    positions: torch.Tensor  # positions of the new tokens
-    adapter: LoadedAdapter | None
-    all_logits: bool = False  # also return logits for every new token (prompt logprobs)
 
 
 class PagedModelRunner:
@@ -60,24 +49,6 @@ class PagedModelRunner:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # -- adapters ----------------------------------------------------------------------------------
-    @staticmethod
-    def _adapter_rows(entries: list[SequenceBatchEntry], device) -> list[tuple[LoadedAdapter, torch.Tensor]]:
-        """Each adapter in the step with its tokens' batch rows: one host-to-device copy per step, each
-        adapter's rows a slice of it (a kernel launch per sequence here added up over a batch)."""
-        rows: dict[str, tuple[LoadedAdapter, list[int]]] = {}
-        for entry in entries:
-            if entry.adapter is not None:
-                rows.setdefault(entry.adapter.name, (entry.adapter, []))[1].extend(
-                    range(entry.start, entry.start + entry.count))
-        if not rows:
-            return []
-        flat = torch.tensor([row for _, spans in rows.values() for row in spans], device=device)
-        out, start = [], 0
-        for adapter, spans in rows.values():
-            out.append((adapter, flat[start:start + len(spans)]))
-            start += len(spans)
-        return out
-
     def _project(self, module, hidden: torch.Tensor,
                  adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]) -> torch.Tensor:
         """module(hidden) plus each sequence's adapter delta on its own tokens.
@@ -179,18 +150,17 @@ class PagedModelRunner:
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, entries: list[SequenceBatchEntry],
-                new_slots: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
         logits for entries that asked (by entry index); writes the new KV."""
-        positions = torch.cat([e.positions for e in entries])
-        hidden = self._embed(input_ids, entries)
+        step = to_device(batch, self.k_cache.device, self.sliding_window)
+        entries = step.entries
+        hidden = self._embed(step.input_ids, entries)
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
             # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
-        cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
-        decode = self._decode_batch(entries)
-        adapters = self._adapter_rows(entries, hidden.device)
+        cos, sin = self.decoder.rotary_emb(hidden[None], step.positions[None])
+        adapters = step.adapter_rows
         self._step_layouts = {}
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -201,9 +171,9 @@ class PagedModelRunner:
             v = self._project(attention.v_proj, hidden, adapters).view(-1, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
-            self.k_cache[index].index_copy_(0, new_slots, k)
-            self.v_cache[index].index_copy_(0, new_slots, v)
-            attended = self._attention(index, q, entries, attention.scaling, decode)
+            self.k_cache[index].index_copy_(0, step.new_slots, k)
+            self.v_cache[index].index_copy_(0, step.new_slots, v)
+            attended = self._attention(index, q, step, attention.scaling)
             hidden = residual + self._project(attention.o_proj, attended, adapters)
             residual = hidden
             hidden = layer.post_attention_layernorm(hidden)
@@ -211,8 +181,7 @@ class PagedModelRunner:
             gate = self._project(mlp.gate_proj, hidden, adapters)
             up = self._project(mlp.up_proj, hidden, adapters)
             hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
-        last = torch.tensor([e.start + e.count - 1 for e in entries], device=hidden.device)
-        logits = self._logits(self.decoder.norm(hidden[last]), [e.adapter for e in entries])
+        logits = self._logits(self.decoder.norm(hidden[step.last_rows]), [e.adapter for e in entries])
         every = {i: self._with_heads(self.model.lm_head, self.decoder.norm(hidden[e.start:e.start + e.count]),
                                      [(e.adapter, 0, e.count)]).float()
                  for i, e in enumerate(entries) if e.all_logits}
@@ -248,32 +217,36 @@ class PagedModelRunner:
         spans = [(adapter, row, 1) for row, adapter in enumerate(adapters)]
         return self._with_heads(self.model.lm_head, normed, spans).float()
 
-    def _attention(self, layer: int, q: torch.Tensor, entries: list[SequenceBatchEntry], scaling: float,
-                   decode: _DecodeBatch | None):
+    def _attention(self, layer: int, q: torch.Tensor, step: DeviceStep, scaling: float) -> torch.Tensor:
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         gqa = self.num_heads != self.num_kv_heads
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        if decode is not None and k_cache.device.type == "cpu":
-            # Every one-token sequence at once, keys and values read in place in the paged cache.
-            result = ops.paged_decode_attention(q[decode.rows], k_cache, v_cache, decode.slots, decode.lengths,
-                                                decode.starts, scaling)
-            out[decode.rows] = result.reshape(result.shape[0], -1)
-        elif decode is not None:  # on a GPU: one padded gather, then one attention call
-            batch, width = decode.slots.shape
-            flat = decode.slots.reshape(-1)
-            keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
-            values = v_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
-            query = q[decode.rows][:, :, None, :]  # [B, heads, 1, head_dim]
-            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=decode.mask(), scale=scaling,
-                                                    enable_gqa=gqa)
-            out[decode.rows] = result[:, :, 0, :].reshape(batch, -1)
-        for index, e in enumerate(entries):
+        decode = step.decode
+        if decode is not None:
+            query = q if decode.every_token else q[decode.rows]
+            if k_cache.device.type == "cpu":
+                # Every one-token sequence at once, keys and values read in place in the paged cache.
+                result = ops.paged_decode_attention(query, k_cache, v_cache, decode.slots, decode.lengths,
+                                                    decode.starts, scaling)
+            else:  # on a GPU: one padded gather, then one attention call
+                batch, width = decode.slots.shape
+                flat = decode.slots.reshape(-1)
+                keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+                values = v_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+                result = F.scaled_dot_product_attention(query[:, :, None, :], keys, values, attn_mask=decode.mask,
+                                                        scale=scaling, enable_gqa=gqa)[:, :, 0, :]
+            result = result.reshape(result.shape[0], -1)
+            if decode.every_token:
+                return result
+            out[decode.rows] = result
+        for index, e in enumerate(step.entries):
             if decode is not None and index in decode.entry_indices:
                 continue
-            keys = k_cache.index_select(0, e.context_slots).transpose(0, 1)
-            values = v_cache.index_select(0, e.context_slots).transpose(0, 1)
+            context = step.context_of(e)
+            keys = k_cache.index_select(0, context).transpose(0, 1)
+            values = v_cache.index_select(0, context).transpose(0, 1)
             query = q[e.start:e.start + e.count].transpose(0, 1)
-            allowed = self._mask(e.context_slots.shape[0], e.positions, q.device)
+            allowed = self._mask(e.context_len, step.positions_of(e), q.device)
             result = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=allowed,
                                                     scale=scaling, enable_gqa=gqa)
             out[e.start:e.start + e.count] = result[0].transpose(0, 1).reshape(e.count, -1)
@@ -286,37 +259,6 @@ class PagedModelRunner:
         if self.sliding_window:
             allowed &= positions[:, None] - context[None, :] < self.sliding_window
         return allowed
-
-    def _decode_batch(self, entries: list[SequenceBatchEntry]) -> _DecodeBatch | None:
-        """Pads the one-token (decode) sequences' KV slots into one [B, max context] matrix."""
-        chosen = [i for i, e in enumerate(entries) if e.count == 1]
-        if len(chosen) < 2:
-            return None
-        device = entries[chosen[0]].context_slots.device
-        width = max(entries[i].context_slots.shape[0] for i in chosen)
-        slots = torch.zeros(len(chosen), width, dtype=torch.long, device=device)
-        lengths = [entries[i].context_slots.shape[0] for i in chosen]
-        for row, i in enumerate(chosen):
-            slots[row, :lengths[row]] = entries[i].context_slots
-        # The one new token sits at position n - 1; a sliding window keeps the last `window` positions.
-        starts = [max(0, n - self.sliding_window) if self.sliding_window else 0 for n in lengths]
-        rows = torch.tensor([entries[i].start for i in chosen], device=device)
-        return _DecodeBatch(set(chosen), rows, slots, torch.tensor(lengths, device=device),
-                            torch.tensor(starts, device=device))
-
-
-@dataclass
-class _DecodeBatch:
-    entry_indices: set[int]
-    rows: torch.Tensor  # batch rows of the decode tokens
-    slots: torch.Tensor  # [B, max context] KV slots, padded with slot 0
-    lengths: torch.Tensor  # [B] context lengths (the new token included)
-    starts: torch.Tensor  # [B] first attended position (after a sliding window; else 0)
-
-    def mask(self) -> torch.Tensor:
-        """[B, 1, 1, max context]: the attended positions, starts[b] <= j < lengths[b]."""
-        positions = torch.arange(self.slots.shape[1], device=self.slots.device)
-        return ((positions >= self.starts[:, None]) & (positions < self.lengths[:, None]))[:, None, None, :]
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""A step's inputs: built for the whole batch on the host, copied to the device at once.
+
+Per sequence a step needs its new tokens, their positions and the KV slots of its context (read
+off its block table). Built as small tensors per sequence that was a handful of ops (on a GPU,
+kernel launches and synchronising copies) per sequence per step. Here the engine fills numpy
+arrays for the whole batch, and `to_device` moves everything the step reads - token ids,
+positions, slots, each entry's last row, the adapters' rows, the padded slots of the decode
+sequences - in one host-to-device copy, each a view of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .adapters import LoadedAdapter
+
+
+@dataclass
+class SequenceBatchEntry:
+    """One sequence's part of a step: its new tokens sit at [start, start + count) of the batch and
+    are the last `count` positions of its context, whose KV slots sit at [context_start,
+    context_start + context_len) of the step's context slots."""
+
+    start: int
+    count: int
+    context_start: int
+    context_len: int
+    adapter: LoadedAdapter | None
+    all_logits: bool = False  # also return logits for every new token (prompt logprobs)
+
+
+@dataclass
+class StepBatch:
+    """The step on the host: int64 arrays over the batch's tokens and contexts."""
+
+    input_ids: np.ndarray  # [tokens]
+    positions: np.ndarray  # [tokens]
+    new_slots: np.ndarray  # [tokens] the KV slots the new tokens are written to
+    context_slots: np.ndarray  # every entry's context slots (positions [0, context_len)), one after another
+    entries: list[SequenceBatchEntry]
+
+
+def build_step_batch(token_ids: list[int], firsts: list[int], counts: list[int], tables: list[list[int]],
+                     block_size: int, adapters: list[LoadedAdapter | None], all_logits: list[bool]) -> StepBatch:
+    """Sequence i computes `counts[i]` new tokens at positions firsts[i], firsts[i] + 1, ... with the
+    block table tables[i]; its context is positions [0, firsts[i] + counts[i])."""
+    counts_np = np.asarray(counts, dtype=np.int64)
+    context_lens = np.asarray(firsts, dtype=np.int64) + counts_np
+    context_starts = np.concatenate(([0], np.cumsum(context_lens)[:-1]))
+    token_starts = np.concatenate(([0], np.cumsum(counts_np)[:-1]))
+    table_lens = np.asarray([len(t) for t in tables], dtype=np.int64)
+    table_starts = np.concatenate(([0], np.cumsum(table_lens)[:-1]))
+    flat_tables = np.fromiter((block for table in tables for block in table), dtype=np.int64, count=table_lens.sum())
+    position = np.arange(context_lens.sum(), dtype=np.int64) - np.repeat(context_starts, context_lens)
+    context_slots = (flat_tables[np.repeat(table_starts, context_lens) + position // block_size] * block_size
+                     + position % block_size)
+    # The new tokens are each context's last `count` positions.
+    new = (np.repeat(context_starts + context_lens - counts_np, counts_np)
+           + np.arange(counts_np.sum(), dtype=np.int64) - np.repeat(token_starts, counts_np))
+    entries = [SequenceBatchEntry(int(token_starts[i]), counts[i], int(context_starts[i]), int(context_lens[i]),
+                                  adapters[i], all_logits[i]) for i in range(len(counts))]
+    return StepBatch(np.asarray(token_ids, dtype=np.int64), position[new], context_slots[new], context_slots, entries)
+
+
+@dataclass
+class DecodeBatch:
+    """The step's one-token (decode) sequences, attended to together over padded slot rows."""
+
+    entry_indices: set[int]
+    rows: torch.Tensor  # [B] batch rows of the decode tokens
+    slots: torch.Tensor  # [B, max context] KV slots, padded with each row's last slot
+    lengths: torch.Tensor  # [B] context lengths (the new token included)
+    starts: torch.Tensor  # [B] first attended position (after a sliding window; else 0)
+    every_token: bool  # the batch is all decode tokens, in row order: rows is arange(B)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, 1, max context]: the attended positions, starts[b] <= j < lengths[b] (built once a step)."""
+        positions = torch.arange(self.slots.shape[1], device=self.slots.device)
+        return ((positions >= self.starts[:, None]) & (positions < self.lengths[:, None]))[:, None, None, :]
+
+
+@dataclass
+class DeviceStep:
+    """The step on the device: views of one copy."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    new_slots: torch.Tensor
+    context_slots: torch.Tensor
+    last_rows: torch.Tensor  # each entry's last new token's batch row
+    adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]  # each adapter in the step with its tokens' rows
+    decode: DecodeBatch | None
+    entries: list[SequenceBatchEntry]
+
+    def context_of(self, entry: SequenceBatchEntry) -> torch.Tensor:
+        return self.context_slots[entry.context_start:entry.context_start + entry.context_len]
+
+    def positions_of(self, entry: SequenceBatchEntry) -> torch.Tensor:
+        return self.positions[entry.start:entry.start + entry.count]
+
+
+def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceStep:
+    entries = batch.entries
+    arrays = {"input_ids": batch.input_ids, "positions": batch.positions, "new_slots": batch.new_slots,
+              "context_slots": batch.context_slots,
+              "last_rows": np.asarray([e.start + e.count - 1 for e in entries], dtype=np.int64)}
+    adapters: dict[int, tuple[LoadedAdapter, list[np.ndarray]]] = {}
+    for entry in entries:
+        if entry.adapter is not None:
+            adapters.setdefault(entry.adapter.uid, (entry.adapter, []))[1].append(
+                np.arange(entry.start, entry.start + entry.count, dtype=np.int64))
+    for uid, (_, spans) in adapters.items():
+        arrays[f"adapter{uid}"] = np.concatenate(spans)
+    decoding = [i for i, e in enumerate(entries) if e.count == 1]
+    if len(decoding) >= 2:
+        arrays.update(_decode_arrays(batch, decoding, sliding_window))
+    sizes = [a.size for a in arrays.values()]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()])).to(device)
+    views = dict(zip(arrays, flat.split(sizes), strict=True))
+    decode = None
+    if len(decoding) >= 2:
+        decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"].view(len(decoding), -1),
+                             views["decode_lengths"], views["decode_starts"],
+                             every_token=len(decoding) == batch.input_ids.size)
+    return DeviceStep(views["input_ids"], views["positions"], views["new_slots"], views["context_slots"],
+                      views["last_rows"], [(adapter, views[f"adapter{uid}"]) for uid, (adapter, _) in adapters.items()],
+                      decode, entries)
+
+
+def _decode_arrays(batch: StepBatch, decoding: list[int], sliding_window: int | None) -> dict[str, np.ndarray]:
+    """Each decode sequence's context slots padded to the longest (with its own last slot: masked)."""
+    chosen = [batch.entries[i] for i in decoding]
+    lengths = np.asarray([e.context_len for e in chosen], dtype=np.int64)
+    starts = np.asarray([e.context_start for e in chosen], dtype=np.int64)
+    column = np.arange(lengths.max(), dtype=np.int64)
+    slots = batch.context_slots[starts[:, None] + np.minimum(column[None, :], lengths[:, None] - 1)]
+    # The one new token sits at position n - 1; a sliding window keeps the last `window` positions.
+    first = np.maximum(0, lengths - sliding_window) if sliding_window else np.zeros_like(lengths)
+    return {"decode_rows": np.asarray([e.start for e in chosen], dtype=np.int64), "decode_slots": slots,
+            "decode_lengths": lengths, "decode_starts": first}

@@ -1,0 +1,83 @@
+"""A step's inputs built for the whole batch at once, against the block manager's slot per token."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from alphalora.serving.engine.adapters import LoadedAdapter
+from alphalora.serving.engine.block_manager import BlockManager
+from alphalora.serving.engine.step_inputs import build_step_batch, to_device
+
+
+def _random_step(seed: int, block_size: int = 4, decode_only: bool = False):
+    """Sequences with interleaved block tables (freed and reused blocks), each computing a chunk
+    of new tokens at the end of its context; returns the batch, the block manager and the chunks."""
+    rng = random.Random(seed)
+    blocks = BlockManager(num_blocks=200, block_size=block_size)
+    adapters = [LoadedAdapter(f"a{i}", Path("."), {}) for i in range(3)]
+    chunks = []  # (seq_id, first new position, new tokens, adapter)
+    for seq_id in range(rng.randint(3, 9)):
+        context = rng.randint(1, 40)
+        blocks.allocate(seq_id, context)
+        if rng.random() < 0.3:
+            blocks.allocate(("gap", seq_id), rng.randint(1, 9))  # others' blocks in between
+        count = 1 if decode_only or rng.random() < 0.6 else rng.randint(1, context)
+        chunks.append((seq_id, context - count, count, rng.choice(adapters + [None])))
+    for seq_id in range(0, len(chunks), 3):
+        blocks.free(("gap", seq_id))
+    token_ids = [rng.randint(0, 99) for _ in range(sum(c[2] for c in chunks))]
+    batch = build_step_batch(token_ids, [c[1] for c in chunks], [c[2] for c in chunks],
+                             [blocks.block_table(c[0]) for c in chunks], block_size, [c[3] for c in chunks],
+                             [False] * len(chunks))
+    return batch, blocks, chunks, token_ids
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_token_gets_the_block_managers_slot_and_position(seed):
+    batch, blocks, chunks, token_ids = _random_step(seed)
+    assert batch.input_ids.tolist() == token_ids
+    row = 0
+    for entry, (seq_id, first, count, adapter) in zip(batch.entries, chunks, strict=True):
+        assert (entry.start, entry.count, entry.context_len, entry.adapter) == (row, count, first + count, adapter)
+        context = batch.context_slots[entry.context_start:entry.context_start + entry.context_len].tolist()
+        assert context == [blocks.slot(seq_id, p) for p in range(first + count)]
+        assert batch.positions[row:row + count].tolist() == list(range(first, first + count))
+        assert batch.new_slots[row:row + count].tolist() == context[first:]
+        row += count
+
+
+@pytest.mark.parametrize("seed,window", [(0, None), (1, None), (2, 5), (3, 7)])
+def test_the_device_step_pads_decode_contexts_and_groups_adapter_rows(seed, window):
+    batch, blocks, chunks, _ = _random_step(seed)
+    step = to_device(batch, "cpu", window)
+    decoding = [i for i, c in enumerate(chunks) if c[2] == 1]
+    if len(decoding) < 2:
+        assert step.decode is None
+    else:
+        decode = step.decode
+        assert decode.entry_indices == set(decoding) and not decode.every_token
+        for b, i in enumerate(decoding):
+            entry, (seq_id, first, _, _) = batch.entries[i], chunks[i]
+            n = first + 1
+            assert decode.rows[b] == entry.start and decode.lengths[b] == n
+            assert decode.slots[b, :n].tolist() == [blocks.slot(seq_id, p) for p in range(n)]
+            assert decode.starts[b] == (max(0, n - window) if window else 0)
+            allowed = decode.mask[b, 0, 0].nonzero().flatten().tolist()
+            assert allowed == list(range(int(decode.starts[b]), n))
+    rows_by_adapter = {}
+    for entry in batch.entries:
+        if entry.adapter is not None:
+            rows_by_adapter.setdefault(entry.adapter.uid, []).extend(range(entry.start, entry.start + entry.count))
+    assert {a.uid: rows.tolist() for a, rows in step.adapter_rows} == rows_by_adapter
+    assert step.last_rows.tolist() == [e.start + e.count - 1 for e in batch.entries]
+    assert torch.equal(step.context_slots, torch.from_numpy(batch.context_slots))
+
+
+def test_an_all_decode_batch_is_attended_in_row_order():
+    batch, _, _, _ = _random_step(4, decode_only=True)
+    step = to_device(batch, "cpu", None)
+    assert step.decode.every_token and step.decode.rows.tolist() == list(range(len(batch.entries)))
