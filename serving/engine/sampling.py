@@ -1,4 +1,4 @@
-"""Sampling parameters and the per-sequence sampler (OpenAI/vLLM semantics)."""
+"""Sampling parameters and the samplers, batched where rows allow (OpenAI/vLLM semantics)."""
 
 from __future__ import annotations
 
@@ -53,27 +53,71 @@ def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[
                                                            torch.Generator | None]]) -> list[SampleResult]:
     """`sample` for every row of logits [R, vocab]: (params, prompt ids, output ids, generator) per row.
 
-    Greedy rows without penalties, the common case, go in one batched argmax with one transfer
-    to the host (no device synchronisation per row); the others are sampled one by one."""
+    Rows without penalties or a seed, the common cases, are sampled together: the greedy ones in one
+    argmax, the random ones (temperature, top-k, top-p) in one filtered softmax and one multinomial,
+    each group with one transfer to the host (no device synchronisation per row). Rows with
+    penalties or their own seeded generator are sampled one by one."""
     results: list[SampleResult | None] = [None] * len(requests)
-    plain = [i for i, (params, *_) in enumerate(requests) if params.temperature == 0 and not _has_penalties(params)]
-    if plain:
-        rows = logits[torch.tensor(plain, device=logits.device)]
-        logprobs = torch.log_softmax(rows, dim=-1)
-        tokens = torch.argmax(rows, dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        most = max(requests[i][0].logprobs or 0 for i in plain)
-        top = torch.topk(logprobs, most, dim=-1) if most else None
-        tokens, chosen = tokens.tolist(), chosen.tolist()
-        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
-        for j, i in enumerate(plain):
-            wanted = requests[i][0].logprobs
-            top_i = dict(zip(top_ids[j][:wanted], top_values[j][:wanted], strict=True)) if wanted else None
-            results[i] = SampleResult(tokens[j], chosen[j], top_i)
+    batchable = [i for i, (params, _, _, generator) in enumerate(requests)
+                 if not _has_penalties(params) and generator is None]
+    greedy = [i for i in batchable if requests[i][0].temperature == 0]
+    random = [i for i in batchable if requests[i][0].temperature > 0]
+    for group in (greedy, random):
+        if group:
+            params = [requests[i][0] for i in group]
+            for i, result in zip(group, _sample_batch(logits, group, params), strict=True):
+                results[i] = result
     for i, (params, prompt_ids, output_ids, generator) in enumerate(requests):
         if results[i] is None:
             results[i] = sample(logits[i], params, prompt_ids, output_ids, generator)
     return results
+
+
+def _sample_batch(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> list[SampleResult]:
+    """Rows of logits that are all greedy or all random, none with penalties or a generator."""
+    device = logits.device
+    picked = logits[torch.tensor(rows, device=device)]
+    logprobs = torch.log_softmax(picked, dim=-1)
+    if params[0].temperature == 0:
+        tokens = torch.argmax(picked, dim=-1)
+    else:
+        probs = filtered_probs(picked, *_filters(params, device))
+        tokens = torch.multinomial(probs, 1)[:, 0]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    most = max(p.logprobs or 0 for p in params)
+    top = torch.topk(logprobs, most, dim=-1) if most else None
+    tokens, chosen = tokens.tolist(), chosen.tolist()
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    results = []
+    for j, p in enumerate(params):
+        wanted = p.logprobs
+        top_j = dict(zip(top_ids[j][:wanted], top_values[j][:wanted], strict=True)) if wanted else None
+        results.append(SampleResult(tokens[j], chosen[j], top_j))
+    return results
+
+
+def _filters(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature, top_k, top_p) per row, as tensors: one small copy each."""
+    return (torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device))
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """Sampling probabilities [R, vocab] of logits [R, vocab] (temperature > 0 per row): divided by
+    the row's temperature, cut to the logits at least its top_k-th largest (top_k -1: off), softened,
+    cut to the most probable tokens whose mass before them is under its top_p, renormalised."""
+    scaled = logits.float() / temperature[:, None]
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    vocab = scaled.shape[-1]
+    kth = ordered.gather(1, (torch.where(top_k > 0, top_k.clamp(max=vocab), vocab) - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    ordered_probs = probs.gather(1, order)  # the cut keeps the order, so `order` still sorts
+    keep = (torch.cumsum(ordered_probs, dim=-1) - ordered_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    probs = torch.zeros_like(probs).scatter(1, order, ordered_probs * keep)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
@@ -97,16 +141,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], 
     if params.temperature == 0:
         token = int(torch.argmax(logits))
     else:
-        logits = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[0])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            probs = probs / probs.sum()
+        probs = filtered_probs(logits[None], *_filters([params], logits.device))[0]
         token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     top = None
     if params.logprobs:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
-from alphalora.serving.engine.sampling import apply_penalties, sample, sample_rows
+from alphalora.serving.engine.sampling import apply_penalties, filtered_probs, sample, sample_rows
 from tests.serving.test_engine import _base
 
 
@@ -101,3 +102,47 @@ def test_sample_rows_equals_sampling_each_row_alone():
         if want.top_logprobs:
             assert list(got.top_logprobs) == list(want.top_logprobs)
             assert list(got.top_logprobs.values()) == pytest.approx(list(want.top_logprobs.values()), abs=1e-6)
+
+
+def _filtered_by_definition(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """One row's sampling distribution, written out: top-k keeps the logits at least the k-th largest,
+    top-p the most probable tokens whose mass before them is under p."""
+    z = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        z = np.where(z < np.sort(z)[::-1][min(top_k, z.size) - 1], -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        kept = np.zeros_like(p)
+        kept[order[before < top_p]] = p[order[before < top_p]]
+        p = kept / kept.sum()
+    return p
+
+
+ROW_FILTERS = [(1.0, -1, 1.0), (0.7, 5, 1.0), (1.3, -1, 0.8), (0.5, 10, 0.6), (2.0, 3, 0.95), (1.0, 100, 0.3)]
+
+
+def test_filtered_probs_follow_the_definitions_row_by_row():
+    logits = torch.randn(len(ROW_FILTERS), 40, generator=torch.Generator().manual_seed(11)) * 2
+    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*ROW_FILTERS, strict=True))
+    got = filtered_probs(logits, temperature, top_k, top_p)
+    for row, (t, k, p) in enumerate(ROW_FILTERS):
+        np.testing.assert_allclose(got[row].numpy(), _filtered_by_definition(logits[row].numpy(), t, k, p),
+                                   atol=1e-6, rtol=0)
+
+
+def test_random_rows_sampled_together_follow_each_rows_distribution():
+    torch.manual_seed(0)
+    base = torch.randn(len(ROW_FILTERS), 8, generator=torch.Generator().manual_seed(5)) * 1.5
+    draws = 3000
+    logits = base.repeat(draws, 1)  # row r of every block of len(ROW_FILTERS) rows has filter r
+    requests = [(SamplingParams(temperature=t, top_k=k, top_p=p, logprobs=0), [], [], None)
+                for _ in range(draws) for t, k, p in ROW_FILTERS]
+    tokens = torch.tensor([r.token for r in sample_rows(logits, requests)]).view(draws, len(ROW_FILTERS))
+    for row, (t, k, p) in enumerate(ROW_FILTERS):
+        expected = _filtered_by_definition(base[row].numpy(), t, k, p)
+        frequencies = torch.bincount(tokens[:, row], minlength=8).double().numpy() / draws
+        assert np.all(frequencies[expected == 0] == 0)  # nothing outside the kept tokens, ever
+        np.testing.assert_allclose(frequencies, expected, atol=0.035, rtol=0)
