@@ -18,13 +18,16 @@
 namespace alphalora::routing {
 namespace {
 
-// Below this many pairs per expert on average, one GEMM per expert costs more in call overhead
-// than it saves; the pair-by-pair loops below take over.
+// Below this many pairs per used expert on average, one GEMM per expert costs more in call overhead
+// than it saves; the pair-by-pair loops below take over. Experts no pair uses cost nothing either
+// way (a serving batch's stack holds every resident adapter's experts, most of them idle).
 constexpr int64_t kMinPairsPerExpertForGemm = 64;
 
 bool use_gemm(int64_t pairs, const at::Tensor& offsets) {
-  const int64_t experts = std::max<int64_t>(1, offsets.size(0) - 1);
-  return pairs >= kMinPairsPerExpertForGemm * experts;
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  int64_t used = 0;
+  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) used += offset[e + 1] > offset[e];
+  return pairs >= kMinPairsPerExpertForGemm * std::max<int64_t>(1, used);
 }
 
 // h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float accumulation.

@@ -188,3 +188,16 @@ def test_every_cpu_strategy_equals_the_loop(tokens, experts):
     for got, want in zip(torch.autograd.grad(ours.square().sum(), tensors),
                          torch.autograd.grad(loop.square().sum(), tensors), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stack_with_many_idle_experts_equals_the_loop():
+    """A serving stack: 32 experts resident, the batch's 200 tokens routed to two of them (the CPU
+    kernels take the per-expert GEMMs, judged by the experts in use)."""
+    tensors = [t.requires_grad_() for t in _inputs(tokens=200, k=2, experts=32)[:4]]
+    ids = torch.stack([torch.full((200,), 3), torch.where(torch.arange(200) % 3 == 0, 17, 29)], dim=1)
+    ours = ops.moe_lora(*tensors, ids)
+    loop = per_expert_loop(*tensors, ids)
+    torch.testing.assert_close(ours, loop, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(ours.square().sum(), tensors),
+                         torch.autograd.grad(loop.square().sum(), tensors), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
