@@ -220,45 +220,36 @@ class PagedModelRunner:
     def _attention(self, layer: int, q: torch.Tensor, step: DeviceStep, scaling: float) -> torch.Tensor:
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         gqa = self.num_heads != self.num_kv_heads
-        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         decode = step.decode
         if decode is not None:
             query = q if decode.every_token else q[decode.rows]
-            if k_cache.device.type == "cpu":
+            if q.device.type == "cpu":
                 # Every one-token sequence at once, keys and values read in place in the paged cache.
-                result = ops.paged_decode_attention(query, k_cache, v_cache, decode.slots, decode.lengths,
-                                                    decode.starts, scaling)
+                result = ops.paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer], decode.slots,
+                                                    decode.lengths, decode.starts, scaling)
             else:  # on a GPU: one padded gather, then one attention call
-                batch, width = decode.slots.shape
-                flat = decode.slots.reshape(-1)
-                keys = k_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
-                values = v_cache.index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+                keys, values = self._gather(layer, decode.slots)
                 result = F.scaled_dot_product_attention(query[:, :, None, :], keys, values, attn_mask=decode.mask,
                                                         scale=scaling, enable_gqa=gqa)[:, :, 0, :]
             result = result.reshape(result.shape[0], -1)
             if decode.every_token:
                 return result
             out[decode.rows] = result
-        for index, e in enumerate(step.entries):
-            if decode is not None and index in decode.entry_indices:
-                continue
-            context = step.context_of(e)
-            keys = k_cache.index_select(0, context).transpose(0, 1)
-            values = v_cache.index_select(0, context).transpose(0, 1)
-            query = q[e.start:e.start + e.count].transpose(0, 1)
-            allowed = self._mask(e.context_len, step.positions_of(e), q.device)
-            result = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=allowed,
-                                                    scale=scaling, enable_gqa=gqa)
-            out[e.start:e.start + e.count] = result[0].transpose(0, 1).reshape(e.count, -1)
+        for group in step.prefills:
+            # Sequences with several new tokens (prompt chunks): one padded attention call per group.
+            keys, values = self._gather(layer, group.slots)
+            query = q[group.query_rows.reshape(-1)].view(*group.query_rows.shape, self.num_heads, -1).transpose(1, 2)
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scaling,
+                                                    enable_gqa=gqa)
+            out[group.kept_rows] = result.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)[group.kept]
         return out
 
-    def _mask(self, context_len: int, positions: torch.Tensor, device) -> torch.Tensor:
-        """[new tokens, context] causal (and sliding-window) mask."""
-        context = torch.arange(context_len, device=device)
-        allowed = context[None, :] <= positions[:, None]
-        if self.sliding_window:
-            allowed &= positions[:, None] - context[None, :] < self.sliding_window
-        return allowed
+    def _gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv heads, W, head_dim] of the cache slots [B, W]."""
+        batch, width = slots.shape
+        flat = slots.reshape(-1)
+        return tuple(cache[layer].index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+                     for cache in (self.k_cache, self.v_cache))
 
 
 @dataclass

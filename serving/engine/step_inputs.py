@@ -85,6 +85,25 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillGroup:
+    """Sequences computing several new tokens (prompt chunks), attended to together: queries and
+    contexts padded to the group's longest, the padding masked out and never written back."""
+
+    query_rows: torch.Tensor  # [N, max new] batch rows of each sequence's new tokens (padding: its last)
+    slots: torch.Tensor  # [N, max context] KV slots (padding: the sequence's last slot)
+    query_positions: torch.Tensor  # [N, max new] positions of the new tokens (padding: 0)
+    first_attended: torch.Tensor  # [N, max new] first position each query sees (a sliding window; else 0)
+    kept: torch.Tensor  # indices into the flattened [N * max new] queries that are real tokens
+    kept_rows: torch.Tensor  # their batch rows
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[N, 1, max new, max context]: first_attended <= j <= query position (causal, windowed)."""
+        j = torch.arange(self.slots.shape[1], device=self.slots.device)
+        return ((j <= self.query_positions[:, :, None]) & (j >= self.first_attended[:, :, None]))[:, None]
+
+
+@dataclass
 class DeviceStep:
     """The step on the device: views of one copy."""
 
@@ -95,13 +114,8 @@ class DeviceStep:
     last_rows: torch.Tensor  # each entry's last new token's batch row
     adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]  # each adapter in the step with its tokens' rows
     decode: DecodeBatch | None
+    prefills: list[PrefillGroup]  # every entry not in `decode`, in groups of similar context length
     entries: list[SequenceBatchEntry]
-
-    def context_of(self, entry: SequenceBatchEntry) -> torch.Tensor:
-        return self.context_slots[entry.context_start:entry.context_start + entry.context_len]
-
-    def positions_of(self, entry: SequenceBatchEntry) -> torch.Tensor:
-        return self.positions[entry.start:entry.start + entry.count]
 
 
 def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceStep:
@@ -119,17 +133,64 @@ def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceSte
     decoding = [i for i, e in enumerate(entries) if e.count == 1]
     if len(decoding) >= 2:
         arrays.update(_decode_arrays(batch, decoding, sliding_window))
+    else:
+        decoding = []
+    taken = set(decoding)
+    groups = _prefill_groups([e for i, e in enumerate(entries) if i not in taken])
+    for g, group in enumerate(groups):
+        arrays.update({f"prefill{g}_{k}": v for k, v in _prefill_arrays(batch, group, sliding_window).items()})
     sizes = [a.size for a in arrays.values()]
     flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()])).to(device)
     views = dict(zip(arrays, flat.split(sizes), strict=True))
     decode = None
-    if len(decoding) >= 2:
+    if decoding:
         decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"].view(len(decoding), -1),
                              views["decode_lengths"], views["decode_starts"],
                              every_token=len(decoding) == batch.input_ids.size)
+    prefills = []
+    for g, group in enumerate(groups):
+        shape = (len(group), max(e.count for e in group))
+        prefills.append(PrefillGroup(
+            views[f"prefill{g}_query_rows"].view(shape), views[f"prefill{g}_slots"].view(len(group), -1),
+            views[f"prefill{g}_query_positions"].view(shape), views[f"prefill{g}_first_attended"].view(shape),
+            views[f"prefill{g}_kept"], views[f"prefill{g}_kept_rows"]))
     return DeviceStep(views["input_ids"], views["positions"], views["new_slots"], views["context_slots"],
                       views["last_rows"], [(adapter, views[f"adapter{uid}"]) for uid, (adapter, _) in adapters.items()],
-                      decode, entries)
+                      decode, prefills, entries)
+
+
+def _prefill_groups(entries: list[SequenceBatchEntry]) -> list[list[SequenceBatchEntry]]:
+    """Entries by context length, longest first, each group padding to at most twice the key/value
+    cells it really reads (one long prompt beside short ones is not padded to)."""
+    groups: list[list[SequenceBatchEntry]] = []
+    real = 0
+    for entry in sorted(entries, key=lambda e: -e.context_len):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0].context_len <= 2 * (real + entry.context_len):
+            groups[-1].append(entry)
+            real += entry.context_len
+        else:
+            groups.append([entry])
+            real = entry.context_len
+    return groups
+
+
+def _prefill_arrays(batch: StepBatch, group: list[SequenceBatchEntry],
+                    sliding_window: int | None) -> dict[str, np.ndarray]:
+    counts = np.asarray([e.count for e in group], dtype=np.int64)
+    lengths = np.asarray([e.context_len for e in group], dtype=np.int64)
+    starts = np.asarray([e.start for e in group], dtype=np.int64)
+    column = np.arange(counts.max(), dtype=np.int64)
+    real = column[None, :] < counts[:, None]
+    query_rows = starts[:, None] + np.minimum(column[None, :], counts[:, None] - 1)
+    # Query i of a sequence is its context position length - count + i; padding attends position 0 only.
+    query_positions = np.where(real, (lengths - counts)[:, None] + column[None, :], 0)
+    first = np.maximum(0, query_positions - sliding_window + 1) if sliding_window else np.zeros_like(query_positions)
+    context_starts = np.asarray([e.context_start for e in group], dtype=np.int64)
+    key_column = np.arange(lengths.max(), dtype=np.int64)
+    slots = batch.context_slots[context_starts[:, None] + np.minimum(key_column[None, :], lengths[:, None] - 1)]
+    kept = np.flatnonzero(real.ravel())
+    return {"query_rows": query_rows, "slots": slots, "query_positions": query_positions,
+            "first_attended": np.where(real, first, 0), "kept": kept, "kept_rows": query_rows.ravel()[kept]}
 
 
 def _decode_arrays(batch: StepBatch, decoding: list[int], sliding_window: int | None) -> dict[str, np.ndarray]:

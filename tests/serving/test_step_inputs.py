@@ -81,3 +81,30 @@ def test_an_all_decode_batch_is_attended_in_row_order():
     batch, _, _, _ = _random_step(4, decode_only=True)
     step = to_device(batch, "cpu", None)
     assert step.decode.every_token and step.decode.rows.tolist() == list(range(len(batch.entries)))
+
+
+@pytest.mark.parametrize("seed,window", [(0, None), (1, 6), (5, None), (7, 3)])
+def test_prefill_groups_cover_every_other_token_with_its_causal_window(seed, window):
+    batch, blocks, chunks, _ = _random_step(seed)
+    step = to_device(batch, "cpu", window)
+    decoded = step.decode.entry_indices if step.decode is not None else set()
+    expected_rows = sorted(row for i, e in enumerate(batch.entries) if i not in decoded
+                           for row in range(e.start, e.start + e.count))
+    assert sorted(row for g in step.prefills for row in g.kept_rows.tolist()) == expected_rows
+    by_row = {}  # batch row -> (sequence, its position, its context length)
+    for e, (seq_id, first, _, _) in zip(batch.entries, chunks, strict=True):
+        for i in range(e.count):
+            by_row[e.start + i] = (seq_id, first + i, e.context_len)
+    for group in step.prefills:
+        n, width = group.slots.shape
+        assert all(len({by_row[r][0] for r in group.query_rows[b].tolist()}) == 1 for b in range(n))
+        real_cells = sum(by_row[int(group.query_rows[b, 0])][2] for b in range(n))
+        assert n == 1 or n * width <= 2 * real_cells  # padding at most doubles what is read
+        flat_rows = group.query_rows.reshape(-1)
+        for flat, row in zip(group.kept.tolist(), group.kept_rows.tolist(), strict=True):
+            b, i = divmod(flat, group.query_rows.shape[1])
+            assert flat_rows[flat] == row
+            seq_id, position, _ = by_row[row]
+            lo = max(0, position - window + 1) if window else 0
+            assert group.mask[b, 0, i].nonzero().flatten().tolist() == list(range(lo, position + 1))
+            assert group.slots[b, :position + 1].tolist() == [blocks.slot(seq_id, p) for p in range(position + 1)]
