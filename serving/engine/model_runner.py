@@ -149,7 +149,7 @@ class PagedModelRunner:
                             scale=scale.to(device), base=base.to(device))
 
     # -- the step ----------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd dispatch at all (the routing ops' autograd wrappers included)
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
         logits for entries that asked (by entry index); writes the new KV."""
