@@ -8,7 +8,7 @@ the adapters' deltas for the tokens that asked for them, through the routing ker
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +66,13 @@ class PagedModelRunner:
                 buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, rows))
         for (rank, _), bucket in buckets.items():
             experts = self.stacks.experts(name, rank, [adapter for adapter, _ in bucket])
-            layout = self._bucket_layout(name, bucket, experts, hidden.dtype)
+            layout = self._bucket_layout(name, bucket, experts, hidden)
             gates, ids = self._route(name, hidden, layout)
             A, B = experts.tensors
-            delta = ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True)
-            out = out.index_add(0, layout.rows, delta.to(out.dtype))
+            if layout.rows is None:  # every token of the step, in batch order: no gather, no scatter
+                out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
+            else:
+                out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
         return out
 
     def _route(self, name: str, hidden: torch.Tensor, layout: _BucketLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +86,8 @@ class PagedModelRunner:
         gates_all, ids_all = ([layout.plain_gates], [layout.plain_ids]) if plain else ([], [])
         for group in layout.groups:
             routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
-            logits = (hidden[group.rows] @ routers.T).view(group.rows.shape[0], -1, group.num_experts)
+            tokens = hidden if group.rows is None else hidden[group.rows]
+            logits = (tokens @ routers.T).view(tokens.shape[0], -1, group.num_experts)
             logits = logits[group.token_index, group.member]
             gates, ids = top_k_gates(logits, group.top_k)
             gates_all.append((gates * group.scale[:, None]).to(hidden.dtype))
@@ -94,10 +97,11 @@ class PagedModelRunner:
         return torch.cat(gates_all), torch.cat(ids_all)
 
     def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, torch.Tensor]], experts: AdapterStack,
-                       dtype: torch.dtype) -> _BucketLayout:
+                       hidden: torch.Tensor) -> _BucketLayout:
         """What routing a bucket needs besides the hidden states, built once per step for every
         module whose bucket has the same adapters, expert counts, scales and stack offsets (usually
-        all of them)."""
+        all of them). Where the bucket holds every token of the step and routes them one way (all
+        plain LoRA, or one group of routers), the layout is in batch order and has no rows."""
         routed: dict[int, list[int]] = {}  # expert count -> positions in the bucket
         for position, (adapter, _) in enumerate(bucket):
             if adapter.modules[name].router is not None:
@@ -111,7 +115,7 @@ class PagedModelRunner:
             described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
                               experts.offsets[adapter.uid],
                               None if router is None else (router.offsets[adapter.uid], router.rows)))
-        key = (tuple(described), dtype)
+        key = (tuple(described), hidden.dtype)
         layout = self._step_layouts.get(key)
         if layout is not None:
             return layout
@@ -126,10 +130,12 @@ class PagedModelRunner:
                   for count, positions in routed.items()]
         layout = _BucketLayout(
             rows=torch.cat(plain + [g.rows for g in groups]),
-            plain_gates=plain_gates[:, None].to(device, dtype),
+            plain_gates=plain_gates[:, None].to(device, hidden.dtype),
             plain_ids=plain_ids[:, None].to(device),
             groups=groups,
         )
+        if layout.rows.shape[0] == hidden.shape[0] and (not groups or (len(groups) == 1 and not plain)):
+            layout = layout.in_batch_order()
         self._step_layouts[key] = layout
         return layout
 
@@ -259,7 +265,7 @@ class _RouterGroup:
     adapters: list[LoadedAdapter]
     num_experts: int
     top_k: int
-    rows: torch.Tensor  # their tokens' batch rows
+    rows: torch.Tensor | None  # their tokens' batch rows (None: every token, in batch order)
     token_index: torch.Tensor  # arange over those rows
     member: torch.Tensor  # each row's adapter, as its position in the module's router stack
     scale: torch.Tensor  # each row's adapter scaling
@@ -271,7 +277,18 @@ class _BucketLayout:
     """A bucket's rows (plain LoRA adapters' first, then each router group's) with plain LoRA's
     fixed gates and virtual expert ids."""
 
-    rows: torch.Tensor
+    rows: torch.Tensor | None  # None: every token of the step, in batch order
     plain_gates: torch.Tensor  # [plain rows, 1], in the hidden states' dtype
     plain_ids: torch.Tensor  # [plain rows, 1]
     groups: list[_RouterGroup]
+
+    def in_batch_order(self) -> _BucketLayout:
+        """The same layout for a bucket whose rows are a permutation of all the step's tokens: each
+        per-row tensor put in batch order (once a step), so projections skip the gather and scatter."""
+
+        def ordered(values: torch.Tensor) -> torch.Tensor:  # plain LoRA's, when all the rows are routed, are empty
+            return torch.empty_like(values).index_copy_(0, self.rows, values) if values.shape[0] else values
+
+        groups = [replace(g, rows=None, member=ordered(g.member), scale=ordered(g.scale), base=ordered(g.base))
+                  for g in self.groups]
+        return _BucketLayout(None, ordered(self.plain_gates), ordered(self.plain_ids), groups)
