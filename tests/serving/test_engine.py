@@ -76,6 +76,21 @@ def test_mixed_adapter_batch_equals_generate_one_request_at_a_time(adapters, dev
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+@pytest.mark.parametrize("names", [["moe_a", "moe_c", "moe_a", "moe_c", "moe_c"], ["lora", "lora", "lora"]],
+                         ids=["same-shaped MoE-LoRA adapters", "one plain LoRA adapter"])
+def test_a_batch_whose_every_token_routes_one_way_equals_generate(adapters, names):
+    """Every token of every step in one bucket (the engine then routes in batch order, no gather)."""
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=64, block_size=4, adapters={k: str(v) for k, v in adapters.items()}))
+    torch.manual_seed(11)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 4, 14, 6, 11)[:len(names)]]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 5, adapter=adapters[name]), name
+    layouts = engine.runner._step_layouts.values()
+    assert layouts and all(layout.rows is None for layout in layouts)  # the last step did route in batch order
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
 def test_other_decoder_families_match_generate(family, tmp_path):
     adapter = _adapter(tmp_path / "moe", family, (2, 3))
