@@ -4,8 +4,8 @@ Per sequence a step needs its new tokens, their positions and the KV slots of it
 off its block table). Built as small tensors per sequence that was a handful of ops (on a GPU,
 kernel launches and synchronising copies) per sequence per step. Here the engine fills numpy
 arrays for the whole batch, and `to_device` moves everything the step reads - token ids,
-positions, slots, each entry's last row, the adapters' rows, the padded slots of the decode
-sequences - in one host-to-device copy, each a view of it.
+positions, slots, each entry's last row, the adapters' rows, the padded slots and queries of the
+decode sequences and of the prompt chunks - in one host-to-device copy, each a view of it.
 """
 
 from __future__ import annotations
