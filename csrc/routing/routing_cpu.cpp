@@ -81,6 +81,17 @@ void expand_tokens(const T* h, const T* W, bool transposed, const T* gates, cons
 // Pairs per expert from which transposing B once beats a rank-long dot per output column.
 constexpr int64_t kMinPairsPerExpertForTranspose = 8;
 
+// The expert that holds every pair, or -1. With one pair per token (top-1) its pairs are the tokens in
+// order (the permutation is stable), so its GEMMs need no gather and no scatter: a single adapter, or
+// plain LoRA, in a serving batch.
+int64_t expert_of_every_pair(const at::Tensor& offsets, int64_t pairs) {
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) {
+    if (offset[e + 1] - offset[e] == pairs) return e;
+  }
+  return -1;
+}
+
 // Calls fn(expert, pair indices of that expert) for every expert that has pairs.
 template <typename Fn>
 void for_each_expert(const at::Tensor& order, const at::Tensor& offsets, Fn fn) {
@@ -124,6 +135,9 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
     });
     return h;
   }
+  if (const int64_t only = expert_of_every_pair(offsets, expert_ids.size(0)); k == 1 && only >= 0) {
+    return at::mm(x, A[only].t());
+  }
   at::Tensor h = at::zeros({expert_ids.size(0), A.size(1)}, x.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor rows = x.index_select(0, at::floor_divide(pairs, k));
@@ -147,6 +161,9 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
                               ids.data_ptr<int64_t>(), num_tokens, k, B.size(1), B.size(2), y.data_ptr<scalar_t>());
     });
     return y;
+  }
+  if (const int64_t only = expert_of_every_pair(offsets, h.size(0)); k == 1 && only >= 0) {
+    return at::mm(h * gates.unsqueeze(1), B[only].t());
   }
   at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {

@@ -201,3 +201,13 @@ def test_a_stack_with_many_idle_experts_equals_the_loop():
     for got, want in zip(torch.autograd.grad(ours.square().sum(), tensors),
                          torch.autograd.grad(loop.square().sum(), tensors), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts", [1, 6])
+def test_one_expert_holding_every_token_equals_the_loop(experts):
+    """Top-1 with every token on one expert (a single adapter in a serving batch): the CPU kernels
+    multiply without gathering or scattering."""
+    x, A, B, gates, _ = _inputs(tokens=150, k=1, experts=experts)
+    ids = torch.full((150, 1), experts - 1)
+    torch.testing.assert_close(ops.moe_lora(x, A, B, gates, ids), per_expert_loop(x, A, B, gates, ids),
+                               rtol=1e-5, atol=1e-5)
