@@ -67,8 +67,12 @@ class PagedModelRunner:
         for (rank, _), bucket in buckets.items():
             experts = self.stacks.experts(name, rank, [adapter for adapter, _ in bucket])
             layout = self._bucket_layout(name, bucket, experts, hidden)
-            gates, ids = self._route(name, hidden, layout)
             A, B = experts.tensors
+            if layout.only_adapter is not None:  # one plain LoRA adapter for every token: two GEMMs
+                expert, scaling = layout.only_adapter
+                out.addmm_(hidden @ A[expert].T, B[expert].T, alpha=scaling)
+                continue
+            gates, ids = self._route(name, hidden, layout)
             if layout.rows is None:  # every token of the step, in batch order: no gather, no scatter
                 out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
             else:
@@ -136,6 +140,8 @@ class PagedModelRunner:
         )
         if layout.rows.shape[0] == hidden.shape[0] and (not groups or (len(groups) == 1 and not plain)):
             layout = layout.in_batch_order()
+            if len(bucket) == 1 and not groups:
+                layout.only_adapter = (experts.offsets[bucket[0][0].uid], bucket[0][0].modules[name].scaling)
         self._step_layouts[key] = layout
         return layout
 
@@ -281,6 +287,7 @@ class _BucketLayout:
     plain_gates: torch.Tensor  # [plain rows, 1], in the hidden states' dtype
     plain_ids: torch.Tensor  # [plain rows, 1]
     groups: list[_RouterGroup]
+    only_adapter: tuple[int, float] | None = None  # (expert, scaling) of a plain adapter holding every token
 
     def in_batch_order(self) -> _BucketLayout:
         """The same layout for a bucket whose rows are a permutation of all the step's tokens: each

@@ -89,6 +89,8 @@ def test_a_batch_whose_every_token_routes_one_way_equals_generate(adapters, name
         assert seq.output_ids == _hf_greedy("llama", prompt, 5, adapter=adapters[name]), name
     layouts = engine.runner._step_layouts.values()
     assert layouts and all(layout.rows is None for layout in layouts)  # the last step did route in batch order
+    # ...and one plain adapter for every token skips the routing kernels for two GEMMs
+    assert all((layout.only_adapter is not None) == (names[0] == "lora") for layout in layouts)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
