@@ -428,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                       help="weights and activations (auto: float32 on the CPU; on CUDA the checkpoint's half "
-                       "precision, float32 checkpoints in bfloat16)")
+                       help="weights and activations (auto: float32 on the CPU, unlike vLLM, which downcasts to "
+                       "bfloat16 there; on CUDA the checkpoint's half precision, float32 checkpoints in bfloat16)")
     serve.add_argument("--device", default="cpu", help="native engine only (vLLM picks its own platform)")
     serve.add_argument("--engine", choices=["native", "vllm"], default="native",
                        help="native: this package's engine (MoE-LoRA and LoRA mixed in one batch); vllm: real vLLM's "

@@ -69,6 +69,9 @@ def workload(args):
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# vLLM runs in the engine's precision: left at "auto", vLLM 0.32 downcasts a float32 model to bfloat16
+# on the CPU too (with AMX on this machine's Xeon), which is not the same computation.
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def synchronize(args) -> None:
@@ -152,7 +155,7 @@ def run_vllm(args, work: Path, prompts, names, adapters: dict[str, Path], model:
 
     job = {"model": str(model or _base_dir(args, work)), "prompts": prompts, "names": names, "output": args.output,
            "adapters": {n: str(p) for n, p in adapters.items()}, "max_num_batched_tokens": args.batched_tokens,
-           "max_lora_rank": 8}
+           "max_lora_rank": 8, "dtype": VLLM_DTYPES[args.dtype]}
     job_file = work / "vllm_job.json"
     job_file.write_text(json.dumps(job))
     result = subprocess.run([args.vllm_python, str(Path(__file__).with_name("vllm_peer.py")), str(job_file)],
@@ -246,7 +249,8 @@ def main() -> None:
                   f"TPOT p50/p99 {ours['tpot_p50'] * 1e3:.0f}/{ours['tpot_p99'] * 1e3:.0f} ms, KV pool "
                   f"{ours['kv_pool_mib']:.0f} MiB, adapters {ours['adapter_mib']:.1f} MiB")
             if vllm:
-                print(f"  vLLM, same requests: {row['vllm_tok_s']:.1f} tok/s (ours / vLLM {row['over_vllm']:.2f})")
+                print(f"  vLLM, same requests: {row['vllm_tok_s']:.1f} tok/s in {vllm.get('dtype')} "
+                      f"(ours / vLLM {row['over_vllm']:.2f})")
     by = {(r["kind"], r["adapters"]): r for r in rows}
     summary = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"

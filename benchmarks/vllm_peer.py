@@ -33,7 +33,8 @@ def main() -> None:
     llm = LLM(model=job["model"], skip_tokenizer_init=True, enable_lora=bool(adapters),
               max_lora_rank=job.get("max_lora_rank", 8), max_loras=max(1, len(adapters)), max_model_len=512,
               gpu_memory_utilization=0.3, seed=0, max_num_seqs=len(job["prompts"]),
-              max_num_batched_tokens=job.get("max_num_batched_tokens"), disable_log_stats=False)
+              max_num_batched_tokens=job.get("max_num_batched_tokens"), disable_log_stats=False,
+              dtype=job.get("dtype", "auto"))
     params = SamplingParams(max_tokens=job["output"], min_tokens=job["output"], temperature=0.0, ignore_eos=True,
                             detokenize=False)
     ids = {name: i + 1 for i, name in enumerate(sorted(adapters))}
@@ -44,7 +45,8 @@ def main() -> None:
     outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    result = {"output_tok_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
+    result = {"output_tok_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens,
+              "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch.")}
     # All requests are submitted at once, so each TTFT counts from the batch's start (as for the native engine).
     metrics = [o.metrics for o in outputs if o.metrics is not None and o.metrics.first_token_ts]
     if metrics:

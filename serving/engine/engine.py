@@ -43,8 +43,9 @@ class EngineConfig:
 
 
 def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported: bool | None = None) -> torch.dtype:
-    """`--dtype auto`, as vLLM reads it: float32 on the CPU; on a GPU the checkpoint's half precision,
-    and a float32 checkpoint in bfloat16 (float16 where the GPU has no bfloat16)."""
+    """`--dtype auto`: on a GPU as vLLM reads it, the checkpoint's half precision and a float32
+    checkpoint in bfloat16 (float16 where the GPU has no bfloat16); float32 on the CPU, where vLLM 0.32
+    would downcast a float32 checkpoint to bfloat16 as well (its CPU platform lists bfloat16 first)."""
     if not device.startswith("cuda"):
         return torch.float32
     if checkpoint_dtype in (torch.bfloat16, torch.float16):

@@ -309,7 +309,7 @@ def test_cuda_penalties_and_seeded_sampling_follow_the_cpu_engine(adapters):
     assert first == second and all(len(ids) == 8 for ids in first)
 
 
-def test_auto_dtype_reads_like_vllm(tmp_path):
+def test_auto_dtype_reads_like_vllm_on_a_gpu_and_keeps_float32_on_the_cpu(tmp_path):
     from alphalora.serving.engine.engine import auto_dtype
 
     assert auto_dtype(torch.bfloat16, "cpu") == torch.float32
