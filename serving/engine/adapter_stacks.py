@@ -10,6 +10,7 @@ weights are held once, as in vLLM's preallocated LoRA slots.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ class AdapterStack:
     @property
     def rows(self) -> int:
         return self.tensors[0].shape[0]
+
+    @functools.cached_property
+    def up_dense(self) -> torch.Tensor:
+        """An expert stack's B [experts, out, rank] as one matrix [out, experts * rank] (columns by
+        expert, then rank), for the dense-masked product over every expert at once."""
+        up = self.tensors[1]
+        return up.permute(1, 0, 2).reshape(up.shape[1], -1)
 
 
 class AdapterStacks:

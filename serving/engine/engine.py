@@ -55,6 +55,16 @@ def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported
     return torch.bfloat16 if bf16_supported else torch.float16
 
 
+def _eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS, else the model's generation config's (as vLLM reads it without a tokenizer)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None) or model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
@@ -75,7 +85,8 @@ class Engine:
             self.adapters.register(name, path)
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
-        self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        # EOS ends a sequence unless ignore_eos, and cannot be sampled before min_tokens.
+        self.eos_token_ids = _eos_token_ids(tokenizer, self.model)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
@@ -151,7 +162,8 @@ class Engine:
             return {}
         seqs = [chunks[row].seq for row in rows]
         requests = [(s.params, s.prompt_ids, s.output_ids, self._generators.get(s.seq_id)) for s in seqs]
-        return {s.seq_id: result for s, result in zip(seqs, sample_rows(logits[rows], requests), strict=True)}
+        sampled = sample_rows(logits[rows], requests, self.eos_token_ids)
+        return {s.seq_id: result for s, result in zip(seqs, sampled, strict=True)}
 
     @staticmethod
     def _record_prompt_logprobs(chunk, chunk_logits: torch.Tensor) -> None:
@@ -169,9 +181,9 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params
-        if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             return "stop"
-        if params.stop and self.tokenizer is not None:
+        if params.stop and self.tokenizer is not None and len(seq.output_ids) >= params.min_tokens:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             if any(s in text for s in params.stop):
                 return "stop"

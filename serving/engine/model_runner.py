@@ -72,6 +72,10 @@ class PagedModelRunner:
                 expert, scaling = layout.only_adapter
                 out.addmm_(hidden @ A[expert].T, B[expert].T, alpha=scaling)
                 continue
+            if layout.dense_gates is not None:  # plain LoRA adapters, few and narrow: masked, dense
+                down = (hidden @ A.view(-1, A.shape[-1]).T).view(hidden.shape[0], -1, rank)
+                out.addmm_((down * layout.dense_gates[:, :, None]).view(hidden.shape[0], -1), experts.up_dense.T)
+                continue
             gates, ids = self._route(name, hidden, layout)
             if layout.rows is None:  # every token of the step, in batch order: no gather, no scatter
                 out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
@@ -119,7 +123,7 @@ class PagedModelRunner:
             described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
                               experts.offsets[adapter.uid],
                               None if router is None else (router.offsets[adapter.uid], router.rows)))
-        key = (tuple(described), hidden.dtype)
+        key = (tuple(described), experts.rows, hidden.shape[1], hidden.dtype)
         layout = self._step_layouts.get(key)
         if layout is not None:
             return layout
@@ -142,6 +146,11 @@ class PagedModelRunner:
             layout = layout.in_batch_order()
             if len(bucket) == 1 and not groups:
                 layout.only_adapter = (experts.offsets[bucket[0][0].uid], bucket[0][0].modules[name].scaling)
+            elif not groups and experts.rows * experts.tensors[0].shape[1] <= hidden.shape[1] // 2:
+                # Every resident expert's down-projection for every token is cheaper than routing while
+                # the experts' ranks add up to under half the width (the training side's rule too).
+                layout.dense_gates = torch.zeros(hidden.shape[0], experts.rows, dtype=hidden.dtype,
+                                                 device=hidden.device).scatter_(1, layout.plain_ids, layout.plain_gates)
         self._step_layouts[key] = layout
         return layout
 
@@ -288,6 +297,7 @@ class _BucketLayout:
     plain_ids: torch.Tensor  # [plain rows, 1]
     groups: list[_RouterGroup]
     only_adapter: tuple[int, float] | None = None  # (expert, scaling) of a plain adapter holding every token
+    dense_gates: torch.Tensor | None = None  # [tokens, experts in the stack]: each token's scaling at its adapter
 
     def in_batch_order(self) -> _BucketLayout:
         """The same layout for a bucket whose rows are a permutation of all the step's tokens: each

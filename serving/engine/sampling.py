@@ -17,6 +17,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS and no stop token id (or string) before this many output tokens (vLLM's)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -26,6 +27,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -49,17 +52,26 @@ def _has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
 
 
+def suppressed_tokens(params: SamplingParams, output_ids: list[int], eos_token_ids: list[int]) -> list[int]:
+    """The tokens a sequence may not produce yet: before `min_tokens` outputs, EOS and its stop token ids."""
+    if len(output_ids) >= params.min_tokens:
+        return []
+    return list(params.stop_token_ids) + list(eos_token_ids)
+
+
 def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[int], list[int],
-                                                           torch.Generator | None]]) -> list[SampleResult]:
+                                                           torch.Generator | None]],
+                eos_token_ids: list[int] = ()) -> list[SampleResult]:
     """`sample` for every row of logits [R, vocab]: (params, prompt ids, output ids, generator) per row.
 
     Rows without penalties or a seed, the common cases, are sampled together: the greedy ones in one
     argmax, the random ones (temperature, top-k, top-p) in one filtered softmax and one multinomial,
     each group with one transfer to the host (no device synchronisation per row). Rows with
-    penalties or their own seeded generator are sampled one by one."""
+    penalties, their own seeded generator or tokens still suppressed (min_tokens) are sampled one by one."""
     results: list[SampleResult | None] = [None] * len(requests)
+    suppressed = [suppressed_tokens(params, output_ids, eos_token_ids) for params, _, output_ids, _ in requests]
     batchable = [i for i, (params, _, _, generator) in enumerate(requests)
-                 if not _has_penalties(params) and generator is None]
+                 if not _has_penalties(params) and generator is None and not suppressed[i]]
     greedy = [i for i in batchable if requests[i][0].temperature == 0]
     random = [i for i in batchable if requests[i][0].temperature > 0]
     for group in (greedy, random):
@@ -69,7 +81,7 @@ def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[
                 results[i] = result
     for i, (params, prompt_ids, output_ids, generator) in enumerate(requests):
         if results[i] is None:
-            results[i] = sample(logits[i], params, prompt_ids, output_ids, generator)
+            results[i] = sample(logits[i], params, prompt_ids, output_ids, generator, suppressed[i])
     return results
 
 
@@ -134,10 +146,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-           generator: torch.Generator | None) -> SampleResult:
-    """One token from a row of logits (float32, CPU or device), with its logprob."""
+           generator: torch.Generator | None, suppressed: list[int] | None = None) -> SampleResult:
+    """One token from a row of logits (float32, CPU or device), with its logprob; `suppressed` tokens
+    (EOS and stop ids before min_tokens) are never chosen."""
     logprobs = torch.log_softmax(logits, dim=-1)  # reported logprobs are the model's own distribution
     logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if suppressed:
+        logits[torch.tensor(suppressed, device=logits.device)] = float("-inf")
     if params.temperature == 0:
         token = int(torch.argmax(logits))
     else:

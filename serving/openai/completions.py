@@ -37,7 +37,8 @@ def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) ->
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             seed=None if body.seed is None else body.seed + seed_offset, stop=stop,
-            stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+            presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, **extra)
     except ValueError as error:
         raise APIError(400, str(error)) from error

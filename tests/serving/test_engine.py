@@ -76,21 +76,29 @@ def test_mixed_adapter_batch_equals_generate_one_request_at_a_time(adapters, dev
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("names", [["moe_a", "moe_c", "moe_a", "moe_c", "moe_c"], ["lora", "lora", "lora"]],
-                         ids=["same-shaped MoE-LoRA adapters", "one plain LoRA adapter"])
-def test_a_batch_whose_every_token_routes_one_way_equals_generate(adapters, names):
-    """Every token of every step in one bucket (the engine then routes in batch order, no gather)."""
+@pytest.mark.parametrize("names,path", [
+    (["moe_a", "moe_c", "moe_a", "moe_c", "moe_c"], "routed"),
+    (["lora", "lora", "lora"], "two GEMMs"),
+    (["lora", "peft", "peft", "lora"], "dense-masked"),  # two plain adapters (the PEFT export: its own weights)
+], ids=["same-shaped MoE-LoRA adapters", "one plain LoRA adapter", "plain LoRA adapters"])
+def test_a_batch_whose_every_token_routes_one_way_equals_generate(adapters, names, path):
+    """Every token of every step in one bucket: the engine routes in batch order (no gather), and
+    plain LoRA skips the routing kernels: two GEMMs for one adapter, dense-masked ones for a few."""
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
         max_num_seqs=8, max_num_batched_tokens=64, block_size=4, adapters={k: str(v) for k, v in adapters.items()}))
     torch.manual_seed(11)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 4, 14, 6, 11)[:len(names)]]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), names)
+    # min_tokens is generate's min_new_tokens: no EOS before 5 tokens (one of these prompts' greedy 3rd token is EOS)
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
     for prompt, name, seq in zip(prompts, names, seqs, strict=True):
-        assert seq.output_ids == _hf_greedy("llama", prompt, 5, adapter=adapters[name]), name
-    layouts = engine.runner._step_layouts.values()
-    assert layouts and all(layout.rows is None for layout in layouts)  # the last step did route in batch order
-    # ...and one plain adapter for every token skips the routing kernels for two GEMMs
-    assert all((layout.only_adapter is not None) == (names[0] == "lora") for layout in layouts)
+        expected = (_hf_greedy("llama", prompt, 5, peft_dir=adapters["peft"]) if name == "peft"
+                    else _hf_greedy("llama", prompt, 5, adapter=adapters[name]))
+        assert seq.output_ids == expected, name
+    layouts = list(engine.runner._step_layouts.values())  # the last step's
+    assert layouts and all(layout.rows is None for layout in layouts)
+    assert all((layout.only_adapter is not None) == (path == "two GEMMs") for layout in layouts)
+    assert all((layout.dense_gates is not None) == (path == "dense-masked") for layout in layouts)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])

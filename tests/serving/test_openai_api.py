@@ -117,6 +117,8 @@ def test_openai_client_completions_chat_and_streaming(served):
     ({"model": "BASE", "prompt": "x", "max_tokens": -1}, 400),
     ({"model": "BASE", "prompt": "x", "n": 10_000}, 400),
     ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400),
+    ({"model": "BASE", "prompt": "x", "max_tokens": 3, "min_tokens": 4}, 400),
+    ({"model": "BASE", "prompt": "x", "min_tokens": -1}, 400),
     ({"model": "BASE", "prompt": list(range(1, 120)), "max_tokens": 50}, 400),
     ({"model": "BASE", "prompt": [999999]}, 400),
     ({"model": "BASE"}, 400),

@@ -146,3 +146,20 @@ def test_random_rows_sampled_together_follow_each_rows_distribution():
         frequencies = torch.bincount(tokens[:, row], minlength=8).double().numpy() / draws
         assert np.all(frequencies[expected == 0] == 0)  # nothing outside the kept tokens, ever
         np.testing.assert_allclose(frequencies, expected, atol=0.035, rtol=0)
+
+
+def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
+    """vLLM's min_tokens (generate's min_new_tokens): EOS and the stop token ids cannot be sampled
+    before that many output tokens; then they are ordinary candidates again."""
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 3.0]] * 4)  # EOS (2) best, then stop id 3, then 4
+    params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[3], logprobs=1)
+    requests = [(params, [], [7], None), (params, [], [7, 7], None), (params, [], [7, 7, 7], None),
+                (SamplingParams(temperature=0.0), [], [], None)]
+    results = sample_rows(logits, requests, eos_token_ids=[2])
+    assert [r.token for r in results] == [4, 4, 2, 2]
+    # the reported logprob stays the model's own distribution, as for penalties
+    assert results[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], 0)[4]))
+    random = SamplingParams(temperature=1.0, min_tokens=2)
+    draws = {sample_rows(logits[:1], [(random, [], [], torch.Generator().manual_seed(s))], [2])[0].token
+             for s in range(200)}
+    assert 2 not in draws and draws <= {0, 1, 3, 4}
