@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from alphalora import ops
-from alphalora.adapters.routing import top_k_gates
+from alphalora.adapters.routing import dense_gates, top_k_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
@@ -72,9 +72,8 @@ class PagedModelRunner:
                 expert, scaling = layout.only_adapter
                 out.addmm_(hidden @ A[expert].T, B[expert].T, alpha=scaling)
                 continue
-            if layout.dense_gates is not None:  # plain LoRA adapters, few and narrow: masked, dense
-                down = (hidden @ A.view(-1, A.shape[-1]).T).view(hidden.shape[0], -1, rank)
-                out.addmm_((down * layout.dense_gates[:, :, None]).view(hidden.shape[0], -1), experts.up_dense.T)
+            if layout.dense:  # few, narrow experts: every one for every token, the unchosen gated to zero
+                out.addmm_(self._dense_masked(name, hidden, layout, experts), experts.up_dense.T)
                 continue
             gates, ids = self._route(name, hidden, layout)
             if layout.rows is None:  # every token of the step, in batch order: no gather, no scatter
@@ -83,22 +82,38 @@ class PagedModelRunner:
                 out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
         return out
 
-    def _route(self, name: str, hidden: torch.Tensor, layout: _BucketLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scaled gates [n, k], virtual expert ids [n, k]) for the layout's rows.
+    def _dense_masked(self, name: str, hidden: torch.Tensor, layout: _BucketLayout,
+                      experts: AdapterStack) -> torch.Tensor:
+        """[tokens, experts * rank]: every stacked expert's down-projection of every token, times the
+        token's gate for it (its adapter's scaling, or its router's renormalised top-k weight; zero
+        for every expert it does not use)."""
+        A = experts.tensors[0]
+        gates = layout.dense_gates
+        if gates is None:  # routed: this module's routers choose
+            gates = dense_gates(*self._route(name, hidden, layout, torch.float32), A.shape[0])
+        down = (hidden @ A.view(-1, A.shape[-1]).T).view(hidden.shape[0], A.shape[0], -1)
+        # Gated in float32 and rounded once, as the routing kernels and the training layer do.
+        return (down * gates[:, :, None]).to(hidden.dtype).view(hidden.shape[0], -1)
+
+    def _route(self, name: str, hidden: torch.Tensor, layout: _BucketLayout,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled gates [n, k] in `dtype` (default: the hidden states'), virtual expert ids [n, k]) for
+        the layout's rows.
 
         Adapters with routers of the same expert count are routed together: one GEMM against the
         module's stack of such routers, then each token keeps the logits of its own adapter's router.
         Plain LoRA tokens have fixed gates and ids, so only the routers' part is computed per module.
         """
+        dtype = dtype or hidden.dtype
         plain = layout.plain_ids.shape[0] > 0
-        gates_all, ids_all = ([layout.plain_gates], [layout.plain_ids]) if plain else ([], [])
+        gates_all, ids_all = ([layout.plain_gates.to(dtype)], [layout.plain_ids]) if plain else ([], [])
         for group in layout.groups:
             routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
             tokens = hidden if group.rows is None else hidden[group.rows]
             logits = (tokens @ routers.T).view(tokens.shape[0], -1, group.num_experts)
             logits = logits[group.token_index, group.member]
             gates, ids = top_k_gates(logits, group.top_k)
-            gates_all.append((gates * group.scale[:, None]).to(hidden.dtype))
+            gates_all.append((gates * group.scale[:, None]).to(dtype))
             ids_all.append(ids + group.base[:, None])
         if len(gates_all) == 1:
             return gates_all[0], ids_all[0]
@@ -146,11 +161,12 @@ class PagedModelRunner:
             layout = layout.in_batch_order()
             if len(bucket) == 1 and not groups:
                 layout.only_adapter = (experts.offsets[bucket[0][0].uid], bucket[0][0].modules[name].scaling)
-            elif not groups and experts.rows * experts.tensors[0].shape[1] <= hidden.shape[1] // 2:
-                # Every resident expert's down-projection for every token is cheaper than routing while
+            elif experts.rows * experts.tensors[0].shape[1] <= hidden.shape[1] // 2:
+                # Every stacked expert's down-projection for every token is cheaper than routing while
                 # the experts' ranks add up to under half the width (the training side's rule too).
-                layout.dense_gates = torch.zeros(hidden.shape[0], experts.rows, dtype=hidden.dtype,
-                                                 device=hidden.device).scatter_(1, layout.plain_ids, layout.plain_gates)
+                layout.dense = True
+                if not groups:  # plain LoRA's gates are the same for every module: built once a step
+                    layout.dense_gates = dense_gates(layout.plain_gates.float(), layout.plain_ids, experts.rows)
         self._step_layouts[key] = layout
         return layout
 
@@ -297,7 +313,8 @@ class _BucketLayout:
     plain_ids: torch.Tensor  # [plain rows, 1]
     groups: list[_RouterGroup]
     only_adapter: tuple[int, float] | None = None  # (expert, scaling) of a plain adapter holding every token
-    dense_gates: torch.Tensor | None = None  # [tokens, experts in the stack]: each token's scaling at its adapter
+    dense: bool = False  # every token, few narrow experts: computed dense-masked, not routed
+    dense_gates: torch.Tensor | None = None  # [tokens, experts in the stack] fp32, plain LoRA: each token's scaling
 
     def in_batch_order(self) -> _BucketLayout:
         """The same layout for a bucket whose rows are a permutation of all the step's tokens: each
