@@ -69,6 +69,15 @@ def profiled(fn, calls: int, device: str, top: int) -> dict:
             "top": [{"name": n, "calls_per_call": c / calls, "ms_per_call": t / calls / 1e3} for n, (c, t) in ranked]}
 
 
+def print_row(name: str, row: dict, device: str, per: str, ops: int = 6) -> None:
+    """One profiled step: wall and busy time, kernels (or aten ops) and synchronisations, then its top ops."""
+    unit = "kernels" if device.startswith("cuda") else "aten ops"
+    print(f"{name:9s} wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  {row['kernels_per_call']:6.0f} "
+          f"{unit}  {row['syncs_per_call']:4.1f} syncs per {per}")
+    for op in row["top"][:ops]:
+        print(f"    {op['ms_per_call']:8.3f} ms  x{op['calls_per_call']:<5.0f} {op['name']}")
+
+
 def layer_steps(args) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -101,13 +110,9 @@ def main() -> None:
     model_steps = moe_lora_bench.training_steps(args, names=("lora_r8", "moe_lora"))
     for level, steps in (("layer", layer_steps(args)), ("model", model_steps)):
         report[level] = {name: profiled(fn, args.calls, args.device, args.top) for name, fn in steps.items()}
-        unit = "kernels" if args.device.startswith("cuda") else "aten ops"
         print(f"\n== {level}")
         for name, row in report[level].items():
-            print(f"{name:9s} wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  "
-                  f"{row['kernels_per_call']:6.0f} {unit} per call")
-            for op in row["top"][:6]:
-                print(f"    {op['ms_per_call']:8.3f} ms  x{op['calls_per_call']:<5.0f} {op['name']}")
+            print_row(name, row, args.device, "call")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

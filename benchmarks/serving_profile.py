@@ -67,14 +67,10 @@ def main() -> None:
             f"lora_{args.adapters}": ([f"lora{i % args.adapters}" for i in range(args.requests)], dirs)}
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "dtype": args.dtype, "requests": args.requests, "rows": {}}
-    unit = "kernels" if args.device.startswith("cuda") else "aten ops"
     for name, (names, adapters) in rows.items():
         row = moe_lora_profile.profiled(decode_step(args, prompts, names, adapters), args.calls, args.device, args.top)
         report["rows"][name] = row
-        print(f"{name:8s} wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  "
-              f"{row['kernels_per_call']:6.0f} {unit}  {row['syncs_per_call']:4.1f} syncs per decode step")
-        for op in row["top"][:8]:
-            print(f"    {op['ms_per_call']:8.3f} ms  x{op['calls_per_call']:<5.0f} {op['name']}")
+        moe_lora_profile.print_row(name, row, args.device, "decode step", ops=8)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
