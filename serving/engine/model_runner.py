@@ -55,7 +55,9 @@ class PagedModelRunner:
 
         Adapters of the same rank and top-k share one routing-kernel call over "virtual" experts
         (the adapter's offset in the module's stack + expert), so a batch of many adapters costs a
-        few kernel calls, at true ranks, reading weights stacked once rather than per step.
+        few kernel calls, at true ranks, reading weights stacked once rather than per step. Where one
+        such bucket holds every token of the step, one plain adapter is two GEMMs and a few narrow
+        experts one dense-masked product (see `_bucket_layout`).
         """
         out = module(hidden)
         name = self.module_names[id(module)]
@@ -138,7 +140,7 @@ class PagedModelRunner:
             described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
                               experts.offsets[adapter.uid],
                               None if router is None else (router.offsets[adapter.uid], router.rows)))
-        key = (tuple(described), experts.rows, hidden.shape[1], hidden.dtype)
+        key = (tuple(described), experts.rows, experts.tensors[0].shape[1], hidden.shape[1], hidden.dtype)
         layout = self._step_layouts.get(key)
         if layout is not None:
             return layout
