@@ -92,6 +92,13 @@ int64_t expert_of_every_pair(const at::Tensor& offsets, int64_t pairs) {
   return -1;
 }
 
+// The pair loops read half-precision operands element by element, converting each as they go; where
+// there are at least as many pairs as experts, converting the operands to float32 once costs less and
+// lets the loops vectorise (the sums run in float32 either way, so the results are the same).
+bool in_float32_first(const at::Tensor& t, int64_t pairs, int64_t experts) {
+  return (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf) && pairs >= experts;
+}
+
 // Calls fn(expert, pair indices of that expert) for every expert that has pairs.
 template <typename Fn>
 void for_each_expert(const at::Tensor& order, const at::Tensor& offsets, Fn fn) {
@@ -127,6 +134,10 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
   check_shrink(x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   if (!use_gemm(expert_ids.size(0), offsets)) {
+    if (in_float32_first(x, expert_ids.size(0), A.size(0))) {
+      return grouped_lora_shrink_cpu(x.to(at::kFloat), A.to(at::kFloat), expert_ids, order, offsets)
+          .to(x.scalar_type());
+    }
     const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), ids = expert_ids.contiguous();
     at::Tensor h = at::empty({ids.size(0), A.size(1)}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_shrink", [&] {
@@ -152,6 +163,11 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
   check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
   if (!use_gemm(h.size(0), offsets)) {
+    if (in_float32_first(h, h.size(0), B.size(0))) {
+      return grouped_lora_expand_cpu(h.to(at::kFloat), B.to(at::kFloat), gates.to(at::kFloat), expert_ids, order,
+                                     offsets, num_tokens)
+          .to(h.scalar_type());
+    }
     const at::Tensor hc = h.contiguous(), gc = gates.contiguous(), ids = expert_ids.contiguous();
     at::Tensor y = at::empty({num_tokens, B.size(1)}, h.options());
     const bool transpose = h.size(0) >= kMinPairsPerExpertForTranspose * B.size(0);

@@ -209,3 +209,17 @@ def test_one_expert_holding_every_token_equals_the_loop(experts):
     ids = torch.full((150, 1), experts - 1)
     torch.testing.assert_close(ops.moe_lora(x, A, B, gates, ids), per_expert_loop(x, A, B, gates, ids),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,experts", [(64, 8), (3, 16)])  # operands converted once; element by element
+def test_bf16_pair_loops_equal_float32_sums_rounded_once_per_stage(tokens, experts):
+    """The CPU pair loops sum in float32 whichever way they read bfloat16: each stage equals the float32
+    kernels on the same (bf16-exact) values, rounded to bfloat16 once."""
+    x, A, B, gates, ids = _inputs(tokens=tokens, k=2, experts=experts, dtype=torch.bfloat16)
+    flat = ids.reshape(-1)
+    order, offsets = ops.moe_permute(flat, experts)
+    h = ops.grouped_lora_shrink(x, A, flat, order, offsets)
+    assert torch.equal(h, ops.grouped_lora_shrink(x.float(), A.float(), flat, order, offsets).bfloat16())
+    y = ops.grouped_lora_expand(h, B, gates.reshape(-1), flat, order, offsets, tokens)
+    want = ops.grouped_lora_expand(h.float(), B.float(), gates.reshape(-1).float(), flat, order, offsets, tokens)
+    assert torch.equal(y, want.bfloat16())
