@@ -39,7 +39,8 @@ class AdapterStack:
     @functools.cached_property
     def up_dense(self) -> torch.Tensor:
         """An expert stack's B [experts, out, rank] as one matrix [out, experts * rank] (columns by
-        expert, then rank), for the dense-masked product over every expert at once."""
+        expert, then rank), for the dense-masked product over every expert at once: a copy, made on
+        first use and kept with the stack (so a dense-masked module holds its B twice)."""
         up = self.tensors[1]
         return up.permute(1, 0, 2).reshape(up.shape[1], -1)
 
