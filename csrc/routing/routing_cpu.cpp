@@ -23,11 +23,28 @@ namespace {
 // way (a serving batch's stack holds every resident adapter's experts, most of them idle).
 constexpr int64_t kMinPairsPerExpertForGemm = 64;
 
-bool use_gemm(int64_t pairs, const at::Tensor& offsets) {
-  const int64_t* offset = offsets.data_ptr<int64_t>();
+// How the pairs spread over the experts, read once from the offsets: the experts in use, and the
+// one that holds every pair (or -1). With one pair per token (top-1) that expert's pairs are the
+// tokens in order (the permutation is stable), so its GEMMs need no gather and no scatter: a single
+// adapter, or plain LoRA, in a serving batch.
+struct ExpertUse {
   int64_t used = 0;
-  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) used += offset[e + 1] > offset[e];
-  return pairs >= kMinPairsPerExpertForGemm * std::max<int64_t>(1, used);
+  int64_t holds_every_pair = -1;
+};
+
+ExpertUse expert_use(const at::Tensor& offsets, int64_t pairs) {
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  ExpertUse use;
+  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) {
+    const int64_t count = offset[e + 1] - offset[e];
+    use.used += count > 0;
+    if (count == pairs && use.holds_every_pair < 0) use.holds_every_pair = e;
+  }
+  return use;
+}
+
+bool use_gemm(int64_t pairs, const ExpertUse& use) {
+  return pairs >= kMinPairsPerExpertForGemm * std::max<int64_t>(1, use.used);
 }
 
 // h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float accumulation.
@@ -81,17 +98,6 @@ void expand_tokens(const T* h, const T* W, bool transposed, const T* gates, cons
 // Pairs per expert from which transposing B once beats a rank-long dot per output column.
 constexpr int64_t kMinPairsPerExpertForTranspose = 8;
 
-// The expert that holds every pair, or -1. With one pair per token (top-1) its pairs are the tokens in
-// order (the permutation is stable), so its GEMMs need no gather and no scatter: a single adapter, or
-// plain LoRA, in a serving batch.
-int64_t expert_of_every_pair(const at::Tensor& offsets, int64_t pairs) {
-  const int64_t* offset = offsets.data_ptr<int64_t>();
-  for (int64_t e = 0; e + 1 < offsets.size(0); ++e) {
-    if (offset[e + 1] - offset[e] == pairs) return e;
-  }
-  return -1;
-}
-
 // The pair loops read half-precision operands element by element, converting each as they go; where
 // there are at least as many pairs as experts, converting the operands to float32 once costs less and
 // lets the loops vectorise (the sums run in float32 either way, so the results are the same).
@@ -133,7 +139,8 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
                                    const at::Tensor& order, const at::Tensor& offsets) {
   check_shrink(x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
-  if (!use_gemm(expert_ids.size(0), offsets)) {
+  const ExpertUse use = expert_use(offsets, expert_ids.size(0));
+  if (!use_gemm(expert_ids.size(0), use)) {
     if (in_float32_first(x, expert_ids.size(0), A.size(0))) {
       return grouped_lora_shrink_cpu(x.to(at::kFloat), A.to(at::kFloat), expert_ids, order, offsets)
           .to(x.scalar_type());
@@ -146,9 +153,7 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
     });
     return h;
   }
-  if (const int64_t only = expert_of_every_pair(offsets, expert_ids.size(0)); k == 1 && only >= 0) {
-    return at::mm(x, A[only].t());
-  }
+  if (k == 1 && use.holds_every_pair >= 0) return at::mm(x, A[use.holds_every_pair].t());
   at::Tensor h = at::zeros({expert_ids.size(0), A.size(1)}, x.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor rows = x.index_select(0, at::floor_divide(pairs, k));
@@ -162,7 +167,8 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
                                    int64_t num_tokens) {
   check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
-  if (!use_gemm(h.size(0), offsets)) {
+  const ExpertUse use = expert_use(offsets, h.size(0));
+  if (!use_gemm(h.size(0), use)) {
     if (in_float32_first(h, h.size(0), B.size(0))) {
       return grouped_lora_expand_cpu(h.to(at::kFloat), B.to(at::kFloat), gates.to(at::kFloat), expert_ids, order,
                                      offsets, num_tokens)
@@ -178,9 +184,7 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
     });
     return y;
   }
-  if (const int64_t only = expert_of_every_pair(offsets, h.size(0)); k == 1 && only >= 0) {
-    return at::mm(h * gates.unsqueeze(1), B[only].t());
-  }
+  if (k == 1 && use.holds_every_pair >= 0) return at::mm(h * gates.unsqueeze(1), B[use.holds_every_pair].t());
   at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options());
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor weighted = h.index_select(0, pairs) * gates.index_select(0, pairs).unsqueeze(1);

@@ -145,16 +145,14 @@ class PagedModelRunner:
         if layout is not None:
             return layout
         device = bucket[0][1].device
-        plain = [rows for adapter, rows in bucket if adapter.modules[name].router is None]
-        counts = torch.tensor([rows.shape[0] for rows in plain], dtype=torch.long)
-        plain_adapters = [adapter for adapter, _ in bucket if adapter.modules[name].router is None]
-        plain_gates = torch.tensor([a.modules[name].scaling for a in plain_adapters]).repeat_interleave(counts)
-        plain_ids = torch.tensor([experts.offsets[a.uid] for a in plain_adapters],
-                                 dtype=torch.long).repeat_interleave(counts)
+        plain = [(adapter, rows) for adapter, rows in bucket if adapter.modules[name].router is None]
+        counts = torch.tensor([rows.shape[0] for _, rows in plain], dtype=torch.long)
+        plain_gates = torch.tensor([a.modules[name].scaling for a, _ in plain]).repeat_interleave(counts)
+        plain_ids = torch.tensor([experts.offsets[a.uid] for a, _ in plain], dtype=torch.long).repeat_interleave(counts)
         groups = [self._router_group(name, [bucket[p] for p in positions], experts, routers[count])
                   for count, positions in routed.items()]
         layout = _BucketLayout(
-            rows=torch.cat(plain + [g.rows for g in groups]),
+            rows=torch.cat([rows for _, rows in plain] + [g.rows for g in groups]),
             plain_gates=plain_gates[:, None].to(device, hidden.dtype),
             plain_ids=plain_ids[:, None].to(device),
             groups=groups,
