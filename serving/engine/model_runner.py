@@ -8,8 +8,7 @@ the adapters' deltas for the tokens that asked for them, through the routing ker
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -19,6 +18,7 @@ from alphalora.adapters.routing import dense_gates, top_k_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
+from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
@@ -43,25 +43,25 @@ class PagedModelRunner:
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.stacks = AdapterStacks()  # adapters' weights per module, each adapter at a fixed offset
-        self._step_layouts: dict[tuple, _BucketLayout] = {}  # this step's routing layouts, by bucket
+        self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # -- adapters ----------------------------------------------------------------------------------
     def _project(self, module, hidden: torch.Tensor,
-                 adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]) -> torch.Tensor:
+                 adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]) -> torch.Tensor:
         """module(hidden) plus each sequence's adapter delta on its own tokens.
 
         Adapters of the same rank and top-k share one routing-kernel call over "virtual" experts
         (the adapter's offset in the module's stack + expert), so a batch of many adapters costs a
         few kernel calls, at true ranks, reading weights stacked once rather than per step. Where one
         such bucket holds every token of the step, one plain adapter is two GEMMs and a few narrow
-        experts one dense-masked product (see `_bucket_layout`).
+        experts one dense-masked product (see `routing_layout`).
         """
         out = module(hidden)
         name = self.module_names[id(module)]
-        buckets: dict[tuple[int, int], list[tuple[LoadedAdapter, torch.Tensor]]] = {}
+        buckets: dict[tuple[int, int], list[tuple[LoadedAdapter, np.ndarray]]] = {}
         for adapter, rows in adapter_rows:
             weights = adapter.modules.get(name)
             if weights is not None:
@@ -84,7 +84,7 @@ class PagedModelRunner:
                 out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
         return out
 
-    def _dense_masked(self, name: str, hidden: torch.Tensor, layout: _BucketLayout,
+    def _dense_masked(self, name: str, hidden: torch.Tensor, layout: BucketLayout,
                       experts: AdapterStack) -> torch.Tensor:
         """[tokens, experts * rank]: every stacked expert's down-projection of every token, times the
         token's gate for it (its adapter's scaling, or its router's renormalised top-k weight; zero
@@ -97,7 +97,7 @@ class PagedModelRunner:
         # Gated in float32 and rounded once, as the routing kernels and the training layer do.
         return (down * gates[:, :, None]).to(hidden.dtype).view(hidden.shape[0], -1)
 
-    def _route(self, name: str, hidden: torch.Tensor, layout: _BucketLayout,
+    def _route(self, name: str, hidden: torch.Tensor, layout: BucketLayout,
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaled gates [n, k] in `dtype` (default: the hidden states'), virtual expert ids [n, k]) for
         the layout's rows.
@@ -107,7 +107,7 @@ class PagedModelRunner:
         Plain LoRA tokens have fixed gates and ids, so only the routers' part is computed per module.
         """
         dtype = dtype or hidden.dtype
-        plain = layout.plain_ids.shape[0] > 0
+        plain = layout.plain_ids is not None and layout.plain_ids.shape[0] > 0
         gates_all, ids_all = ([layout.plain_gates.to(dtype)], [layout.plain_ids]) if plain else ([], [])
         for group in layout.groups:
             routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
@@ -121,18 +121,15 @@ class PagedModelRunner:
             return gates_all[0], ids_all[0]
         return torch.cat(gates_all), torch.cat(ids_all)
 
-    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, torch.Tensor]], experts: AdapterStack,
-                       hidden: torch.Tensor) -> _BucketLayout:
-        """What routing a bucket needs besides the hidden states, built once per step for every
-        module whose bucket has the same adapters, expert counts, scales and stack offsets (usually
-        all of them). Where the bucket holds every token of the step and routes them one way (all
-        plain LoRA, or one group of routers), the layout is in batch order and has no rows."""
-        routed: dict[int, list[int]] = {}  # expert count -> positions in the bucket
-        for position, (adapter, _) in enumerate(bucket):
+    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]], experts: AdapterStack,
+                       hidden: torch.Tensor) -> BucketLayout:
+        """The bucket's routing layout, built once per step for every module whose bucket has the same
+        adapters, expert counts, scales and stack offsets (usually all of them)."""
+        routed: dict[int, list[LoadedAdapter]] = {}  # expert count -> the adapters with routers of that count
+        for adapter, _ in bucket:
             if adapter.modules[name].router is not None:
-                routed.setdefault(adapter.modules[name].num_experts, []).append(position)
-        routers = {count: self.stacks.routers(name, count, [bucket[p][0] for p in positions])
-                   for count, positions in routed.items()}
+                routed.setdefault(adapter.modules[name].num_experts, []).append(adapter)
+        routers = {count: self.stacks.routers(name, count, members) for count, members in routed.items()}
         described = []
         for adapter, _ in bucket:
             module = adapter.modules[name]
@@ -140,50 +137,13 @@ class PagedModelRunner:
             described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
                               experts.offsets[adapter.uid],
                               None if router is None else (router.offsets[adapter.uid], router.rows)))
-        key = (tuple(described), experts.rows, experts.tensors[0].shape[1], hidden.shape[1], hidden.dtype)
+        key = (tuple(described), experts.rows, experts.tensors[0].shape[1], hidden.shape[1])
         layout = self._step_layouts.get(key)
-        if layout is not None:
-            return layout
-        device = bucket[0][1].device
-        plain = [(adapter, rows) for adapter, rows in bucket if adapter.modules[name].router is None]
-        counts = torch.tensor([rows.shape[0] for _, rows in plain], dtype=torch.long)
-        plain_gates = torch.tensor([a.modules[name].scaling for a, _ in plain]).repeat_interleave(counts)
-        plain_ids = torch.tensor([experts.offsets[a.uid] for a, _ in plain], dtype=torch.long).repeat_interleave(counts)
-        groups = [self._router_group(name, [bucket[p] for p in positions], experts, routers[count])
-                  for count, positions in routed.items()]
-        layout = _BucketLayout(
-            rows=torch.cat([rows for _, rows in plain] + [g.rows for g in groups]),
-            plain_gates=plain_gates[:, None].to(device, hidden.dtype),
-            plain_ids=plain_ids[:, None].to(device),
-            groups=groups,
-        )
-        if layout.rows.shape[0] == hidden.shape[0] and (not groups or (len(groups) == 1 and not plain)):
-            layout = layout.in_batch_order()
-            if len(bucket) == 1 and not groups:
-                layout.only_adapter = (experts.offsets[bucket[0][0].uid], bucket[0][0].modules[name].scaling)
-            elif experts.rows * experts.tensors[0].shape[1] <= hidden.shape[1] // 2:
-                # Every stacked expert's down-projection for every token is cheaper than routing while
-                # the experts' ranks add up to under half the width (the training side's rule too).
-                layout.dense = True
-                if not groups:  # plain LoRA's gates are the same for every module: built once a step
-                    layout.dense_gates = dense_gates(layout.plain_gates.float(), layout.plain_ids, experts.rows)
-        self._step_layouts[key] = layout
+        if layout is None:
+            layout = build_bucket_layout(name, bucket, experts, routers, hidden.shape[0], hidden.shape[1],
+                                         hidden.device)
+            self._step_layouts[key] = layout
         return layout
-
-    @staticmethod
-    def _router_group(name: str, group: list[tuple[LoadedAdapter, torch.Tensor]], experts: AdapterStack,
-                      routers: AdapterStack) -> _RouterGroup:
-        num_experts = group[0][0].modules[name].num_experts
-        counts = torch.tensor([rows.shape[0] for _, rows in group], dtype=torch.long)
-        member = torch.tensor([routers.offsets[a.uid] // num_experts for a, _ in group]).repeat_interleave(counts)
-        scale = torch.tensor([a.modules[name].scaling for a, _ in group]).repeat_interleave(counts)
-        base = torch.tensor([experts.offsets[a.uid] for a, _ in group], dtype=torch.long).repeat_interleave(counts)
-        rows = torch.cat([r for _, r in group])
-        device = rows.device
-        return _RouterGroup(adapters=[a for a, _ in group], num_experts=num_experts,
-                            top_k=group[0][0].modules[name].top_k, rows=rows,
-                            token_index=torch.arange(rows.shape[0], device=device), member=member.to(device),
-                            scale=scale.to(device), base=base.to(device))
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd dispatch at all (the routing ops' autograd wrappers included)
@@ -288,41 +248,3 @@ class PagedModelRunner:
         return tuple(cache[layer].index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
                      for cache in (self.k_cache, self.v_cache))
 
-
-@dataclass
-class _RouterGroup:
-    """Adapters of a bucket whose routers have the same expert count: routed with one GEMM."""
-
-    adapters: list[LoadedAdapter]
-    num_experts: int
-    top_k: int
-    rows: torch.Tensor | None  # their tokens' batch rows (None: every token, in batch order)
-    token_index: torch.Tensor  # arange over those rows
-    member: torch.Tensor  # each row's adapter, as its position in the module's router stack
-    scale: torch.Tensor  # each row's adapter scaling
-    base: torch.Tensor  # each row's first virtual expert id
-
-
-@dataclass
-class _BucketLayout:
-    """A bucket's rows (plain LoRA adapters' first, then each router group's) with plain LoRA's
-    fixed gates and virtual expert ids."""
-
-    rows: torch.Tensor | None  # None: every token of the step, in batch order
-    plain_gates: torch.Tensor  # [plain rows, 1], in the hidden states' dtype
-    plain_ids: torch.Tensor  # [plain rows, 1]
-    groups: list[_RouterGroup]
-    only_adapter: tuple[int, float] | None = None  # (expert, scaling) of a plain adapter holding every token
-    dense: bool = False  # every token, few narrow experts: computed dense-masked, not routed
-    dense_gates: torch.Tensor | None = None  # [tokens, experts in the stack] fp32, plain LoRA: each token's scaling
-
-    def in_batch_order(self) -> _BucketLayout:
-        """The same layout for a bucket whose rows are a permutation of all the step's tokens: each
-        per-row tensor put in batch order (once a step), so projections skip the gather and scatter."""
-
-        def ordered(values: torch.Tensor) -> torch.Tensor:  # plain LoRA's, when all the rows are routed, are empty
-            return torch.empty_like(values).index_copy_(0, self.rows, values) if values.shape[0] else values
-
-        groups = [replace(g, rows=None, member=ordered(g.member), scale=ordered(g.scale), base=ordered(g.base))
-                  for g in self.groups]
-        return _BucketLayout(None, ordered(self.plain_gates), ordered(self.plain_ids), groups)

@@ -4,8 +4,9 @@ Per sequence a step needs its new tokens, their positions and the KV slots of it
 off its block table). Built as small tensors per sequence that was a handful of ops (on a GPU,
 kernel launches and synchronising copies) per sequence per step. Here the engine fills numpy
 arrays for the whole batch, and `to_device` moves everything the step reads - token ids,
-positions, slots, each entry's last row, the adapters' rows, the padded slots and queries of the
-decode sequences and of the prompt chunks - in one host-to-device copy, each a view of it.
+positions, slots, each entry's last row, the padded slots and queries of the decode sequences and
+of the prompt chunks - in one host-to-device copy, each a view of it. The adapters' rows stay on
+the host: each bucket's routing layout is built from them there and copied once (`routing_layout`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .adapters import LoadedAdapter
+from .upload import upload
 
 
 @dataclass
@@ -112,7 +114,7 @@ class DeviceStep:
     new_slots: torch.Tensor
     context_slots: torch.Tensor
     last_rows: torch.Tensor  # each entry's last new token's batch row
-    adapter_rows: list[tuple[LoadedAdapter, torch.Tensor]]  # each adapter in the step with its tokens' rows
+    adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]  # each adapter in the step with its tokens' rows (host)
     decode: DecodeBatch | None
     prefills: list[PrefillGroup]  # every entry not in `decode`, in groups of similar context length
     entries: list[SequenceBatchEntry]
@@ -128,8 +130,6 @@ def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceSte
         if entry.adapter is not None:
             adapters.setdefault(entry.adapter.uid, (entry.adapter, []))[1].append(
                 np.arange(entry.start, entry.start + entry.count, dtype=np.int64))
-    for uid, (_, spans) in adapters.items():
-        arrays[f"adapter{uid}"] = np.concatenate(spans)
     decoding = [i for i, e in enumerate(entries) if e.count == 1]
     if len(decoding) >= 2:
         arrays.update(_decode_arrays(batch, decoding, sliding_window))
@@ -139,23 +139,16 @@ def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceSte
     groups = _prefill_groups([e for i, e in enumerate(entries) if i not in taken])
     for g, group in enumerate(groups):
         arrays.update({f"prefill{g}_{k}": v for k, v in _prefill_arrays(batch, group, sliding_window).items()})
-    sizes = [a.size for a in arrays.values()]
-    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()])).to(device)
-    views = dict(zip(arrays, flat.split(sizes), strict=True))
+    views = upload(arrays, device)
     decode = None
     if decoding:
-        decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"].view(len(decoding), -1),
+        decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"],
                              views["decode_lengths"], views["decode_starts"],
                              every_token=len(decoding) == batch.input_ids.size)
-    prefills = []
-    for g, group in enumerate(groups):
-        shape = (len(group), max(e.count for e in group))
-        prefills.append(PrefillGroup(
-            views[f"prefill{g}_query_rows"].view(shape), views[f"prefill{g}_slots"].view(len(group), -1),
-            views[f"prefill{g}_query_positions"].view(shape), views[f"prefill{g}_first_attended"].view(shape),
-            views[f"prefill{g}_kept"], views[f"prefill{g}_kept_rows"]))
+    fields = ("query_rows", "slots", "query_positions", "first_attended", "kept", "kept_rows")
+    prefills = [PrefillGroup(*(views[f"prefill{g}_{field}"] for field in fields)) for g in range(len(groups))]
     return DeviceStep(views["input_ids"], views["positions"], views["new_slots"], views["context_slots"],
-                      views["last_rows"], [(adapter, views[f"adapter{uid}"]) for uid, (adapter, _) in adapters.items()],
+                      views["last_rows"], [(adapter, np.concatenate(spans)) for adapter, spans in adapters.values()],
                       decode, prefills, entries)
 
 
