@@ -1,8 +1,8 @@
 """Where a serving decode step's time goes, one adapter against many: a diagnostic, not a claim.
 
 The engine of `serving.py` on its workload, all requests prefilled, then steady decode steps
-profiled with one plain LoRA adapter for every request against 16 distinct ones (and the base
-model): wall time per step, the time the device was busy, kernels (device) or aten ops (CPU) per
+profiled with one adapter for every request against 16 distinct ones, plain LoRA and MoE-LoRA
+(and the base model): wall time per step, the time the device was busy, kernels (device) or aten ops (CPU) per
 step, host synchronisations per step and the ops that took the most time. The step is launch- or
 host-bound where wall time is far above busy time; a synchronisation per step stalls the queue.
 
@@ -61,10 +61,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serving-profile-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     prompts = serving.workload(args)
-    dirs = {f"lora{i}": str(serving.make_adapter(args, work / f"lora{i}", 1, seed=i)) for i in range(args.adapters)}
-    rows = {"base": ([None] * args.requests, {}),
-            "lora_1": (["lora0"] * args.requests, {"lora0": dirs["lora0"]}),
-            f"lora_{args.adapters}": ([f"lora{i % args.adapters}" for i in range(args.requests)], dirs)}
+    rows = {"base": ([None] * args.requests, {})}
+    for kind, experts in (("lora", 1), ("moe", 4)):  # serving.py's plain LoRA and MoE-LoRA adapters
+        dirs = {f"{kind}{i}": str(serving.make_adapter(args, work / f"{kind}{i}", experts, seed=i))
+                for i in range(args.adapters)}
+        rows[f"{kind}_1"] = ([f"{kind}0"] * args.requests, {f"{kind}0": dirs[f"{kind}0"]})
+        rows[f"{kind}_{args.adapters}"] = ([f"{kind}{i % args.adapters}" for i in range(args.requests)], dirs)
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "dtype": args.dtype, "requests": args.requests, "rows": {}}
     for name, (names, adapters) in rows.items():

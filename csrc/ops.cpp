@@ -56,6 +56,13 @@ TORCH_LIBRARY(alphalora, m) {
   m.def(
       "router_gates_backward(Tensor grad_gated, Tensor hidden, Tensor gates, Tensor? grad_logits, "
       "float scaling) -> Tensor");
+  // Serving: expert selection for tokens of several adapters routed by one GEMM against their
+  // routers stacked. logits (T, M * E): each token keeps block member[t] (its adapter's router),
+  // then its top-k experts (largest logit first, equal logits by lower index). Returns float32
+  // gates (T, top_k): their softmax times scale[t]; ids (T, top_k): base[t] + expert.
+  m.def(
+      "select_experts(Tensor logits, Tensor member, Tensor scale, Tensor base, int num_experts, int top_k) "
+      "-> (Tensor, Tensor)");
 
   // Serving: one-token (decode) attention over the paged KV cache. q (B, H, D); caches (S, Hkv, D);
   // slots (B, W): row b's context positions as cache slots; row b attends positions

@@ -9,6 +9,7 @@ from .routing import (
     moe_permute,
     router_gates,
     router_gates_backward,
+    select_experts,
 )
 from .spectral import eigvalsh_batched, powerlaw_fit, xmin_peak_window
 
@@ -22,4 +23,5 @@ __all__ = [
     "paged_decode_attention",
     "router_gates",
     "router_gates_backward",
+    "select_experts",
     "powerlaw_fit", "xmin_peak_window"]

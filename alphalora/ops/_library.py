@@ -47,6 +47,11 @@ _SCHEMAS = {
         "float scaling) -> Tensor",
         reference.router_gates_backward,
     ),
+    "select_experts": (
+        "select_experts(Tensor logits, Tensor member, Tensor scale, Tensor base, int num_experts, int top_k) "
+        "-> (Tensor, Tensor)",
+        reference.select_experts,
+    ),
     "paged_decode_attention": (
         "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, "
         "Tensor starts, float scale) -> Tensor",

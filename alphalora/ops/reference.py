@@ -182,6 +182,14 @@ def router_gates_backward(grad_gated, hidden, gates, grad_logits, scaling):
     return torch.cat([grad_hidden, grad_logit], dim=1).to(hidden.dtype)
 
 
+def select_experts(logits, member, scale, base, num_experts, top_k):
+    """Each token's own router block of logits, its top-k (softmax over them, times scale; ids + base)."""
+    tokens = logits.shape[0]
+    own = logits.view(tokens, -1, num_experts)[torch.arange(tokens, device=logits.device), member]
+    top, ids = torch.topk(own.float(), top_k, dim=-1)
+    return torch.softmax(top, dim=-1) * scale[:, None], ids + base[:, None]
+
+
 # --- serving: decode attention over the paged KV cache -----------------------------------------
 
 

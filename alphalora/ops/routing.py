@@ -50,6 +50,12 @@ def _router_gates_backward_fake(grad_gated, hidden, gates, grad_logits, scaling)
     return hidden.new_empty(hidden.shape[0], hidden.shape[1] + gates.shape[1])
 
 
+@torch.library.register_fake("alphalora::select_experts")
+def _select_experts_fake(logits, member, scale, base, num_experts, top_k):
+    tokens = logits.shape[0]
+    return (logits.new_empty(tokens, top_k, dtype=torch.float32), logits.new_empty(tokens, top_k, dtype=torch.long))
+
+
 def _shrink_setup(ctx, inputs, output):
     x, A, expert_ids, order, offsets = inputs
     ctx.save_for_backward(x, A, expert_ids, order, offsets)
@@ -123,3 +129,15 @@ def router_gates_backward(grad_gated: torch.Tensor, hidden: torch.Tensor, gates:
     """(T, E * r + E) in hidden's dtype: the gradient of router_gates' hidden input, then of its
     logits (plus `grad_logits`, another use of the logits, when given): [A; router]'s column order."""
     return torch.ops.alphalora.router_gates_backward(grad_gated, hidden, gates, grad_logits, scaling)
+
+
+def select_experts(logits: torch.Tensor, member: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                   num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert choice for tokens of several adapters routed by one GEMM against their stacked routers.
+
+    logits (T, M * E) holds M routers' logits side by side; token t keeps block member[t] (its
+    adapter's), picks its top-k experts (largest first, equal logits by lower index) and returns
+    (gates (T, k) float32: the softmax over the chosen logits times scale[t], which is the
+    renormalised top-k of the full softmax; ids (T, k): base[t] + expert). member and base are
+    int64, scale float32, one per token. A GPU does not check member's range (a host sync)."""
+    return torch.ops.alphalora.select_experts(logits, member, scale, base, num_experts, top_k)

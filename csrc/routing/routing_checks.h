@@ -106,4 +106,24 @@ inline void check_router_gates_backward(const at::Tensor& grad_gated, const at::
   }
 }
 
+// select_experts: logits (T, M * E) floating, member and base (T) int64, scale (T) float32, 1 <= top_k <= E.
+inline void check_select_experts(const at::Tensor& logits, const at::Tensor& member, const at::Tensor& scale,
+                                 const at::Tensor& base, int64_t num_experts, int64_t top_k) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_floating_point(),
+              "select_experts: logits must be (T, M * E) floating point (M routers of E experts side by side)");
+  TORCH_CHECK(num_experts >= 1 && logits.size(1) % num_experts == 0, "select_experts: logits has ", logits.size(1),
+              " columns, not a multiple of num_experts = ", num_experts);
+  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "select_experts: top_k must be in [1, ", num_experts, "], got ",
+              top_k);
+  const int64_t tokens = logits.size(0);
+  for (const at::Tensor* t : {&member, &base}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens && t->scalar_type() == at::kLong,
+                "select_experts: member and base must be int64 with one entry per token (", tokens, ")");
+  }
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == tokens && scale.scalar_type() == at::kFloat,
+              "select_experts: scale must be float32 with one entry per token (", tokens, ")");
+  check_alike({&logits, &member, &base}, "select_experts");
+  TORCH_CHECK(scale.device() == logits.device(), "select_experts: scale must be on ", logits.device());
+}
+
 }  // namespace alphalora::routing

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from alphalora import ops
-from alphalora.adapters.routing import dense_gates, top_k_gates
+from alphalora.adapters.routing import dense_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
@@ -112,11 +112,11 @@ class PagedModelRunner:
         for group in layout.groups:
             routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
             tokens = hidden if group.rows is None else hidden[group.rows]
-            logits = (tokens @ routers.T).view(tokens.shape[0], -1, group.num_experts)
-            logits = logits[group.token_index, group.member]
-            gates, ids = top_k_gates(logits, group.top_k)
-            gates_all.append((gates * group.scale[:, None]).to(dtype))
-            ids_all.append(ids + group.base[:, None])
+            # each token's own router's top-k: gates times its scaling, ids at its adapter's offset
+            gates, ids = ops.select_experts(tokens @ routers.T, group.member, group.scale, group.base,
+                                            group.num_experts, group.top_k)
+            gates_all.append(gates.to(dtype))
+            ids_all.append(ids)
         if len(gates_all) == 1:
             return gates_all[0], ids_all[0]
         return torch.cat(gates_all), torch.cat(ids_all)

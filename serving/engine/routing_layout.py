@@ -28,7 +28,6 @@ class RouterGroup:
     num_experts: int
     top_k: int
     rows: torch.Tensor | None  # their tokens' batch rows (None: every token, in batch order)
-    token_index: torch.Tensor  # arange over those rows
     member: torch.Tensor  # each row's adapter, as its position in the module's router stack
     scale: torch.Tensor  # each row's adapter scaling (float32)
     base: torch.Tensor  # each row's first virtual expert id
@@ -69,7 +68,6 @@ def build_bucket_layout(name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]
         row_lists += [rows for _, rows in group]
         arrays.update({
             f"group{g}_rows": np.concatenate([rows for _, rows in group]),
-            f"group{g}_token_index": np.arange(sum(counts), dtype=np.int64),
             f"group{g}_member": _per_row([routers[num_experts].offsets[a.uid] // num_experts for a, _ in group],
                                          counts, np.int64),
             f"group{g}_scale": _per_row([a.modules[name].scaling for a, _ in group], counts, np.float32),
@@ -83,7 +81,7 @@ def build_bucket_layout(name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]
         for key in [k for k in arrays if k.endswith("_rows")]:
             del arrays[key]
         for key, values in arrays.items():
-            if values.shape[0] and not key.endswith("token_index"):  # plain LoRA's are empty if all are routed
+            if values.shape[0]:  # plain LoRA's are empty when every adapter is routed
                 arrays[key] = np.empty_like(values)
                 arrays[key][rows] = values
         only_adapter = len(bucket) == 1 and not routed
@@ -102,8 +100,8 @@ def build_bucket_layout(name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]
     views = upload(arrays, device)
     groups = tuple(RouterGroup(
         adapters=[a for a, _ in group], num_experts=num_experts, top_k=group[0][0].modules[name].top_k,
-        rows=views.get(f"group{g}_rows"), token_index=views[f"group{g}_token_index"],
-        member=views[f"group{g}_member"], scale=views[f"group{g}_scale"], base=views[f"group{g}_base"])
+        rows=views.get(f"group{g}_rows"), member=views[f"group{g}_member"], scale=views[f"group{g}_scale"],
+        base=views[f"group{g}_base"])
         for g, (num_experts, group) in enumerate(routed.items()))
     return BucketLayout(rows=views.get("rows"), plain_gates=views.get("plain_gates"),
                         plain_ids=views.get("plain_ids"), groups=groups, dense=dense,

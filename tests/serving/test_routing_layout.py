@@ -103,7 +103,6 @@ def test_every_token_gets_its_adapters_scaling_offset_and_router(seed, kinds, wi
     position = plain
     for group in layout.groups:
         group_rows = rows[position:position + group.member.shape[0]] if group.rows is None else group.rows.tolist()
-        assert group.token_index.tolist() == list(range(len(group_rows)))
         for i, row in enumerate(group_rows):
             seen[row] = (group.scale[i].item(), group.base[i].item(), group.member[i].item())
         position += len(group_rows)
