@@ -8,6 +8,8 @@ the adapters' deltas for the tokens that asked for them, through the routing ker
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,8 @@ class PagedModelRunner:
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.stacks = AdapterStacks()  # adapters' weights per module, each adapter at a fixed offset
         self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
+        self._buckets: dict[str, list[_Bucket]] = {}  # per module, for the adapters of `_buckets_for`
+        self._buckets_for: tuple[int, ...] = ()  # the adapters (uids, in step order) the buckets are for
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -61,43 +65,75 @@ class PagedModelRunner:
         """
         out = module(hidden)
         name = self.module_names[id(module)]
-        buckets: dict[tuple[int, int], list[tuple[LoadedAdapter, np.ndarray]]] = {}
-        for adapter, rows in adapter_rows:
-            weights = adapter.modules.get(name)
-            if weights is not None:
-                buckets.setdefault((weights.rank, weights.top_k), []).append((adapter, rows))
-        for (rank, _), bucket in buckets.items():
-            experts = self.stacks.experts(name, rank, [adapter for adapter, _ in bucket])
-            layout = self._bucket_layout(name, bucket, experts, hidden)
-            A, B = experts.tensors
+        for bucket in self._module_buckets(name, adapter_rows):
+            layout = self._step_layouts.get(bucket.layout_key)
+            if layout is None:
+                rows = [adapter_rows[i] for i in bucket.positions]
+                layout = build_bucket_layout(name, rows, bucket.experts, bucket.routers, hidden.shape[0],
+                                             hidden.shape[1], hidden.device)
+                self._step_layouts[bucket.layout_key] = layout
+            A, B = bucket.experts.tensors
             if layout.only_adapter is not None:  # one plain LoRA adapter for every token: two GEMMs
                 expert, scaling = layout.only_adapter
                 out.addmm_(hidden @ A[expert].T, B[expert].T, alpha=scaling)
                 continue
             if layout.dense:  # few, narrow experts: every one for every token, the unchosen gated to zero
-                out.addmm_(self._dense_masked(name, hidden, layout, experts), experts.up_dense.T)
+                out.addmm_(self._dense_masked(bucket, hidden, layout), bucket.experts.up_dense.T)
                 continue
-            gates, ids = self._route(name, hidden, layout)
+            gates, ids = self._route(bucket, hidden, layout)
             if layout.rows is None:  # every token of the step, in batch order: no gather, no scatter
                 out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
             else:
                 out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
         return out
 
-    def _dense_masked(self, name: str, hidden: torch.Tensor, layout: BucketLayout,
-                      experts: AdapterStack) -> torch.Tensor:
+    def _module_buckets(self, name: str, adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]) -> list[_Bucket]:
+        """The step's adapters of module `name` in buckets of one rank and top-k, with their stacks and
+        the key of their routing layout. Kept while the step's adapters stay the same (most steps):
+        only rows change from step to step, and the layouts are rebuilt from them."""
+        buckets = self._buckets.get(name)
+        if buckets is not None:
+            return buckets
+        members: dict[tuple[int, int], list[int]] = {}  # (rank, top_k) -> positions in adapter_rows
+        for position, (adapter, _) in enumerate(adapter_rows):
+            weights = adapter.modules.get(name)
+            if weights is not None:
+                members.setdefault((weights.rank, weights.top_k), []).append(position)
+        buckets = []
+        for (rank, _), positions in members.items():
+            adapters = [adapter_rows[i][0] for i in positions]
+            experts = self.stacks.experts(name, rank, adapters)
+            routed: dict[int, list[LoadedAdapter]] = {}  # expert count -> the adapters with routers of that count
+            for adapter in adapters:
+                if adapter.modules[name].router is not None:
+                    routed.setdefault(adapter.modules[name].num_experts, []).append(adapter)
+            routers = {count: self.stacks.routers(name, count, group) for count, group in routed.items()}
+            # Modules whose buckets agree on all of this share one layout a step (usually all of them).
+            described = []
+            for adapter in adapters:
+                module = adapter.modules[name]
+                router = routers.get(module.num_experts) if module.router is not None else None
+                described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
+                                  experts.offsets[adapter.uid],
+                                  None if router is None else (router.offsets[adapter.uid], router.rows)))
+            key = (tuple(described), experts.rows, rank, experts.tensors[0].shape[2])
+            buckets.append(_Bucket(positions, experts, routers, key))
+        self._buckets[name] = buckets
+        return buckets
+
+    def _dense_masked(self, bucket: _Bucket, hidden: torch.Tensor, layout: BucketLayout) -> torch.Tensor:
         """[tokens, experts * rank]: every stacked expert's down-projection of every token, times the
         token's gate for it (its adapter's scaling, or its router's renormalised top-k weight; zero
         for every expert it does not use)."""
-        A = experts.tensors[0]
+        A = bucket.experts.tensors[0]
         gates = layout.dense_gates
         if gates is None:  # routed: this module's routers choose
-            gates = dense_gates(*self._route(name, hidden, layout, torch.float32), A.shape[0])
+            gates = dense_gates(*self._route(bucket, hidden, layout, torch.float32), A.shape[0])
         down = (hidden @ A.view(-1, A.shape[-1]).T).view(hidden.shape[0], A.shape[0], -1)
         # Gated in float32 and rounded once, as the routing kernels and the training layer do.
         return (down * gates[:, :, None]).to(hidden.dtype).view(hidden.shape[0], -1)
 
-    def _route(self, name: str, hidden: torch.Tensor, layout: BucketLayout,
+    def _route(self, bucket: _Bucket, hidden: torch.Tensor, layout: BucketLayout,
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaled gates [n, k] in `dtype` (default: the hidden states'), virtual expert ids [n, k]) for
         the layout's rows.
@@ -110,7 +146,7 @@ class PagedModelRunner:
         plain = layout.plain_ids is not None and layout.plain_ids.shape[0] > 0
         gates_all, ids_all = ([layout.plain_gates.to(dtype)], [layout.plain_ids]) if plain else ([], [])
         for group in layout.groups:
-            routers = self.stacks.routers(name, group.num_experts, group.adapters).tensors[0]
+            routers = bucket.routers[group.num_experts].tensors[0]
             tokens = hidden if group.rows is None else hidden[group.rows]
             # each token's own router's top-k: gates times its scaling, ids at its adapter's offset
             gates, ids = ops.select_experts(tokens @ routers.T, group.member, group.scale, group.base,
@@ -120,30 +156,6 @@ class PagedModelRunner:
         if len(gates_all) == 1:
             return gates_all[0], ids_all[0]
         return torch.cat(gates_all), torch.cat(ids_all)
-
-    def _bucket_layout(self, name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]], experts: AdapterStack,
-                       hidden: torch.Tensor) -> BucketLayout:
-        """The bucket's routing layout, built once per step for every module whose bucket has the same
-        adapters, expert counts, scales and stack offsets (usually all of them)."""
-        routed: dict[int, list[LoadedAdapter]] = {}  # expert count -> the adapters with routers of that count
-        for adapter, _ in bucket:
-            if adapter.modules[name].router is not None:
-                routed.setdefault(adapter.modules[name].num_experts, []).append(adapter)
-        routers = {count: self.stacks.routers(name, count, members) for count, members in routed.items()}
-        described = []
-        for adapter, _ in bucket:
-            module = adapter.modules[name]
-            router = None if module.router is None else routers[module.num_experts]
-            described.append((adapter.uid, module.num_experts, module.top_k, module.scaling,
-                              experts.offsets[adapter.uid],
-                              None if router is None else (router.offsets[adapter.uid], router.rows)))
-        key = (tuple(described), experts.rows, experts.tensors[0].shape[1], hidden.shape[1])
-        layout = self._step_layouts.get(key)
-        if layout is None:
-            layout = build_bucket_layout(name, bucket, experts, routers, hidden.shape[0], hidden.shape[1],
-                                         hidden.device)
-            self._step_layouts[key] = layout
-        return layout
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd dispatch at all (the routing ops' autograd wrappers included)
@@ -159,6 +171,9 @@ class PagedModelRunner:
         cos, sin = self.decoder.rotary_emb(hidden[None], step.positions[None])
         adapters = step.adapter_rows
         self._step_layouts = {}
+        uids = tuple(adapter.uid for adapter, _ in adapters)
+        if uids != self._buckets_for:
+            self._buckets, self._buckets_for = {}, uids
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
@@ -248,3 +263,12 @@ class PagedModelRunner:
         return tuple(cache[layer].index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
                      for cache in (self.k_cache, self.v_cache))
 
+
+@dataclass
+class _Bucket:
+    """A module's adapters of one rank and top-k in the step: one routing-kernel call."""
+
+    positions: list[int]  # the adapters' places in the step's adapter rows
+    experts: AdapterStack  # the module's expert stack holding them
+    routers: dict[int, AdapterStack]  # its router stacks, by expert count, for the routed ones
+    layout_key: tuple  # buckets with equal keys route alike: one layout a step between them

@@ -24,7 +24,6 @@ from .upload import upload
 class RouterGroup:
     """Adapters of a bucket whose routers have the same expert count: routed with one GEMM."""
 
-    adapters: list[LoadedAdapter]
     num_experts: int
     top_k: int
     rows: torch.Tensor | None  # their tokens' batch rows (None: every token, in batch order)
@@ -99,7 +98,7 @@ def build_bucket_layout(name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]
         return BucketLayout(only_adapter=(experts.offsets[adapter.uid], adapter.modules[name].scaling))
     views = upload(arrays, device)
     groups = tuple(RouterGroup(
-        adapters=[a for a, _ in group], num_experts=num_experts, top_k=group[0][0].modules[name].top_k,
+        num_experts=num_experts, top_k=group[0][0].modules[name].top_k,
         rows=views.get(f"group{g}_rows"), member=views[f"group{g}_member"], scale=views[f"group{g}_scale"],
         base=views[f"group{g}_base"])
         for g, (num_experts, group) in enumerate(routed.items()))

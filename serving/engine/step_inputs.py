@@ -114,7 +114,8 @@ class DeviceStep:
     new_slots: torch.Tensor
     context_slots: torch.Tensor
     last_rows: torch.Tensor  # each entry's last new token's batch row
-    adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]  # each adapter in the step with its tokens' rows (host)
+    # each adapter in the step (by uid: the same set, the same order) with its tokens' rows (host)
+    adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]
     decode: DecodeBatch | None
     prefills: list[PrefillGroup]  # every entry not in `decode`, in groups of similar context length
     entries: list[SequenceBatchEntry]
@@ -147,9 +148,9 @@ def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceSte
                              every_token=len(decoding) == batch.input_ids.size)
     fields = ("query_rows", "slots", "query_positions", "first_attended", "kept", "kept_rows")
     prefills = [PrefillGroup(*(views[f"prefill{g}_{field}"] for field in fields)) for g in range(len(groups))]
+    adapter_rows = [(adapter, np.concatenate(spans)) for _, (adapter, spans) in sorted(adapters.items())]
     return DeviceStep(views["input_ids"], views["positions"], views["new_slots"], views["context_slots"],
-                      views["last_rows"], [(adapter, np.concatenate(spans)) for adapter, spans in adapters.values()],
-                      decode, prefills, entries)
+                      views["last_rows"], adapter_rows, decode, prefills, entries)
 
 
 def _prefill_groups(entries: list[SequenceBatchEntry]) -> list[list[SequenceBatchEntry]]:
