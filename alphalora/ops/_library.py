@@ -80,16 +80,32 @@ def _load_compiled() -> bool:
     return True
 
 
-def _register_references() -> None:
-    """Defines every schema in Python and backs it with its reference implementation."""
-    global _fallback_library
-    _fallback_library = torch.library.Library("alphalora", "DEF")
-    for name, (schema, implementation) in _SCHEMAS.items():
-        _fallback_library.define(schema)
-        _fallback_library.impl(name, implementation, "CompositeExplicitAutograd")
+def _register_references(schemas: dict[str, tuple[str, object]], kind: str = "DEF") -> torch.library.Library:
+    """Defines these schemas in Python and backs each with its reference implementation ("DEF": the
+    whole library; "FRAGMENT": ops added to a loaded one)."""
+    library = torch.library.Library("alphalora", kind)
+    for name, (schema, implementation) in schemas.items():
+        library.define(schema)
+        library.impl(name, implementation, "CompositeExplicitAutograd")
+    return library
 
 
-_fallback_library = None
+def _fill_missing_ops(schemas: dict[str, tuple[str, object]]) -> torch.library.Library | None:
+    """A compiled library built from older sources (an editable install not rebuilt after a pull)
+    lacks the newer ops: those get their references, with one warning saying how to rebuild."""
+    missing = {name: entry for name, entry in schemas.items() if not hasattr(torch.ops.alphalora, name)}
+    if not missing:
+        return None
+    warnings.warn(
+        f"alphalora's compiled kernels are older than its Python code: they lack {', '.join(sorted(missing))}, "
+        "which run as pure-PyTorch reference ops (same results, more slowly). Rebuild with "
+        "`pip install --no-build-isolation .` (or `-e .` for an editable install) to get their kernels.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return _register_references(missing, "FRAGMENT")
+
+
 HAS_COMPILED_OPS = _load_compiled()
-if not HAS_COMPILED_OPS:
-    _register_references()
+# Kept alive for as long as the registrations are needed: the whole process.
+_python_library = _fill_missing_ops(_SCHEMAS) if HAS_COMPILED_OPS else _register_references(_SCHEMAS)

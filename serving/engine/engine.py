@@ -162,7 +162,8 @@ class Engine:
             return {}
         seqs = [chunks[row].seq for row in rows]
         requests = [(s.params, s.prompt_ids, s.output_ids, self._generators.get(s.seq_id)) for s in seqs]
-        sampled = sample_rows(logits[rows], requests, self.eos_token_ids)
+        picked = logits if len(rows) == logits.shape[0] else logits[torch.tensor(rows, device=logits.device)]
+        sampled = sample_rows(picked, requests, self.eos_token_ids)
         return {s.seq_id: result for s, result in zip(seqs, sampled, strict=True)}
 
     @staticmethod

@@ -88,7 +88,8 @@ def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[
 def _sample_batch(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> list[SampleResult]:
     """Rows of logits that are all greedy or all random, none with penalties or a generator."""
     device = logits.device
-    picked = logits[torch.tensor(rows, device=device)]
+    every_row = len(rows) == logits.shape[0]  # rows are distinct and ascending: all of them, in order
+    picked = logits if every_row else logits[torch.tensor(rows, device=device)]
     logprobs = torch.log_softmax(picked, dim=-1)
     if params[0].temperature == 0:
         tokens = torch.argmax(picked, dim=-1)
@@ -98,7 +99,9 @@ def _sample_batch(logits: torch.Tensor, rows: list[int], params: list[SamplingPa
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     most = max(p.logprobs or 0 for p in params)
     top = torch.topk(logprobs, most, dim=-1) if most else None
-    tokens, chosen = tokens.tolist(), chosen.tolist()
+    # one transfer to the host: token ids are exact in float64
+    tokens, chosen = torch.stack([tokens.double(), chosen.double()]).tolist()
+    tokens = [int(token) for token in tokens]
     top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
     results = []
     for j, p in enumerate(params):

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
+
 
 def test_reference_ops_take_over_when_compiled_library_is_missing():
     script = textwrap.dedent(
@@ -53,3 +56,35 @@ def test_reference_ops_take_over_when_compiled_library_is_missing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+def test_the_compiled_library_defines_every_op_the_python_side_knows():
+    """`pip install` builds every schema of alphalora/ops/_library.py into the compiled library."""
+    from alphalora.ops import _library
+
+    if not _library.HAS_COMPILED_OPS:
+        pytest.skip("no compiled library in this environment")
+    assert [name for name in _library._SCHEMAS if not hasattr(torch.ops.alphalora, name)] == []
+
+
+def test_a_compiled_library_older_than_the_code_gets_references_for_the_ops_it_lacks():
+    """An editable install not rebuilt after a pull: the newer ops run as references, with one warning."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        from alphalora.ops import _library
+
+        newer = {"test_newer_op": ("test_newer_op(Tensor x, int k) -> Tensor", lambda x, k: x * k)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            library = _library._fill_missing_ops({**_library._SCHEMAS, **newer})
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "lack test_newer_op," in messages[0] and "Rebuild" in messages[0], messages
+        assert torch.equal(torch.ops.alphalora.test_newer_op(torch.ones(3), 4), torch.full((3,), 4.0))
+        print("filled", _library.HAS_COMPILED_OPS)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "filled" in result.stdout
