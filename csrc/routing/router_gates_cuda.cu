@@ -3,8 +3,7 @@
 // Deterministic: no atomics, each sum in one fixed order.
 #include "router_gates_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "float_cast.cuh"
 
 #include <climits>
 
@@ -14,16 +13,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ inline float to_float(double v) { return static_cast<float>(v); }
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_float(__half v) { return __half2float(v); }
-template <typename T> __device__ inline T from_float(float v);
-template <> __device__ inline double from_float<double>(float v) { return v; }
-template <> __device__ inline float from_float<float>(float v) { return v; }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
 
 __device__ inline float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);

@@ -3,18 +3,12 @@
 // no atomics. Chooses exactly as the CPU kernel does (top_k_softmax.h).
 #include "select_experts_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "float_cast.cuh"
 
 namespace alphalora::routing::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-
-__device__ inline float to_float(double v) { return static_cast<float>(v); }
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_float(__half v) { return __half2float(v); }
 
 template <typename T>
 __global__ void select_experts_kernel(const T* __restrict__ logits, int64_t l_row, const int64_t* __restrict__ member,
