@@ -11,7 +11,7 @@ from torch import nn
 from alphalora import ops
 
 from .fused import dense_moe_lora, lora_linear
-from .routing import BalanceStatistics, dense_gates, top_k_gates
+from .routing import BalanceStatistics, dense_gates, stable_top_k, top_k_gates
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
@@ -74,7 +74,7 @@ class MoELoRALinear(nn.Module):
     def routing(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (gates, expert ids), each [T, k], for flattened tokens x2."""
         if self.shared_gates is not None:
-            return torch.topk(self.shared_gates, self.top_k, dim=-1)
+            return stable_top_k(self.shared_gates, self.top_k)
         logits = self.router(x2)
         gates, ids = top_k_gates(logits, self.top_k)
         if self.balance is not None and self.training:
@@ -179,7 +179,7 @@ def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tens
         if logits is not None:
             gates, ids = top_k_gates(logits, layer.top_k)
         else:
-            gates, ids = torch.topk(layer.shared_gates, layer.top_k, dim=-1)
+            gates, ids = stable_top_k(layer.shared_gates, layer.top_k)
         for e in range(layer.num_experts):
             rows, slot = torch.where(ids == e)
             if rows.numel() == 0:

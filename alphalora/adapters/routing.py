@@ -7,22 +7,31 @@ from dataclasses import dataclass
 import torch
 
 
+def stable_top_k(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of the last dimension, largest first, equal values by lower index: the rule of the
+    routing kernels (`router_gates`, `select_experts`), so every path picks the same experts. (torch.topk
+    leaves the order of ties to the implementation: on the CPU [2, 2, 2, 0] gives experts 1 and 2.)
+    Differentiable in `values`, like topk."""
+    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return ordered[..., :top_k], order[..., :top_k]
+
+
 def renormalised_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gates [T, k] in fp32, expert ids [T, k]): the top-k of the softmax over experts, renormalised
     to sum to 1, computed as what it equals, the softmax over the top-k logits alone (two small ops
     where the whole softmax, top-k and renormalisation take five; its gradient is zero off the top-k)."""
-    top, ids = torch.topk(logits.float(), top_k, dim=-1)
+    top, ids = stable_top_k(logits.float(), top_k)
     return torch.softmax(top, dim=-1), ids
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in fp32, the top-k per token, renormalised to sum to 1 (by default).
 
-    Returns (gates [T, k] in fp32, expert ids [T, k]); ids of equal logits keep torch.topk's order.
+    Returns (gates [T, k] in fp32, expert ids [T, k]), largest first, equal logits by lower expert.
     """
     if renormalize:
         return renormalised_top_k(logits, top_k)
-    return torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    return stable_top_k(torch.softmax(logits.float(), dim=-1), top_k)
 
 
 def dense_gates(gates: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -158,10 +158,16 @@ def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets
     return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)
 
 
+def _top_k_lower_first(values, top_k):
+    """The kernels' top-k: largest first, equal values by lower index (a stable descending sort)."""
+    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return ordered[:, :top_k], order[:, :top_k]
+
+
 def router_gates(hidden, logits, top_k, scaling):
     """The dense-masked path's router: (hidden * scaling * gate per expert, dense float32 gates, ids)."""
     tokens, experts = logits.shape
-    top, ids = torch.topk(logits.float(), top_k, dim=-1)
+    top, ids = _top_k_lower_first(logits.float(), top_k)
     gates = torch.zeros(tokens, experts, dtype=torch.float32, device=logits.device)
     gates.scatter_(1, ids, torch.softmax(top, dim=-1))
     scaled = (gates * scaling).repeat_interleave(hidden.shape[1] // experts, dim=1)
@@ -186,7 +192,7 @@ def select_experts(logits, member, scale, base, num_experts, top_k):
     """Each token's own router block of logits, its top-k (softmax over them, times scale; ids + base)."""
     tokens = logits.shape[0]
     own = logits.view(tokens, -1, num_experts)[torch.arange(tokens, device=logits.device), member]
-    top, ids = torch.topk(own.float(), top_k, dim=-1)
+    top, ids = _top_k_lower_first(own.float(), top_k)
     return torch.softmax(top, dim=-1) * scale[:, None], ids + base[:, None]
 
 

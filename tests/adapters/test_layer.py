@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from alphalora.adapters import MoELoRALinear, moe_lora_loop_reference
-from alphalora.adapters.routing import BalanceStatistics
+from alphalora.adapters.routing import BalanceStatistics, stable_top_k
 from tests.conftest import requires_cuda
 
 
@@ -104,6 +104,40 @@ def test_gates_are_top_k_renormalised_softmax():
     top, chosen = probs.topk(2, -1)
     assert torch.equal(gates.topk(2, -1).indices.sort(-1).values, chosen.sort(-1).values)
     torch.testing.assert_close(gates.gather(1, chosen), top / top.sum(1, keepdim=True))
+
+
+def test_stable_top_k_takes_the_largest_first_and_equal_values_by_lower_index():
+    values = torch.randint(0, 3, (500, 7)).float()  # many ties
+    top, ids = stable_top_k(values, 3)
+    for row, chosen in zip(values.tolist(), ids.tolist(), strict=True):
+        assert chosen == sorted(range(7), key=lambda e: (-row[e], e))[:3]
+    assert torch.equal(top, values.gather(1, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
+def test_tied_router_logits_pick_the_lower_experts_on_every_path(kernel, dtype):
+    """Experts 1, 2 and 3 have the same router row, so every token's logits for them tie: each path
+    (the fused dense function and its router_gates kernel, the grouped kernels, the loop) must take
+    the same experts, the lower ones, or their outputs part (the serving engine's kernel follows the
+    same rule). Router weights and inputs are small integers, so the tied logits are equal to the bit
+    however a GEMM orders its sums (with real-valued ones, columns of one GEMM can differ in the
+    last bit, and the choice between near-equal experts is rounding's, on any path)."""
+    layer = _layer(5, 2, dtype=dtype, kernel=kernel)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        row = torch.randint(-1, 2, (24,), generator=g).to(dtype)
+        layer.router.weight.copy_(torch.stack([-2 * row, row, row, row, -row]))  # 0 and 4: the tied ones' negatives
+    x = torch.randint(-1, 2, (60, 24), generator=g).to(dtype)
+    x = x[(layer.router(x)[:, 1] > 0)]  # tokens where the tied experts lead
+    _, ids = layer.routing(x)
+    assert x.shape[0] > 5 and ids.tolist() == [[1, 2]] * x.shape[0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x).float(), moe_lora_loop_reference(layer, x).float(), rtol=tol, atol=tol)
+    pinned = copy.deepcopy(layer)
+    with torch.no_grad():
+        pinned.router.weight[3] *= 0.5  # expert 3 now below 1 and 2 on these tokens: no choice left to ties
+    torch.testing.assert_close(layer(x).float(), pinned(x).float(), rtol=tol, atol=tol)
 
 
 def test_balance_statistics_equal_the_switch_formula_on_concatenated_logits():

@@ -69,11 +69,12 @@ def test_router_gates_backward_equals_autograd_of_the_op_by_op_gating(implementa
     torch.testing.assert_close(got[:, width:], want_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_router_gates_break_ties_by_lower_expert_and_pass_opcheck(device):
+def test_router_gates_break_ties_by_lower_expert_and_pass_opcheck(implementation, device):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0]], device=device)
     hidden = torch.ones(2, 8, device=device)
-    _, gates, ids = ops.router_gates(hidden, logits, 2, 1.0)
+    _, gates, ids = IMPLEMENTATIONS[implementation][0](hidden, logits, 2, 1.0)
     assert ids.tolist() == [[1, 2], [0, 1]]
     torch.testing.assert_close(gates.cpu(), torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]]))
     hidden, logits = _inputs(device=device)

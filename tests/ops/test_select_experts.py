@@ -49,11 +49,13 @@ def test_select_experts_equals_each_tokens_own_router_top_k(implementation, devi
     torch.testing.assert_close(gates.double().cpu(), want_gates, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_select_experts_break_ties_by_lower_expert_and_pass_opcheck(device):
+def test_select_experts_break_ties_by_lower_expert_and_pass_opcheck(implementation, device):
     logits = torch.tensor([[9.0, 9.0, 1.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]], device=device)
     member, base = torch.tensor([1, 0], device=device), torch.tensor([10, 20], device=device)
-    gates, ids = ops.select_experts(logits, member, torch.tensor([2.0, 1.0], device=device), base, 3, 2)
+    select = IMPLEMENTATIONS[implementation]
+    gates, ids = select(logits, member, torch.tensor([2.0, 1.0], device=device), base, 3, 2)
     assert ids.tolist() == [[10, 11], [20, 21]]  # row 0 reads [3, 3, 0.5], row 1 [2, 2, 2]
     torch.testing.assert_close(gates.cpu(), torch.tensor([[1.0, 1.0], [0.5, 0.5]]))
     torch.library.opcheck(torch.ops.alphalora.select_experts.default, (*_inputs(device=device), 5, 2))
