@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/cpu_isa.h"
 #include "../common/dot.h"
 
 namespace alphalora::attention {
@@ -37,6 +38,66 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0) && lengths.scalar_type() == at::kLong,
               "lengths must be int64 (batch,)");
   TORCH_CHECK(starts.sizes() == lengths.sizes() && starts.scalar_type() == at::kLong, "starts must be int64 (batch,)");
+}
+
+// One decode step's attention inputs, as the row kernel reads them.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  scalar_t* out;
+  const int64_t* slot;
+  const int64_t* length;
+  const int64_t* start;
+  int64_t heads, dim, kv_heads, width, group;
+  double scale;
+};
+
+// Rows [begin, end) of (sequence, head): scores against each context key, softmax in two passes,
+// the weighted sum of the values. Written once, compiled for the baseline ISA and for AVX2 + FMA
+// (cpu_isa.h): 1.35 -> 1.03 ms (float32) and 1.08 -> 0.95 ms (bfloat16) for 64 sequences x 8 heads x
+// ~130 positions on this project's CPU VM.
+template <typename scalar_t>
+ALPHALORA_ALWAYS_INLINE void attend_rows(const Rows<scalar_t>& in, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = in.dim;
+  std::vector<acc_t> query(dim), acc(dim), scores;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / in.heads, h = row % in.heads, g = h / in.group;
+    const int64_t first = in.start[b], n = in.length[b];
+    for (int64_t d = 0; d < dim; ++d) query[d] = static_cast<acc_t>(in.q[row * dim + d]);
+    scores.resize(static_cast<size_t>(std::max<int64_t>(n - first, 0)));
+    acc_t best = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = first; j < n; ++j) {
+      const scalar_t* key = in.k + (in.slot[b * in.width + j] * in.kv_heads + g) * dim;
+      const acc_t s = dot<acc_t>(query.data(), key, dim) * static_cast<acc_t>(in.scale);
+      scores[j - first] = s;
+      best = std::max(best, s);
+    }
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    acc_t total = 0;
+    for (int64_t j = first; j < n; ++j) {
+      const acc_t p = std::exp(scores[j - first] - best);
+      total += p;
+      const scalar_t* value = in.v + (in.slot[b * in.width + j] * in.kv_heads + g) * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<acc_t>(value[d]);
+    }
+    const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // no context: zeros
+    for (int64_t d = 0; d < dim; ++d) in.out[row * dim + d] = static_cast<scalar_t>(acc[d] * inverse);
+  }
+}
+
+template <typename scalar_t>
+void attend_rows_baseline(const Rows<scalar_t>& in, int64_t begin, int64_t end) { attend_rows(in, begin, end); }
+template <typename scalar_t>
+ALPHALORA_TARGET_AVX2 void attend_rows_avx2(const Rows<scalar_t>& in, int64_t begin, int64_t end) {
+  attend_rows(in, begin, end);
+}
+
+template <typename scalar_t>
+auto attend_rows_for(CpuIsa isa) -> void (*)(const Rows<scalar_t>&, int64_t, int64_t) {
+  return isa == CpuIsa::kAvx2 ? &attend_rows_avx2<scalar_t> : &attend_rows_baseline<scalar_t>;
 }
 
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -61,37 +122,11 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> query(dim), acc(dim), scores;
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / heads, h = row % heads, g = h / group;
-        const int64_t first = start[b], n = length[b];
-        for (int64_t d = 0; d < dim; ++d) query[d] = static_cast<acc_t>(qp[row * dim + d]);
-        scores.resize(static_cast<size_t>(std::max<int64_t>(n - first, 0)));
-        acc_t best = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = first; j < n; ++j) {
-          const scalar_t* key = kp + (slot[b * width + j] * kv_heads + g) * dim;
-          const acc_t s = dot<acc_t>(query.data(), key, dim) * static_cast<acc_t>(scale);
-          scores[j - first] = s;
-          best = std::max(best, s);
-        }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        acc_t total = 0;
-        for (int64_t j = first; j < n; ++j) {
-          const acc_t p = std::exp(scores[j - first] - best);
-          total += p;
-          const scalar_t* value = vp + (slot[b * width + j] * kv_heads + g) * dim;
-          for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<acc_t>(value[d]);
-        }
-        const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // no context: zeros
-        for (int64_t d = 0; d < dim; ++d) op[row * dim + d] = static_cast<scalar_t>(acc[d] * inverse);
-      }
-    });
+    const Rows<scalar_t> rows{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), slot, length, start, heads, dim, kv_heads, width, group,
+                              scale};
+    const auto attend = attend_rows_for<scalar_t>(cpu_isa());
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) { attend(rows, begin, end); });
   });
   return out;
 }

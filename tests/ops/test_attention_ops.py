@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +89,26 @@ def test_cuda_equals_cpu():
     cpu = ops.paged_decode_attention(*inputs, 0.25)
     gpu = ops.paged_decode_attention(*(t.cuda() for t in inputs), 0.25)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_the_baseline_isa_build_of_the_cpu_kernel_agrees_with_the_oracle_too():
+    """The kernel runs an AVX2 + FMA build where the CPU has one; ALPHALORA_CPU_ISA=baseline forces the
+    portable build, which must give the same attention (up to FMA's rounding)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from tests.ops.test_attention_ops import _inputs, attention_row_by_row
+        from alphalora import ops
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-10)):
+            inputs = _inputs(dtype=dtype)
+            got = ops.paged_decode_attention(*inputs, 0.3).double()
+            want = attention_row_by_row(*inputs, 0.3)
+            assert torch.allclose(got, want, rtol=tol, atol=tol), (dtype, (got - want).abs().max())
+        print("baseline ok")
+        """
+    )
+    env = {**os.environ, "ALPHALORA_CPU_ISA": "baseline"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=Path(__file__).resolve().parents[2])  # the checkout: `tests` imports from there
+    assert result.returncode == 0, result.stderr
+    assert "baseline ok" in result.stdout
