@@ -58,14 +58,15 @@ class _DenseMoELoRA(torch.autograd.Function):
             both = x @ stacked.T
             hidden, logits = both[:, :width], both[:, width:]
         else:
-            stacked = None
             hidden, logits = x_dropped @ down.T, x @ router.T
         # gates: [T, E] fp32, the softmax of each token's top-k logits (zero elsewhere); gated: hidden
         # times scaling times its expert's gate.
         gated, gates, ids = ops.router_gates(hidden, logits, top_k, scaling)
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
         out = F.linear(x, weight, bias).addmm_(gated, up.T)
-        ctx.save_for_backward(x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates)
+        # Without dropout [A; router] is all backward needs of the two; with it, A and the router apart.
+        ctx.save_for_backward(x, x_dropped, weight, *((stacked,) if shared else (router, down)), up, hidden, gated,
+                              gates)
         ctx.shape = (num_experts, rank, fan_in, fan_out)
         ctx.scaling, ctx.shared = scaling, shared
         ctx.set_materialize_grads(False)
@@ -74,7 +75,7 @@ class _DenseMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, _grad_ids):
-        x, x_dropped, weight, router, down, stacked, up, hidden, gated, gates = ctx.saved_tensors
+        x, x_dropped, weight, *weights, up, hidden, gated, gates = ctx.saved_tensors
         num_experts, rank, fan_in, fan_out = ctx.shape
         width = num_experts * rank
         grads = [None] * 9
@@ -84,13 +85,15 @@ class _DenseMoELoRA(torch.autograd.Function):
         # [d hidden | d logits] in one buffer, the layout of [A; router]; the logits' gradient goes back
         # through g = softmax(top-k logits) (plus the load-balancing loss's, which reads them too).
         grad_both = ops.router_gates_backward(grad_out @ up, hidden, gates, grad_logits, ctx.scaling)
-        grad_hidden, grad_logits_total = grad_both[:, :width], grad_both[:, width:]
         if ctx.shared:
+            (stacked,) = weights
             if ctx.needs_input_grad[0]:
                 grads[0] = (grad_out @ weight).addmm_(grad_both, stacked)
             weight_grad = grad_both.T @ x
             grad_down, grads[4] = weight_grad[:width], weight_grad[width:]
         else:
+            router, down = weights
+            grad_hidden, grad_logits_total = grad_both[:, :width], grad_both[:, width:]
             if ctx.needs_input_grad[0]:
                 grads[0] = (grad_out @ weight).addmm_(grad_logits_total, router)
             if ctx.needs_input_grad[1]:
