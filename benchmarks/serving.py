@@ -116,7 +116,9 @@ def run_engine(args, prompts, names, adapters: dict[str, str]):
             "tpot_req_p50": statistics.median(per_request),
             "tpot_req_p99": per_request[int(0.99 * (len(per_request) - 1))],
             "kv_pool_mib": engine.runner.kv_bytes() / 2**20,
-            "adapter_mib": sum(engine.adapters.get(n).nbytes() for n in set(adapters)) / 2**20}
+            # the adapters' weights, and the copies the engine keeps beside them (dense-masked B)
+            "adapter_mib": (sum(engine.adapters.get(n).nbytes() for n in set(adapters))
+                            + engine.runner.stacks.copy_nbytes()) / 2**20}
 
 
 def run_hf(args, prompts, names, adapter_dirs: dict[str, Path], plain: bool) -> float:

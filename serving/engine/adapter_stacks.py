@@ -45,6 +45,11 @@ class AdapterStack:
         return up.permute(1, 0, 2).reshape(up.shape[1], -1)
 
 
+    def copy_nbytes(self) -> int:
+        copy = self.__dict__.get("up_dense")  # only once made
+        return 0 if copy is None else copy.numel() * copy.element_size()
+
+
 class AdapterStacks:
     """The stacks of every adapted module, built on first use."""
 
@@ -61,7 +66,13 @@ class AdapterStacks:
         return self._stack(("routers", name, num_experts), name, adapters, ("router",))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for stack in self._stacks.values() for t in stack.tensors)
+        """The stacked adapter weights (each once) and the copies kept with the stacks."""
+        weights = sum(t.numel() * t.element_size() for stack in self._stacks.values() for t in stack.tensors)
+        return weights + self.copy_nbytes()
+
+    def copy_nbytes(self) -> int:
+        """What the stacks keep besides the adapters' own weights: dense-masked modules' `up_dense`."""
+        return sum(stack.copy_nbytes() for stack in self._stacks.values())
 
     def _stack(self, key: tuple, name: str, adapters: list[LoadedAdapter], fields: tuple[str, ...]) -> AdapterStack:
         stack = self._stacks.get(key)

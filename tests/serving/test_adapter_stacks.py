@@ -89,3 +89,19 @@ def test_adapters_evicted_between_batches_leave_the_stacks_and_outputs_stay_gene
     stacked = {uid for stack in engine.runner.stacks._stacks.values() for uid in stack.offsets}
     assert lora_uid not in stacked  # ...and no stack still holds its weights
     assert {engine.adapters.get(name).uid for name in ("moe_a", "moe_c")} <= stacked
+
+
+def test_the_dense_copy_of_a_stack_is_counted_in_its_memory():
+    """A dense-masked module keeps its experts' B once more as one matrix [out, experts * rank]: the
+    stacks' memory (and the serving benchmark's adapter memory) count it once it exists."""
+    a, b = _loaded(1, experts=1), _loaded(2, experts=3)
+    stacks = AdapterStacks()
+    stack = stacks.experts("q", 4, [a, b])
+    weights = sum(t.numel() * t.element_size() for m in (a, b) for t in (m.modules["q"].A, m.modules["q"].B))
+    assert stacks.copy_nbytes() == 0 and stacks.nbytes() == weights
+    up = stack.up_dense
+    B = stack.tensors[1]
+    for e in range(stack.rows):  # columns by expert, then rank
+        assert torch.equal(up[:, e * 4:(e + 1) * 4], B[e])
+    assert stacks.copy_nbytes() == up.numel() * up.element_size() == 6 * 4 * 4 * 4
+    assert stacks.nbytes() == weights + stacks.copy_nbytes()
