@@ -6,14 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def stable_top_k(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of the last dimension, largest first, equal values by lower index: the rule of the
-    routing kernels (`router_gates`, `select_experts`), so every path picks the same experts. (torch.topk
-    leaves the order of ties to the implementation: on the CPU [2, 2, 2, 0] gives experts 1 and 2.)
-    Differentiable in `values`, like topk."""
-    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
-    return ordered[..., :top_k], order[..., :top_k]
+from alphalora.ops.reference import stable_top_k  # the routing kernels' top-k: equal logits by lower expert
 
 
 def renormalised_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,16 +158,20 @@ def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets
     return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)
 
 
-def _top_k_lower_first(values, top_k):
-    """The kernels' top-k: largest first, equal values by lower index (a stable descending sort)."""
+def stable_top_k(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of the last dimension, largest first, equal values by lower index: the rule of the
+    routing kernels (`router_gates`, `select_experts`), which the training layer's routing follows too
+    (alphalora.adapters.routing), so every path picks the same experts. (torch.topk leaves the order of
+    ties to the implementation: on the CPU [2, 2, 2, 0] gives experts 1 and 2.) Differentiable in
+    `values`, like topk."""
     ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
-    return ordered[:, :top_k], order[:, :top_k]
+    return ordered[..., :top_k], order[..., :top_k]
 
 
 def router_gates(hidden, logits, top_k, scaling):
     """The dense-masked path's router: (hidden * scaling * gate per expert, dense float32 gates, ids)."""
     tokens, experts = logits.shape
-    top, ids = _top_k_lower_first(logits.float(), top_k)
+    top, ids = stable_top_k(logits.float(), top_k)
     gates = torch.zeros(tokens, experts, dtype=torch.float32, device=logits.device)
     gates.scatter_(1, ids, torch.softmax(top, dim=-1))
     scaled = (gates * scaling).repeat_interleave(hidden.shape[1] // experts, dim=1)
@@ -192,7 +196,7 @@ def select_experts(logits, member, scale, base, num_experts, top_k):
     """Each token's own router block of logits, its top-k (softmax over them, times scale; ids + base)."""
     tokens = logits.shape[0]
     own = logits.view(tokens, -1, num_experts)[torch.arange(tokens, device=logits.device), member]
-    top, ids = _top_k_lower_first(own.float(), top_k)
+    top, ids = stable_top_k(own.float(), top_k)
     return torch.softmax(top, dim=-1) * scale[:, None], ids + base[:, None]
 
 

@@ -44,9 +44,9 @@ class AdapterStack:
         up = self.tensors[1]
         return up.permute(1, 0, 2).reshape(up.shape[1], -1)
 
-
     def copy_nbytes(self) -> int:
-        copy = self.__dict__.get("up_dense")  # only once made
+        """Bytes of the copies kept with the stack: `up_dense`, once made."""
+        copy = self.__dict__.get("up_dense")
         return 0 if copy is None else copy.numel() * copy.element_size()
 
 
