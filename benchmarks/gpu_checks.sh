@@ -6,8 +6,8 @@
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
-# Stages: build tests spectral moe_lora serving moe_lora_bf16 profile serving_profile. A later run on the same machine can skip the
-# build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
+# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile.
+# A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
@@ -16,7 +16,7 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-stages=${*:-build tests spectral moe_lora serving moe_lora_bf16 profile serving_profile}
+stages=${*:-build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile}
 mkdir -p "$results"
 python=${PYTHON:-python3}
 log="$results/gpu_checks.log"
@@ -66,6 +66,10 @@ stage serving 150 "$python" benchmarks/serving.py --device cuda --dtype bf16 --l
   --requests 128 --json "$results/serving_cuda.json"
 stage moe_lora_bf16 60 "$python" benchmarks/moe_lora.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_cuda_bf16.json"
+# A training step at a size a GPU trains (the row above is launch-bound on one): 8 layers, hidden 2048,
+# 8 x 512 tokens, bf16 as `alphalora train --bf16` runs it.
+stage moe_lora_model 90 "$python" benchmarks/moe_lora.py --device cuda --dtype bf16 --sections model \
+  --model-layers 8 --model-hidden 2048 --batch 8 --seq 512 --json "$results/moe_lora_model_cuda.json"
 stage profile 90 "$python" benchmarks/moe_lora_profile.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_profile_cuda.json"
 stage serving_profile 90 "$python" benchmarks/serving_profile.py --device cuda --dtype bf16 \

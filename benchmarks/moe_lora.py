@@ -27,6 +27,8 @@ from torch import nn
 from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters
 from alphalora.allocation import Plan
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def seconds_of_one_call(fn, device: str) -> float:
     """Wall seconds of fn(), GPU work included."""
@@ -101,7 +103,7 @@ def forward_backward(module: nn.Module, x: torch.Tensor):
 
 def layer_benchmark(args) -> dict:
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = DTYPES[args.dtype]
     base = nn.Linear(args.hidden, args.hidden, bias=False, device=args.device, dtype=dtype).requires_grad_(False)
     layer = MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)
     with torch.no_grad():
@@ -149,7 +151,7 @@ def small_llama(args):
     config = LlamaConfig(vocab_size=4096, hidden_size=args.model_hidden, intermediate_size=args.model_hidden * 8 // 3,
                          num_hidden_layers=args.model_layers, num_attention_heads=8, num_key_value_heads=8,
                          max_position_embeddings=1024)
-    return LlamaForCausalLM(config).to(args.device)
+    return LlamaForCausalLM(config).to(args.device, DTYPES[args.dtype])
 
 
 def interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
@@ -189,9 +191,14 @@ def training_steps(args, names=("lora_r8", "moe_lora", "moe_lora_loop")) -> dict
         # transformers.Trainer's default optimizer (optim="adamw_torch_fused"), as `alphalora train` runs it.
         optimizer = torch.optim.AdamW(adapter_parameters(model).values(), lr=1e-4, fused=True)
 
-        def train_step(model=model, optimizer=optimizer):
+        # `alphalora train --bf16`: the model loaded in bf16, run under bf16 autocast by Trainer.
+        autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+        def train_step(model=model, optimizer=optimizer, autocast=autocast):
             optimizer.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             optimizer.step()
 
         steps[name] = train_step
@@ -224,9 +231,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--model-repeats", type=int, default=10, help="interleaved rounds of the three training steps")
+    parser.add_argument("--sections", default="layer,many,model",
+                        help="comma-separated parts to run: layer, many (the many-expert layer), model")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"layer", "many", "model"}
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from layer, many, model")
+    summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+               "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+               "dtype": args.dtype}
+    if "layer" in sections:
+        summary.update(report_layer(args))
+    if "many" in sections:
+        summary["many_experts"] = report_many_experts(args)
+    if "model" in sections:
+        summary.update(report_model(args))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"\nwrote {args.json}")
 
+
+def report_layer(args) -> dict:
     layer = layer_benchmark(args)
     print(f"layer fwd+bwd, hidden {args.hidden}, {args.tokens} tokens, {args.experts} experts top-{args.top_k}, "
           f"rank {args.rank}, {args.dtype}, {args.device}")
@@ -236,33 +264,29 @@ def main() -> None:
     print(f"  adapter part at {layer['adapter_roofline_fraction']:.0%} of the memory roofline "
           f"({layer['adapter_min_bytes'] / 2**20:.0f} MiB least traffic, copy bandwidth "
           f"{layer['copy_bandwidth_gb_s']:.0f} GB/s)")
+    return {"layer": layer, "adapter_overhead_ratio": layer["adapter_overhead_ratio"],
+            "adapter_roofline_fraction": layer["adapter_roofline_fraction"]}
 
+
+def report_many_experts(args) -> dict:
     many = many_experts_benchmark(args)
     print(f"\nlayer fwd+bwd with {args.many_experts} experts x rank {args.many_rank} (E*r = "
           f"{args.many_experts * args.many_rank}), top-{args.top_k}")
     for name in ("base", "loop", "dense", "grouped"):
         print(f"  {name:7s} {many[name] * 1e3:8.2f} ms")
     print(f"  adapter cost dense / grouped = {many['grouped_over_dense']:.2f}x")
+    return many
 
+
+def report_model(args) -> dict:
     model = model_benchmark(args)
     print(f"\ntraining step, Llama {args.model_layers} layers hidden {args.model_hidden}, "
-          f"{args.batch}x{args.seq} tokens")
+          f"{args.batch}x{args.seq} tokens, {args.dtype}")
     for name in ("lora_r8", "moe_lora", "moe_lora_loop"):
         print(f"  {name:14s} {model[name]['step_s'] * 1e3:8.1f} ms/step  {model[name]['tokens_per_s']:8.0f} tok/s")
     print(f"  MoE-LoRA / LoRA r8 = {model['moe_over_lora']:.2f}x, MoE-LoRA / loop = {model['moe_over_loop']:.2f}x")
-
-    if args.json:
-        summary = {
-            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
-            "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-            "layer": layer, "many_experts": many, "model": model,
-            "adapter_overhead_ratio": layer["adapter_overhead_ratio"],
-            "adapter_roofline_fraction": layer["adapter_roofline_fraction"],
-            "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")},
-        }
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
-        print(f"\nwrote {args.json}")
+    return {"model": model,
+            "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")}}
 
 
 if __name__ == "__main__":

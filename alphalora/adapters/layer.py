@@ -142,8 +142,8 @@ class MoELoRALinear(nn.Module):
     def _fusable_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The base weight as [out, in] when the dense path (plain LoRA, or experts with this module's own
         router) can run as one autograd function with the base (same math): a plain frozen nn.Linear or
-        GPT-2 Conv1D, one dtype throughout, no autocast. None otherwise (quantised or trainable bases, shared
-        routers, mixed precision)."""
+        GPT-2 Conv1D, one dtype throughout, no autocast to another dtype. None otherwise (quantised or
+        trainable bases, shared routers, mixed precision over higher-precision weights)."""
         if self.num_experts > 1 and (self.router is None or self.shared_gates is not None):
             return None
         base = self.base
@@ -156,8 +156,11 @@ class MoELoRALinear(nn.Module):
         frozen = not weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         router = self.router.weight.dtype if self.router is not None else x.dtype
         same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == router
-        autocast = torch.is_autocast_enabled(x.device.type)  # mixed precision casts op by op: keep the op chain
-        return weight if frozen and same_dtype and not autocast else None
+        # Mixed precision casts op by op to its own dtype: keep the op chain where that differs from the
+        # layer's. A model already in the autocast dtype (`alphalora train --bf16` loads it so) casts nothing.
+        device = x.device.type
+        casts = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype
+        return weight if frozen and same_dtype and not casts else None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "

@@ -223,3 +223,40 @@ def test_under_autocast_the_layer_follows_the_fp32_loop_at_bf16_tolerance(expert
     out.float().square().sum().backward()
     torch.testing.assert_close(out.float(), moe_lora_loop_reference(layer, x).detach(), rtol=3e-2, atol=3e-2)
     assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("experts", [1, 6])
+def test_autocast_to_the_layers_own_dtype_keeps_the_fused_function(weights, experts, monkeypatch):
+    """`alphalora train --bf16` loads the model in bf16 and Trainer runs it under bf16 autocast, which
+    then casts nothing: the one-function path must still run (it used to fall back to the op chain on
+    any autocast), give what it gives without autocast, and follow the fp32 layer. fp32 weights under
+    bf16 autocast keep the op chain, whose ops autocast casts one by one."""
+    import alphalora.adapters.layer as layer_module
+
+    fused_calls = []
+    for name in ("dense_moe_lora", "lora_linear"):
+        original = getattr(layer_module, name)
+        monkeypatch.setattr(layer_module, name, lambda *a, _f=original: fused_calls.append(1) or _f(*a))
+    layer = _layer(experts, min(2, experts), dtype=weights)
+    x = torch.randn(2, 9, 24, dtype=weights, requires_grad=True)
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        return out, _grads(layer, out, x)
+
+    out, grads = run(autocast=True)
+    assert len(fused_calls) == (1 if weights == torch.bfloat16 else 0)
+    assert out.dtype == torch.bfloat16
+    if weights == torch.bfloat16:
+        plain_out, plain_grads = run(autocast=False)
+        torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+        for got, want in zip(grads, plain_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    exact = copy.deepcopy(layer).float()
+    x32 = x.detach().float().requires_grad_()
+    exact_out = exact(x32)
+    torch.testing.assert_close(out.float(), exact_out, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, _grads(exact, exact_out, x32), strict=True):
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
