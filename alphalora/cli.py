@@ -198,6 +198,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     except (DataError, PlanFormatError, AdapterError) as error:
         raise CliError(str(error)) from error
+    if not result.main_process:  # another process of a distributed run: the main one reports
+        return 0
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     if losses:
         print(f"training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logs")

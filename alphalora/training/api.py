@@ -22,6 +22,7 @@ class TrainResult:
     log_history: list[dict[str, Any]]
     label_names: list[str] | None
     reallocations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic HeteroLoRA rounds
+    main_process: bool = True  # False on the other processes of a distributed run (they write nothing)
 
 
 def _load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
@@ -105,7 +106,8 @@ def train(
 
     Data and plan are checked before any training starts. Checkpoints (adapter, optimizer,
     scheduler, RNG) go to out_dir/checkpoints; `resume=True` continues from the newest one.
-    The finished adapter is written to out_dir.
+    The finished adapter is written to out_dir. Under torchrun or accelerate every process calls
+    this and trains data parallel; only the main one writes (`TrainResult.main_process`).
     """
     import torch
     from transformers import TrainingArguments, set_seed
@@ -137,7 +139,7 @@ def train(
         logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps,
         eval_strategy="epoch" if eval_set else "no", report_to="none", disable_tqdm=not progress,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0,
-        **_checkpointing_argument(gradient_checkpointing),
+        ddp_find_unused_parameters=_has_idle_adapters(model, plan), **_checkpointing_argument(gradient_checkpointing),
     )
     all_callbacks = list(callbacks or [])
     reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
@@ -152,13 +154,26 @@ def train(
     if resume and last is None:
         print(f"no checkpoint in {checkpoints}: starting from the beginning")
     trainer.train(resume_from_checkpoint=last)
-    save_adapter(model, out, drop_disabled=True)
-    tokenizer.save_pretrained(out)
     rounds = reallocation.history if reallocation is not None else []
-    write_text_atomic(out / "trainer_log.json", json.dumps(
-        {"log_history": trainer.state.log_history, "label_names": label_names, "reallocations": rounds},
-        indent=2) + "\n")
-    return TrainResult(out, trainer.state.log_history, label_names, rounds)
+    main_process = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes
+    if main_process:
+        save_adapter(model, out, drop_disabled=True)
+        tokenizer.save_pretrained(out)
+        write_text_atomic(out / "trainer_log.json", json.dumps(
+            {"log_history": trainer.state.log_history, "label_names": label_names, "reallocations": rounds},
+            indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()  # every process returns with the adapter on disk
+    return TrainResult(out, trainer.state.log_history, label_names, rounds, main_process)
+
+
+def _has_idle_adapters(model, plan: Plan) -> bool:
+    """Whether some adapter weights may get no gradient in a step (modules HeteroLoRA switched off, or
+    switches on and off during training): distributed data parallel must then look for them every
+    step; otherwise that search is wasted work (and a warning)."""
+    from alphalora.adapters.inject import adapter_state
+
+    modules = adapter_state(model).switchable_modules(model).values()
+    return plan.reallocation is not None or any(not module.enabled for module in modules)
 
 
 def _reallocation_callback(model, plan: Plan, examples, pad_id):
