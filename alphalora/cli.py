@@ -231,7 +231,8 @@ def _serve(args: argparse.Namespace) -> int:
         state = make_state(args.model_dir, adapters, api_key=args.api_key, adapter_dir=args.adapter_dir,
                            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                            dtype=args.dtype, device=device, served_name=args.served_model_name,
-                           max_num_batched_tokens=args.max_num_batched_tokens)
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           enable_prefix_caching=args.enable_prefix_caching)
     except (ValueError, AdapterError, OSError) as error:
         raise CliError(str(error)) from error
     print(f"serving {state.base_name} ({device}) with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
@@ -253,7 +254,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
             adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             served_model_name=args.served_model_name, dtype=args.dtype,
-            tensor_parallel_size=args.tensor_parallel_size, vllm_args=args.vllm_args)
+            tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=args.enable_prefix_caching,
+            vllm_args=args.vllm_args)
         return serve_vllm(options, args.vllm_python)
     except (ValueError, AdapterError, VLLMNotFound, OSError) as error:
         raise CliError(str(error)) from error
@@ -448,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV cache of prompt prefixes computed before (per adapter), as vLLM does")
     serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="weights and activations (auto: float32 on the CPU, unlike vLLM, which downcasts to "

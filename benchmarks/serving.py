@@ -79,18 +79,19 @@ def synchronize(args) -> None:
         torch.cuda.synchronize()
 
 
-def build_engine(args, adapters: dict[str, str]) -> Engine:
+def build_engine(args, adapters: dict[str, str], prefix_caching: bool = True) -> Engine:
     """The engine on the benchmark's model, every adapter resident, as on a warm server."""
     engine = Engine(base_model(args), tokenizer=None, config=EngineConfig(
         max_num_seqs=args.requests, max_num_batched_tokens=args.batched_tokens, block_size=16,
-        max_loras=max(1, len(adapters)), adapters=adapters, device=args.device, dtype=DTYPES[args.dtype]))
+        max_loras=max(1, len(adapters)), adapters=adapters, device=args.device, dtype=DTYPES[args.dtype],
+        enable_prefix_caching=prefix_caching))
     for name in set(adapters):
         engine.adapters.get(name)
     return engine
 
 
-def run_engine(args, prompts, names, adapters: dict[str, str]):
-    engine = build_engine(args, adapters)
+def run_engine(args, prompts, names, adapters: dict[str, str], prefix_caching: bool = True):
+    engine = build_engine(args, adapters, prefix_caching)
     params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     seqs = [engine.add_request(p, params, n) for p, n in zip(prompts, names, strict=True)]
@@ -115,6 +116,8 @@ def run_engine(args, prompts, names, adapters: dict[str, str]):
             "tpot_p50": statistics.median(gaps), "tpot_p99": sorted(gaps)[int(0.99 * (len(gaps) - 1))],
             "tpot_req_p50": statistics.median(per_request),
             "tpot_req_p99": per_request[int(0.99 * (len(per_request) - 1))],
+            "prefix_hit_tokens": engine.scheduler.prefix_hit_tokens,
+            "prompt_tokens": sum(len(p) for p in prompts),
             "kv_pool_mib": engine.runner.kv_bytes() / 2**20,
             # the adapters' weights, and the copies the engine keeps beside them (dense-masked B)
             "adapter_mib": (sum(engine.adapters.get(n).nbytes() for n in set(adapters))
@@ -151,13 +154,14 @@ def _base_dir(args, work: Path) -> Path:
     return folder
 
 
-def run_vllm(args, work: Path, prompts, names, adapters: dict[str, Path], model: Path | None = None) -> dict | None:
+def run_vllm(args, work: Path, prompts, names, adapters: dict[str, Path], model: Path | None = None,
+             prefix_caching: bool = True) -> dict | None:
     """Real vLLM on the same requests: plain LoRA adapters as PEFT folders, or a baked MoE-LoRA `model`."""
     import subprocess
 
     job = {"model": str(model or _base_dir(args, work)), "prompts": prompts, "names": names, "output": args.output,
            "adapters": {n: str(p) for n, p in adapters.items()}, "max_num_batched_tokens": args.batched_tokens,
-           "max_lora_rank": 8, "dtype": VLLM_DTYPES[args.dtype]}
+           "max_lora_rank": 8, "dtype": VLLM_DTYPES[args.dtype], "enable_prefix_caching": prefix_caching}
     job_file = work / "vllm_job.json"
     job_file.write_text(json.dumps(job))
     result = subprocess.run([args.vllm_python, str(Path(__file__).with_name("vllm_peer.py")), str(job_file)],

@@ -190,15 +190,25 @@ class AdapterRegistry:
         self.fits = fits  # adapters are checked against the served model as they load
         self.paths: dict[str, Path] = {}
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._registrations = itertools.count()
+        self._cache_keys: dict[str, str] = {}
 
     def register(self, name: str, path: str | Path, load_now: bool = False) -> None:
         self.paths[name] = Path(path)
+        self._resident.pop(name, None)  # registered again: the new folder from now on
+        self._cache_keys[name] = f"{name}#{next(self._registrations)}"
         if load_now:
             self.get(name)
 
     def unregister(self, name: str) -> None:
         self.paths.pop(name, None)
         self._resident.pop(name, None)
+        self._cache_keys.pop(name, None)
+
+    def cache_key(self, name: str) -> str:
+        """What tells this registration's cached KV blocks from any other's (another adapter, or the
+        same name registered again, perhaps with other weights); stable across LRU reloads."""
+        return self._cache_keys[name]
 
     def get(self, name: str) -> LoadedAdapter:
         """The adapter's weights, loading it (and evicting the least recently used) if needed."""

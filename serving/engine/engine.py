@@ -40,6 +40,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None
     device: str = "cpu"
     adapters: dict[str, str] = field(default_factory=dict)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
 
 
 def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported: bool | None = None) -> torch.dtype:
@@ -107,6 +108,9 @@ class Engine:
         if adapter is not None:
             self.adapters.get(adapter)  # fail now, not mid-batch, if it cannot be loaded
         seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
+        if self.config.enable_prefix_caching:
+            seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""
+            seq.reuse_cached_prefix = not params.prompt_logprobs  # cached tokens have no logits
         self.scheduler.add(seq)
         if params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)

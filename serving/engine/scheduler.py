@@ -4,6 +4,10 @@ One token budget per step covers prefill chunks and decodes alike (chunked prefi
 sequences go first, in arrival order, then waiting ones are admitted while the budget, the
 sequence limit and the KV pool allow. When the pool runs dry, the most recently admitted
 running sequence is preempted (its blocks freed, to be recomputed later).
+
+With prefix caching a sequence is admitted with the cached blocks its tokens start with (at most
+all but its last token, whose logits it needs) and computes only the rest; every full block it
+computes is registered for the sequences after it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .prefix_cache import extend_block_hashes
 from .sequence import Sequence, SequenceStatus
 
 
@@ -53,6 +58,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Prefix caching, in tokens: looked up at admission, and found in the cache.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues a new sequence; raises QueueFullError or ValueError (too long for the context/pool)."""
@@ -75,6 +83,7 @@ class Scheduler:
         victim = self.running.pop()
         self.blocks.free(victim.seq_id)
         victim.num_computed = 0
+        victim.num_registered_blocks = 0
         victim.status = SequenceStatus.WAITING
         self.waiting.appendleft(victim)
         output.preempted.append(victim)
@@ -98,16 +107,42 @@ class Scheduler:
             index += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not output.preempted:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(n):
+            prefix = self._cached_prefix(seq)
+            computed = len(prefix) * self.blocks.block_size
+            n = min(seq.num_tokens - computed, budget)
+            if not self.blocks.can_allocate(n, prefix):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.seq_id, n)
+            self.blocks.allocate(seq.seq_id, n, prefix)
+            if seq.cache_salt is not None and seq.reuse_cached_prefix:
+                self.prefix_queried_tokens += seq.num_tokens
+                self.prefix_hit_tokens += computed
+            seq.num_cached_tokens = computed
+            seq.num_computed, seq.num_registered_blocks = computed, len(prefix)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            output.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            output.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
         return output
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks the sequence can start from: its longest cached run of full blocks,
+        short of its last token."""
+        if seq.cache_salt is None or not seq.reuse_cached_prefix:
+            return []
+        usable = (seq.num_tokens - 1) // self.blocks.block_size
+        hashes = extend_block_hashes(seq.block_hashes, seq.all_ids, self.blocks.block_size, seq.cache_salt)
+        return self.blocks.cached_prefix(hashes[:usable])
+
+    def _register_computed_blocks(self, seq: Sequence) -> None:
+        """Offers the sequence's newly full and computed blocks to the cache."""
+        full = seq.num_computed // self.blocks.block_size
+        if seq.cache_salt is None or full <= seq.num_registered_blocks:
+            return
+        hashes = extend_block_hashes(seq.block_hashes, seq.all_ids, self.blocks.block_size, seq.cache_salt)
+        for index in range(seq.num_registered_blocks, full):
+            self.blocks.register(seq.seq_id, index, hashes[index])
+        seq.num_registered_blocks = full
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Records a step: scheduled tokens now have KV; sequences that sampled get their token."""
@@ -118,6 +153,7 @@ class Scheduler:
             seq.num_computed = chunk.start + chunk.num_tokens
             if seq.seq_id in sampled:
                 seq.output_ids.append(sampled[seq.seq_id])
+            self._register_computed_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str, cancelled: bool = False) -> None:
         """Ends a sequence (stop, length, cancel) and frees its KV blocks."""

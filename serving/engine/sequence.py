@@ -31,6 +31,14 @@ class Sequence:
     finish_reason: str | None = None
     # Filled when params ask: per prompt token, (its logprob, the top-k {token: logprob}); None first.
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
+    # Prefix caching: the adapter's cache key (None: this sequence neither shares nor reuses blocks),
+    # whether it may start from cached blocks (not when every prompt token's logits are wanted), its
+    # full blocks' content hashes so far and how many of its blocks are registered in the cache.
+    cache_salt: str | None = None
+    reuse_cached_prefix: bool = True
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0  # prompt tokens read from the cache at admission
 
     @property
     def num_tokens(self) -> int:

@@ -158,9 +158,14 @@ async def _collect(request: Request, choices, streams) -> None:
 
 
 def _usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` counts the prompt tokens the prefix cache
+    served (each prompt's first choice: its other n - 1 are admitted with it)."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    per_prompt = max(1, len(choices) // max(1, len(prompts)))
+    cached = sum(c.tokens[0].seq.num_cached_tokens for c in choices[::per_prompt] if c.tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(payload: dict) -> str:

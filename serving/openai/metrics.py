@@ -29,6 +29,12 @@ def render_metrics(engine: AsyncEngine) -> str:
         "# HELP alphalora_generation_tokens_total Tokens generated.",
         "# TYPE alphalora_generation_tokens_total counter",
         f"alphalora_generation_tokens_total {stats.generation_tokens_total}",
+        "# HELP alphalora_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
+        "# TYPE alphalora_prefix_cache_queries_total counter",
+        f"alphalora_prefix_cache_queries_total {engine.engine.scheduler.prefix_queried_tokens}",
+        "# HELP alphalora_prefix_cache_hits_total Prompt tokens served from the prefix cache.",
+        "# TYPE alphalora_prefix_cache_hits_total counter",
+        f"alphalora_prefix_cache_hits_total {engine.engine.scheduler.prefix_hit_tokens}",
         "# HELP alphalora_requests_total Sequences admitted, by adapter.",
         "# TYPE alphalora_requests_total counter",
     ]

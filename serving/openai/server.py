@@ -31,10 +31,11 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str | None = None,
                adapter_dir: str | Path | None = None, max_loras: int = 4, max_num_seqs: int = 32,
                max_model_len: int | None = None, dtype: str = "auto", device: str = "cpu",
-               served_name: str | None = None, max_num_batched_tokens: int = 512) -> ServerState:
+               served_name: str | None = None, max_num_batched_tokens: int = 512,
+               enable_prefix_caching: bool = True) -> ServerState:
     config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_loras=max_loras,
                           dtype=DTYPES[dtype], device=device, adapters=adapters,
-                          max_num_batched_tokens=max_num_batched_tokens)
+                          max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
     engine = Engine.from_pretrained(model_dir, config)
     for name in adapters:  # refuse bad adapters at start-up, not on the first request
         engine.adapters.get(name)

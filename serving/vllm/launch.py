@@ -89,6 +89,7 @@ class ServeOptions:
     served_model_name: str | None = None
     dtype: str = "auto"
     tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
     vllm_args: str = ""
 
 
@@ -124,6 +125,8 @@ def build_launch(options: ServeOptions, install: VLLMInstall) -> Launch:
         argv += ["--api-key", options.api_key]
     if options.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(options.tensor_parallel_size)]
+    if not options.enable_prefix_caching:
+        argv.append("--no-enable-prefix-caching")
     env = dict(os.environ)
     if prepared.loras or (options.adapter_dir and not prepared.moe_adapter):
         rank = max(prepared.max_rank, _runtime_rank(options.adapter_dir) if options.adapter_dir else 0)

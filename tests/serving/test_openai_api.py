@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -53,7 +54,26 @@ def test_greedy_completion_equals_generate_with_the_adapter(served):
     hf = _hf_greedy_from_dir(model_dir, prompt, 5, adapters / "moe")
     assert body["choices"][0]["text"] == tokenizer.decode(hf, skip_special_tokens=True)
     assert len(body["choices"][0]["logprobs"]["token_logprobs"]) == 5
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_a_repeated_prompt_prefix_is_served_from_the_cache_and_reported(served):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens and the Prometheus counters (block size 16:
+    the 40-token prompt's first two blocks come from the first request's)."""
+    client, _, _, _ = served
+    def cache_hits() -> int:
+        return int(re.search(r"^alphalora_prefix_cache_hits_total (\d+)$", client.get("/metrics").text, re.M)[1])
+
+    hits_before = cache_hits()
+    prompt = [3 + (7 * i) % 30 for i in range(40)]  # the tiny tokenizer's 34 ids
+    request = {"model": "moe", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    first = client.post("/v1/completions", json={**request, "prompt": prompt}).json()
+    second = client.post("/v1/completions", json={**request, "prompt": prompt[:36] + [5, 6, 7]}).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert cache_hits() == hits_before + 32
+    assert "# TYPE alphalora_prefix_cache_queries_total counter" in client.get("/metrics").text
 
 
 def _hf_greedy_from_dir(model_dir, prompt, n, adapter):

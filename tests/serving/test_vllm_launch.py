@@ -97,6 +97,8 @@ def test_serve_flags_map_to_vllm_and_max_lora_rank_is_the_largest_rank_rounded_u
 def test_base_model_alone_starts_vllm_without_lora(folders):
     argv = _launch(folders, {}).argv
     assert "--enable-lora" not in argv and "--lora-modules" not in argv
+    assert "--no-enable-prefix-caching" not in argv  # vLLM's default: on, as ours
+    assert "--no-enable-prefix-caching" in _launch(folders, {}, enable_prefix_caching=False).argv
 
 
 def test_adapter_dir_turns_on_runtime_lora_loading(folders, tmp_path):
