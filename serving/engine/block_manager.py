@@ -63,6 +63,10 @@ class BlockManager:
     def num_tokens(self, seq_id: Hashable) -> int:
         return self._lengths[seq_id]
 
+    def num_holders(self, block: int) -> int:
+        """How many sequences hold the block (more than one: a shared cached prefix, only read)."""
+        return self._refs[block]
+
     def cached_prefix(self, hashes: Sequence[Hashable]) -> list[int]:
         """The registered blocks of the longest run of `hashes` (a sequence's block hashes in order)."""
         blocks = []

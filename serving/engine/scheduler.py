@@ -117,7 +117,8 @@ class Scheduler:
             if seq.cache_salt is not None and seq.reuse_cached_prefix:
                 self.prefix_queried_tokens += seq.num_tokens
                 self.prefix_hit_tokens += computed
-            seq.num_cached_tokens = computed
+            if not seq.output_ids:  # the response reports its prompt's hits, not a readmission's
+                seq.num_cached_tokens = computed
             seq.num_computed, seq.num_registered_blocks = computed, len(prefix)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -71,15 +71,21 @@ def test_preemption_frees_blocks_and_recomputes_later():
     assert scheduler.blocks.num_free_blocks == 4
 
 
+@pytest.mark.parametrize("caching", [False, True], ids=["no cache", "prefix cache"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_admit_finish_cancel_leaks_nothing(seed):
+def test_random_admit_finish_cancel_leaks_nothing(seed, caching):
+    """With the prefix cache on (two adapters' worth of salts, prompts from a few templates, so that
+    prompts share blocks), a step also never writes into a block another sequence holds."""
     rng = random.Random(seed)
     scheduler = Scheduler(BlockManager(48, 4, watermark=0.02), max_num_seqs=6, max_num_batched_tokens=32,
                           max_waiting=30, max_model_len=120)
+    templates = [[rng.randint(0, 99) for _ in range(60)] for _ in range(3)]
     sequences = []
     for _ in range(1500):
         if rng.random() < 0.3 and len(scheduler.waiting) < 30:
-            seq = Sequence(len(sequences), [rng.randint(0, 99)] * rng.randint(1, 60), max_tokens=rng.randint(1, 40))
+            seq = Sequence(len(sequences), rng.choice(templates)[:rng.randint(1, 60)], max_tokens=rng.randint(1, 40))
+            if caching:
+                seq.cache_salt = rng.choice(["", "adapter#0"])
             scheduler.add(seq)
             sequences.append(seq)
         if rng.random() < 0.05 and sequences:
@@ -88,6 +94,11 @@ def test_random_admit_finish_cancel_leaks_nothing(seed):
         output = _step(scheduler, rng)
         assert output.num_tokens <= 32 and len(scheduler.running) <= 6
         scheduler.blocks.check_invariants()
+        for chunk in output.chunks:
+            if chunk.seq.status is SequenceStatus.RUNNING:
+                table = scheduler.blocks.block_table(chunk.seq.seq_id)
+                written = range(chunk.start // 4, (chunk.start + chunk.num_tokens - 1) // 4 + 1)
+                assert all(scheduler.blocks.num_holders(table[i]) == 1 for i in written)
         live = {s.seq_id for s in scheduler.running}
         assert all(not scheduler.blocks.has(s.seq_id) for s in sequences if s.seq_id not in live)
     while scheduler.has_work():
@@ -95,3 +106,4 @@ def test_random_admit_finish_cancel_leaks_nothing(seed):
     assert scheduler.blocks.num_free_blocks == 48
     assert all(s.is_finished for s in sequences)
     assert all(len(s.output_ids) == s.max_tokens for s in sequences if s.status is SequenceStatus.FINISHED)
+    assert (scheduler.prefix_hit_tokens > 0) == caching
