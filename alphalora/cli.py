@@ -232,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
                            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                            dtype=args.dtype, device=device, served_name=args.served_model_name,
                            max_num_batched_tokens=args.max_num_batched_tokens,
-                           enable_prefix_caching=args.enable_prefix_caching)
+                           enable_prefix_caching=args.enable_prefix_caching, chat_template=args.chat_template)
     except (ValueError, AdapterError, OSError) as error:
         raise CliError(str(error)) from error
     print(f"serving {state.base_name} ({device}) with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
@@ -255,7 +255,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             served_model_name=args.served_model_name, dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=args.enable_prefix_caching,
-            vllm_args=args.vllm_args)
+            chat_template=args.chat_template, vllm_args=args.vllm_args)
         return serve_vllm(options, args.vllm_python)
     except (ValueError, AdapterError, VLLMNotFound, OSError) as error:
         raise CliError(str(error)) from error
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template (a file, or the template itself) for /v1/chat/completions, where "
+                       "the tokenizer has none or another is wanted")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV cache of prompt prefixes computed before (per adapter), as vLLM does")
     serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")

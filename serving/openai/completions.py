@@ -267,7 +267,8 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
 def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template "
+                       "FILE, or use /v1/completions")
     plain = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
               "".join(part.get("text", "") for part in (m.content or []))} for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -28,17 +28,35 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template as vLLM reads it: a file's text where `value` names a file, else the template itself."""
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template long enough to be no valid file name
+        pass
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
 def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str | None = None,
                adapter_dir: str | Path | None = None, max_loras: int = 4, max_num_seqs: int = 32,
                max_model_len: int | None = None, dtype: str = "auto", device: str = "cpu",
                served_name: str | None = None, max_num_batched_tokens: int = 512,
-               enable_prefix_caching: bool = True) -> ServerState:
+               enable_prefix_caching: bool = True, chat_template: str | None = None) -> ServerState:
+    """The engine and the server's settings. `chat_template`: a Jinja template, or a file holding one,
+    for models whose tokenizer has none (or to replace it)."""
+    template = read_chat_template(chat_template) if chat_template else None
     config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_loras=max_loras,
                           dtype=DTYPES[dtype], device=device, adapters=adapters,
                           max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
     engine = Engine.from_pretrained(model_dir, config)
     for name in adapters:  # refuse bad adapters at start-up, not on the first request
         engine.adapters.get(name)
+    if template is not None:
+        engine.tokenizer.chat_template = template
     return ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
                        base_name=served_name or Path(model_dir).name, max_model_len=engine.max_model_len,
                        api_key=api_key, adapter_dir=Path(adapter_dir) if adapter_dir else None)

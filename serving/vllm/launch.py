@@ -90,6 +90,7 @@ class ServeOptions:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    chat_template: str | None = None
     vllm_args: str = ""
 
 
@@ -127,6 +128,8 @@ def build_launch(options: ServeOptions, install: VLLMInstall) -> Launch:
         argv += ["--tensor-parallel-size", str(options.tensor_parallel_size)]
     if not options.enable_prefix_caching:
         argv.append("--no-enable-prefix-caching")
+    if options.chat_template:
+        argv += ["--chat-template", options.chat_template]
     env = dict(os.environ)
     if prepared.loras or (options.adapter_dir and not prepared.moe_adapter):
         rank = max(prepared.max_rank, _runtime_rank(options.adapter_dir) if options.adapter_dir else 0)

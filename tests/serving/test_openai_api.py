@@ -246,3 +246,29 @@ def test_a_refused_request_leaves_nothing_behind(tmp_path):
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_chat_template_from_the_command_line(tmp_path):
+    """A tokenizer without a chat template: chat is refused naming the fix; --chat-template (a file)
+    supplies one, and the prompt is that template applied."""
+    from alphalora.serving.openai.server import read_chat_template
+
+    model_dir = save_tiny("llama", tmp_path / "plain", initializer_range=0.2, max_position_embeddings=128)
+    chat = {"model": "plain", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0}
+    state = make_state(model_dir, {})
+    try:
+        response = TestClient(build_app(state)).post("/v1/chat/completions", json=chat)
+        assert response.status_code == 400 and "--chat-template" in response.json()["error"]["message"]
+    finally:
+        state.engine.close()
+    (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
+    state = make_state(model_dir, {}, chat_template=str(tmp_path / "template.jinja"))
+    try:
+        body = TestClient(build_app(state)).post("/v1/chat/completions", json=chat).json()
+        expected = state.tokenizer("user hello </s> assistant ", add_special_tokens=False)["input_ids"]
+        assert body["usage"]["prompt_tokens"] == len(expected)
+    finally:
+        state.engine.close()
+    assert read_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        read_chat_template(str(tmp_path / "missing.jinja"))

@@ -99,6 +99,7 @@ def test_base_model_alone_starts_vllm_without_lora(folders):
     assert "--enable-lora" not in argv and "--lora-modules" not in argv
     assert "--no-enable-prefix-caching" not in argv  # vLLM's default: on, as ours
     assert "--no-enable-prefix-caching" in _launch(folders, {}, enable_prefix_caching=False).argv
+    assert _value(_launch(folders, {}, chat_template="t.jinja").argv, "--chat-template") == "t.jinja"
 
 
 def test_adapter_dir_turns_on_runtime_lora_loading(folders, tmp_path):
