@@ -6,7 +6,8 @@
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
-# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile.
+# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile
+# spectral_one_stream.
 # A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
@@ -16,7 +17,8 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-stages=${*:-build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile}
+all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile"
+stages=${*:-$all_stages spectral_one_stream}
 mkdir -p "$results"
 python=${PYTHON:-python3}
 log="$results/gpu_checks.log"
@@ -74,4 +76,8 @@ stage profile 90 "$python" benchmarks/moe_lora_profile.py --device cuda --dtype 
   --json "$results/moe_lora_profile_cuda.json"
 stage serving_profile 90 "$python" benchmarks/serving_profile.py --device cuda --dtype bf16 \
   --json "$results/serving_profile_cuda.json"
+# The same with cuSOLVER's solves one after another (ATen's own loop), against the default of four streams
+# (the `spectral` stage); last, as the least needed.
+stage spectral_one_stream 150 env ALPHALORA_EIGH_STREAMS=1 "$python" benchmarks/spectral.py --models llama7b \
+  --llama-layers 32 --device cuda --skip-ww --repeats 1 --json "$results/spectral_cuda_one_stream.json"
 exit "$failed"

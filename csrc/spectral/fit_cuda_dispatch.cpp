@@ -73,8 +73,6 @@ std::tuple<at::Tensor, at::Tensor> xmin_peak_window_cuda(const at::Tensor& evals
 TORCH_LIBRARY_IMPL(alphalora, CUDA, m) {
   m.impl("powerlaw_fit", &powerlaw_fit_cuda);
   m.impl("xmin_peak_window", &xmin_peak_window_cuda);
-  // cuSOLVER through ATen: already the fastest batched path on the GPU.
-  m.impl("eigvalsh_batched", [](const at::Tensor& grams) { return at::linalg_eigvalsh(grams); });
 }
 
 }  // namespace alphalora::spectral

@@ -173,7 +173,23 @@ def test_opcheck_eigvalsh_batched():
 
 
 @requires_cuda
-def test_eigvalsh_batched_cuda_matches_cpu():
-    w = torch.randn(4, 90, 64, dtype=torch.float64)
+@pytest.mark.parametrize("streams", ["", "1", "3", "16"])
+def test_eigvalsh_batched_cuda_matches_cpu(streams, monkeypatch):
+    """The CUDA op solves the batch on several streams (ALPHALORA_EIGH_STREAMS; empty: the default 4,
+    1: one after another, more streams than matrices); every matrix lands in its own row."""
+    monkeypatch.setenv("ALPHALORA_EIGH_STREAMS", streams)
+    w = torch.randn(7, 90, 64, dtype=torch.float64) * torch.arange(1, 8, dtype=torch.float64)[:, None, None]
     grams = w.transpose(1, 2) @ w
-    torch.testing.assert_close(ops.eigvalsh_batched(grams.cuda()).cpu(), ops.eigvalsh_batched(grams))
+    side = torch.cuda.Stream()  # the Grams come from the caller's stream, whichever that is
+    with torch.cuda.stream(side):
+        got = ops.eigvalsh_batched(grams.cuda())
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(got.cpu(), ops.eigvalsh_batched(grams))
+
+
+@requires_cuda
+def test_eigvalsh_batched_cuda_refuses_a_bad_stream_count(monkeypatch):
+    monkeypatch.setenv("ALPHALORA_EIGH_STREAMS", "0")
+    grams = torch.eye(8, dtype=torch.float64, device="cuda").expand(2, 8, 8).contiguous()
+    with pytest.raises(RuntimeError, match="ALPHALORA_EIGH_STREAMS must be a positive integer"):
+        ops.eigvalsh_batched(grams)
