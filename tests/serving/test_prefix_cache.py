@@ -185,3 +185,19 @@ def test_an_adapter_registered_again_does_not_read_its_predecessors_blocks(adapt
     (seq,) = engine.generate([prompt], params, ["moe"])
     assert engine.scheduler.prefix_hit_tokens == before
     assert seq.output_ids == _hf_greedy("llama", prompt, 4, adapter=other)
+
+
+def test_a_second_turn_reuses_the_first_turns_generated_blocks(adapters):
+    """Chat: turn 2's prompt is turn 1's prompt, its answer and a new message. Blocks filled while
+    decoding are cached too, so turn 2 computes only the new message (and generate agrees)."""
+    torch.manual_seed(12)
+    first_prompt = torch.randint(1, 128, (10,)).tolist()
+    params = SamplingParams(max_tokens=9, min_tokens=9, temperature=0.0, ignore_eos=True)
+    engine = _engine(adapters)
+    (turn1,) = engine.generate([first_prompt], params, ["moe"])
+    second_prompt = first_prompt + turn1.output_ids + torch.randint(1, 128, (5,)).tolist()
+    (turn2,) = engine.generate([second_prompt], params, ["moe"])
+    # Turn 1 computed the KV of its prompt and of its first 8 answer tokens (the 9th was sampled last):
+    # 18 tokens, 4 full blocks of 4.
+    assert turn2.num_cached_tokens == 16 > len(first_prompt)
+    assert turn2.output_ids == _hf_greedy("llama", second_prompt, 9, adapter=adapters["moe"])
