@@ -107,6 +107,9 @@ class Engine:
         """Queues a request; raises QueueFullError, ValueError (too long) or AdapterError (unknown adapter)."""
         if adapter is not None:
             self.adapters.get(adapter)  # fail now, not mid-batch, if it cannot be loaded
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of {vocab}")
         seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
         if self.config.enable_prefix_caching:
             seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""

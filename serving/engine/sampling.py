@@ -23,6 +23,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many top logprobs to return per token (0: only the chosen)
     prompt_logprobs: bool = False  # logprob of every prompt token given the ones before it
+    min_p: float = 0.0  # vLLM's: drop tokens less probable than min_p x the most probable (after temperature)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to a token's logit first
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -39,6 +41,13 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
 
 
 @dataclass
@@ -49,7 +58,9 @@ class SampleResult:
 
 
 def _has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+    """Whether the row's logits change before sampling (penalties, a logit bias): sampled on its own."""
+    return (params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+            or bool(params.logit_bias))
 
 
 def suppressed_tokens(params: SamplingParams, output_ids: list[int], eos_token_ids: list[int]) -> list[int]:
@@ -111,19 +122,27 @@ def _sample_batch(logits: torch.Tensor, rows: list[int], params: list[SamplingPa
     return results
 
 
-def _filters(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(temperature, top_k, top_p) per row, as tensors: one small copy each."""
+def _filters(params: list[SamplingParams], device) -> tuple[torch.Tensor | None, ...]:
+    """(temperature, top_k, top_p, min_p) per row, as tensors: one small copy each (min_p None where
+    no row sets it)."""
     return (torch.tensor([p.temperature for p in params], device=device),
             torch.tensor([p.top_k for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device))
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([p.min_p for p in params], device=device) if any(p.min_p for p in params) else None)
 
 
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor) -> torch.Tensor:
+                   top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Sampling probabilities [R, vocab] of logits [R, vocab] (temperature > 0 per row): divided by
-    the row's temperature, cut to the logits at least its top_k-th largest (top_k -1: off), softened,
-    cut to the most probable tokens whose mass before them is under its top_p, renormalised."""
+    the row's temperature, cut to the tokens at least min_p x as probable as the most probable (vLLM's
+    order: min-p before top-k and top-p), cut to the logits at least its top_k-th largest (top_k -1:
+    off), softened, cut to the most probable tokens whose mass before them is under its top_p,
+    renormalised."""
     scaled = logits.float() / temperature[:, None]
+    if min_p is not None:
+        # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p), softmax's normaliser cancelling
+        floor = scaled.max(dim=-1, keepdim=True).values + torch.log(min_p[:, None].float())
+        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
     ordered, order = torch.sort(scaled, dim=-1, descending=True)
     vocab = scaled.shape[-1]
     kth = ordered.gather(1, (torch.where(top_k > 0, top_k.clamp(max=vocab), vocab) - 1)[:, None])
@@ -137,6 +156,9 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> torch.Tensor:
+    if params.logit_bias:
+        tokens = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+        logits[tokens] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         values = logits[seen]

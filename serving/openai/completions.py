@@ -39,9 +39,18 @@ def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) ->
             seed=None if body.seed is None else body.seed + seed_offset, stop=stop,
             stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, **extra)
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+            logit_bias=_logit_bias(body.logit_bias), **extra)
     except ValueError as error:
         raise APIError(400, str(error)) from error
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias: keys are token ids written as strings."""
+    try:
+        return {int(token): float(value) for token, value in (bias or {}).items()}
+    except ValueError as error:
+        raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:3]}", param="logit_bias") from error
 
 
 def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> None:

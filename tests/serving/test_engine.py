@@ -332,3 +332,23 @@ def test_auto_dtype_reads_like_vllm_on_a_gpu_and_keeps_float32_on_the_cpu(tmp_pa
     _base("llama").to(torch.bfloat16).save_pretrained(folder)  # the checkpoint in bfloat16
     engine = Engine.from_pretrained(folder, EngineConfig(max_num_seqs=2))
     assert next(engine.model.parameters()).dtype == torch.float32  # auto on the CPU
+
+
+def test_logit_bias_equals_generate_with_sequence_bias(adapters):
+    """OpenAI's logit_bias against transformers' own sequence_bias (single-token sequences), greedy,
+    with an adapter: a banned favourite and a boosted outsider change the tokens the same way."""
+    torch.manual_seed(21)
+    prompt = torch.randint(1, 128, (9,)).tolist()
+    plain = _hf_greedy("llama", prompt, 6, adapter=adapters["moe_a"])
+    bias = {plain[0]: -100.0, plain[1]: -100.0, 77: 4.0}
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=4, adapters={"moe_a": str(adapters["moe_a"])}))
+    params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, ignore_eos=True, logit_bias=bias)
+    (seq,) = engine.generate([prompt], params, ["moe_a"])
+    model = _base("llama")
+    load_adapter(model, adapters["moe_a"])
+    out = model.eval().generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                pad_token_id=0, sequence_bias={(t,): b for t, b in bias.items()})
+    assert seq.output_ids == out[0, len(prompt):].tolist() != plain
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request(prompt, SamplingParams(logit_bias={10**6: 1.0}), "moe_a")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from alphalora.serving.engine import SamplingParams
 from alphalora.serving.openai import build_app
 from alphalora.serving.openai.server import make_state
 from tests.serving.test_engine import _adapter
@@ -142,6 +143,10 @@ def test_openai_client_completions_chat_and_streaming(served):
     ({"model": "BASE", "prompt": list(range(1, 120)), "max_tokens": 50}, 400),
     ({"model": "BASE", "prompt": [999999]}, 400),
     ({"model": "BASE"}, 400),
+    ({"model": "BASE", "prompt": "x", "logit_bias": {"seven": 1.0}}, 400),
+    ({"model": "BASE", "prompt": "x", "logit_bias": {"5": 500.0}}, 400),
+    ({"model": "BASE", "prompt": "x", "logit_bias": {"999999": 1.0}}, 400),
+    ({"model": "BASE", "prompt": "x", "min_p": 2.0}, 400),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(served, payload, status):
     client, state, _, _ = served
@@ -272,3 +277,18 @@ def test_chat_template_from_the_command_line(tmp_path):
     assert read_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         read_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_logit_bias_and_min_p_reach_the_sampler(served):
+    client, state, _, _ = served
+    request = {"model": state.base_name, "prompt": [2, 5, 9, 14], "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    engine = state.engine.engine
+    (greedy,) = state.engine.run_locked(engine.generate, [request["prompt"]], SamplingParams(max_tokens=1,
+                                                                                             temperature=0.0))
+    favourite = greedy.output_ids[0]
+    first = client.post("/v1/completions", json=request).json()["choices"][0]["logprobs"]["token_logprobs"][0]
+    banned = client.post("/v1/completions", json={**request, "logit_bias": {str(favourite): -100}}).json()
+    assert banned["choices"][0]["logprobs"]["token_logprobs"][0] < first  # the next best token instead
+    # min_p = 1 keeps only the most probable token: sampling at any temperature is then greedy
+    sampled = client.post("/v1/completions", json={**request, "temperature": 1.5, "min_p": 1.0, "seed": 3}).json()
+    assert sampled["choices"][0]["logprobs"]["token_logprobs"][0] == first

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
-from alphalora.serving.engine.sampling import apply_penalties, filtered_probs, sample, sample_rows
+from alphalora.serving.engine.sampling import _filters, apply_penalties, filtered_probs, sample, sample_rows
 from tests.serving.test_engine import _base
 
 
@@ -131,6 +131,46 @@ def test_filtered_probs_follow_the_definitions_row_by_row():
     for row, (t, k, p) in enumerate(ROW_FILTERS):
         np.testing.assert_allclose(got[row].numpy(), _filtered_by_definition(logits[row].numpy(), t, k, p),
                                    atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,min_p,top_k,top_p", [(1.0, 0.1, -1, 1.0), (0.6, 0.05, -1, 1.0),
+                                                          (1.5, 0.2, 8, 0.9), (1.0, 0.0, -1, 1.0)])
+def test_min_p_follows_transformers_min_p_warper(temperature, min_p, top_k, top_p):
+    """vLLM's min_p against transformers' own warpers, applied in vLLM's order (temperature, min-p,
+    top-k, top-p) to the same logits."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    want = torch.softmax(scores, dim=-1)
+    rows = [SamplingParams(temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p)] * 3
+    got = filtered_probs(logits, *_filters(rows, "cpu"))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert ((got > 0).sum(-1) < 50).all() == bool(min_p or top_k > 0 or top_p < 1)
+
+
+def test_logit_bias_moves_the_greedy_choice_and_not_the_reported_logprob():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    banned = SamplingParams(temperature=0.0, logprobs=1, logit_bias={1: -100.0})
+    forced = SamplingParams(temperature=0.0, logit_bias={0: 100.0})
+    without_1, with_0 = (sample_rows(logits, [(params, [], [], None)])[0] for params in (banned, forced))
+    assert without_1.token == 2 and with_0.token == 0
+    assert with_0.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[0]))
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="min_p must be in"):
+        SamplingParams(min_p=1.5)
 
 
 def test_random_rows_sampled_together_follow_each_rows_distribution():
