@@ -203,6 +203,11 @@ def _train(args: argparse.Namespace) -> int:
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     if losses:
         print(f"training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logs")
+    evaluations = [h for h in result.log_history if "eval_loss" in h]
+    if evaluations:
+        last = evaluations[-1]
+        accuracy = f", accuracy {last['eval_accuracy']:.4f}" if "eval_accuracy" in last else ""
+        print(f"evaluation loss {last['eval_loss']:.4f}{accuracy} (epoch {last.get('epoch', 0):g})")
     print(f"adapter: {result.adapter_dir}")
     return 0
 

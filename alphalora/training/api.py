@@ -149,6 +149,7 @@ def train(
         model=model, args=args, train_dataset=ListDataset(train_set.examples),
         eval_dataset=ListDataset(eval_set.examples) if eval_set else None,
         data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=all_callbacks,
+        compute_metrics=classification_accuracy if task == "classification" else None,
     )
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
     if resume and last is None:
@@ -164,6 +165,15 @@ def train(
             indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()  # every process returns with the adapter on disk
     return TrainResult(out, trainer.state.log_history, label_names, rounds, main_process)
+
+
+def classification_accuracy(prediction) -> dict[str, float]:
+    """Trainer's compute_metrics for sequence classification: the share of evaluation examples whose
+    highest logit is their label (logged as eval_accuracy beside eval_loss)."""
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == prediction.label_ids))}
 
 
 def _has_idle_adapters(model, plan: Plan) -> bool:

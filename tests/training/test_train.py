@@ -70,6 +70,32 @@ def test_classification_trains_the_head_with_the_adapter(tmp_path):
     assert config["plan"]["modules_to_save"] == ["classifier"]
 
 
+def test_classification_evaluation_logs_accuracy(tmp_path):
+    """eval_accuracy beside eval_loss, equal to the share of evaluation texts the saved adapter labels
+    right when run on its own."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = save_tiny("bert", tmp_path / "tiny-bert")
+    rows = [{"text": "the cat sat on the mat", "label": "animal"}, {"text": "red green blue", "label": "colour"},
+            {"text": "the dog sat on the log", "label": "animal"}, {"text": "blue yellow red", "label": "colour"}]
+    data = _write_jsonl(tmp_path / "cls.jsonl", rows * 6)
+    held_out = rows + [{"text": "the cat sat", "label": "animal"}, {"text": "green red", "label": "colour"},
+                       {"text": "the log", "label": "animal"}]
+    evaluation = _write_jsonl(tmp_path / "eval.jsonl", held_out)
+    result = train(model_dir, _plan(targets=("q", "v")), data, tmp_path / "adapter", task="classification",
+                   eval_data=evaluation, epochs=1, learning_rate=5e-3, batch_size=8, progress=False)
+    (logged,) = [h for h in result.log_history if "eval_accuracy" in h]
+    assert "eval_loss" in logged
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    load_adapter(model, result.adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        predicted = [int(model(**tokenizer(r["text"], return_tensors="pt")).logits.argmax()) for r in held_out]
+    labels = [result.label_names.index(r["label"]) for r in held_out]
+    right = sum(p == y for p, y in zip(predicted, labels, strict=True))
+    assert logged["eval_accuracy"] == pytest.approx(right / len(labels))
+
+
 def test_bad_input_fails_before_training(llama_dir, lm_data, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         train(llama_dir, _plan(), tmp_path / "missing.jsonl", tmp_path / "a")
