@@ -35,7 +35,8 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     if plan.get("shortcuts"):
         raise AdapterError(
             f"{folder} has LoRA shortcut connections ({len(plan['shortcuts'])}), which PEFT LoRA cannot express; "
-            "use it from Python (`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
+            "serve it with the native engine (`alphalora serve`), use it from Python "
+            "(`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
         )
     tensors = _load_weights(folder)
     names = config["module_names"]

@@ -1,7 +1,8 @@
 """Adapters as the engine holds them: per-module expert weights, loaded from disk on demand, LRU.
 
 Two on-disk formats are read: this project's adapter folders (MoE-LoRA or heterogeneous-rank
-LoRA, with the plan) and plain PEFT LoRA folders (`rank_pattern` and `alpha_pattern` honoured).
+LoRA with HeteroLoRA's shortcut connections, with the plan) and plain PEFT LoRA folders
+(`rank_pattern` and `alpha_pattern` honoured).
 Only safetensors are read.
 """
 
@@ -23,6 +24,8 @@ from alphalora.adapters.peft_format import (
     peft_scaling,
     read_peft_lora_config,
 )
+from alphalora.adapters.shortcuts import SHORTCUTS_ATTRIBUTE
+from alphalora.allocation.plan import parse_shortcut
 from alphalora.spectral.roles import block_index
 
 
@@ -55,6 +58,8 @@ class LoadedAdapter:
     modules: dict[str, ModuleAdapter]  # by the base model's module name
     # modules_to_save: modules trained in full (lm_head, embed_tokens), by module name, then parameter name
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # HeteroLoRA's shortcut connections, by (block, kind): d -> d LoRA maps (`alphalora.adapters.shortcuts`)
+    shortcuts: dict[tuple[int, str], ModuleAdapter] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_LOAD_COUNTER))  # unique per load, for caches
 
     @property
@@ -63,7 +68,8 @@ class LoadedAdapter:
 
     def tensors(self) -> list[torch.Tensor]:
         experts = [t for m in self.modules.values() for t in (m.A, m.B, m.router) if t is not None]
-        return experts + [t for params in self.heads.values() for t in params.values()]
+        shortcuts = [t for m in self.shortcuts.values() for t in (m.A, m.B)]
+        return experts + shortcuts + [t for params in self.heads.values() for t in params.values()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -76,13 +82,16 @@ class ServedModel:
 
     linears: dict[str, tuple[int, int]]
     heads: dict[str, dict[str, tuple[int, ...]]]
+    hidden_size: int = 0  # of the residual stream, which shortcut connections map
+    num_layers: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module, swappable: dict[str, torch.nn.Module]) -> ServedModel:
         linears = {name: (module.in_features, module.out_features)
                    for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
         heads = {name: {p: tuple(t.shape) for p, t in module.named_parameters()} for name, module in swappable.items()}
-        return cls(linears, heads)
+        config = model.config
+        return cls(linears, heads, config.hidden_size, config.num_hidden_layers)
 
     def check(self, adapter: LoadedAdapter) -> None:
         """AdapterError naming the first module of `adapter` that this base model cannot take."""
@@ -97,6 +106,13 @@ class ServedModel:
                 raise AdapterError(f"{where}: {name!r} is {fan_in} -> {fan_out} in this base model but the adapter's "
                                    f"weights are {module.A.shape[-1]} -> {module.B.shape[1]}: it was trained for "
                                    "another model; serve it with its own base model")
+        for (layer, kind), module in adapter.shortcuts.items():
+            widths = {module.A.shape[-1], module.B.shape[1]}
+            if layer >= self.num_layers or widths != {self.hidden_size}:
+                raise AdapterError(f"{where}: its shortcut layer{layer}.{kind} maps {module.A.shape[-1]} -> "
+                                   f"{module.B.shape[1]} in block {layer}, but this base model has "
+                                   f"{self.num_layers} blocks of width {self.hidden_size}: it was trained for another "
+                                   "model; serve it with its own base model")
         for name, params in adapter.heads.items():
             if name not in self.heads:
                 raise AdapterError(f"{where} trains {name!r} in full (modules_to_save); the engine swaps in only "
@@ -109,14 +125,12 @@ class ServedModel:
                                    "adapters that resize the vocabulary are not served")
 
 
-def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]]]:
+def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]],
+                                     dict[tuple[int, str], ModuleAdapter]]:
     config = read_adapter_config(folder)
     plan = config["plan"]
     if plan.get("router", {}).get("type") == "shared":
         raise AdapterError(f"{folder}: shared-router adapters are not served yet; use per-module routers")
-    if plan.get("shortcuts"):
-        raise AdapterError(f"{folder} has LoRA shortcut connections, which the serving engine does not run; "
-                           "use it from Python (`alphalora.adapters.load_adapter`) or allocate without --shortcuts")
     tensors = _load_weights(folder)
     modules = {}
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on
@@ -128,7 +142,25 @@ def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[st
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for head in plan.get("modules_to_save", []):
         heads[head] = {key[len(head) + 1:]: value for key, value in tensors.items() if key.startswith(f"{head}.")}
-    return modules, heads
+    return modules, heads, _load_shortcuts(folder, plan, tensors, switched_off)
+
+
+def _load_shortcuts(folder: Path, plan: dict, tensors: dict[str, torch.Tensor],
+                    switched_off: set[str]) -> dict[tuple[int, str], ModuleAdapter]:
+    """The plan's switched-on shortcut connections, stored under each block's `alphalora_shortcuts`."""
+    shortcuts = {}
+    for name in plan.get("shortcuts", {}):
+        if name in switched_off:
+            continue
+        layer, kind = parse_shortcut(name)
+        suffix = f".{SHORTCUTS_ATTRIBUTE}.{kind}.lora_A"
+        keys = [key for key in tensors if key.endswith(suffix) and block_index(key) == layer]
+        if len(keys) != 1:
+            raise AdapterError(f"{folder}: the plan names shortcut {name} but the weights hold no (or several) "
+                               f"*{suffix} for block {layer}; the adapter is incomplete")
+        A, B = tensors[keys[0]], tensors[keys[0].removesuffix("lora_A") + "lora_B"]
+        shortcuts[(layer, kind)] = ModuleAdapter(A=A, B=B, scaling=plan["shortcut_alpha"] / A.shape[1])
+    return shortcuts
 
 
 def _load_peft(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]]]:
@@ -163,16 +195,17 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
                          fits: ServedModel | None = None) -> LoadedAdapter:
     """Reads an adapter folder (ours or PEFT's) into engine form, checked against the served model."""
     folder = Path(path)
+    shortcuts = {}
     if (folder / CONFIG_NAME).exists():
-        modules, heads = _load_own(folder)
+        modules, heads, shortcuts = _load_own(folder)
     elif (folder / PEFT_CONFIG_NAME).exists():
         modules, heads = _load_peft(folder)
     else:
         raise AdapterError(f"{folder} is neither an alphalora nor a PEFT adapter folder")
-    adapter = LoadedAdapter(name, folder, modules, heads)
+    adapter = LoadedAdapter(name, folder, modules, heads, shortcuts)
     if fits is not None:
         fits.check(adapter)  # before any copy to the device
-    for module in modules.values():
+    for module in [*modules.values(), *shortcuts.values()]:
         module.A = module.A.to(device, dtype)
         module.B = module.B.to(device, dtype)
         if module.router is not None:

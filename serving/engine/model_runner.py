@@ -19,7 +19,7 @@ from alphalora import ops
 from alphalora.adapters.routing import dense_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
-from .adapters import LoadedAdapter
+from .adapters import LoadedAdapter, ModuleAdapter
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
@@ -174,6 +174,8 @@ class PagedModelRunner:
         uids = tuple(adapter.uid for adapter, _ in adapters)
         if uids != self._buckets_for:
             self._buckets, self._buckets_for = {}, uids
+        shortcuts = self._shortcut_rows(adapters, hidden.device)
+        ffn_input = None  # h_{l-1}, the previous block's FFN input (shortcut2 reads it)
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
@@ -186,18 +188,54 @@ class PagedModelRunner:
             self.k_cache[index].index_copy_(0, step.new_slots, k)
             self.v_cache[index].index_copy_(0, step.new_slots, v)
             attended = self._attention(index, q, step, attention.scaling)
-            hidden = residual + self._project(attention.o_proj, attended, adapters)
-            residual = hidden
+            block_input = residual
+            attention_sum = self._project(attention.o_proj, attended, adapters)
+            if shortcuts:
+                self._add_shortcuts(attention_sum, shortcuts, index, residual1=block_input, shortcut2=ffn_input)
+            hidden = residual + attention_sum
+            residual = ffn_input = hidden
             hidden = layer.post_attention_layernorm(hidden)
             mlp = layer.mlp
             gate = self._project(mlp.gate_proj, hidden, adapters)
             up = self._project(mlp.up_proj, hidden, adapters)
-            hidden = residual + self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
+            ffn_sum = self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
+            if shortcuts:
+                self._add_shortcuts(ffn_sum, shortcuts, index, residual2=ffn_input, shortcut1=block_input)
+            hidden = residual + ffn_sum
         logits = self._logits(self.decoder.norm(hidden[step.last_rows]), [e.adapter for e in entries])
         every = {i: self._with_heads(self.model.lm_head, self.decoder.norm(hidden[e.start:e.start + e.count]),
                                      [(e.adapter, 0, e.count)]).float()
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
+
+    # -- HeteroLoRA's shortcut connections ------------------------------------------------------------
+    @staticmethod
+    def _shortcut_rows(adapters: list[tuple[LoadedAdapter, np.ndarray]],
+                       device) -> dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | None]]]:
+        """The step's shortcut connections by (block, kind): each adapter's map with its tokens' rows
+        (None where its tokens are the whole step). Empty when no adapter of the step has one."""
+        found: dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | None]]] = {}
+        total = sum(len(rows) for _, rows in adapters)
+        for adapter, rows in adapters:
+            if adapter.shortcuts:
+                index = None if len(rows) == total else torch.from_numpy(rows).to(device)
+                for key, module in adapter.shortcuts.items():
+                    found.setdefault(key, []).append((module, index))
+        return found
+
+    @staticmethod
+    def _add_shortcuts(out: torch.Tensor, shortcuts: dict, layer: int, **sources: torch.Tensor | None) -> None:
+        """Adds into a block's attention or FFN sum `out` each adapter's shortcut maps of `layer`, kind
+        by kind, applied to their source states (x_l, h_l or h_{l-1}), on that adapter's tokens only:
+        what `alphalora.adapters.shortcuts` adds in training, inside the same sum."""
+        for kind, source in sources.items():
+            for module, rows in shortcuts.get((layer, kind), ()):
+                x = source if rows is None else source[rows]
+                delta = (x @ module.A[0].T) @ module.B[0].T * module.scaling
+                if rows is None:
+                    out.add_(delta.to(out.dtype))
+                else:
+                    out.index_add_(0, rows, delta.to(out.dtype))
 
     # -- modules an adapter replaces (modules_to_save) --------------------------------------------------
     def swappable_heads(self) -> dict[str, torch.nn.Module]:

@@ -35,8 +35,7 @@ def check_bakeable(model_dir: str | Path, adapter_dir: str | Path) -> dict:
         raise AdapterError(f"{adapter_dir} trains {plan['modules_to_save']} as well (modules_to_save), which vLLM "
                            f"cannot serve; {NATIVE}")
     if plan.get("shortcuts"):
-        raise AdapterError(f"{adapter_dir} has LoRA shortcut connections, which neither vLLM nor the serving engine "
-                           "runs; use it from Python (`alphalora.adapters.load_adapter`)")
+        raise AdapterError(f"{adapter_dir} has LoRA shortcut connections, which vLLM cannot run; {NATIVE}")
     if plan.get("router", {}).get("type") == "shared":
         raise AdapterError(f"{adapter_dir} uses a shared (per-layer) router, which the vLLM plugin does not "
                            f"implement; {NATIVE}")

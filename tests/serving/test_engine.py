@@ -352,3 +352,45 @@ def test_logit_bias_equals_generate_with_sequence_bias(adapters):
     assert seq.output_ids == out[0, len(prompt):].tolist() != plain
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request(prompt, SamplingParams(logit_bias={10**6: 1.0}), "moe_a")
+
+
+def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapters, tmp_path):
+    """HeteroLoRA's residual and cross-layer shortcuts (d -> d LoRA maps added inside a block's attention
+    or FFN sum) served beside MoE-LoRA and plain requests: each equals generate with the adapter loaded
+    by the training side, whose hooks are the independent implementation."""
+    shortcuts = {"layer0.residual1": 2, "layer0.shortcut1": 3, "layer1.residual2": 2, "layer1.shortcut2": 4}
+    hetero = _adapter(tmp_path / "hetero", "llama", (1, 1), seed=17, targets=("q", "v"), rank_pattern={"v": 2},
+                      shortcuts=shortcuts, shortcut_alpha=6.0)
+    only_shortcuts = _adapter(tmp_path / "only", "llama", (1, 1), seed=18, targets=("q",),
+                              shortcuts={"layer1.shortcut1": 2})
+    served = {"hetero": hetero, "only": only_shortcuts, "moe_a": adapters["moe_a"]}
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()}))
+    torch.manual_seed(19)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (7, 12, 5, 9, 15)]
+    names = ["hetero", "moe_a", None, "only", "hetero"]
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 5, adapter=served[name] if name else None), name
+    assert engine.adapters.get("hetero").shortcuts.keys() == {(0, "residual1"), (0, "shortcut1"), (1, "residual2"),
+                                                              (1, "shortcut2")}
+
+
+def test_a_shortcut_for_another_model_is_refused_at_load(tmp_path):
+    """Shortcut maps are d -> d in a given block: one of another width, or for a block this model does
+    not have, is refused before it is copied to the device (the adapter's modules may fit)."""
+    from alphalora.serving.engine.adapters import LoadedAdapter, ModuleAdapter, ServedModel
+
+    model = _base("llama")
+    fits = ServedModel.of(model, {})
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+
+    def with_shortcut(layer, width):
+        shortcut = ModuleAdapter(A=torch.zeros(1, 2, width), B=torch.zeros(1, width, 2), scaling=1.0)
+        return LoadedAdapter("x", tmp_path, {}, {}, {(layer, "residual1"): shortcut})
+
+    fits.check(with_shortcut(layers - 1, hidden))
+    for layer, width in ((0, hidden + 16), (layers, hidden)):
+        with pytest.raises(AdapterError, match="trained for another model"):
+            fits.check(with_shortcut(layer, width))
