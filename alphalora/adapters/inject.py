@@ -22,6 +22,9 @@ ADAPTER_ATTRIBUTE = "alphalora_adapter"
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
+LAYER_ROUTER_ATTRIBUTE = "alphalora_router"  # a block's shared router (the shared-router option)
+
+
 class AdapterError(ValueError):
     """A plan that does not fit the model, or an adapter that cannot be built or loaded."""
 
@@ -211,7 +214,7 @@ def _attach_shared_router(model: nn.Module, names: list[str], layer: int, module
     hidden_size = model.config.hidden_size if hasattr(model, "config") else modules[0].in_features
     router = SharedRouter(hidden_size, modules[0].num_experts, modules[0].top_k, modules[0].lora_A)
     router.modules_to_feed, router.balance = modules, stats
-    block.alphalora_router = router
+    setattr(block, LAYER_ROUTER_ATTRIBUTE, router)
 
     def route(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

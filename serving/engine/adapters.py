@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alphalora.adapters.inject import AdapterError
+from alphalora.adapters.inject import LAYER_ROUTER_ATTRIBUTE, AdapterError
 from alphalora.adapters.io import CONFIG_NAME, _load_weights, read_adapter_config
 from alphalora.adapters.peft_format import (
     PEFT_CONFIG_NAME,
@@ -37,7 +37,8 @@ class ModuleAdapter:
     B: torch.Tensor  # (E, out, r)
     scaling: float
     top_k: int = 1
-    router: torch.Tensor | None = None  # (E, in), None for a single expert
+    router: torch.Tensor | None = None  # (E, in), None for a single expert or a layer's shared router
+    shared_router: bool = False  # gated by its block's router (LoadedAdapter.layer_routers), not its own
 
     @property
     def num_experts(self) -> int:
@@ -60,6 +61,8 @@ class LoadedAdapter:
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # HeteroLoRA's shortcut connections, by (block, kind): d -> d LoRA maps (`alphalora.adapters.shortcuts`)
     shortcuts: dict[tuple[int, str], ModuleAdapter] = field(default_factory=dict)
+    # the shared-router option: one router (E, hidden) per block, reading the block's input, and its top-k
+    layer_routers: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_LOAD_COUNTER))  # unique per load, for caches
 
     @property
@@ -69,7 +72,8 @@ class LoadedAdapter:
     def tensors(self) -> list[torch.Tensor]:
         experts = [t for m in self.modules.values() for t in (m.A, m.B, m.router) if t is not None]
         shortcuts = [t for m in self.shortcuts.values() for t in (m.A, m.B)]
-        return experts + shortcuts + [t for params in self.heads.values() for t in params.values()]
+        routers = [router for router, _ in self.layer_routers.values()]
+        return experts + shortcuts + routers + [t for params in self.heads.values() for t in params.values()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -106,6 +110,11 @@ class ServedModel:
                 raise AdapterError(f"{where}: {name!r} is {fan_in} -> {fan_out} in this base model but the adapter's "
                                    f"weights are {module.A.shape[-1]} -> {module.B.shape[1]}: it was trained for "
                                    "another model; serve it with its own base model")
+        for layer, (router, _) in adapter.layer_routers.items():
+            if layer >= self.num_layers or router.shape[-1] != self.hidden_size:
+                raise AdapterError(f"{where}: its router of block {layer} reads width {router.shape[-1]}, but this "
+                                   f"base model has {self.num_layers} blocks of width {self.hidden_size}: it was "
+                                   "trained for another model; serve it with its own base model")
         for (layer, kind), module in adapter.shortcuts.items():
             widths = {module.A.shape[-1], module.B.shape[1]}
             if layer >= self.num_layers or widths != {self.hidden_size}:
@@ -125,12 +134,19 @@ class ServedModel:
                                    "adapters that resize the vocabulary are not served")
 
 
-def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]],
-                                     dict[tuple[int, str], ModuleAdapter]]:
+@dataclass
+class _OwnAdapter:
+    """What an alphalora adapter folder holds, in engine form."""
+
+    modules: dict[str, ModuleAdapter]
+    heads: dict[str, dict[str, torch.Tensor]]
+    shortcuts: dict[tuple[int, str], ModuleAdapter]
+    layer_routers: dict[int, tuple[torch.Tensor, int]]
+
+
+def _load_own(folder: Path) -> _OwnAdapter:
     config = read_adapter_config(folder)
     plan = config["plan"]
-    if plan.get("router", {}).get("type") == "shared":
-        raise AdapterError(f"{folder}: shared-router adapters are not served yet; use per-module routers")
     tensors = _load_weights(folder)
     modules = {}
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on
@@ -142,7 +158,26 @@ def _load_own(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[st
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for head in plan.get("modules_to_save", []):
         heads[head] = {key[len(head) + 1:]: value for key, value in tensors.items() if key.startswith(f"{head}.")}
-    return modules, heads, _load_shortcuts(folder, plan, tensors, switched_off)
+    layer_routers = _load_layer_routers(folder, plan, tensors) if plan.get("router", {}).get("type") == "shared" else {}
+    for name, module in modules.items():
+        module.shared_router = block_index(name) in layer_routers
+    return _OwnAdapter(modules, heads, _load_shortcuts(folder, plan, tensors, switched_off), layer_routers)
+
+
+def _load_layer_routers(folder: Path, plan: dict,
+                        tensors: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, int]]:
+    """The shared-router option's one router per block with several experts, stored as `alphalora_router`."""
+    routers = {}
+    for layer, experts in enumerate(plan["experts_per_layer"]):
+        if experts < 2:
+            continue
+        suffix = f".{LAYER_ROUTER_ATTRIBUTE}.weight"
+        keys = [key for key in tensors if key.endswith(suffix) and block_index(key) == layer]
+        if len(keys) != 1:
+            raise AdapterError(f"{folder}: the plan shares one router per block, but the weights hold no (or several) "
+                               f"router for block {layer}; the adapter is incomplete")
+        routers[layer] = (tensors[keys[0]], plan["top_k_per_layer"][layer])
+    return routers
 
 
 def _load_shortcuts(folder: Path, plan: dict, tensors: dict[str, torch.Tensor],
@@ -195,16 +230,18 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
                          fits: ServedModel | None = None) -> LoadedAdapter:
     """Reads an adapter folder (ours or PEFT's) into engine form, checked against the served model."""
     folder = Path(path)
-    shortcuts = {}
     if (folder / CONFIG_NAME).exists():
-        modules, heads, shortcuts = _load_own(folder)
+        own = _load_own(folder)
     elif (folder / PEFT_CONFIG_NAME).exists():
-        modules, heads = _load_peft(folder)
+        own = _OwnAdapter(*_load_peft(folder), shortcuts={}, layer_routers={})
     else:
         raise AdapterError(f"{folder} is neither an alphalora nor a PEFT adapter folder")
-    adapter = LoadedAdapter(name, folder, modules, heads, shortcuts)
+    modules, heads, shortcuts = own.modules, own.heads, own.shortcuts
+    adapter = LoadedAdapter(name, folder, modules, heads, shortcuts, own.layer_routers)
     if fits is not None:
         fits.check(adapter)  # before any copy to the device
+    adapter.layer_routers = {layer: (router.to(device, dtype), top_k)
+                             for layer, (router, top_k) in own.layer_routers.items()}
     for module in [*modules.values(), *shortcuts.values()]:
         module.A = module.A.to(device, dtype)
         module.B = module.B.to(device, dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from alphalora import ops
-from alphalora.adapters.routing import dense_gates
+from alphalora.adapters.routing import dense_gates, top_k_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter, ModuleAdapter
@@ -48,6 +48,7 @@ class PagedModelRunner:
         self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
         self._buckets: dict[str, list[_Bucket]] = {}  # per module, for the adapters of `_buckets_for`
         self._buckets_for: tuple[int, ...] = ()  # the adapters (uids, in step order) the buckets are for
+        self._layer_gates: list = []  # this block's shared-router gates, per adapter that has them
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -85,7 +86,41 @@ class PagedModelRunner:
                 out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
             else:
                 out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
+        if self._layer_gates:
+            self._add_layer_routed(out, name, hidden)
         return out
+
+    def _add_layer_routed(self, out: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
+        """The deltas of module `name` for adapters with one shared router per block: every expert's
+        down-projection of the adapter's tokens, gated by the block router's gates, then up."""
+        for adapter, rows, gates in self._layer_gates:
+            weights = adapter.modules.get(name)
+            if weights is None or not weights.shared_router:
+                continue
+            x = hidden if rows is None else hidden[rows]
+            experts, rank = weights.num_experts, weights.rank
+            down = (x @ weights.A.view(experts * rank, -1).T).view(-1, experts, rank)
+            gated = (down * (gates * weights.scaling)[:, :, None]).to(x.dtype).view(-1, experts * rank)
+            delta = gated @ weights.B.permute(1, 0, 2).reshape(-1, experts * rank).T
+            if rows is None:
+                out.add_(delta)
+            else:
+                out.index_add_(0, rows, delta)
+
+    def _route_layer(self, adapters: list[tuple[LoadedAdapter, np.ndarray]], layer: int,
+                     block_input: torch.Tensor) -> list[tuple[LoadedAdapter, torch.Tensor | None, torch.Tensor]]:
+        """For each adapter of the step that routes block `layer` with one shared router: its rows (None:
+        the whole step) and their dense gates [n, E] in float32, from the block's input (as in training)."""
+        routed = []
+        total = sum(len(rows) for _, rows in adapters)
+        for adapter, rows in adapters:
+            if layer in adapter.layer_routers:
+                router, top_k = adapter.layer_routers[layer]
+                index = None if len(rows) == total else torch.from_numpy(rows).to(block_input.device)
+                x = block_input if index is None else block_input[index]
+                gates = dense_gates(*top_k_gates(x @ router.T, top_k), router.shape[0])
+                routed.append((adapter, index, gates))
+        return routed
 
     def _module_buckets(self, name: str, adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]) -> list[_Bucket]:
         """The step's adapters of module `name` in buckets of one rank and top-k, with their stacks and
@@ -97,7 +132,7 @@ class PagedModelRunner:
         members: dict[tuple[int, int], list[int]] = {}  # (rank, top_k) -> positions in adapter_rows
         for position, (adapter, _) in enumerate(adapter_rows):
             weights = adapter.modules.get(name)
-            if weights is not None:
+            if weights is not None and not weights.shared_router:  # those: `_add_layer_routed`
                 members.setdefault((weights.rank, weights.top_k), []).append(position)
         buckets = []
         for (rank, _), positions in members.items():
@@ -176,8 +211,10 @@ class PagedModelRunner:
             self._buckets, self._buckets_for = {}, uids
         shortcuts = self._shortcut_rows(adapters, hidden.device)
         ffn_input = None  # h_{l-1}, the previous block's FFN input (shortcut2 reads it)
+        routes_layers = any(adapter.layer_routers for adapter, _ in adapters)
         for index, layer in enumerate(self.layers):
             residual = hidden
+            self._layer_gates = self._route_layer(adapters, index, hidden) if routes_layers else []
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
             q = self._project(attention.q_proj, hidden, adapters).view(-1, self.num_heads, self.head_dim)

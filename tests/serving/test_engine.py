@@ -377,6 +377,28 @@ def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapter
                                                               (1, "shortcut2")}
 
 
+def test_shared_router_adapters_equal_generate_in_a_mixed_batch(adapters, tmp_path):
+    """The shared-router option (one router per block, reading the block's input, gating every adapted
+    module of the block) beside per-module-router MoE-LoRA, plain LoRA and the base."""
+    from alphalora.allocation.plan import RouterSettings
+
+    shared = _adapter(tmp_path / "shared", "llama", (3, 2), seed=23, router=RouterSettings(type="shared"))
+    served = {"shared": shared, "moe_a": adapters["moe_a"], "lora": adapters["lora"]}
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()}))
+    torch.manual_seed(29)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (8, 13, 6, 10, 4)]
+    names = ["shared", "moe_a", "shared", None, "lora"]
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 5, adapter=served[name] if name else None), name
+    loaded = engine.adapters.get("shared")
+    assert set(loaded.layer_routers) == {0, 1} and all(m.shared_router for m in loaded.modules.values())
+    (alone,) = engine.generate(prompts[:1], params, ["shared"])  # all the step's tokens: no row gather
+    assert alone.output_ids == seqs[0].output_ids
+
+
 def test_a_shortcut_for_another_model_is_refused_at_load(tmp_path):
     """Shortcut maps are d -> d in a given block: one of another width, or for a block this model does
     not have, is refused before it is copied to the device (the adapter's modules may fit)."""
