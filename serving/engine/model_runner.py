@@ -3,7 +3,8 @@
 The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Gemma):
 its own modules (embeddings, norms, projections, MLP activation, rotary embedding) are reused;
 attention is replaced by paged attention over the KV pool, and every adapted projection adds
-the adapters' deltas for the tokens that asked for them, through the routing kernels.
+the adapters' deltas for the tokens that asked for them, through the routing kernels (block-level
+parts, shortcut connections and shared routers: `block_adapters`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from alphalora import ops
-from alphalora.adapters.routing import dense_gates, top_k_gates
+from alphalora.adapters.routing import dense_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
-from .adapters import LoadedAdapter, ModuleAdapter
+from .adapters import LoadedAdapter
+from .block_adapters import BlockGates, add_block_routed, add_shortcuts, route_block, step_shortcuts
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
@@ -48,7 +50,7 @@ class PagedModelRunner:
         self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
         self._buckets: dict[str, list[_Bucket]] = {}  # per module, for the adapters of `_buckets_for`
         self._buckets_for: tuple[int, ...] = ()  # the adapters (uids, in step order) the buckets are for
-        self._layer_gates: list = []  # this block's shared-router gates, per adapter that has them
+        self._block_gates: BlockGates = []  # this block's shared-router gates, per adapter that has them
 
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -86,41 +88,9 @@ class PagedModelRunner:
                 out.add_(ops.moe_lora(hidden, A, B, gates, ids, ids_in_range=True))
             else:
                 out.index_add_(0, layout.rows, ops.moe_lora(hidden[layout.rows], A, B, gates, ids, ids_in_range=True))
-        if self._layer_gates:
-            self._add_layer_routed(out, name, hidden)
+        if self._block_gates:
+            add_block_routed(out, name, hidden, self._block_gates)
         return out
-
-    def _add_layer_routed(self, out: torch.Tensor, name: str, hidden: torch.Tensor) -> None:
-        """The deltas of module `name` for adapters with one shared router per block: every expert's
-        down-projection of the adapter's tokens, gated by the block router's gates, then up."""
-        for adapter, rows, gates in self._layer_gates:
-            weights = adapter.modules.get(name)
-            if weights is None or not weights.shared_router:
-                continue
-            x = hidden if rows is None else hidden[rows]
-            experts, rank = weights.num_experts, weights.rank
-            down = (x @ weights.A.view(experts * rank, -1).T).view(-1, experts, rank)
-            gated = (down * (gates * weights.scaling)[:, :, None]).to(x.dtype).view(-1, experts * rank)
-            delta = gated @ weights.B.permute(1, 0, 2).reshape(-1, experts * rank).T
-            if rows is None:
-                out.add_(delta)
-            else:
-                out.index_add_(0, rows, delta)
-
-    def _route_layer(self, adapters: list[tuple[LoadedAdapter, np.ndarray]], layer: int,
-                     block_input: torch.Tensor) -> list[tuple[LoadedAdapter, torch.Tensor | None, torch.Tensor]]:
-        """For each adapter of the step that routes block `layer` with one shared router: its rows (None:
-        the whole step) and their dense gates [n, E] in float32, from the block's input (as in training)."""
-        routed = []
-        total = sum(len(rows) for _, rows in adapters)
-        for adapter, rows in adapters:
-            if layer in adapter.layer_routers:
-                router, top_k = adapter.layer_routers[layer]
-                index = None if len(rows) == total else torch.from_numpy(rows).to(block_input.device)
-                x = block_input if index is None else block_input[index]
-                gates = dense_gates(*top_k_gates(x @ router.T, top_k), router.shape[0])
-                routed.append((adapter, index, gates))
-        return routed
 
     def _module_buckets(self, name: str, adapter_rows: list[tuple[LoadedAdapter, np.ndarray]]) -> list[_Bucket]:
         """The step's adapters of module `name` in buckets of one rank and top-k, with their stacks and
@@ -132,7 +102,7 @@ class PagedModelRunner:
         members: dict[tuple[int, int], list[int]] = {}  # (rank, top_k) -> positions in adapter_rows
         for position, (adapter, _) in enumerate(adapter_rows):
             weights = adapter.modules.get(name)
-            if weights is not None and not weights.shared_router:  # those: `_add_layer_routed`
+            if weights is not None and not weights.shared_router:  # those: `add_block_routed`
                 members.setdefault((weights.rank, weights.top_k), []).append(position)
         buckets = []
         for (rank, _), positions in members.items():
@@ -209,12 +179,12 @@ class PagedModelRunner:
         uids = tuple(adapter.uid for adapter, _ in adapters)
         if uids != self._buckets_for:
             self._buckets, self._buckets_for = {}, uids
-        shortcuts = self._shortcut_rows(adapters, hidden.device)
+        shortcuts = step_shortcuts(adapters, hidden.device)
         ffn_input = None  # h_{l-1}, the previous block's FFN input (shortcut2 reads it)
         routes_layers = any(adapter.layer_routers for adapter, _ in adapters)
         for index, layer in enumerate(self.layers):
             residual = hidden
-            self._layer_gates = self._route_layer(adapters, index, hidden) if routes_layers else []
+            self._block_gates = route_block(adapters, index, hidden) if routes_layers else []
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
             q = self._project(attention.q_proj, hidden, adapters).view(-1, self.num_heads, self.head_dim)
@@ -228,7 +198,7 @@ class PagedModelRunner:
             block_input = residual
             attention_sum = self._project(attention.o_proj, attended, adapters)
             if shortcuts:
-                self._add_shortcuts(attention_sum, shortcuts, index, residual1=block_input, shortcut2=ffn_input)
+                add_shortcuts(attention_sum, shortcuts, index, residual1=block_input, shortcut2=ffn_input)
             hidden = residual + attention_sum
             residual = ffn_input = hidden
             hidden = layer.post_attention_layernorm(hidden)
@@ -237,42 +207,13 @@ class PagedModelRunner:
             up = self._project(mlp.up_proj, hidden, adapters)
             ffn_sum = self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
             if shortcuts:
-                self._add_shortcuts(ffn_sum, shortcuts, index, residual2=ffn_input, shortcut1=block_input)
+                add_shortcuts(ffn_sum, shortcuts, index, residual2=ffn_input, shortcut1=block_input)
             hidden = residual + ffn_sum
         logits = self._logits(self.decoder.norm(hidden[step.last_rows]), [e.adapter for e in entries])
         every = {i: self._with_heads(self.model.lm_head, self.decoder.norm(hidden[e.start:e.start + e.count]),
                                      [(e.adapter, 0, e.count)]).float()
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
-
-    # -- HeteroLoRA's shortcut connections ------------------------------------------------------------
-    @staticmethod
-    def _shortcut_rows(adapters: list[tuple[LoadedAdapter, np.ndarray]],
-                       device) -> dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | None]]]:
-        """The step's shortcut connections by (block, kind): each adapter's map with its tokens' rows
-        (None where its tokens are the whole step). Empty when no adapter of the step has one."""
-        found: dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | None]]] = {}
-        total = sum(len(rows) for _, rows in adapters)
-        for adapter, rows in adapters:
-            if adapter.shortcuts:
-                index = None if len(rows) == total else torch.from_numpy(rows).to(device)
-                for key, module in adapter.shortcuts.items():
-                    found.setdefault(key, []).append((module, index))
-        return found
-
-    @staticmethod
-    def _add_shortcuts(out: torch.Tensor, shortcuts: dict, layer: int, **sources: torch.Tensor | None) -> None:
-        """Adds into a block's attention or FFN sum `out` each adapter's shortcut maps of `layer`, kind
-        by kind, applied to their source states (x_l, h_l or h_{l-1}), on that adapter's tokens only:
-        what `alphalora.adapters.shortcuts` adds in training, inside the same sum."""
-        for kind, source in sources.items():
-            for module, rows in shortcuts.get((layer, kind), ()):
-                x = source if rows is None else source[rows]
-                delta = (x @ module.A[0].T) @ module.B[0].T * module.scaling
-                if rows is None:
-                    out.add_(delta.to(out.dtype))
-                else:
-                    out.index_add_(0, rows, delta.to(out.dtype))
 
     # -- modules an adapter replaces (modules_to_save) --------------------------------------------------
     def swappable_heads(self) -> dict[str, torch.nn.Module]:
