@@ -201,3 +201,29 @@ def test_a_second_turn_reuses_the_first_turns_generated_blocks(adapters):
     # 18 tokens, 4 full blocks of 4.
     assert turn2.num_cached_tokens == 16 > len(first_prompt)
     assert turn2.output_ids == _hf_greedy("llama", second_prompt, 9, adapter=adapters["moe"])
+
+
+def test_preempted_sequences_resume_from_the_cache_and_equal_generate(adapters):
+    """A pool too small for the batch (14 blocks of 4 for four sequences of 24-28 tokens): sequences are
+    preempted, their blocks freed but left cached, and readmitted ones start from them."""
+    torch.manual_seed(13)
+    shared = torch.randint(1, 128, (12,)).tolist()
+    prompts = [shared + torch.randint(1, 128, (n,)).tolist() for n in (2, 5, 3, 6)]
+    names = ["lora", "moe", "lora", None]
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=14,
+        adapters={k: str(v) for k, v in adapters.items()}))
+    preempted, preempt = [], engine.scheduler._preempt_last
+
+    def counting(output):
+        preempted.append(preempt(output))
+        return preempted[-1]
+
+    engine.scheduler._preempt_last = counting
+    params = SamplingParams(max_tokens=10, min_tokens=10, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
+    assert preempted and engine.scheduler.prefix_hit_tokens > 0
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 10, adapter=adapters[name] if name else None), name
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    engine.blocks.check_invariants()
