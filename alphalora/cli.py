@@ -191,7 +191,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = train(
             args.model, args.plan, args.data, args.out, task=args.task, eval_data=args.eval_data,
-            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
+            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler=args.lr_scheduler,
+            warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum, seed=args.seed, max_length=args.max_length,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
@@ -404,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides epochs)")
     train.add_argument("--lr", type=float, default=3e-4, help="learning rate (MoLA/AlphaLoRA: 3e-4)")
+    train.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant", "constant_with_warmup"],
+                       default="linear",
+                       help="learning-rate schedule after the warm-up (transformers' schedulers)")
+    train.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps spent warming up")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter")
     train.add_argument("--batch-size", type=int, default=8, help="examples per device per step")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")

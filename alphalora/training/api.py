@@ -15,6 +15,8 @@ from alphalora.allocation.plan import Plan
 
 from .data import TASKS, DataError, ListDataset, collate, read_rows, tokenize_causal_lm, tokenize_classification
 
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' names
+
 
 @dataclass
 class TrainResult:
@@ -90,6 +92,9 @@ def train(
     epochs: float = 1.0,
     max_steps: int = -1,
     learning_rate: float = 3e-4,
+    lr_scheduler: str = "linear",
+    warmup_ratio: float = 0.0,
+    weight_decay: float = 0.0,
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
@@ -115,6 +120,10 @@ def train(
 
     from .trainer import MoELoRATrainer
 
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise DataError(f"unknown lr_scheduler {lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+    if not 0 <= warmup_ratio < 1 or weight_decay < 0:
+        raise DataError(f"need 0 <= warmup_ratio < 1 and weight_decay >= 0, got {warmup_ratio} and {weight_decay}")
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     if gradient_checkpointing and plan.shortcuts:
@@ -134,6 +143,7 @@ def train(
     checkpoints = out / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler, weight_decay=weight_decay, **_warmup_argument(warmup_ratio),
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, data_seed=seed,
         logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps,
@@ -197,6 +207,14 @@ def _reallocation_callback(model, plan: Plan, examples, pad_id):
 
     batches = first_minibatches(examples, pad_id, settings.batches, settings.batch_size, settings.proxy)
     return ReallocationCallback(model, settings, batches, plan.rank)
+
+
+def _warmup_argument(ratio: float) -> dict[str, float]:
+    """transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a share of the steps)."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
 
 
 def _checkpointing_argument(enabled: bool) -> dict[str, Any]:

@@ -208,3 +208,28 @@ def test_cuda_bf16_training_with_checkpointing_lowers_the_loss_and_reloads_on_cp
     torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(llama_dir)
     assert not torch.allclose(cpu_logits, base(input_ids=ids).logits)
+
+
+def test_learning_rate_schedules_follow_transformers_schedulers(llama_dir, lm_data, tmp_path):
+    """--lr-scheduler / --warmup-ratio: the logged learning rate of every step against transformers'
+    own schedule for the same steps; a bad name or ratio is refused before training."""
+    from transformers import get_scheduler
+
+    steps = 10
+    for name in ("cosine", "constant_with_warmup"):
+        result = train(llama_dir, _plan(), lm_data, tmp_path / name, max_steps=steps, learning_rate=1e-2,
+                       lr_scheduler=name, warmup_ratio=0.3, weight_decay=0.01, batch_size=8, logging_steps=1,
+                       save_steps=100, progress=False)
+        logged = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=steps)
+        expected = []
+        for _ in range(steps):
+            expected.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12), name
+    with pytest.raises(DataError, match="unknown lr_scheduler"):
+        train(llama_dir, _plan(), lm_data, tmp_path / "bad", lr_scheduler="exotic")
+    with pytest.raises(DataError, match="warmup_ratio"):
+        train(llama_dir, _plan(), lm_data, tmp_path / "bad", warmup_ratio=1.5)
