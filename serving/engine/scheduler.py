@@ -105,14 +105,21 @@ class Scheduler:
             output.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
             index += 1
+        in_flight = self._blocks_in_flight()
+        deferred: list[Sequence] = []  # waiting for blocks another sequence computes now; keep their places
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not output.preempted:
             seq = self.waiting[0]
             prefix = self._cached_prefix(seq)
+            usable = (seq.num_tokens - 1) // self.blocks.block_size if seq.reuse_cached_prefix else 0
+            if len(prefix) < min(usable, len(seq.block_hashes)) and seq.block_hashes[len(prefix)] in in_flight:
+                deferred.append(self.waiting.popleft())  # its next block will be cached soon: read it then
+                continue
             computed = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - computed, budget)
             if not self.blocks.can_allocate(n, prefix):
                 break
             self.waiting.popleft()
+            in_flight.update(seq.block_hashes[len(prefix):len(seq.prompt_ids) // self.blocks.block_size])
             self.blocks.allocate(seq.seq_id, n, prefix)
             if seq.cache_salt is not None and seq.reuse_cached_prefix:
                 self.prefix_queried_tokens += seq.num_tokens
@@ -124,7 +131,19 @@ class Scheduler:
             self.running.append(seq)
             output.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return output
+
+    def _blocks_in_flight(self) -> set[bytes]:
+        """Content hashes of the prompt blocks running sequences are computing and have not registered
+        yet. A waiting sequence whose next block is among them (a sibling of an n > 1 request, or
+        another request on the same system prompt) waits for it instead of computing it again."""
+        in_flight: set[bytes] = set()
+        for seq in self.running:
+            if seq.cache_salt is not None and seq.num_computed < len(seq.prompt_ids):
+                end = len(seq.prompt_ids) // self.blocks.block_size
+                in_flight.update(seq.block_hashes[seq.num_registered_blocks:end])
+        return in_flight
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks the sequence can start from: its longest cached run of full blocks,

@@ -227,3 +227,16 @@ def test_preempted_sequences_resume_from_the_cache_and_equal_generate(adapters):
         assert seq.output_ids == _hf_greedy("llama", prompt, 10, adapter=adapters[name] if name else None), name
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     engine.blocks.check_invariants()
+
+
+def test_parallel_samples_of_one_prompt_compute_it_once(adapters):
+    """n > 1 (three sequences on one prompt, submitted together): the first computes the prompt, the
+    others wait a step and read its blocks (all but the last token's), with generate's tokens."""
+    torch.manual_seed(14)
+    prompt = torch.randint(1, 128, (13,)).tolist()
+    engine = _engine(adapters)
+    params = SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate([prompt] * 3, params, ["moe"] * 3)
+    assert [s.num_cached_tokens for s in seqs] == [0, 12, 12]
+    expected = _hf_greedy("llama", prompt, 4, adapter=adapters["moe"])
+    assert all(s.output_ids == expected for s in seqs)

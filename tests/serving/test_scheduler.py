@@ -107,3 +107,22 @@ def test_random_admit_finish_cancel_leaks_nothing(seed, caching):
     assert all(s.is_finished for s in sequences)
     assert all(len(s.output_ids) == s.max_tokens for s in sequences if s.status is SequenceStatus.FINISHED)
     assert (scheduler.prefix_hit_tokens > 0) == caching
+
+
+def test_a_sequence_waits_for_the_prompt_blocks_another_is_computing():
+    """Two requests on the same 12-token prompt (blocks of 4): the second is not admitted beside the
+    first to compute the same blocks again; it waits a step, then reads two of them from the cache.
+    A different request behind it is not held up."""
+    scheduler = Scheduler(BlockManager(32, 4, watermark=0.0), max_num_seqs=8, max_num_batched_tokens=64)
+    prompt = list(range(10, 22))
+    first, twin, other = Sequence(0, prompt, 3), Sequence(1, list(prompt), 3), Sequence(2, list(range(50, 56)), 3)
+    for seq in (first, twin, other):
+        seq.cache_salt = ""
+        scheduler.add(seq)
+    rng = random.Random(0)
+    step1 = _step(scheduler, rng)
+    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in step1.chunks] == [(0, 0, 12), (2, 0, 6)]
+    assert list(scheduler.waiting) == [twin]
+    step2 = _step(scheduler, rng)
+    assert (1, 8, 4) in [(c.seq.seq_id, c.start, c.num_tokens) for c in step2.chunks]
+    assert twin.num_cached_tokens == 8 and scheduler.prefix_hit_tokens == 8
