@@ -16,6 +16,7 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
 
 def render_metrics(engine: AsyncEngine) -> str:
     stats = engine.stats
+    blocks = engine.engine.blocks
     lines = [
         "# HELP alphalora_num_requests_running Sequences in the running batch.",
         "# TYPE alphalora_num_requests_running gauge",
@@ -29,6 +30,13 @@ def render_metrics(engine: AsyncEngine) -> str:
         "# HELP alphalora_generation_tokens_total Tokens generated.",
         "# TYPE alphalora_generation_tokens_total counter",
         f"alphalora_generation_tokens_total {stats.generation_tokens_total}",
+        "# HELP alphalora_kv_cache_usage KV-cache blocks held by sequences, as a share of the pool (cached blocks "
+        "no sequence holds count as free).",
+        "# TYPE alphalora_kv_cache_usage gauge",
+        f"alphalora_kv_cache_usage {1 - blocks.num_free_blocks / blocks.num_blocks:.6f}",
+        "# HELP alphalora_prefix_cache_blocks KV-cache blocks registered in the prefix cache.",
+        "# TYPE alphalora_prefix_cache_blocks gauge",
+        f"alphalora_prefix_cache_blocks {blocks.num_cached_blocks}",
         "# HELP alphalora_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
         "# TYPE alphalora_prefix_cache_queries_total counter",
         f"alphalora_prefix_cache_queries_total {engine.engine.scheduler.prefix_queried_tokens}",

@@ -74,7 +74,13 @@ def test_a_repeated_prompt_prefix_is_served_from_the_cache_and_reported(served):
     assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
     assert cache_hits() == hits_before + 32
-    assert "# TYPE alphalora_prefix_cache_queries_total counter" in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert "# TYPE alphalora_prefix_cache_queries_total counter" in metrics
+    # Nothing runs now: no block is held. The first prompt's two full blocks of 16 stay cached (its third
+    # never filled: 40 tokens and one decoded), and the second prompt shares them (its own 4 new tokens
+    # and one decoded fill none).
+    assert re.search(r"^alphalora_kv_cache_usage 0\.000000$", metrics, re.M)
+    assert int(re.search(r"^alphalora_prefix_cache_blocks (\d+)$", metrics, re.M)[1]) >= 2
 
 
 def _hf_greedy_from_dir(model_dir, prompt, n, adapter):
