@@ -63,7 +63,11 @@ def stream_one(url: str, model: str, prompt: str, max_tokens: int, api_key: str 
 def run_load(url: str, models: list[str], clients: int, max_tokens: int,
              api_key: str | None = None) -> list[ClientResult]:
     results: list[ClientResult | None] = [None] * clients
-    prompts = ["the cat sat on the mat", "one two three", "red green blue yellow", "a bird sang in the tree"]
+    # One shared preamble, as a system prompt: the clients' requests share its KV blocks (prefix caching)
+    # while they run, are cancelled and finish.
+    preamble = "answer in a few words. " * 8
+    prompts = [preamble + p for p in ("the cat sat on the mat", "one two three", "red green blue yellow",
+                                      "a bird sang in the tree")]
 
     def worker(i: int) -> None:
         results[i] = stream_one(url, models[i % len(models)], prompts[i % len(prompts)], max_tokens, api_key)

@@ -34,6 +34,7 @@ def test_64_concurrent_streaming_clients_over_mixed_adapters_all_complete(server
     failed = [(r.model, r.error, r.tokens, r.finish_reason) for r in results if not r.ok]
     assert not failed, failed[:3]
     assert state.engine.engine.blocks.num_free_blocks == state.engine.engine.blocks.num_blocks
+    assert state.engine.engine.scheduler.prefix_hit_tokens > 0  # the shared preamble was read, not recomputed
 
 
 def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):
