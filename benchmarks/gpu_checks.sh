@@ -57,8 +57,8 @@ stage build 180 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIS
 # reported as a failure and the others still run.
 workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
 stage tests 200 "$python" -m pytest -q -rf -p no:cacheprovider $workers -k "cuda or test_build" tests/ops \
-  tests/adapters/test_layer.py \
-  tests/serving/test_engine.py tests/serving/test_routing_layout.py tests/training/test_train.py tests/spectral/test_bad_input.py \
+  tests/adapters/test_layer.py tests/serving/test_engine.py tests/serving/test_routing_layout.py \
+  tests/serving/test_prefix_cache.py tests/training/test_train.py tests/spectral/test_bad_input.py \
   tests/spectral/test_cuda_analysis.py
 stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
   --repeats 1 --json "$results/spectral_cuda.json"

@@ -354,7 +354,8 @@ def test_logit_bias_equals_generate_with_sequence_bias(adapters):
         engine.add_request(prompt, SamplingParams(logit_bias={10**6: 1.0}), "moe_a")
 
 
-def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapters, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapters, tmp_path, device):
     """HeteroLoRA's residual and cross-layer shortcuts (d -> d LoRA maps added inside a block's attention
     or FFN sum) served beside MoE-LoRA and plain requests: each equals generate with the adapter loaded
     by the training side, whose hooks are the independent implementation."""
@@ -365,7 +366,8 @@ def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapter
                               shortcuts={"layer1.shortcut1": 2})
     served = {"hetero": hetero, "only": only_shortcuts, "moe_a": adapters["moe_a"]}
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
-        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()}))
+        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()},
+        device=device))
     torch.manual_seed(19)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (7, 12, 5, 9, 15)]
     names = ["hetero", "moe_a", None, "only", "hetero"]
@@ -377,7 +379,8 @@ def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapter
                                                               (1, "shortcut2")}
 
 
-def test_shared_router_adapters_equal_generate_in_a_mixed_batch(adapters, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_shared_router_adapters_equal_generate_in_a_mixed_batch(adapters, tmp_path, device):
     """The shared-router option (one router per block, reading the block's input, gating every adapted
     module of the block) beside per-module-router MoE-LoRA, plain LoRA and the base."""
     from alphalora.allocation.plan import RouterSettings
@@ -385,7 +388,8 @@ def test_shared_router_adapters_equal_generate_in_a_mixed_batch(adapters, tmp_pa
     shared = _adapter(tmp_path / "shared", "llama", (3, 2), seed=23, router=RouterSettings(type="shared"))
     served = {"shared": shared, "moe_a": adapters["moe_a"], "lora": adapters["lora"]}
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
-        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()}))
+        max_num_seqs=8, max_num_batched_tokens=24, block_size=4, adapters={k: str(v) for k, v in served.items()},
+        device=device))
     torch.manual_seed(29)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (8, 13, 6, 10, 4)]
     names = ["shared", "moe_a", "shared", None, "lora"]

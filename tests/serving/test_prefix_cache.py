@@ -10,6 +10,7 @@ import torch
 
 from alphalora.serving.engine import BlockManager, Engine, EngineConfig, SamplingParams
 from alphalora.serving.engine.prefix_cache import extend_block_hashes
+from tests.conftest import requires_cuda
 from tests.serving.test_engine import _adapter, _base, _hf_greedy
 
 
@@ -113,13 +114,14 @@ def adapters(tmp_path_factory):
             "lora": _adapter(root / "lora", "llama", (1, 1), rank_pattern={"q": 2}, seed=3)}
 
 
-def _engine(adapters, caching=True):
+def _engine(adapters, caching=True, device="cpu"):
     return Engine(_base("llama"), tokenizer=None, config=EngineConfig(
         max_num_seqs=8, max_num_batched_tokens=32, block_size=4, enable_prefix_caching=caching,
-        adapters={k: str(v) for k, v in adapters.items()}))
+        adapters={k: str(v) for k, v in adapters.items()}, device=device))
 
 
-def test_cached_prefixes_give_generates_tokens_per_adapter(adapters):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_cached_prefixes_give_generates_tokens_per_adapter(adapters, device):
     """Two waves of requests on one shared system prompt: the second wave starts from the first's
     blocks (each adapter from its own: the adapter shapes the keys and values) and still equals
     generate; a prompt that is all cached recomputes its last token."""
@@ -128,7 +130,7 @@ def test_cached_prefixes_give_generates_tokens_per_adapter(adapters):
     prompts = [shared + torch.randint(1, 128, (n,)).tolist() for n in (3, 9, 5)] + [shared[:16]]
     names = ["moe", "lora", None, "moe"]
     params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
-    engine = _engine(adapters)
+    engine = _engine(adapters, device=device)
     engine.generate(prompts[:3], params, names[:3])  # wave 1 fills the cache
     assert engine.scheduler.prefix_hit_tokens == 0
     seqs = engine.generate(prompts, params, names)  # wave 2
