@@ -1,24 +1,21 @@
 """Decode attention over the paged KV cache (the serving engine's): typed wrapper and fake kernel.
 
 The CPU kernel reads keys and values where the block table put them; on a GPU the reference
-(a gather, then attention) stands in, as gathers there are cheap next to the rest of a step.
+(a gather, then attention) stands in, as gathers there are cheap next to the rest of a step
+(`_library` registers it for CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _library, reference
+from . import _library  # noqa: F401  (defines the op, or loads the library that does, first)
 
 
 @torch.library.register_fake("alphalora::paged_decode_attention")
 def _paged_decode_attention_fake(q, k_cache, v_cache, slots, lengths, starts, scale):
     return torch.empty_like(q)
 
-
-if _library.HAS_COMPILED_OPS:  # the compiled library has no CUDA kernel for this op
-    _cuda_library = torch.library.Library("alphalora", "IMPL")
-    _cuda_library.impl("paged_decode_attention", reference.paged_decode_attention, "CUDA")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -88,3 +88,32 @@ def test_a_compiled_library_older_than_the_code_gets_references_for_the_ops_it_l
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "filled" in result.stdout
+
+
+def test_ops_without_a_cuda_kernel_get_their_references_on_cuda_with_one_warning(monkeypatch):
+    """A library built without CUDA (no CUDA_HOME at install) on a GPU machine: every op still runs on
+    CUDA tensors, through its reference, and one warning names the ops and the rebuild; an op that is
+    CPU-only by design is registered without a warning. Shown on a throwaway namespace."""
+    from alphalora.ops import _library
+
+    namespace = "alphalora_fallback_test"
+    definitions = torch.library.Library(namespace, "DEF")
+    for name in ("router_gates", "paged_decode_attention"):
+        definitions.define(f"{name}(Tensor x) -> Tensor")
+        definitions.impl(name, lambda x: x + 1, "CPU")
+    schemas = {"router_gates": ("", lambda x: x * 2), "paged_decode_attention": ("", lambda x: x * 3)}
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    with pytest.warns(RuntimeWarning, match=r"built without CUDA: router_gates run as") as caught:
+        kept = _library._fill_missing_cuda_kernels(schemas, namespace)
+    assert len(caught) == 1 and "paged_decode_attention" not in str(caught[0].message)
+    for name in schemas:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{name}", "CUDA")
+    assert _library._fill_missing_cuda_kernels(schemas, namespace) is None  # nothing left to fill
+    del kept, definitions
+
+
+def test_every_alphalora_op_runs_on_cuda_tensors_whatever_the_build():
+    from alphalora.ops import _library
+
+    for name in _library._SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"alphalora::{name}", "CUDA"), name
