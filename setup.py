@@ -39,6 +39,10 @@ def _want_cuda() -> bool:
                 "Install a CUDA build of torch and set CUDA_HOME, or unset ALPHALORA_CUDA."
             )
         return True
+    if torch.version.cuda is not None and CUDA_HOME is None:
+        print("alphalora: building the CPU kernels only: this torch has CUDA but no CUDA toolkit (nvcc, CUDA_HOME) "
+              "was found. The ops will run on the GPU as slower pure-PyTorch references; install the toolkit, set "
+              "CUDA_HOME and rebuild with ALPHALORA_CUDA=1 for the CUDA kernels.", file=sys.stderr)
     return available
 
 
