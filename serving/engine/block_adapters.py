@@ -25,20 +25,21 @@ StepShortcuts = dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | N
 BlockGates = list[tuple[LoadedAdapter, torch.Tensor | None, torch.Tensor]]
 
 
-def _row_index(rows: np.ndarray, total: int, device) -> torch.Tensor | None:
-    """The adapter's rows of the step on the device, or None where they are every row (in order)."""
-    return None if len(rows) == total else torch.from_numpy(rows).to(device)
+def block_level_rows(adapters: list[tuple[LoadedAdapter, np.ndarray]], device) -> dict[int, torch.Tensor | None]:
+    """The step's rows of each adapter with block-level parts, by uid, on the device (None where they
+    are every row of the step, in order): one copy per adapter per step, read by every block."""
+    total = sum(len(rows) for _, rows in adapters)
+    return {adapter.uid: None if len(rows) == total else torch.from_numpy(rows).to(device)
+            for adapter, rows in adapters if adapter.shortcuts or adapter.layer_routers}
 
 
-def step_shortcuts(adapters: list[tuple[LoadedAdapter, np.ndarray]], device) -> StepShortcuts:
+def step_shortcuts(adapters: list[tuple[LoadedAdapter, np.ndarray]],
+                   rows_by_uid: dict[int, torch.Tensor | None]) -> StepShortcuts:
     """The step's shortcut connections; empty when no adapter of the step has one."""
     found: StepShortcuts = {}
-    total = sum(len(rows) for _, rows in adapters)
-    for adapter, rows in adapters:
-        if adapter.shortcuts:
-            index = _row_index(rows, total, device)
-            for key, module in adapter.shortcuts.items():
-                found.setdefault(key, []).append((module, index))
+    for adapter, _ in adapters:
+        for key, module in adapter.shortcuts.items():
+            found.setdefault(key, []).append((module, rows_by_uid[adapter.uid]))
     return found
 
 
@@ -55,15 +56,15 @@ def add_shortcuts(out: torch.Tensor, shortcuts: StepShortcuts, layer: int, **sou
                 out.index_add_(0, rows, delta)
 
 
-def route_block(adapters: list[tuple[LoadedAdapter, np.ndarray]], layer: int, block_input: torch.Tensor) -> BlockGates:
+def route_block(adapters: list[tuple[LoadedAdapter, np.ndarray]], rows_by_uid: dict[int, torch.Tensor | None],
+                layer: int, block_input: torch.Tensor) -> BlockGates:
     """The gates of block `layer` for each adapter of the step with a shared router there, from the
     block's input (the residual stream before the block's first norm), as in training."""
     routed: BlockGates = []
-    total = sum(len(rows) for _, rows in adapters)
-    for adapter, rows in adapters:
+    for adapter, _ in adapters:
         if layer in adapter.layer_routers:
             router, top_k = adapter.layer_routers[layer]
-            index = _row_index(rows, total, block_input.device)
+            index = rows_by_uid[adapter.uid]
             x = block_input if index is None else block_input[index]
             routed.append((adapter, index, dense_gates(*top_k_gates(x @ router.T, top_k), router.shape[0])))
     return routed

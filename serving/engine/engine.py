@@ -88,6 +88,7 @@ class Engine:
         self._generators: dict[int, torch.Generator] = {}
         # EOS ends a sequence unless ignore_eos, and cannot be sampled before min_tokens.
         self.eos_token_ids = _eos_token_ids(tokenizer, self.model)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
@@ -107,9 +108,9 @@ class Engine:
         """Queues a request; raises QueueFullError, ValueError (too long) or AdapterError (unknown adapter)."""
         if adapter is not None:
             self.adapters.get(adapter)  # fail now, not mid-batch, if it cannot be loaded
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of {vocab}")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
+                             f"{self.vocab_size}")
         seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
         if self.config.enable_prefix_caching:
             seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""

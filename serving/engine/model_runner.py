@@ -21,7 +21,14 @@ from alphalora.adapters.routing import dense_gates
 
 from .adapter_stacks import AdapterStack, AdapterStacks
 from .adapters import LoadedAdapter
-from .block_adapters import BlockGates, add_block_routed, add_shortcuts, route_block, step_shortcuts
+from .block_adapters import (
+    BlockGates,
+    add_block_routed,
+    add_shortcuts,
+    block_level_rows,
+    route_block,
+    step_shortcuts,
+)
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
@@ -179,12 +186,13 @@ class PagedModelRunner:
         uids = tuple(adapter.uid for adapter, _ in adapters)
         if uids != self._buckets_for:
             self._buckets, self._buckets_for = {}, uids
-        shortcuts = step_shortcuts(adapters, hidden.device)
+        block_rows = block_level_rows(adapters, hidden.device)
+        shortcuts = step_shortcuts(adapters, block_rows)
         ffn_input = None  # h_{l-1}, the previous block's FFN input (shortcut2 reads it)
-        routes_layers = any(adapter.layer_routers for adapter, _ in adapters)
+        routes_blocks = any(adapter.layer_routers for adapter, _ in adapters)
         for index, layer in enumerate(self.layers):
             residual = hidden
-            self._block_gates = route_block(adapters, index, hidden) if routes_layers else []
+            self._block_gates = route_block(adapters, block_rows, index, hidden) if routes_blocks else []
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
             q = self._project(attention.q_proj, hidden, adapters).view(-1, self.num_heads, self.head_dim)

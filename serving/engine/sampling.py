@@ -57,7 +57,7 @@ class SampleResult:
     top_logprobs: dict[int, float] | None
 
 
-def _has_penalties(params: SamplingParams) -> bool:
+def _adjusts_logits(params: SamplingParams) -> bool:
     """Whether the row's logits change before sampling (penalties, a logit bias): sampled on its own."""
     return (params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
             or bool(params.logit_bias))
@@ -82,7 +82,7 @@ def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[
     results: list[SampleResult | None] = [None] * len(requests)
     suppressed = [suppressed_tokens(params, output_ids, eos_token_ids) for params, _, output_ids, _ in requests]
     batchable = [i for i, (params, _, _, generator) in enumerate(requests)
-                 if not _has_penalties(params) and generator is None and not suppressed[i]]
+                 if not _adjusts_logits(params) and generator is None and not suppressed[i]]
     greedy = [i for i in batchable if requests[i][0].temperature == 0]
     random = [i for i in batchable if requests[i][0].temperature > 0]
     for group in (greedy, random):

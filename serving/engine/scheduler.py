@@ -110,8 +110,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not output.preempted:
             seq = self.waiting[0]
             prefix = self._cached_prefix(seq)
-            usable = (seq.num_tokens - 1) // self.blocks.block_size if seq.reuse_cached_prefix else 0
-            if len(prefix) < min(usable, len(seq.block_hashes)) and seq.block_hashes[len(prefix)] in in_flight:
+            if len(prefix) < self._usable_blocks(seq) and seq.block_hashes[len(prefix)] in in_flight:
                 deferred.append(self.waiting.popleft())  # its next block will be cached soon: read it then
                 continue
             computed = len(prefix) * self.blocks.block_size
@@ -145,12 +144,19 @@ class Scheduler:
                 in_flight.update(seq.block_hashes[seq.num_registered_blocks:end])
         return in_flight
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks the sequence can start from: its longest cached run of full blocks,
-        short of its last token."""
+    def _usable_blocks(self, seq: Sequence) -> int:
+        """How many of its leading full blocks the sequence may read from the cache: all short of its
+        last token (whose logits it needs); none where it neither shares nor reuses blocks."""
         if seq.cache_salt is None or not seq.reuse_cached_prefix:
+            return 0
+        return (seq.num_tokens - 1) // self.blocks.block_size
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks the sequence can start from: its longest cached run of usable blocks
+        (the sequence's block hashes are brought up to date on the way)."""
+        usable = self._usable_blocks(seq)
+        if usable == 0:
             return []
-        usable = (seq.num_tokens - 1) // self.blocks.block_size
         hashes = extend_block_hashes(seq.block_hashes, seq.all_ids, self.blocks.block_size, seq.cache_salt)
         return self.blocks.cached_prefix(hashes[:usable])
 
