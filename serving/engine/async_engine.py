@@ -115,8 +115,9 @@ class AsyncEngine:
         return seq, queue
 
     async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
-        """The request's outputs until it finishes; cancelling the consumer aborts the request."""
-        start, last = time.monotonic(), None
+        """The request's outputs until it finishes; cancelling the consumer aborts the request. TTFT counts
+        from the request's admission (a stream can start after its first token was made)."""
+        start, last = seq.arrival, None
         try:
             while True:
                 out = await queue.get()

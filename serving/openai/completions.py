@@ -244,16 +244,17 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
                              "choices": payload_choices, "usage": _usage(choices, prompts)})
 
     async def events():
-        for c in choices:
-            if body.echo:
-                first = {"index": c.index, "text": prefix(c), "logprobs": None, "finish_reason": None}
-                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                            "choices": [first]})
+        # The echoed prompt goes out with each choice's first token, as vLLM sends it: a chunk before any
+        # token would read as the first token to clients that time TTFT (`vllm bench serve`).
+        echoed: set[int] = set()
         async for choice, out in _guarded(_merged(choices, streams)):
             if isinstance(choice, dict):
                 yield _sse(choice)
                 break
             delta = _record(choice, out)
+            if body.echo and choice.index not in echoed:
+                echoed.add(choice.index)
+                delta = prefix(choice) + delta
             logprobs = None
             if body.logprobs is not None:
                 piece = state.tokenizer.decode([out.token])
@@ -317,13 +318,16 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
 
     async def events():
         base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        for c in choices:
-            yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+        announced = False
         async for choice, out in _guarded(_merged(choices, streams)):
             if isinstance(choice, dict):
                 yield _sse(choice)
                 break
+            if not announced:  # the role chunks once the first token exists, as vLLM sends them (see above)
+                announced = True
+                for c in choices:
+                    yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
             delta = _record(choice, out)
             done = out.finished or choice.tracker.stopped
             yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},

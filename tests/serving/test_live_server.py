@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import httpx
 import pytest
 
 from tests.serving.test_engine import _adapter
+from tests.serving.test_openai_api import CHAT_TEMPLATE
 from tests.tiny_models import save_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -22,7 +27,7 @@ def server(tmp_path_factory):
     model_dir = save_tiny("llama", root / "m", initializer_range=0.2, max_position_embeddings=256)
     adapters = {"moe": str(_adapter(root / "moe", "llama", (3, 2), seed=1)),
                 "lora": str(_adapter(root / "lora", "llama", (1, 1), rank_pattern={"q": 2}, seed=2))}
-    url, uvicorn_server, state = start_local_server(model_dir, adapters, max_num_seqs=64)
+    url, uvicorn_server, state = start_local_server(model_dir, adapters, max_num_seqs=64, chat_template=CHAT_TEMPLATE)
     yield url, state
     uvicorn_server.should_exit = True
     state.engine.close()
@@ -52,3 +57,54 @@ def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):
         time.sleep(0.05)
     assert state.engine.num_running == 0
     assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def _stream_chunks(url: str, route: str, payload: dict, into: queue.Queue) -> None:
+    """Puts each streamed event's JSON (or "[DONE]") on `into` as it arrives."""
+    with httpx.stream("POST", f"{url}{route}", json={**payload, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                into.put(data if data == "[DONE]" else json.loads(data))
+
+
+@pytest.mark.parametrize("route, payload", [
+    ("/v1/chat/completions", {"model": "moe", "messages": [{"role": "user", "content": "hi there"}]}),
+    ("/v1/completions", {"model": "lora", "prompt": "the cat sat on", "echo": True}),
+])
+def test_no_stream_chunk_comes_before_the_first_token(server, route, payload, monkeypatch):
+    """Clients time the first token by the first chunk (`vllm bench serve` does): the chat role chunk and the
+    echoed prompt must wait for a token, as vLLM sends them. Here the request's tokens are held back from
+    the handler until the test lets them through."""
+    url, state = server
+    payload = {**payload, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    release = threading.Event()
+    stream = state.engine.stream
+
+    async def held_back(seq, queue_):
+        async for out in stream(seq, queue_):
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            yield out
+
+    monkeypatch.setattr(state.engine, "stream", held_back)
+    chunks: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_stream_chunks, args=(url, route, payload, chunks))
+    reader.start()
+    try:
+        with pytest.raises(queue.Empty):  # no token has reached the handler, so no chunk may come
+            chunks.get(timeout=1.0)
+    finally:
+        release.set()
+    reader.join(timeout=60)
+    events = list(chunks.queue)
+    assert events[-1] == "[DONE]"
+    whole = httpx.post(f"{url}{route}", json=payload, timeout=60).json()["choices"][0]
+    if route == "/v1/chat/completions":
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+        assert text == whole["message"]["content"]
+    else:  # the prompt and the first token in one chunk; the whole stream equals the non-streamed text
+        assert events[0]["choices"][0]["text"].startswith("the cat sat on")
+        assert len(events) == 4 + 1
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["text"]
