@@ -47,18 +47,37 @@ class EngineStats:
 
 
 class EngineFailure(RuntimeError):
-    """The engine failed while running a step; the requests in it cannot complete."""
+    """The engine failed while running a step (or was shut down); the requests in it cannot complete."""
+
+
+@dataclass
+class _Admission:
+    """One request's sequences (n of them), waiting to be admitted together at the next step boundary."""
+
+    requests: list[tuple[list[int], SamplingParams]]
+    adapter: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future  # -> list[Sequence], or the error that refused the request
+    queues: list[asyncio.Queue]
 
 
 class AsyncEngine:
-    """Thread-safe front of an Engine: `generate` yields StepOutputs as the engine thread makes them."""
+    """Thread-safe front of an Engine: `stream` yields StepOutputs as the engine thread makes them.
+
+    The event loop never waits for a step: requests and cancellations go into inboxes that the engine
+    thread empties between steps, so a burst of requests is admitted at one step boundary (not one per
+    step, each holding up every stream) and joins the next step together.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.stats = EngineStats()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the engine thread during a step, and by run_locked
         self._wake = threading.Event()
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._inbox_lock = threading.Lock()
+        self._admissions: list[_Admission] = []
+        self._cancellations: list[Sequence] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="alphalora-engine", daemon=True)
         self._thread.start()
@@ -67,12 +86,17 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        with self._inbox_lock:
+            pending, self._admissions = self._admissions, []
+        for admission in pending:
+            admission.loop.call_soon_threadsafe(_settle, admission.future, None, EngineFailure("the engine shut down"))
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
             try:
                 with self._lock:
+                    self._empty_inboxes()
                     outputs = self.engine.step() if self.engine.has_work() else None
             except Exception as error:  # noqa: BLE001 - one bad step must not stop the server
                 logger.exception("engine step failed")
@@ -88,6 +112,36 @@ class AsyncEngine:
                     loop, queue = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
 
+    def _empty_inboxes(self) -> None:
+        """Cancellations, then admissions, each request all or nothing (engine lock held)."""
+        with self._inbox_lock:
+            cancellations, self._cancellations = self._cancellations, []
+            admissions, self._admissions = self._admissions, []
+        for seq in cancellations:
+            self.engine.abort(seq)
+        for admission in admissions:
+            seqs: list[Sequence] = []
+            try:
+                for (prompt_ids, params), queue in zip(admission.requests, admission.queues, strict=True):
+                    seq = self.engine.add_request(prompt_ids, params, admission.adapter)
+                    seqs.append(seq)
+                    self._queues[seq.seq_id] = (admission.loop, queue)
+            except Exception as error:  # noqa: BLE001 - the request's refusal, raised in its handler
+                for seq in seqs:
+                    self._queues.pop(seq.seq_id, None)
+                    self.engine.abort(seq)
+                admission.loop.call_soon_threadsafe(_settle, admission.future, None, error)
+                continue
+            admission.loop.call_soon_threadsafe(self._deliver, admission, seqs)
+
+    def _deliver(self, admission: _Admission, seqs: list[Sequence]) -> None:
+        """On the event loop: hands the admitted sequences over, or cancels them if no one waits now."""
+        if admission.future.done():  # the handler was cancelled (its client left) while it waited
+            for seq in seqs:
+                self.cancel(seq)
+        else:
+            admission.future.set_result(seqs)
+
     def _fail_running(self, error: Exception) -> None:
         """Ends every running sequence (their streams get EngineFailure) so the engine can go on."""
         with self._lock:
@@ -101,18 +155,25 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, EngineFailure(f"{type(error).__name__}: {error}"))
 
     # -- requests ----------------------------------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> tuple[Sequence, asyncio.Queue]:
-        """Admits a request (raising QueueFullError / ValueError / AdapterError at once)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            seq = self.engine.add_request(prompt_ids, params, adapter)
-            self._queues[seq.seq_id] = (asyncio.get_running_loop(), queue)
-        self.stats.requests_total += 1
-        key = adapter or "<base>"
-        self.stats.requests_by_adapter[key] = self.stats.requests_by_adapter.get(key, 0) + 1
-        self.stats.prompt_tokens_total += len(prompt_ids)
+    async def add(self, requests: list[tuple[list[int], SamplingParams]],
+                  adapter: str | None) -> list[tuple[Sequence, asyncio.Queue]]:
+        """Admits a request's sequences together at the next step boundary, or none of them: raises what
+        refused one (QueueFullError, ValueError, AdapterError) with the others withdrawn."""
+        if self._stopping:
+            raise EngineFailure("the engine shut down")
+        loop = asyncio.get_running_loop()
+        admission = _Admission(list(requests), adapter, loop, loop.create_future(),
+                               [asyncio.Queue() for _ in requests])
+        with self._inbox_lock:
+            self._admissions.append(admission)
         self._wake.set()
-        return seq, queue
+        seqs = await admission.future
+        for prompt_ids, _ in admission.requests:
+            self.stats.requests_total += 1
+            key = adapter or "<base>"
+            self.stats.requests_by_adapter[key] = self.stats.requests_by_adapter.get(key, 0) + 1
+            self.stats.prompt_tokens_total += len(prompt_ids)
+        return list(zip(seqs, admission.queues, strict=True))
 
     async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
         """The request's outputs until it finishes; cancelling the consumer aborts the request. TTFT counts
@@ -134,21 +195,27 @@ class AsyncEngine:
                 if out.finished:
                     return
         finally:
-            self._queues.pop(seq.seq_id, None)
             if not seq.is_finished:
-                with self._lock:
-                    self.engine.abort(seq)
+                self.cancel(seq)
+            self._queues.pop(seq.seq_id, None)
 
     def cancel(self, seq: Sequence) -> None:
-        """Drops a request that will not be streamed (its KV blocks are freed at once)."""
+        """Drops a sequence no one will read: its KV blocks are freed at the next step boundary."""
         self._queues.pop(seq.seq_id, None)
-        with self._lock:
-            self.engine.abort(seq)
+        with self._inbox_lock:
+            self._cancellations.append(seq)
+        self._wake.set()
 
     def run_locked(self, fn, *args):
         """Runs fn(*args) while the engine thread is between steps (adapter load/unload)."""
         with self._lock:
             return fn(*args)
+
+    @property
+    def pending_admissions(self) -> int:
+        """Requests waiting for the next step boundary to be admitted."""
+        with self._inbox_lock:
+            return len(self._admissions)
 
     @property
     def num_running(self) -> int:
@@ -157,3 +224,13 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    """On the event loop: completes a future unless its waiter has gone."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -66,27 +66,24 @@ def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> Non
 
 async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
                  adapter: str | None, stop: list[str], **extra):
-    """Admits n sequences per prompt; returns (choices, streams). Maps engine refusals to HTTP errors."""
-    choices, streams, admitted = [], [], []
+    """Admits n sequences per prompt, all or none; returns (choices, streams). Maps refusals to HTTP errors."""
+    requests, choices = [], []
+    for p, prompt in enumerate(prompts):
+        for i in range(body.n):
+            index = p * body.n + i
+            requests.append((prompt, _params(body, max_tokens, index, **extra)))
+            choices.append(Choice(index, prompt, TextTracker(state.tokenizer, stop)))
     try:
-        for p, prompt in enumerate(prompts):
-            for i in range(body.n):
-                index = p * body.n + i
-                seq, queue = state.engine.add(prompt, _params(body, max_tokens, index, **extra), adapter)
-                admitted.append(seq)
-                choices.append(Choice(index, prompt, TextTracker(state.tokenizer, stop)))
-                streams.append(state.engine.stream(seq, queue))
-    except (QueueFullError, AdapterError, ValueError, APIError) as error:
-        for seq in admitted:  # all or nothing: the request's other sequences are cancelled
-            state.engine.cancel(seq)
-        if isinstance(error, QueueFullError):
-            raise APIError(429, str(error), "rate_limit_exceeded") from error
-        if isinstance(error, AdapterError):
-            raise APIError(404, str(error), "NotFoundError", "model") from error
-        if isinstance(error, ValueError):
-            raise APIError(400, str(error)) from error
-        raise
-    return choices, streams
+        admitted = await state.engine.add(requests, adapter)
+    except QueueFullError as error:
+        raise APIError(429, str(error), "rate_limit_exceeded") from error
+    except AdapterError as error:
+        raise APIError(404, str(error), "NotFoundError", "model") from error
+    except ValueError as error:
+        raise APIError(400, str(error)) from error
+    except EngineFailure as error:
+        raise APIError(503, f"{error}; the server is stopping", "service_unavailable") from error
+    return choices, [state.engine.stream(seq, queue) for seq, queue in admitted]
 
 
 async def _close(streams) -> None:

@@ -108,3 +108,44 @@ def test_no_stream_chunk_comes_before_the_first_token(server, route, payload, mo
         assert events[0]["choices"][0]["text"].startswith("the cat sat on")
         assert len(events) == 4 + 1
         assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["text"]
+
+
+def test_requests_arriving_during_a_step_wait_in_the_inbox_and_are_admitted_together(server, monkeypatch):
+    """The event loop never waits for a step: while one runs (held here), the server answers and takes
+    requests; they all join the step after it, not one per step."""
+    url, state = server
+    engine = state.engine.engine
+    scheduled: list[int] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        output = schedule()
+        scheduled.append(len(output.chunks))
+        return output
+
+    monkeypatch.setattr(engine.scheduler, "schedule", recording_schedule)
+    release, held = threading.Event(), threading.Event()
+    holder = threading.Thread(target=state.engine.run_locked, args=(lambda: (held.set(), release.wait(30)),))
+    holder.start()
+    assert held.wait(10)
+    results: list[int] = []
+    payload = {"model": "moe", "max_tokens": 3, "ignore_eos": True, "temperature": 0}
+    clients = [threading.Thread(target=lambda i=i: results.append(httpx.post(
+        f"{url}/v1/completions", json={**payload, "prompt": f"request number {i}"}, timeout=60).status_code))
+        for i in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        deadline = time.time() + 10
+        while time.time() < deadline and state.engine.pending_admissions < len(clients):
+            time.sleep(0.02)
+        assert state.engine.pending_admissions == len(clients)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # answered during the step
+        assert not scheduled
+    finally:
+        release.set()
+        holder.join()
+    for client in clients:
+        client.join(timeout=60)
+    assert results == [200] * len(clients)
+    assert scheduled[0] == len(clients)  # every prompt in the first step

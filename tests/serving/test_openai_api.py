@@ -250,13 +250,19 @@ def test_a_refused_request_leaves_nothing_behind(tmp_path):
     model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
     engine = Engine.from_pretrained(model_dir, EngineConfig(max_waiting=2, max_num_seqs=1))
     async_engine = AsyncEngine(engine)
-    async_engine.close()  # no stepping: admitted requests stay queued, so the queue bound is reached
     state = ServerState(engine=async_engine, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
     client = TestClient(build_app(state))
-    response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 3})
-    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
-    assert not engine.scheduler.waiting and not engine.scheduler.running
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    try:  # a request's n sequences are admitted together: two fill the waiting queue, the third is refused
+        response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 3})
+        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
+        assert async_engine.run_locked(lambda: not engine.scheduler.waiting and not engine.scheduler.running)
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        ok = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 2})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+    finally:
+        async_engine.close()
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2})
+    assert response.status_code == 503 and "shut down" in response.json()["error"]["message"]
 
 
 def test_chat_template_from_the_command_line(tmp_path):
