@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -108,21 +109,29 @@ def build_app(state: ServerState) -> FastAPI:
         if not path.is_relative_to(state.adapter_dir.resolve()):
             raise APIError(400, f"adapters load only from the adapter directory {state.adapter_dir}", param="lora_path")
         registry = state.engine.engine.adapters
-        if body.lora_name in registry.paths or body.lora_name == state.base_name:
-            raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", param="lora_name")
-        try:
-            state.engine.run_locked(registry.register, body.lora_name, path, True)
-        except AdapterError as error:
-            state.engine.run_locked(registry.unregister, body.lora_name)
-            raise APIError(400, str(error), param="lora_path") from error
+
+        def load() -> None:  # between engine steps, in a worker thread: the event loop keeps serving
+            if body.lora_name in registry.paths or body.lora_name == state.base_name:
+                raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", param="lora_name")
+            try:
+                registry.register(body.lora_name, path, True)
+            except AdapterError as error:
+                registry.unregister(body.lora_name)
+                raise APIError(400, str(error), param="lora_path") from error
+
+        await asyncio.to_thread(state.engine.run_locked, load)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=v1)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
         registry = state.engine.engine.adapters
-        if body.lora_name not in registry.paths:
-            raise APIError(404, f"no adapter named {body.lora_name!r}", "NotFoundError", "lora_name")
-        state.engine.run_locked(registry.unregister, body.lora_name)
+
+        def unload() -> None:
+            if body.lora_name not in registry.paths:
+                raise APIError(404, f"no adapter named {body.lora_name!r}", "NotFoundError", "lora_name")
+            registry.unregister(body.lora_name)
+
+        await asyncio.to_thread(state.engine.run_locked, unload)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/tokenize", dependencies=v1)
