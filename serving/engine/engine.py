@@ -10,6 +10,7 @@ import torch
 
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, find_stop, longest_stop
 from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
@@ -192,13 +193,24 @@ class Engine:
         params: SamplingParams = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             return "stop"
-        if params.stop and self.tokenizer is not None and len(seq.output_ids) >= params.min_tokens:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            if any(s in text for s in params.stop):
-                return "stop"
+        if params.stop and self.tokenizer is not None and self._stop_string_ends(seq, token):
+            return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _stop_string_ends(self, seq: Sequence, token: int) -> bool:
+        """Whether the output's text (decoded a token at a time) holds a stop string, from min_tokens on;
+        each call searches only where a match could begin since the last."""
+        if seq.output_text is None:
+            seq.output_text = IncrementalDetokenizer(self.tokenizer)
+        text = seq.output_text
+        text.add(token)
+        if len(seq.output_ids) < seq.params.min_tokens:
+            return False
+        start = max(0, seq.stop_searched - longest_stop(seq.params.stop) + 1)
+        seq.stop_searched = len(text.text)
+        return find_stop(text.text, seq.params.stop, start) is not None
 
     # -- offline use -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -39,6 +39,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens read from the cache at admission
+    # Stop strings: the output's text so far (an IncrementalDetokenizer) and how much of it was searched.
+    output_text: Any = None
+    stop_searched: int = 0
 
     @property
     def num_tokens(self) -> int:
