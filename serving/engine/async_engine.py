@@ -106,11 +106,18 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
-            for out in outputs:
-                target = self._queues.get(out.seq.seq_id)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+            self._hand_over(outputs)
+
+    def _hand_over(self, outputs: list[StepOutput]) -> None:
+        """A step's outputs to their streams' queues: one wake-up of each event loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        for out in outputs:
+            target = self._queues.get(out.seq.seq_id)
+            if target is not None:
+                loop, queue = target
+                by_loop.setdefault(loop, []).append((queue, out))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, deliveries)
 
     def _empty_inboxes(self) -> None:
         """Cancellations, then admissions, each request all or nothing (engine lock held)."""
@@ -234,3 +241,8 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for queue, out in deliveries:
+        queue.put_nowait(out)

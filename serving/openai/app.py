@@ -31,6 +31,25 @@ def _error(status: int, message: str, type_: str, param: str | None = None) -> J
                         status_code=status)
 
 
+class BodySizeLimit:
+    """Refuses a request whose Content-Length exceeds `limit` bytes with a 413. Plain ASGI: a function
+    middleware (`@app.middleware`) would pass every streamed chunk of every response through a task and
+    a memory channel of its own."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                message = f"request body of {int(length)} bytes exceeds {self.limit}"
+                await _error(413, message, "invalid_request_error")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def state_of(request: Request) -> ServerState:
     return request.app.state.alphalora
 
@@ -64,13 +83,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def internal_error(_request, error: Exception):
         return _error(500, f"internal error: {type(error).__name__}: {error}", "internal_server_error")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > state.max_body_bytes:
-            message = f"request body of {length} bytes exceeds {state.max_body_bytes}"
-            return _error(413, message, "invalid_request_error")
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, limit=state.max_body_bytes)
 
     v1 = [Depends(require_key)]
 
