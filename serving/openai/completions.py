@@ -93,6 +93,13 @@ async def _close(streams) -> None:
 
 async def _merged(choices: list[Choice], streams) -> AsyncIterator[tuple[Choice, StepOutput]]:
     """All choices' outputs as they come; closing this generator aborts whatever still runs."""
+    if len(streams) == 1:  # most requests: the stream itself, without a task and a queue between
+        try:
+            async for out in streams[0]:
+                yield choices[0], out
+        finally:
+            await _close(streams)
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice, stream):
