@@ -233,11 +233,15 @@ def _serve(args: argparse.Namespace) -> int:
                            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                            dtype=args.dtype, device=device, served_name=args.served_model_name,
                            max_num_batched_tokens=args.max_num_batched_tokens,
-                           enable_prefix_caching=args.enable_prefix_caching, chat_template=args.chat_template)
+                           enable_prefix_caching=args.enable_prefix_caching, chat_template=args.chat_template,
+                           engine_thread=False)
     except (ValueError, AdapterError, OSError) as error:
         raise CliError(str(error)) from error
     print(f"serving {state.base_name} ({device}) with adapters {sorted(adapters)} on http://{args.host}:{args.port}/v1")
-    serve(state, args.host, args.port)
+    try:
+        serve(state, args.host, args.port)
+    except RuntimeError as error:
+        raise CliError(str(error)) from error
     return 0
 
 

@@ -69,7 +69,9 @@ class AsyncEngine:
     step, each holding up every stream) and joins the next step together.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, background: bool = True):
+        """background: step on a thread of this object's own; else the owner calls `run` on a thread of
+        its choosing (the server runs it on the main thread: see `serve`)."""
         self.engine = engine
         self.stats = EngineStats()
         self._lock = threading.Lock()  # held by the engine thread during a step, and by run_locked
@@ -79,20 +81,28 @@ class AsyncEngine:
         self._admissions: list[_Admission] = []
         self._cancellations: list[Sequence] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="alphalora-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self.run, name="alphalora-engine", daemon=True)
+            self._thread.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ends `run` after the step in progress."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
         with self._inbox_lock:
             pending, self._admissions = self._admissions, []
         for admission in pending:
             admission.loop.call_soon_threadsafe(_settle, admission.future, None, EngineFailure("the engine shut down"))
 
     # -- the engine thread -------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Steps the engine until `stop`, taking requests and cancellations between steps."""
         while not self._stopping:
             try:
                 with self._lock:
@@ -217,6 +227,10 @@ class AsyncEngine:
         """Runs fn(*args) while the engine thread is between steps (adapter load/unload)."""
         with self._lock:
             return fn(*args)
+
+    @property
+    def steps_on_own_thread(self) -> bool:
+        return self._thread is not None
 
     @property
     def pending_admissions(self) -> int:

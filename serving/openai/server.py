@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -45,9 +47,11 @@ def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str 
                adapter_dir: str | Path | None = None, max_loras: int = 4, max_num_seqs: int = 32,
                max_model_len: int | None = None, dtype: str = "auto", device: str = "cpu",
                served_name: str | None = None, max_num_batched_tokens: int = 512,
-               enable_prefix_caching: bool = True, chat_template: str | None = None) -> ServerState:
+               enable_prefix_caching: bool = True, chat_template: str | None = None,
+               engine_thread: bool = True) -> ServerState:
     """The engine and the server's settings. `chat_template`: a Jinja template, or a file holding one,
-    for models whose tokenizer has none (or to replace it)."""
+    for models whose tokenizer has none (or to replace it). `engine_thread`: the engine steps on a thread
+    of its own (False: the caller runs `state.engine.run()`, as `serve` does)."""
     template = read_chat_template(chat_template) if chat_template else None
     config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_loras=max_loras,
                           dtype=DTYPES[dtype], device=device, adapters=adapters,
@@ -57,16 +61,37 @@ def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str 
         engine.adapters.get(name)
     if template is not None:
         engine.tokenizer.chat_template = template
-    return ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer,
+    return ServerState(engine=AsyncEngine(engine, background=engine_thread), tokenizer=engine.tokenizer,
                        base_name=served_name or Path(model_dir).name, max_model_len=engine.max_model_len,
                        api_key=api_key, adapter_dir=Path(adapter_dir) if adapter_dir else None)
 
 
 def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serves until SIGINT or SIGTERM. The engine steps on this (the main) thread and the HTTP server's
+    event loop runs on another: PyTorch's CPU kernels run on the OpenMP team of the thread that calls
+    them, and a second team (the main thread's, from loading the model) beside the engine thread's makes
+    libgomp's workers sleep between parallel regions (more threads than cores): a third slower CPU step.
+    A signal stops the HTTP server first (requests in flight finish), then the engine."""
     import uvicorn
 
-    app = build_app(state)
+    if state.engine.steps_on_own_thread:
+        raise ValueError("serve() runs the engine itself: build the state with engine_thread=False")
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="info"))
+    http = threading.Thread(target=server.run, name="alphalora-http")
+
+    def on_signal(sig, frame):  # uvicorn listens for signals only on the main thread, which the engine has
+        server.handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http.start()
+    threading.Thread(target=lambda: (http.join(), state.engine.stop()), daemon=True).start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        state.engine.run()  # until the HTTP server has shut down
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        http.join(timeout=30)
         state.engine.close()
+    if not server.started:
+        raise RuntimeError(f"the HTTP server could not start on {host}:{port} (the reason is in the log above)")

@@ -149,3 +149,34 @@ def test_requests_arriving_during_a_step_wait_in_the_inbox_and_are_admitted_toge
         client.join(timeout=60)
     assert results == [200] * len(clients)
     assert scheduled[0] == len(clients)  # every prompt in the first step
+
+
+def test_alphalora_serve_finishes_streams_in_flight_on_sigterm_and_refuses_a_busy_port(tmp_path):
+    """`alphalora serve` as users run it (the engine on the main thread, HTTP on another): a signal stops
+    the HTTP server first, so a stream in flight still ends with all its tokens, and the process exits 0;
+    a second server on the same port fails with the reason instead of serving nothing."""
+    import signal
+    import subprocess
+
+    from load_test import ServerProcess, free_port
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=256)
+    port = free_port()
+    argv = [sys.executable, "-m", "alphalora.cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"]
+    server = ServerProcess(argv, tmp_path / "serve.log", port, timeout=120, name="alphalora server")
+    try:
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and f"could not start on 127.0.0.1:{port}" in busy.stderr
+        chunks: queue.Queue = queue.Queue()
+        payload = {"model": "m", "prompt": "the cat sat", "max_tokens": 48, "ignore_eos": True}
+        reader = threading.Thread(target=_stream_chunks, args=(server.url, "/v1/completions", payload, chunks))
+        reader.start()
+        chunks.get(timeout=60)  # the stream is under way
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0, server.tail()
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+    events = [chunks.get_nowait() for _ in range(chunks.qsize())]
+    assert events[-1] == "[DONE]" and len(events) == 48  # 47 more token chunks after the first, then [DONE]
