@@ -71,7 +71,9 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine, background: bool = True):
         """background: step on a thread of this object's own; else the owner calls `run` on a thread of
-        its choosing (the server runs it on the main thread: see `serve`)."""
+        its choosing. On the CPU, run it on the thread that loaded the model (`serve` uses the main
+        thread): PyTorch's kernels run on the calling thread's OpenMP team, and a second team beside the
+        first makes libgomp's workers sleep between parallel regions (a third slower step here)."""
         self.engine = engine
         self.stats = EngineStats()
         self._lock = threading.Lock()  # held by the engine thread during a step, and by run_locked
