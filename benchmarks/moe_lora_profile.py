@@ -12,19 +12,17 @@ busy time near wall time means the kernels themselves are the cost.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from bench_modules import load_benchmark  # beside this script, on the path when it runs
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from alphalora.adapters import MoELoRALinear
 
-_spec = importlib.util.spec_from_file_location("moe_lora_bench", Path(__file__).with_name("moe_lora.py"))
-moe_lora_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(moe_lora_bench)
+moe_lora_bench = load_benchmark("moe_lora")
 
 
 def _inside_aten(event) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import json
 import os
 import platform
@@ -25,10 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_modules import load_benchmark  # beside this script, on the path when it runs
 
-_spec = importlib.util.spec_from_file_location("serving_bench", Path(__file__).with_name("serving.py"))
-serving_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serving_bench)
+serving_bench = load_benchmark("serving")
 
 
 def shared_prefix_workload(args) -> tuple[list[list[int]], list[str]]:

@@ -13,24 +13,16 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from bench_modules import load_benchmark  # beside this script, on the path when it runs
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-serving = _load("serving")
-moe_lora_profile = _load("moe_lora_profile")
+serving = load_benchmark("serving")
+moe_lora_profile = load_benchmark("moe_lora_profile")
 
 
 def decode_step(args, prompts, names, adapters: dict[str, str]):
