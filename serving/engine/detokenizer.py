@@ -5,8 +5,12 @@ from __future__ import annotations
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
 
+PROMPT_CONTEXT_TOKENS = 5  # how many prompt tokens the first output tokens are decoded after (vLLM's 5)
+
+
 class IncrementalDetokenizer:
-    """The text of `ids` as tokens arrive, equal to `tokenizer.decode(ids, skip_special_tokens=True)`.
+    """The text that the tokens after `prompt_ids` add to the prompt's, as they arrive: what
+    `decode(prompt_ids + ids)` has beyond `decode(prompt_ids)` (skipping special tokens).
 
     Decoding the whole sequence again per token costs O(length) each time (a 1024-token output: some
     150 us a token here, with the GIL held, per stream). This decodes a window of the last few tokens
@@ -14,14 +18,19 @@ class IncrementalDetokenizer:
     window starts at a token boundary that both decodes share, so a tokenizer's handling of a leading
     space or a word-piece prefix cancels out. Text ending in an incomplete UTF-8 sequence is held back
     until a later token completes it, or until `flush`.
+
+    The window starts in the prompt's last few tokens, as vLLM's does: a sentencepiece tokenizer
+    (Llama 2, Mistral, Gemma) drops the space that begins a word when the word starts a decode, so a
+    completion decoded on its own would lose the space between the prompt and its first word.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""  # confirmed text so far
+        context = list(prompt_ids or [])[-PROMPT_CONTEXT_TOKENS:]
+        self.ids: list[int] = context  # the prompt's last tokens, then the output's
+        self.text = ""  # confirmed text of the output so far
         self._prefix = 0  # the window: ids[_prefix:_read] is decoded text already confirmed
-        self._read = 0
+        self._read = len(context)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -48,10 +57,61 @@ class IncrementalDetokenizer:
         return delta
 
 
-def find_stop(text: str, stops: list[str], start: int = 0) -> int | None:
-    """Where the first of `stops` begins in `text`, looking at matches that begin at `start` or later."""
-    found = [i for i in (text.find(s, start) for s in stops) if i != -1]
-    return min(found) if found else None
+class OutputText:
+    """A sequence's output text, cut where the first stop string begins: what the engine ends a
+    sequence on and what the server sends, computed the same way on both sides (vLLM's rules).
+
+    Stop strings are looked for once more than `min_tokens` tokens exist, in the text each new token
+    adds (a match may begin up to len(stop) - 1 characters before it, so one spanning tokens is found);
+    where several match, the one that ends first wins. A token that ended the sequence as a stop token
+    (EOS, stop_token_ids) adds no text.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None, stop: list[str] | None = None,
+                 min_tokens: int = 0):
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop = [s for s in stop or [] if s]
+        self.min_tokens = min_tokens
+        self.num_tokens = 0
+        self.end: int | None = None  # where the first stop string begins, once found
+        self.stop_string: str | None = None
+
+    @property
+    def text(self) -> str:
+        text = self._detokenizer.text
+        return text if self.end is None else text[:self.end]
+
+    @property
+    def stopped(self) -> bool:
+        return self.end is not None
+
+    def add(self, token: int, final: bool = False, stop_token: bool = False) -> bool:
+        """Appends a token (`final`: the sequence ends with it; `stop_token`: it ended the sequence as a
+        stop token and adds no text); returns whether the text now holds a stop string."""
+        if self.stopped:
+            return True
+        self.num_tokens += 1
+        searched = len(self._detokenizer.text)
+        if not stop_token:
+            self._detokenizer.add(token)
+        if final:
+            self._detokenizer.flush()
+        if self.stop and self.num_tokens > self.min_tokens and len(self._detokenizer.text) > searched:
+            found = find_stop(self._detokenizer.text, self.stop, searched)
+            if found is not None:
+                self.end, self.stop_string = found
+        return self.stopped
+
+
+def find_stop(text: str, stops: list[str], new_from: int = 0) -> tuple[int, str] | None:
+    """The first stop string to end in `text[new_from:]` (a match may begin before `new_from`): where
+    it begins, and which it is; ties go to the earlier in `stops`."""
+    best = None
+    for stop in stops:
+        begin = text.find(stop, max(0, new_from - len(stop) + 1))
+        if begin != -1 and (best is None or begin + len(stop) < best[0] + len(best[1])):
+            best = (begin, stop)
+    return best
 
 
 def longest_stop(stops: list[str]) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer, find_stop, longest_stop
+from .detokenizer import OutputText
 from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
@@ -192,25 +192,21 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.stop_reason = token
             return "stop"
         if params.stop and self.tokenizer is not None and self._stop_string_ends(seq, token):
+            seq.stop_reason = seq.output_text.stop_string
             return "stop"
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
     def _stop_string_ends(self, seq: Sequence, token: int) -> bool:
-        """Whether the output's text (decoded a token at a time) holds a stop string, from min_tokens on;
-        each call searches only where a match could begin since the last."""
+        """Whether the output's text (decoded a token at a time, after the prompt) now holds a stop
+        string: `OutputText`'s rules, which the server's text follows too."""
         if seq.output_text is None:
-            seq.output_text = IncrementalDetokenizer(self.tokenizer)
-        text = seq.output_text
-        text.add(token)
-        if len(seq.output_ids) < seq.params.min_tokens:
-            return False
-        start = max(0, seq.stop_searched - longest_stop(seq.params.stop) + 1)
-        seq.stop_searched = len(text.text)
-        return find_stop(text.text, seq.params.stop, start) is not None
+            seq.output_text = OutputText(self.tokenizer, seq.prompt_ids, seq.params.stop, seq.params.min_tokens)
+        return seq.output_text.add(token)
 
     # -- offline use -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

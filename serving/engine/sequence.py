@@ -39,9 +39,10 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens read from the cache at admission
-    # Stop strings: the output's text so far (an IncrementalDetokenizer) and how much of it was searched.
+    # Stop strings: the output's text so far (an OutputText), made when the request has stop strings.
     output_text: Any = None
-    stop_searched: int = 0
+    # What ended the sequence with finish_reason "stop": the stop token's id or the stop string.
+    stop_reason: int | str | None = None
 
     @property
     def num_tokens(self) -> int:

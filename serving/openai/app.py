@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,32 +33,71 @@ def _error(status: int, message: str, type_: str, param: str | None = None) -> J
 
 
 class BodySizeLimit:
-    """Refuses a request whose Content-Length exceeds `limit` bytes with a 413. Plain ASGI: a function
-    middleware (`@app.middleware`) would pass every streamed chunk of every response through a task and
-    a memory channel of its own."""
+    """Refuses a request body over `limit` bytes with a 413: at once from its Content-Length, or, for a
+    body sent in chunks without one, while reading it (the body then reaches the app from memory).
+    Plain ASGI: a function middleware (`@app.middleware`) would pass every streamed chunk of every
+    response through a task and a memory channel of its own."""
 
     def __init__(self, app, limit: int):
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
             if length.isdigit() and int(length) > self.limit:
-                message = f"request body of {int(length)} bytes exceeds {self.limit}"
-                await _error(413, message, "invalid_request_error")(scope, receive, send)
+                await self._refuse(f"{int(length)} bytes", scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._refuse(f"more than {self.limit} bytes", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: str, scope, receive, send) -> None:
+        message = f"the request body ({size}) exceeds the server's limit of {self.limit} bytes: send a shorter prompt"
+        await _error(413, message, "invalid_request_error")(scope, receive, send)
+
+
+class RequireApiKey:
+    """With an API key set, every /v1 route (and /tokenize, /detokenize) answers 401 unless the request
+    carries `Authorization: Bearer <key>`: checked before the body is read, in constant time."""
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app, key: str | None):
+        self.app = app
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing or wrong API key: send `Authorization: Bearer <key>`"
+                await _error(401, message, "authentication_error")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.alphalora
-
-
-async def require_key(request: Request) -> None:
-    key = state_of(request).api_key
-    if key and request.headers.get("authorization", "") != f"Bearer {key}":
-        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error")
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -84,8 +124,7 @@ def build_app(state: ServerState) -> FastAPI:
         return _error(500, f"internal error: {type(error).__name__}: {error}", "internal_server_error")
 
     app.add_middleware(BodySizeLimit, limit=state.max_body_bytes)
-
-    v1 = [Depends(require_key)]
+    app.add_middleware(RequireApiKey, key=state.api_key)  # added last: runs first, before any body is read
 
     @app.get("/health")
     async def health():
@@ -95,7 +134,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return PlainTextResponse(render_metrics(state.engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
         created = now()
         data = [{"id": state.base_name, "object": "model", "created": created, "owned_by": "alphalora",
@@ -105,15 +144,15 @@ def build_app(state: ServerState) -> FastAPI:
                          "root": str(path), "parent": state.base_name, "max_model_len": state.max_model_len})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def create_completion(request: Request, body: CompletionRequest):
         return await completions.create_completion(request, body, state)
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def create_chat_completion(request: Request, body: ChatCompletionRequest):
         return await completions.create_chat_completion(request, body, state)
 
-    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
         if state.adapter_dir is None:
             raise APIError(400, "loading adapters at run time is off; start the server with --adapter-dir DIR")
@@ -135,7 +174,7 @@ def build_app(state: ServerState) -> FastAPI:
         await asyncio.to_thread(state.engine.run_locked, load)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
         registry = state.engine.engine.adapters
 
@@ -147,17 +186,17 @@ def build_app(state: ServerState) -> FastAPI:
         await asyncio.to_thread(state.engine.run_locked, unload)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    @app.post("/tokenize", dependencies=v1)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         if body.messages is not None:
-            tokens = completions.chat_prompt(state, body.messages)
+            tokens = await completions.chat_prompt(state, body.messages)
         elif body.prompt is not None:
-            tokens = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            tokens = (await completions.tokenize(state, [body.prompt], body.add_special_tokens))[0]
         else:
             raise APIError(400, "give `prompt` or `messages`")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @app.post("/detokenize", dependencies=v1)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         if any(t < 0 or t >= len(state.tokenizer) for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="tokens")

@@ -18,6 +18,8 @@ from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, 
 from .state import APIError, ServerState
 from .text import TextTracker
 
+LONG_TEXT_CHARS = 20_000  # prompts this long are tokenized off the event loop
+
 
 @dataclass
 class Choice:
@@ -26,9 +28,16 @@ class Choice:
     index: int
     prompt_ids: list[int]
     tracker: TextTracker
+    prompt_text: str = ""  # the prompt as the client sent it (what `echo` returns)
     tokens: list[StepOutput] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token or stop string that ended it (vLLM's field)
     prompt_logprobs: list = field(default_factory=list)  # the sequence's (logprob, top-k) per prompt token
+    text_offset: int = 0  # streamed logprobs: where the next token's text starts in the choice's text
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) -> SamplingParams:
@@ -65,14 +74,15 @@ def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> Non
 
 
 async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
-                 adapter: str | None, stop: list[str], **extra):
+                 adapter: str | None, stop: list[str], prompt_texts: list[str] | None = None, **extra):
     """Admits n sequences per prompt, all or none; returns (choices, streams). Maps refusals to HTTP errors."""
     requests, choices = [], []
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
             index = p * body.n + i
             requests.append((prompt, _params(body, max_tokens, index, **extra)))
-            choices.append(Choice(index, prompt, TextTracker(state.tokenizer, stop)))
+            tracker = TextTracker(state.tokenizer, prompt, stop, body.min_tokens)
+            choices.append(Choice(index, prompt, tracker, prompt_texts[p] if prompt_texts else ""))
     try:
         admitted = await state.engine.add(requests, adapter)
     except QueueFullError as error:
@@ -140,12 +150,14 @@ async def _guarded(pairs):
 
 
 def _record(choice: Choice, out: StepOutput) -> str:
+    """Adds a token to its choice; returns the text it adds. The engine ends a sequence on the token
+    whose text holds a stop string, so the choice's text and finish reason follow the engine's."""
     choice.tokens.append(out)
-    delta = choice.tracker.add(out.token, out.finished)
-    if choice.tracker.stopped:
-        choice.finish_reason = "stop"
-    elif out.finished:
-        choice.finish_reason = out.seq.finish_reason
+    stop_reason = out.seq.stop_reason if out.finished else None
+    delta = choice.tracker.add(out.token, out.finished, stop_token=isinstance(stop_reason, int))
+    if choice.tracker.stopped or out.finished:
+        choice.finish_reason = "stop" if choice.tracker.stopped else out.seq.finish_reason
+        choice.stop_reason = stop_reason
     if out.seq.prompt_logprobs and not choice.prompt_logprobs:
         choice.prompt_logprobs = list(out.seq.prompt_logprobs)
     return delta
@@ -186,27 +198,51 @@ def _sse(payload: dict) -> str:
 
 
 # -- /v1/completions ----------------------------------------------------------------------------------
-def _completion_logprobs(state: ServerState, choice: Choice, echo: bool, top: int) -> dict:
-    tokenizer = state.tokenizer
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    text = ""
-    if echo:
-        for token, entry in zip(choice.prompt_ids, choice.prompt_logprobs or [None] * len(choice.prompt_ids),
-                                strict=False):
-            piece = tokenizer.decode([token])
-            tokens.append(piece)
-            token_logprobs.append(None if entry is None else entry[0])
-            top_logprobs.append(None if entry is None else {tokenizer.decode([t]): lp for t, lp in entry[1].items()})
-            offsets.append(len(text))
-            text += piece
-    for out in choice.tokens:
-        piece = tokenizer.decode([out.token])
-        tokens.append(piece)
-        token_logprobs.append(out.logprob)
-        top_logprobs.append({tokenizer.decode([t]): lp for t, lp in (out.top_logprobs or {}).items()} if top else None)
-        offsets.append(len(text))
-        text += piece
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+def _top_with(top: dict[int, float] | None, token: int, logprob: float | None) -> dict[int, float]:
+    """The top-k alternatives and the token itself: OpenAI's completions always list the chosen token's
+    logprob among the top ones, so there may be logprobs + 1 entries."""
+    entries = dict(top or {})
+    if logprob is not None:
+        entries.setdefault(token, logprob)
+    return entries
+
+
+class _CompletionLogprobs:
+    """OpenAI's completions `logprobs` object for a run of tokens, with text offsets that go on across
+    a choice's chunks (each token's offset: the text before it, by its decoded piece, as vLLM counts)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.body: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, choice: Choice, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        piece = self.tokenizer.decode([token])
+        self.body["tokens"].append(piece)
+        self.body["token_logprobs"].append(logprob)
+        alternatives = None if logprob is None else _top_with(top, token, logprob)
+        self.body["top_logprobs"].append(
+            None if alternatives is None else {self.tokenizer.decode([t]): lp for t, lp in alternatives.items()})
+        self.body["text_offset"].append(choice.text_offset)
+        choice.text_offset += len(piece)
+
+    def add_prompt(self, choice: Choice) -> None:
+        entries = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
+        for token, entry in zip(choice.prompt_ids, entries, strict=False):
+            self.add(choice, token, None if entry is None else entry[0], None if entry is None else entry[1])
+
+
+def _prompt_texts(state: ServerState, raw: list, prompts: list[list[int]]) -> list[str]:
+    """What `echo` returns per prompt: the text as sent, or the decoded token ids."""
+    return [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(raw, prompts, strict=True)]
+
+
+async def tokenize(state: ServerState, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text; long texts in a worker thread, so the event loop keeps streaming meanwhile
+    (the fast tokenizers let go of the GIL while they encode)."""
+    def encode() -> list[list[int]]:
+        return [state.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+
+    return encode() if sum(len(t) for t in texts) < LONG_TEXT_CHARS else await asyncio.to_thread(encode)
 
 
 async def create_completion(request: Request, body: CompletionRequest, state: ServerState):
@@ -218,57 +254,66 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
         raw = [raw]
     if not raw:
         raise APIError(400, "the prompt is empty", param="prompt")
-    prompts = [state.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in raw]
-    only_prompt = body.max_tokens == 0
+    texts = [p for p in raw if isinstance(p, str)]
+    encoded = iter(await tokenize(state, texts))
+    prompts = [next(encoded) if isinstance(p, str) else list(p) for p in raw]
+    only_prompt = body.max_tokens == 0  # echo's prompt (and its logprobs) alone: lm-eval's loglikelihood
     max_tokens = 16 if body.max_tokens is None else max(1, body.max_tokens)
     for prompt in prompts:
         _check_length(state, prompt, max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     want_prompt_logprobs = body.echo and body.logprobs is not None
     choices, streams = await _start(state, prompts, body, max_tokens, adapter, stop,
+                                    _prompt_texts(state, raw, prompts) if body.echo else None,
                                     logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
     response_id, created = new_id("cmpl"), now()
 
-    def prefix(choice):
-        return state.tokenizer.decode(choice.prompt_ids) if body.echo else ""
+    def chunk_of(choice: Choice, out: StepOutput, first: bool) -> tuple[str, dict | None]:
+        """A token's text and logprobs; a choice's first also carries the echoed prompt."""
+        delta = _record(choice, out)
+        if only_prompt:
+            choice.tokens, delta, choice.finish_reason, choice.stop_reason = [], "", "length", None
+        logprobs = _CompletionLogprobs(state.tokenizer) if body.logprobs is not None else None
+        if first and body.echo:
+            delta = choice.prompt_text + delta
+            if logprobs:
+                logprobs.add_prompt(choice)
+        if logprobs and not only_prompt:
+            logprobs.add(choice, out.token, out.logprob, out.top_logprobs)
+        return delta, logprobs.body if logprobs else None
 
     if not body.stream:
         await _collect(request, choices, streams)
         payload_choices = []
         for c in choices:
             if only_prompt:
-                c.tokens = []
-            text = prefix(c) + ("" if only_prompt else c.tracker.full_text())
+                c.tokens, c.finish_reason, c.stop_reason = [], "length", None
+            text = (c.prompt_text if body.echo else "") + ("" if only_prompt else c.tracker.full_text())
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(state, c, body.echo, body.logprobs)
-            payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": "length" if only_prompt else c.finish_reason})
+                logprobs = _CompletionLogprobs(state.tokenizer)
+                if body.echo:
+                    logprobs.add_prompt(c)
+                for out in c.tokens:
+                    logprobs.add(c, out.token, out.logprob, out.top_logprobs)
+            payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs and logprobs.body,
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                              "choices": payload_choices, "usage": _usage(choices, prompts)})
 
     async def events():
         # The echoed prompt goes out with each choice's first token, as vLLM sends it: a chunk before any
         # token would read as the first token to clients that time TTFT (`vllm bench serve`).
-        echoed: set[int] = set()
         async for choice, out in _guarded(_merged(choices, streams)):
             if isinstance(choice, dict):
                 yield _sse(choice)
                 break
-            delta = _record(choice, out)
-            if body.echo and choice.index not in echoed:
-                echoed.add(choice.index)
-                delta = prefix(choice) + delta
-            logprobs = None
-            if body.logprobs is not None:
-                piece = state.tokenizer.decode([out.token])
-                logprobs = {"tokens": [piece], "token_logprobs": [out.logprob],
-                            "top_logprobs": [{state.tokenizer.decode([t]): lp for t, lp in
-                                              (out.top_logprobs or {}).items()}], "text_offset": [0]}
-            done = out.finished or choice.tracker.stopped
+            if choice.finished:  # its finish chunk is sent: nothing follows it
+                continue
+            delta, logprobs = chunk_of(choice, out, not choice.tokens)
             yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                         "choices": [{"index": choice.index, "text": delta, "logprobs": logprobs,
-                                     "finish_reason": choice.finish_reason if done else None}]})
+                                     "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}]})
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                         "choices": [], "usage": _usage(choices, prompts)})
@@ -278,15 +323,20 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
 
 
 # -- /v1/chat/completions -----------------------------------------------------------------------------
-def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
+def chat_text(state: ServerState, messages, add_generation_prompt: bool = True) -> str:
+    """The conversation through the tokenizer's chat template."""
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template "
                        "FILE, or use /v1/completions")
     plain = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
               "".join(part.get("text", "") for part in (m.content or []))} for m in messages]
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+async def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
+    """The conversation's token ids (the template writes the special tokens itself)."""
+    return (await tokenize(state, [chat_text(state, messages, add_generation_prompt)], add_special_tokens=False))[0]
 
 
 def _chat_logprobs(state: ServerState, outs: list[StepOutput]) -> dict:
@@ -303,8 +353,12 @@ def _chat_logprobs(state: ServerState, outs: list[StepOutput]) -> dict:
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest, state: ServerState):
     adapter = state.resolve_adapter(body.model)
-    prompt = chat_prompt(state, body.messages, body.add_generation_prompt)
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.max_model_len - len(prompt))
+    prompt = await chat_prompt(state, body.messages, body.add_generation_prompt)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens == 0:
+        raise APIError(400, "max_tokens must be at least 1 for a chat completion", param="max_tokens")
+    if max_tokens is None:  # as vLLM: whatever the context leaves
+        max_tokens = max(1, state.max_model_len - len(prompt))
     _check_length(state, prompt, max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top = body.top_logprobs if body.logprobs else None
@@ -317,8 +371,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
             "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.full_text()},
                          "logprobs": _chat_logprobs(state, c.tokens) if body.logprobs else None,
-                         "finish_reason": c.finish_reason} for c in choices],
-            "usage": _usage(choices, [prompt] * len(choices))})
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
+            "usage": _usage(choices, [prompt])})
 
     async def events():
         base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
@@ -332,13 +386,15 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
                 for c in choices:
                     yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
+            if choice.finished:  # its finish chunk is sent: nothing follows it
+                continue
             delta = _record(choice, out)
-            done = out.finished or choice.tracker.stopped
             yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},
                                              "logprobs": _chat_logprobs(state, [out]) if body.logprobs else None,
-                                             "finish_reason": choice.finish_reason if done else None}]})
+                                             "finish_reason": choice.finish_reason,
+                                             "stop_reason": choice.stop_reason}]})
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(choices, [prompt] * len(choices))})
+            yield _sse({**base, "choices": [], "usage": _usage(choices, [prompt])})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

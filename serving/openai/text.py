@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
-from alphalora.serving.engine.detokenizer import IncrementalDetokenizer, find_stop, longest_stop
+from alphalora.serving.engine.detokenizer import OutputText, longest_stop
 
 
 class TextTracker:
-    """Turns a growing list of token ids into text deltas (decoded incrementally), holding back
-    incomplete UTF-8 and anything that could be the start of a stop string; the text ends where the
-    first stop string begins."""
+    """Turns a choice's tokens into text deltas, holding back anything that could be the start of a
+    stop string (incomplete UTF-8 is held back by the detokenizer). The text and where it stops are
+    the engine's (`OutputText`, the same rules on both sides)."""
 
-    def __init__(self, tokenizer, stop: list[str]):
-        self.stop = [s for s in stop if s]
-        self._hold = max(0, longest_stop(self.stop) - 1)
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._end: int | None = None  # where the first stop string begins
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0):
+        self._text = OutputText(tokenizer, prompt_ids, stop, min_tokens)
+        self._hold = max(0, longest_stop(self._text.stop) - 1)
         self._emitted = 0
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._text.stopped
 
     def full_text(self) -> str:
-        text = self._detokenizer.text
-        return text if self._end is None else text[:self._end]
+        return self._text.text
 
-    def add(self, token: int, final: bool) -> str:
+    def add(self, token: int, final: bool, stop_token: bool = False) -> str:
         """The new text after `token` (everything left when `final` or stopped)."""
         if self.stopped:
             return ""
-        searched = len(self._detokenizer.text)
-        self._detokenizer.add(token)
-        if final:
-            self._detokenizer.flush()
-        if self.stop:  # a new match begins at most len(stop) - 1 characters before the new text
-            self._end = find_stop(self._detokenizer.text, self.stop, max(0, searched - self._hold))
-            self.stopped = self._end is not None
-        text = self.full_text()
+        self._text.add(token, final, stop_token)
+        text = self._text.text
         end = len(text) if final or self.stopped else max(self._emitted, len(text) - self._hold)
         delta = text[self._emitted:end]
         self._emitted = end

@@ -65,6 +65,23 @@ def test_streamed_text_is_the_whole_decode_for_real_text(tokenizer):
     _check(tokenizer, ids[:400] + [special] + ids[400:800] + [special, special] + ids[800:])
 
 
+def test_a_completion_continues_its_prompt_text(tokenizer):
+    """After a prompt, the text is what the tokens add to the prompt's decode: a sentencepiece word that
+    begins the completion keeps its leading space (decoded alone it would lose it), a word piece joins
+    the prompt's last word."""
+    text = " ".join(_stdlib_text()[3].split()[:300])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for split in (1, 7, 40, 41, 100, 170):
+        prompt, output = ids[:split], ids[split:]
+        if not tokenizer.decode(prompt[-5:], skip_special_tokens=True):
+            continue  # the window's prompt tokens show no text (all unknown words here): nothing to continue
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+        streamed = "".join(detokenizer.add(t) for t in output) + detokenizer.flush()
+        before = tokenizer.decode(prompt, skip_special_tokens=True)
+        whole = tokenizer.decode(prompt + output, skip_special_tokens=True)
+        assert whole.startswith(before) and streamed == whole[len(before):], split
+
+
 def test_streamed_text_is_the_whole_decode_for_random_tokens(tokenizer):
     """Any token after any other (sampling at a high temperature): byte tokens that never complete a
     character, special tokens, word pieces with nothing to continue."""
@@ -110,7 +127,7 @@ def test_streamed_choice_text_ends_where_the_first_stop_string_begins(tokenizer)
         at = rng.randrange(len(whole) // 4, len(whole) - 8)
         stops = [whole[at:at + rng.randrange(1, 8)], "never in this text \x00"]
         cut = min(i for i in (whole.find(s) for s in stops) if i != -1)
-        tracker = TextTracker(tokenizer, stops)
+        tracker = TextTracker(tokenizer, [], stops)
         deltas = []
         for n, token in enumerate(ids, start=1):
             deltas.append(tracker.add(token, final=n == len(ids)))
@@ -120,7 +137,19 @@ def test_streamed_choice_text_ends_where_the_first_stop_string_begins(tokenizer)
         assert tracker.stopped and "".join(deltas) == tracker.full_text() == whole[:cut]
 
 
+def _first_stop_token(texts: list[str], stop: str, min_tokens: int) -> int | None:
+    """The first token n > min_tokens whose text completes `stop` (a match may begin in earlier tokens'
+    text), from the whole decodes texts[n - 1] of the first n tokens."""
+    for n in range(min_tokens + 1, len(texts) + 1):
+        before = len(texts[n - 2]) if n >= 2 else 0
+        if stop in texts[n - 1][max(0, before - len(stop) + 1):]:
+            return n
+    return None
+
+
 def test_the_engine_ends_a_sequence_at_the_token_whose_text_first_holds_a_stop_string():
+    """vLLM's rules: from token min_tokens + 1 on, in the text each token adds (a match may begin in the
+    text before it); a stop string wholly inside the first min_tokens tokens' text does not count."""
     from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
     from tests.tiny_models import build
 
@@ -129,15 +158,30 @@ def test_the_engine_ends_a_sequence_at_the_token_whose_text_first_holds_a_stop_s
     engine = Engine(build("llama", 0, vocab_size=len(tokenizer)), tokenizer=tokenizer,
                     config=EngineConfig(block_size=4))
     prompt = [5, 9, 14]
-    for min_tokens in (0, 20):
-        sampling = dict(max_tokens=32, temperature=1.0, seed=3, ignore_eos=True, min_tokens=min_tokens)
-        (plain,) = engine.generate([prompt], SamplingParams(**sampling))
-        texts = [tokenizer.decode(plain.output_ids[:n], skip_special_tokens=True) for n in range(1, 33)]
-        # A stop string across two tokens' text (the end of one and the start of the next), first seen there.
-        first, stop = next((n, texts[n - 1][len(texts[n - 2]) - 2:len(texts[n - 2]) + 2]) for n in range(6, 33)
-                           if len(texts[n - 2]) >= 2 and len(texts[n - 1]) >= len(texts[n - 2]) + 2
-                           and not any(texts[n - 1][len(texts[n - 2]) - 2:len(texts[n - 2]) + 2] in t
-                                       for t in texts[:n - 1]))
-        (stopped,) = engine.generate([prompt], SamplingParams(**sampling, stop=["not in this text \x00", stop]))
-        assert stopped.finish_reason == "stop"
-        assert stopped.output_ids == plain.output_ids[:max(first, min_tokens)]
+    sampling = dict(max_tokens=32, temperature=1.0, seed=3, ignore_eos=True)
+    (plain,) = engine.generate([prompt], SamplingParams(**sampling))
+    texts = [tokenizer.decode(plain.output_ids[:n], skip_special_tokens=True) for n in range(1, 33)]
+    # A stop string across two tokens' text (the end of one and the start of the next), first seen there.
+    first, stop = next((n, texts[n - 1][len(texts[n - 2]) - 2:len(texts[n - 2]) + 2]) for n in range(6, 33)
+                       if len(texts[n - 2]) >= 2 and len(texts[n - 1]) >= len(texts[n - 2]) + 2
+                       and not any(texts[n - 1][len(texts[n - 2]) - 2:len(texts[n - 2]) + 2] in t
+                                   for t in texts[:n - 1]))
+    for min_tokens in (0, first - 1, first, 20):
+        expected = _first_stop_token(texts, stop, min_tokens)
+        (stopped,) = engine.generate([prompt], SamplingParams(**sampling, min_tokens=min_tokens,
+                                                              stop=["not in this text \x00", stop]))
+        assert stopped.output_ids == plain.output_ids[:expected or 32], min_tokens
+        assert stopped.finish_reason == ("stop" if expected else "length")
+        assert stopped.stop_reason == (stop if expected else None)
+    assert _first_stop_token(texts, stop, 0) == _first_stop_token(texts, stop, first - 1) == first
+    assert _first_stop_token(texts, stop, first) != first  # the stop string then lies inside min_tokens' text
+
+
+def test_of_several_stop_strings_the_one_that_ends_first_wins():
+    """vLLM's rule when one token's text completes several: the earliest to end, not to begin."""
+    from alphalora.serving.engine.detokenizer import find_stop
+
+    assert find_stop("xx abcd", ["abcd", "bc"], new_from=3) == (4, "bc")
+    assert find_stop("xx abcd", ["bc", "abcd"], new_from=3) == (4, "bc")
+    assert find_stop("xx abcd", ["cd", "bc"], new_from=6) == (5, "cd")  # "bc" ended before the new text
+    assert find_stop("xx abcd", ["ab"], new_from=6) is None
