@@ -144,6 +144,24 @@ class _AdapterParts:
     layer_routers: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
+def _tensor(tensors: dict[str, torch.Tensor], key: str, folder: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise AdapterError(f"{folder}: the weights hold no {key!r}, which its config names; the adapter is "
+                           "incomplete: save or export it again")
+    return tensors[key]
+
+
+def _check_shapes(name: str, folder: Path, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor | None = None):
+    """A module's experts as the engine stacks them: A (E, r, in), B (E, out, r), router (E, in)."""
+    consistent = (A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0] and A.shape[1] == B.shape[2]
+                  and (router is None or tuple(router.shape) == (A.shape[0], A.shape[2])))
+    if not consistent:
+        routed = "" if router is None else f", router {tuple(router.shape)}"
+        raise AdapterError(f"{folder}: {name!r} has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}{routed}, which "
+                           "are not E experts of one rank (A: E x r x in, B: E x out x r); the file is damaged or "
+                           "was not written by alphalora")
+
+
 def _load_own(folder: Path) -> _AdapterParts:
     config = read_adapter_config(folder)
     plan = config["plan"]
@@ -152,9 +170,11 @@ def _load_own(folder: Path) -> _AdapterParts:
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on
     for name in (n for n in config["module_names"] if n not in switched_off):
         layer = block_index(name)
-        A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        A, B = _tensor(tensors, f"{name}.lora_A", folder), _tensor(tensors, f"{name}.lora_B", folder)
+        router = tensors.get(f"{name}.router.weight")
+        _check_shapes(name, folder, A, B, router)
         modules[name] = ModuleAdapter(A=A, B=B, scaling=plan["lora_alpha"] / A.shape[1],
-                                      top_k=plan["top_k_per_layer"][layer], router=tensors.get(f"{name}.router.weight"))
+                                      top_k=plan["top_k_per_layer"][layer], router=router)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for head in plan.get("modules_to_save", []):
         heads[head] = {key[len(head) + 1:]: value for key, value in tensors.items() if key.startswith(f"{head}.")}
@@ -193,7 +213,8 @@ def _load_shortcuts(folder: Path, plan: dict, tensors: dict[str, torch.Tensor],
         if len(keys) != 1:
             raise AdapterError(f"{folder}: the plan names shortcut {name} but the weights hold no (or several) "
                                f"*{suffix} for block {layer}; the adapter is incomplete")
-        A, B = tensors[keys[0]], tensors[keys[0].removesuffix("lora_A") + "lora_B"]
+        A, B = tensors[keys[0]], _tensor(tensors, keys[0].removesuffix("lora_A") + "lora_B", folder)
+        _check_shapes(name, folder, A, B)
         shortcuts[(layer, kind)] = ModuleAdapter(A=A, B=B, scaling=plan["shortcut_alpha"] / A.shape[1])
     return shortcuts
 
@@ -214,6 +235,7 @@ def _load_peft(folder: Path) -> _AdapterParts:
             b = tensors.get(f"{name}.lora_B.weight")
             if b is None:
                 raise AdapterError(f"{weights} has {key} but no {name}.lora_B.weight; re-save the adapter")
+            _check_shapes(name, folder, value[None], b[None])
             modules[name] = ModuleAdapter(A=value[None], B=b[None], scaling=peft_scaling(config, name, value.shape[0]))
         elif ".lora_" in key:
             if not key.endswith(".lora_B.weight"):
@@ -252,13 +274,19 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
 
 
 class AdapterRegistry:
-    """Known adapters by name; at most `max_loras` resident, least recently used evicted."""
+    """Known adapters by name; at most `max_loras` resident, least recently used evicted.
+
+    An adapter unloaded while sequences still use it is retired: its name is free at once (new requests
+    for it are refused, or reach a new adapter of that name), and its weights stay, under a name of
+    their own, until the engine drops them after its last sequence.
+    """
 
     def __init__(self, max_loras: int, dtype: torch.dtype, device, fits: ServedModel | None = None):
         self.max_loras = max_loras
         self.dtype, self.device = dtype, device
         self.fits = fits  # adapters are checked against the served model as they load
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, Path] = {}  # what the server lists: registered and not unloaded
+        self.retired: dict[str, Path] = {}  # unloaded but still in use, by their retired names
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._registrations = itertools.count()
         self._cache_keys: dict[str, str] = {}
@@ -272,22 +300,45 @@ class AdapterRegistry:
 
     def unregister(self, name: str) -> None:
         self.paths.pop(name, None)
+        self.retired.pop(name, None)
         self._resident.pop(name, None)
         self._cache_keys.pop(name, None)
+
+    def retire(self, name: str) -> str:
+        """Takes `name` off the list, keeping its weights under a new name (returned) for the sequences
+        that use them."""
+        retired = f"{name}#retired{next(self._registrations)}"
+        self.retired[retired] = self.paths.pop(name)
+        self._cache_keys[retired] = self._cache_keys.pop(name)
+        if name in self._resident:
+            self._resident = OrderedDict((retired if key == name else key, adapter)
+                                         for key, adapter in self._resident.items())
+        return retired
 
     def cache_key(self, name: str) -> str:
         """What tells this registration's cached KV blocks from any other's (another adapter, or the
         same name registered again, perhaps with other weights); stable across LRU reloads."""
         return self._cache_keys[name]
 
+    def check(self, name: str) -> None:
+        """AdapterError unless `name` can be served: it is registered, and loads (tried now where that
+        evicts no resident adapter; each was loaded once when registered at run time or start-up)."""
+        if name in self._resident:
+            return
+        if name not in self.paths and name not in self.retired:
+            raise AdapterError(f"unknown adapter {name!r}")
+        if len(self._resident) < self.max_loras:
+            self.get(name)
+
     def get(self, name: str) -> LoadedAdapter:
         """The adapter's weights, loading it (and evicting the least recently used) if needed."""
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name]
-        if name not in self.paths:
+        path = self.paths.get(name) or self.retired.get(name)
+        if path is None:
             raise AdapterError(f"unknown adapter {name!r}")
-        adapter = load_serving_adapter(name, self.paths[name], self.dtype, self.device, self.fits)
+        adapter = load_serving_adapter(name, path, self.dtype, self.device, self.fits)
         self._resident[name] = adapter
         while len(self._resident) > self.max_loras:
             self._resident.popitem(last=False)

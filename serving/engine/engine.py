@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from alphalora.adapters.inject import AdapterError
+
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
 from .detokenizer import OutputText
@@ -78,7 +80,7 @@ class Engine:
         num_blocks = cfg.num_blocks or -(-self.max_model_len // cfg.block_size) * max(1, cfg.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting,
-                                   self.max_model_len)
+                                   self.max_model_len, max_adapters=cfg.max_loras)
         self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size)
         weight_dtype = next(self.model.parameters()).dtype
         fits = ServedModel.of(self.model, self.runner.swappable_heads())
@@ -108,7 +110,7 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
         """Queues a request; raises QueueFullError, ValueError (too long) or AdapterError (unknown adapter)."""
         if adapter is not None:
-            self.adapters.get(adapter)  # fail now, not mid-batch, if it cannot be loaded
+            self.adapters.check(adapter)  # fail now, not mid-batch, if it cannot be loaded
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
                              f"{self.vocab_size}")
@@ -125,6 +127,28 @@ class Engine:
         """Cancels a request and frees its KV blocks at once."""
         self.scheduler.finish(seq, "abort", cancelled=True)
         self._generators.pop(seq.seq_id, None)
+        self._drop_retired_adapters()
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def remove_adapter(self, name: str) -> None:
+        """Unloads an adapter without dropping a request: new requests for it are refused from now on,
+        and the sequences that already run or wait with it finish with it (its weights go after them)."""
+        if name not in self.adapters.paths:
+            raise AdapterError(f"unknown adapter {name!r}")
+        users = [seq for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter == name]
+        if not users:
+            self.adapters.unregister(name)
+            return
+        retired = self.adapters.retire(name)
+        for seq in users:
+            seq.adapter = retired
+
+    def _drop_retired_adapters(self) -> None:
+        if not self.adapters.retired:
+            return
+        in_use = {seq.adapter for seq in (*self.scheduler.running, *self.scheduler.waiting)}
+        for name in [name for name in self.adapters.retired if name not in in_use]:
+            self.adapters.unregister(name)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -150,6 +174,7 @@ class Engine:
                 self.scheduler.finish(seq, reason)
                 self._generators.pop(seq.seq_id, None)
             results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
+        self._drop_retired_adapters()
         return results
 
     def _batch_inputs(self, chunks) -> StepBatch:

@@ -50,8 +50,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_waiting: int = 1024, max_model_len: int = 2048):
+                 max_waiting: int = 1024, max_model_len: int = 2048, max_adapters: int | None = None):
         self.blocks = block_manager
+        # Distinct adapters among the running sequences (vLLM's max_loras): a sequence whose adapter
+        # would be one too many waits, keeping its place, while others behind it are admitted.
+        self.max_adapters = max_adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -106,9 +109,14 @@ class Scheduler:
             budget -= n
             index += 1
         in_flight = self._blocks_in_flight()
-        deferred: list[Sequence] = []  # waiting for blocks another sequence computes now; keep their places
+        adapters = {seq.adapter for seq in self.running if seq.adapter is not None}
+        deferred: list[Sequence] = []  # waiting for blocks another sequence computes now, or for an adapter slot
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not output.preempted:
             seq = self.waiting[0]
+            if (self.max_adapters is not None and seq.adapter is not None and seq.adapter not in adapters
+                    and len(adapters) >= self.max_adapters):
+                deferred.append(self.waiting.popleft())
+                continue
             prefix = self._cached_prefix(seq)
             if len(prefix) < self._usable_blocks(seq) and seq.block_hashes[len(prefix)] in in_flight:
                 deferred.append(self.waiting.popleft())  # its next block will be cached soon: read it then
@@ -128,6 +136,8 @@ class Scheduler:
             seq.num_computed, seq.num_registered_blocks = computed, len(prefix)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
             output.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))

@@ -139,7 +139,7 @@ def build_app(state: ServerState) -> FastAPI:
         created = now()
         data = [{"id": state.base_name, "object": "model", "created": created, "owned_by": "alphalora",
                  "root": state.base_name, "parent": None, "max_model_len": state.max_model_len}]
-        for name, path in state.engine.engine.adapters.paths.items():
+        for name, path in dict(state.engine.engine.adapters.paths).items():  # a copy: loads change it
             data.append({"id": name, "object": "model", "created": created, "owned_by": "alphalora",
                          "root": str(path), "parent": state.base_name, "max_model_len": state.max_model_len})
         return {"object": "list", "data": data}
@@ -170,18 +170,20 @@ def build_app(state: ServerState) -> FastAPI:
             except AdapterError as error:
                 registry.unregister(body.lora_name)
                 raise APIError(400, str(error), param="lora_path") from error
+            except BaseException:  # an unforeseen failure leaves no half-registered adapter either
+                registry.unregister(body.lora_name)
+                raise
 
         await asyncio.to_thread(state.engine.run_locked, load)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
-        registry = state.engine.engine.adapters
-
-        def unload() -> None:
-            if body.lora_name not in registry.paths:
-                raise APIError(404, f"no adapter named {body.lora_name!r}", "NotFoundError", "lora_name")
-            registry.unregister(body.lora_name)
+        def unload() -> None:  # requests already running with it finish with it
+            try:
+                state.engine.engine.remove_adapter(body.lora_name)
+            except AdapterError as error:
+                raise APIError(404, f"no adapter named {body.lora_name!r}", "NotFoundError", "lora_name") from error
 
         await asyncio.to_thread(state.engine.run_locked, unload)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

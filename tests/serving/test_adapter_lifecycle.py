@@ -1,0 +1,210 @@
+"""Adapters coming and going while requests run: unloading without dropping a request, vLLM's max_loras
+per step, and damaged adapter files refused at load."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from alphalora.adapters.inject import AdapterError
+from alphalora.serving.engine import BlockManager, Engine, EngineConfig, SamplingParams, Scheduler, Sequence
+from alphalora.serving.engine import adapters as adapter_loading
+from tests.serving.test_engine import _adapter, _base, _hf_greedy, _prompts
+from tests.serving.test_engine import adapters as adapters  # noqa: F401 - the module fixture
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _engine(adapters, **config) -> Engine:
+    return Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=24, block_size=4,
+        adapters={k: str(v) for k, v in adapters.items() if k != "peft"}, **config))
+
+
+def test_an_adapter_unloaded_mid_generation_serves_its_running_requests_to_the_end(adapters):
+    """Every sequence, the unloaded adapter's included, ends with exactly transformers' greedy tokens;
+    new requests for the name are refused at once; its weights go after its last sequence."""
+    engine = _engine(adapters)
+    prompts = _prompts(3, (5, 9, 7, 12))
+    names = ["moe_a", None, "moe_a", "lora"]
+    seqs = [engine.add_request(p, GREEDY, n) for p, n in zip(prompts, names, strict=True)]
+    engine.step()
+    engine.step()
+    engine.remove_adapter("moe_a")
+    assert "moe_a" not in engine.adapters.paths
+    with pytest.raises(AdapterError, match="unknown adapter 'moe_a'"):
+        engine.add_request([1, 2, 3], GREEDY, "moe_a")
+    while engine.has_work():
+        engine.step()
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.finish_reason == "length"
+        assert seq.output_ids == _hf_greedy("llama", prompt, 6, adapter=adapters[name] if name else None), name
+    assert not engine.adapters.retired and all(not n.startswith("moe_a") for n in engine.adapters.resident)
+    with pytest.raises(AdapterError):
+        engine.remove_adapter("moe_a")
+
+
+def test_a_name_loaded_again_while_its_old_weights_finish_serves_the_new_weights(adapters):
+    engine = _engine(adapters)
+    prompt = _prompts(4, (8,))[0]
+    old = engine.add_request(prompt, GREEDY, "moe_a")
+    engine.step()
+    engine.remove_adapter("moe_a")
+    engine.adapters.register("moe_a", adapters["moe_b"], load_now=True)  # another adapter under the same name
+    new = engine.add_request(prompt, GREEDY, "moe_a")
+    while engine.has_work():
+        engine.step()
+    assert old.output_ids == _hf_greedy("llama", prompt, 6, adapter=adapters["moe_a"])
+    assert new.output_ids == _hf_greedy("llama", prompt, 6, adapter=adapters["moe_b"])
+    assert not engine.adapters.retired
+
+
+def test_an_unused_adapter_is_unloaded_at_once_and_a_cancelled_last_user_frees_a_retired_one(adapters):
+    engine = _engine(adapters)
+    engine.adapters.get("lora")
+    engine.remove_adapter("lora")
+    assert "lora" not in engine.adapters.resident and not engine.adapters.retired
+    seq = engine.add_request(_prompts(5, (6,))[0], GREEDY, "moe_b")
+    engine.step()
+    engine.remove_adapter("moe_b")
+    assert len(engine.adapters.retired) == 1
+    engine.abort(seq)
+    assert not engine.adapters.retired and not any(n.startswith("moe_b") for n in engine.adapters.resident)
+
+
+def test_the_scheduler_runs_at_most_max_adapters_distinct_adapters_and_others_keep_their_place():
+    """vLLM's max_loras: a sequence whose adapter would be one too many waits; sequences behind it whose
+    adapter already runs (or none) are admitted; it runs as soon as a slot frees."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
+    seqs = [Sequence(i, [1, 2, 3], max_tokens=3 if i == 0 else 6, adapter=a)
+            for i, a in enumerate(["a", "b", "c", "a", None, "b"])]
+    for seq in seqs:
+        scheduler.add(seq)
+    running_adapters, scheduled = [], []
+    while scheduler.has_work():
+        output = scheduler.schedule()
+        running_adapters.append({c.seq.adapter for c in output.chunks} - {None})
+        scheduled.append([c.seq.seq_id for c in output.chunks])
+        scheduler.update(output, {c.seq.seq_id: 7 for c in output.chunks if c.completes_prompt})
+        for seq in list(scheduler.running):
+            if len(seq.output_ids) >= seq.max_tokens:
+                scheduler.finish(seq, "length")
+    assert all(len(adapters) <= 2 for adapters in running_adapters)
+    assert scheduled[0] == [0, 1, 3, 4, 5]  # c waits; the second a, None and the second b go ahead
+    first_c = next(i for i, ids in enumerate(scheduled) if 2 in ids)
+    assert all(running_adapters[i] == {"a", "b"} for i in range(first_c))  # a slot frees only then
+
+
+def test_max_loras_bounds_the_adapters_a_step_needs_so_none_is_loaded_over_and_over(adapters, monkeypatch):
+    loads = []
+    original = adapter_loading.load_serving_adapter
+
+    def counting(name, *args, **kwargs):
+        loads.append(name)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_loading, "load_serving_adapter", counting)
+    engine = _engine(adapters, max_loras=1)
+    prompts = _prompts(6, (5, 7, 6, 9))
+    names = ["moe_a", "moe_b", "moe_a", "moe_b"]
+    seqs = engine.generate(prompts, GREEDY, names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 6, adapter=adapters[name])
+    assert loads == ["moe_a", "moe_b"]  # one load per adapter's turn, not one a step (or one a request)
+
+
+def _damage(folder, how: str) -> None:
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("lora_B"))
+    if how == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][..., :-1].contiguous()  # one rank short of its lora_A
+    save_file(tensors, str(weights))
+    config = json.loads((folder / "alphalora_config.json").read_text())
+    config.pop("weights_sha256", None)  # as another tool would write it: no checksum to catch it first
+    (folder / "alphalora_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("how, needle", [("missing", "the adapter is incomplete"),
+                                         ("inconsistent", "are not E experts of one rank")])
+def test_a_damaged_adapter_is_refused_at_load_and_leaves_nothing_behind(tmp_path, how, needle):
+    folder = _adapter(tmp_path / "damaged", "llama", (3, 2), seed=4)
+    _damage(folder, how)
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters={"bad": str(folder)}))
+    with pytest.raises(AdapterError, match=needle):
+        engine.add_request([1, 2, 3], GREEDY, "bad")
+    assert engine.adapters.resident == [] and not engine.has_work()
+
+
+def test_over_http_a_damaged_adapter_gets_a_400_and_is_not_listed(tmp_path):
+    from alphalora.serving.openai import build_app
+    from alphalora.serving.openai.server import make_state
+    from tests.tiny_models import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
+    _damage(_adapter(tmp_path / "adapters" / "bad", "llama", (2, 2), seed=4), "missing")
+    _adapter(tmp_path / "adapters" / "good", "llama", (2, 2), seed=4)
+    state = make_state(model_dir, {}, adapter_dir=tmp_path / "adapters")
+    client = TestClient(build_app(state))
+    try:
+        load = {"lora_name": "x", "lora_path": str(tmp_path / "adapters" / "bad")}
+        refused = client.post("/v1/load_lora_adapter", json=load)
+        assert refused.status_code == 400 and "incomplete" in refused.json()["error"]["message"]
+        assert "x" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        loaded = client.post("/v1/load_lora_adapter", json={**load, "lora_path": str(tmp_path / "adapters" / "good")})
+        assert loaded.status_code == 200
+    finally:
+        state.engine.close()
+
+
+def test_over_http_unloading_an_adapter_drops_no_request(tmp_path):
+    """A stream on the adapter and a request on the base model, both running when the adapter is unloaded,
+    end with all their tokens; the next request for it gets a 404."""
+    from alphalora.serving.openai import build_app
+    from alphalora.serving.openai.server import make_state
+    from tests.tiny_models import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=128)
+    _adapter(tmp_path / "adapters" / "spare", "llama", (2, 2), seed=5)
+    state = make_state(model_dir, {}, adapter_dir=tmp_path / "adapters")
+    client = TestClient(build_app(state))
+    request = {"prompt": "the cat sat", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    try:
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "spare", "lora_path": "spare"}).status_code \
+            == 200
+        step = state.engine.engine.step
+        steps = threading.Semaphore(0)
+
+        def counted():
+            steps.release()
+            return step()
+
+        state.engine.engine.step = counted
+        results = {}
+
+        def base_request():
+            results["base"] = client.post("/v1/completions", json={"model": "m", **request})
+
+        with client.stream("POST", "/v1/completions", json={"model": "spare", "stream": True, **request}) as stream:
+            worker = threading.Thread(target=base_request)
+            worker.start()
+            for _ in range(5):
+                assert steps.acquire(timeout=30)
+            unloaded = client.post("/v1/unload_lora_adapter", json={"lora_name": "spare"})
+            lines = [line for line in stream.iter_lines() if line]
+        worker.join(timeout=60)
+        assert unloaded.status_code == 200
+        chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert lines[-1] == "data: [DONE]" and len(chunks) == 40
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert results["base"].status_code == 200 and results["base"].json()["usage"]["completion_tokens"] == 40
+        assert client.post("/v1/completions", json={"model": "spare", **request}).status_code == 404
+        assert state.engine.run_locked(lambda: not state.engine.engine.adapters.retired)
+    finally:
+        state.engine.close()
