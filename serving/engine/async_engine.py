@@ -110,10 +110,12 @@ class AsyncEngine:
                 with self._lock:
                     self._empty_inboxes()
                     outputs = self.engine.step() if self.engine.has_work() else None
+                    failed = self.engine.take_failed()
             except Exception as error:  # noqa: BLE001 - one bad step must not stop the server
                 logger.exception("engine step failed")
                 self._fail_running(error)
                 continue
+            self._fail(failed)
             if outputs is None:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
@@ -167,7 +169,11 @@ class AsyncEngine:
             failed = list(self.engine.scheduler.running)
             for seq in failed:
                 self.engine.abort(seq)
-        for seq in failed:
+        self._fail([(seq, error) for seq in failed])
+
+    def _fail(self, failed: list[tuple[Sequence, Exception]]) -> None:
+        """Ends the streams of sequences the engine has given up on, each with its reason."""
+        for seq, error in failed:
             target = self._queues.get(seq.seq_id)
             if target is not None:
                 loop, queue = target

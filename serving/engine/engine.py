@@ -89,6 +89,7 @@ class Engine:
             self.adapters.register(name, path)
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
+        self._failed: list[tuple[Sequence, Exception]] = []
         # EOS ends a sequence unless ignore_eos, and cannot be sampled before min_tokens.
         self.eos_token_ids = _eos_token_ids(tokenizer, self.model)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
@@ -156,6 +157,7 @@ class Engine:
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         output = self.scheduler.schedule()
+        self._load_step_adapters(output)
         if not output.chunks:
             return []
         logits, every = self.runner.forward(self._batch_inputs(output.chunks))
@@ -176,6 +178,23 @@ class Engine:
             results.append(StepOutput(seq, result.token, result.logprob, result.top_logprobs, bool(reason)))
         self._drop_retired_adapters()
         return results
+
+    def _load_step_adapters(self, output) -> None:
+        """Loads the adapters the step needs. One that no longer loads (its folder changed on disk after
+        it was checked) fails its own sequences, which `take_failed` hands over, not the whole step."""
+        for name in {chunk.seq.adapter for chunk in output.chunks if chunk.seq.adapter is not None}:
+            try:
+                self.adapters.get(name)
+            except AdapterError as error:
+                for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.adapter == name]:
+                    self.abort(seq)
+                    self._failed.append((seq, error))
+        output.chunks = [chunk for chunk in output.chunks if not chunk.seq.is_finished]
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """The sequences that failed since the last call (their adapter would not load), with why."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _batch_inputs(self, chunks) -> StepBatch:
         """The step's token ids, positions and KV slots, one entry per scheduled chunk."""

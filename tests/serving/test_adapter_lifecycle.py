@@ -208,3 +208,28 @@ def test_over_http_unloading_an_adapter_drops_no_request(tmp_path):
         assert state.engine.run_locked(lambda: not state.engine.engine.adapters.retired)
     finally:
         state.engine.close()
+
+
+def test_an_adapter_whose_files_broke_after_it_was_checked_fails_only_its_own_requests(adapters, tmp_path):
+    """Evicted (max_loras 1), then damaged on disk: when its turn comes, its sequences fail with the
+    reason and the others in the engine run on to transformers' tokens."""
+    import shutil
+
+    folder = shutil.copytree(adapters["moe_b"], tmp_path / "moe_b")
+    engine = _engine({"moe_a": adapters["moe_a"], "moe_b": folder}, max_loras=1)
+    engine.adapters.get("moe_b")
+    engine.adapters.get("moe_a")  # evicts moe_b
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    prompts = _prompts(8, (6, 5, 9))
+    names = ["moe_a", "moe_b", None]
+    seqs = [engine.add_request(p, GREEDY, n) for p, n in zip(prompts, names, strict=True)]
+    failed = []
+    while engine.has_work():
+        engine.step()
+        failed += engine.take_failed()
+    assert [(seq.seq_id, type(error)) for seq, error in failed] == [(seqs[1].seq_id, AdapterError)]
+    assert "adapter_model.safetensors" in str(failed[0][1]) and seqs[1].finish_reason == "abort"
+    for index in (0, 2):
+        assert seqs[index].output_ids == _hf_greedy("llama", prompts[index], 6,
+                                                    adapter=adapters[names[index]] if names[index] else None)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
