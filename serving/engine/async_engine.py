@@ -56,6 +56,7 @@ class _Admission:
 
     requests: list[tuple[list[int], SamplingParams]]
     adapter: str | None
+    arrival: float  # time.monotonic() when the request reached the server
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future  # -> list[Sequence], or the error that refused the request
     queues: list[asyncio.Queue]
@@ -145,6 +146,7 @@ class AsyncEngine:
             try:
                 for (prompt_ids, params), queue in zip(admission.requests, admission.queues, strict=True):
                     seq = self.engine.add_request(prompt_ids, params, admission.adapter)
+                    seq.arrival = admission.arrival
                     seqs.append(seq)
                     self._queues[seq.seq_id] = (admission.loop, queue)
             except Exception as error:  # noqa: BLE001 - the request's refusal, raised in its handler
@@ -180,14 +182,16 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, EngineFailure(f"{type(error).__name__}: {error}"))
 
     # -- requests ----------------------------------------------------------------------------------
-    async def add(self, requests: list[tuple[list[int], SamplingParams]],
-                  adapter: str | None) -> list[tuple[Sequence, asyncio.Queue]]:
+    async def add(self, requests: list[tuple[list[int], SamplingParams]], adapter: str | None,
+                  arrival: float | None = None) -> list[tuple[Sequence, asyncio.Queue]]:
         """Admits a request's sequences together at the next step boundary, or none of them: raises what
-        refused one (QueueFullError, ValueError, AdapterError) with the others withdrawn."""
+        refused one (QueueFullError, ValueError, AdapterError) with the others withdrawn. `arrival`
+        (time.monotonic(), default now): when the request reached the server, where TTFT counts from."""
         if self._stopping:
             raise EngineFailure("the engine shut down")
         loop = asyncio.get_running_loop()
-        admission = _Admission(list(requests), adapter, loop, loop.create_future(),
+        arrival = time.monotonic() if arrival is None else arrival
+        admission = _Admission(list(requests), adapter, arrival, loop, loop.create_future(),
                                [asyncio.Queue() for _ in requests])
         with self._inbox_lock:
             self._admissions.append(admission)
@@ -202,7 +206,7 @@ class AsyncEngine:
 
     async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
         """The request's outputs until it finishes; cancelling the consumer aborts the request. TTFT counts
-        from the request's admission (a stream can start after its first token was made)."""
+        from the request's arrival (a stream can start after its first token was made)."""
         start, last = seq.arrival, None
         try:
             while True:

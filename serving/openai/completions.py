@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -74,7 +75,8 @@ def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> Non
 
 
 async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
-                 adapter: str | None, stop: list[str], prompt_texts: list[str] | None = None, **extra):
+                 adapter: str | None, stop: list[str], arrival: float, prompt_texts: list[str] | None = None,
+                 **extra):
     """Admits n sequences per prompt, all or none; returns (choices, streams). Maps refusals to HTTP errors."""
     requests, choices = [], []
     for p, prompt in enumerate(prompts):
@@ -84,7 +86,7 @@ async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFie
             tracker = TextTracker(state.tokenizer, prompt, stop, body.min_tokens)
             choices.append(Choice(index, prompt, tracker, prompt_texts[p] if prompt_texts else ""))
     try:
-        admitted = await state.engine.add(requests, adapter)
+        admitted = await state.engine.add(requests, adapter, arrival)
     except QueueFullError as error:
         raise APIError(429, str(error), "rate_limit_exceeded") from error
     except AdapterError as error:
@@ -246,6 +248,7 @@ async def tokenize(state: ServerState, texts: list[str], add_special_tokens: boo
 
 
 async def create_completion(request: Request, body: CompletionRequest, state: ServerState):
+    arrival = time.monotonic()  # TTFT counts from here, tokenization included (as vLLM's)
     adapter = state.resolve_adapter(body.model)
     raw = body.prompt
     if isinstance(raw, str):
@@ -263,7 +266,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
         _check_length(state, prompt, max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     want_prompt_logprobs = body.echo and body.logprobs is not None
-    choices, streams = await _start(state, prompts, body, max_tokens, adapter, stop,
+    choices, streams = await _start(state, prompts, body, max_tokens, adapter, stop, arrival,
                                     _prompt_texts(state, raw, prompts) if body.echo else None,
                                     logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
     response_id, created = new_id("cmpl"), now()
@@ -352,6 +355,7 @@ def _chat_logprobs(state: ServerState, outs: list[StepOutput]) -> dict:
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest, state: ServerState):
+    arrival = time.monotonic()
     adapter = state.resolve_adapter(body.model)
     prompt = await chat_prompt(state, body.messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -362,7 +366,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     _check_length(state, prompt, max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top = body.top_logprobs if body.logprobs else None
-    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, stop,
+    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, stop, arrival,
                                     logprobs=(top or 0) if body.logprobs else None)
     response_id, created = new_id("chatcmpl"), now()
     if not body.stream:

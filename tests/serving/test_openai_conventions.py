@@ -251,3 +251,34 @@ def test_every_protected_route_wants_the_key_before_reading_the_body(tmp_path):
         assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
     finally:
         state.engine.close()
+
+
+def test_time_to_first_token_counts_from_the_requests_arrival(served, monkeypatch):
+    """vLLM's TTFT: from when the request reached the server, its tokenization included."""
+    import re
+    import time
+
+    client, state, _ = served
+
+    class SlowTokenizer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            time.sleep(0.3)
+            return self.inner(*args, **kwargs)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    def ttft_sum() -> float:
+        metrics = client.get("/metrics").text
+        return float(re.search(r"^alphalora_time_to_first_token_seconds_sum (\S+)$", metrics, re.M)[1])
+
+    before = ttft_sum()
+    monkeypatch.setattr(state, "tokenizer", SlowTokenizer(state.tokenizer))
+    _completion(client, state, max_tokens=1)
+    assert ttft_sum() - before >= 0.3
