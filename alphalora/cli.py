@@ -79,6 +79,9 @@ def _analyze(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     print(f"{report.model}: {len(report.matrices)} matrices, estimator {report.estimator}, "
           f"{report.precision} on {report.device}")
+    refined = sum(m.refined_fp64 for m in report.matrices)
+    if refined:
+        print(f"refined in fp64: {refined} matrices whose fit read eigenvalues under the fp32 noise floor")
     print_layer_table(report)
     report.to_json(args.out)
     print(f"report: {args.out}")
@@ -180,7 +183,7 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
     from alphalora.allocation import PlanFormatError
-    from alphalora.training import DataError, train
+    from alphalora.training import CheckpointError, DataError, train
 
     try:
         result = train(
@@ -190,8 +193,9 @@ def _train(args: argparse.Namespace) -> int:
             gradient_accumulation_steps=args.grad_accum, seed=args.seed, max_length=args.max_length,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
+            truncate=args.truncate,
         )
-    except (DataError, PlanFormatError, AdapterError) as error:
+    except (DataError, PlanFormatError, AdapterError, CheckpointError) as error:
         raise CliError(str(error)) from error
     if not result.main_process:  # another process of a distributed run: the main one reports
         return 0
@@ -266,6 +270,26 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
 
 
+def _number(kind: type, test, wanted: str):
+    """An argparse type: `kind` parsed, then `test`ed; argparse names the option in its error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_step_limit = _number(int, lambda v: v == -1 or v >= 1, "a positive number of steps, or -1 (train for --epochs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from alphalora.allocation.plan import POOLS, PROXY_NAMES
 
@@ -296,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "median: PL_Alpha_Hill with xmin at the median eigenvalue",
     )
     analyze.add_argument("--precision", choices=["fp32", "fp64"], default="fp32",
-                         help="arithmetic of the Gram matrices and eigenvalues (the fit is always fp64)")
-    analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+                         help="arithmetic of the Gram matrices and eigenvalues (the fit is always fp64); fp32 "
+                         "recomputes in fp64 the matrices whose fit would read eigenvalues under fp32's noise floor")
+    analyze.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     analyze.add_argument("--out", default="report.json", help="JSON report to write")
     analyze.add_argument("--csv", default=None, help="also write one CSV row per matrix here")
     analyze.add_argument("--plot", default=None, metavar="DIR",
@@ -401,23 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="causal-lm: loss on the completion tokens; classification: a sequence-classification "
                        "head trained with the adapter (labels from the data)")
     train.add_argument("--eval-data", default=None, help="evaluation data, same format (eval loss each epoch)")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
-    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides epochs)")
-    train.add_argument("--lr", type=float, default=3e-4, help="learning rate (MoLA/AlphaLoRA: 3e-4)")
+    train.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (fractions allowed)")
+    train.add_argument("--max-steps", type=_step_limit, default=-1,
+                       help="stop after this many steps (overrides epochs)")
+    train.add_argument("--lr", type=_non_negative_float, default=3e-4, help="learning rate (MoLA/AlphaLoRA: 3e-4)")
     train.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant", "constant_with_warmup"],
                        default="linear",
                        help="learning-rate schedule after the warm-up (transformers' schedulers)")
     train.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps spent warming up")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per device per step")
-    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--batch-size", type=_positive_int, default=8, help="examples per device per step")
+    train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     train.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")
-    train.add_argument("--max-length", type=int, default=None, help="longest example in tokens (default: context)")
+    train.add_argument("--max-length", type=_positive_int, default=None,
+                       help="longest example in tokens (default: context)")
+    train.add_argument("--truncate", action="store_true",
+                       help="cut longer examples to --max-length instead of refusing them: causal LM keeps the end "
+                       "(BOS, then the last tokens: the completion survives, the prompt's start goes), "
+                       "classification the start (the tokenizer's truncation)")
     train.add_argument("--bf16", action="store_true", help="train in bfloat16")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    train.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
-    train.add_argument("--logging-steps", type=int, default=10, help="log loss and aux loss every N steps")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    train.add_argument("--save-steps", type=_positive_int, default=50, help="checkpoint every N steps")
+    train.add_argument("--logging-steps", type=_positive_int, default=10, help="log loss and aux loss every N steps")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in OUT (one cut short by a kill is skipped)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=_train)
 
@@ -456,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
     serve.add_argument("--adapter-dir", default=None, help="folder /v1/load_lora_adapter may load adapters from")
-    serve.add_argument("--max-loras", type=int, default=4, help="adapters resident at once (LRU)")
+    serve.add_argument("--max-loras", type=int, default=4,
+                       help="adapters resident at once (LRU), and distinct adapters in one step (as vLLM)")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -491,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except CliError as error:
         print(f"alphalora {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.filename is None:  # not about a path the user gave: a bug or a system fault, keep the traceback
+            raise
+        print(f"alphalora {args.verb}: error: {error.strerror or error}: {error.filename}", file=sys.stderr)
         return 2
 
 

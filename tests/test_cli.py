@@ -87,8 +87,11 @@ def test_help_shows_defaults_that_say_something(verb, capsys):
         assert "(default: context)" in text and "(default: context) (default" not in text
 
 
-def test_default_model_is_the_bundled_minilm(tmp_path, minilm_dir):
+def test_default_model_is_the_bundled_minilm(tmp_path, minilm_dir, capsys):
     out = tmp_path / "r.json"
     assert main(["analyze", "--out", str(out), "--no-progress"]) == 0
     data = json.loads(out.read_text())
     assert len(data["layers"]) == 6 and data["estimator"] == "xmin_peak"
+    # fp32 by default: the matrices whose fit reads eigenvalues under fp32's noise floor are said to be refined.
+    refined = sum(m["refined_fp64"] for m in data["matrices"])
+    assert refined > 0 and f"refined in fp64: {refined} matrices" in capsys.readouterr().out

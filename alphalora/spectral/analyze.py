@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from alphalora._device import default_device
 from .eigenvalues import PRECISIONS, eigenvalues
 from .estimators import ESTIMATORS, fit_spectra
 from .metrics import spectrum_metrics
+from .refine import refine_in_fp64
 from .report import AGGREGATIONS, MatrixReport, SpectralReport, layer_scores
 from .weights import WeightEntry, WeightSourceError, checkpoint_weights, module_weights
 
@@ -21,6 +25,8 @@ from .weights import WeightEntry, WeightSourceError, checkpoint_weights, module_
 WW_MIN_EVALS = 8
 WW_MAX_EVALS = 15000
 WW_MAX_N = 50000
+DEVICE_TYPES = ("cpu", "cuda")
+DEVICE_CHOICES = "cpu, cuda or cuda:N"
 
 
 class AnalysisError(ValueError):
@@ -28,6 +34,8 @@ class AnalysisError(ValueError):
 
 
 def _skip_reason(entry: WeightEntry, estimator: str) -> str | None:
+    if not entry.floating:
+        return "skipped: integer (quantized) weight"
     m, n = entry.num_eigenvalues, max(entry.shape)
     if estimator == "ww":
         if m < WW_MIN_EVALS:
@@ -41,6 +49,15 @@ def _skip_reason(entry: WeightEntry, estimator: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _unreadable_weights_stop_the_analysis() -> Iterator[None]:
+    # Checkpoint tensors are read lazily: a damaged one can surface while the eigenvalues are computed.
+    try:
+        yield
+    except WeightSourceError as error:
+        raise AnalysisError(str(error)) from error
+
+
 def _model_name(model_or_path: nn.Module | str | Path) -> str:
     if isinstance(model_or_path, nn.Module):
         config = getattr(model_or_path, "config", None)
@@ -49,12 +66,24 @@ def _model_name(model_or_path: nn.Module | str | Path) -> str:
 
 
 def _resolve_device(device: str | torch.device | None) -> str:
+    """The device to analyse on: the default one, or `device` checked to be a CPU or a CUDA GPU torch sees."""
     if device is None:
         return default_device()
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AnalysisError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
-    return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise AnalysisError(f"unknown device {str(device)!r}; choose {DEVICE_CHOICES}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AnalysisError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise AnalysisError(
+                f"device {str(device)!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return str(parsed)
 
 
 def analyze(
@@ -75,6 +104,11 @@ def analyze(
     folder, read tensor by tensor. The default estimator is AlphaLoRA's (`xmin_peak`); `ww`
     reproduces WeightWatcher 0.7.7's `analyze()`. Layer scores are the `aggregation` of the
     block's matrix alphas (AlphaLoRA: the mean).
+
+    `precision` is that of the Gram matrices and their eigensolve. An fp32 eigenvalue is off by
+    up to M * eps32 * lambda_max (M eigenvalues), so in fp32 the matrices whose fit reads
+    eigenvalues under that noise floor (see `refine.reads_fp32_noise`) are recomputed in fp64
+    and refitted; their reports say `refined_fp64`.
     """
     if estimator not in ESTIMATORS:
         raise AnalysisError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -86,25 +120,31 @@ def analyze(
     if isinstance(model_or_path, nn.Module):
         entries = module_weights(model_or_path, include_embeddings)
     else:
-        try:
+        with _unreadable_weights_stop_the_analysis():
             entries = checkpoint_weights(model_or_path, include_embeddings)
-        except WeightSourceError as error:
-            raise AnalysisError(str(error)) from error
     if not entries:
         hint = "" if include_embeddings else " (embeddings and LM head are left out unless include_embeddings)"
         raise AnalysisError(f"no 2-D weight matrices to analyse in {_model_name(model_or_path)}{hint}")
 
     skip = [_skip_reason(e, estimator) for e in entries]
     todo = [i for i, reason in enumerate(skip) if reason is None]
-    with tqdm(total=len(todo), desc="eigenvalues", unit="matrix", disable=not progress) as bar:
-        spectra = eigenvalues([entries[i] for i in todo], precision, device, on_matrix_done=bar.update)
-    fittable = [i for i, s in zip(todo, spectra, strict=True) if isinstance(s, torch.Tensor)]
-    by_entry = dict(zip(todo, spectra, strict=True))
-    outcomes = fit_spectra(
-        [by_entry[i] for i in fittable], estimator, precision, device,
+    fit = functools.partial(
+        fit_spectra, estimator=estimator, precision=precision, device=device,
         log_lower_bound=log_lower_bound, evals_threshold=evals_threshold,
     )
-    fits = dict(zip(fittable, outcomes, strict=True))
+    refined: dict[int, torch.Tensor] = {}
+    with _unreadable_weights_stop_the_analysis():
+        with tqdm(total=len(todo), desc="eigenvalues", unit="matrix", disable=not progress) as bar:
+            spectra = eigenvalues([entries[i] for i in todo], precision, device, on_matrix_done=bar.update)
+        fittable = [i for i, s in zip(todo, spectra, strict=True) if isinstance(s, torch.Tensor)]
+        by_entry = dict(zip(todo, spectra, strict=True))
+        fits = dict(zip(fittable, fit([by_entry[i] for i in fittable]), strict=True))
+        if precision == "fp32":
+            refined, refits = refine_in_fp64(
+                entries, {i: by_entry[i] for i in fittable}, fits, estimator, device, fit, evals_threshold, progress
+            )
+            by_entry.update(refined)
+            fits.update(refits)
 
     matrices = []
     for i, entry in enumerate(entries):
@@ -124,13 +164,13 @@ def analyze(
         if not isinstance(spectrum, torch.Tensor):
             matrices.append(MatrixReport(**base, **empty, status=f"failed: {spectrum}"))
             continue
-        fit = fits[i]
-        metrics = spectrum_metrics(spectrum, fit.alpha, max(entry.shape))
+        outcome = fits[i]
+        metrics = spectrum_metrics(spectrum, outcome.alpha, max(entry.shape))
         matrices.append(
             MatrixReport(
-                **base, num_fit_evals=fit.num_fit_evals, alpha=fit.alpha, D=fit.D, xmin=fit.xmin,
-                sigma=fit.sigma, num_pl_spikes=fit.num_pl_spikes, **metrics,
-                status=fit.status, warning=fit.warning,
+                **base, num_fit_evals=outcome.num_fit_evals, alpha=outcome.alpha, D=outcome.D, xmin=outcome.xmin,
+                sigma=outcome.sigma, num_pl_spikes=outcome.num_pl_spikes, **metrics,
+                status=outcome.status, warning=outcome.warning, refined_fp64=i in refined,
             )
         )
     return SpectralReport(

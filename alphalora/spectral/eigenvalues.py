@@ -73,7 +73,8 @@ def eigenvalues(
 
     Each weight is loaded once, turned into its Gram matrix in `precision` on `device` and
     released; Gram matrices of the same size are solved together with one batched `eigvalsh`
-    (in `precision` on a CPU, in float64 on a GPU: see SOLVE_IN_FLOAT64_ON).
+    (in `precision` on a CPU, in float64 on a GPU: see SOLVE_IN_FLOAT64_ON). fp32 eigenvalues
+    are off by up to M * eps32 * lambda_max; `refine.py` recomputes in fp64 those a fit would read.
     """
     dtype = PRECISIONS[precision]
     solve_dtype = torch.float64 if torch.device(device).type in SOLVE_IN_FLOAT64_ON else dtype

@@ -39,6 +39,13 @@ def _failed(reason: str, num_fit_evals: int) -> FitOutcome:
     return FitOutcome(None, None, None, None, None, num_fit_evals, f"failed: {reason}", "")
 
 
+def filter_threshold(estimator: str, evals_threshold: float | None = None) -> float:
+    """The eigenvalue filter of an estimator: the fit reads only eigenvalues above it."""
+    if evals_threshold is not None:
+        return evals_threshold
+    return WW_EVALS_THRESH if estimator == "ww" else 0.0
+
+
 def _candidates(estimator: str, data: torch.Tensor, n: torch.Tensor, precision: str, device, *,
                 log_lower_bound: bool, bins: int):
     """Per-row candidate window [lo, hi), minimum tail and bias correction of each estimator."""
@@ -85,9 +92,7 @@ def fit_spectra(
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if not spectra:
         return []
-    threshold = evals_threshold
-    if threshold is None:
-        threshold = WW_EVALS_THRESH if estimator == "ww" else 0.0
+    threshold = filter_threshold(estimator, evals_threshold)
     # One padded batch; +inf padding keeps rows sorted, so the filter is a searchsorted.
     everything = pad_sequence([s.to(torch.float64) for s in spectra], batch_first=True, padding_value=math.inf)
     total = torch.tensor([s.numel() for s in spectra])

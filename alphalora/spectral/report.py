@@ -54,6 +54,8 @@ class MatrixReport:
     entropy: float | None
     status: str
     warning: str = ""
+    # fp32 only: its fit read eigenvalues under the fp32 noise floor, so its eigenvalues were recomputed in fp64.
+    refined_fp64: bool = False
 
     @property
     def ok(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from .roles import CONV1D_LEAVES, block_index, is_embedding_name, role_of
 
 
 class WeightSourceError(ValueError):
-    """The model cannot be read: a missing path, no weights, or an unsupported format."""
+    """The model cannot be read: a missing path, no weights, an unsupported format or a damaged file."""
+
+
+REDOWNLOAD = "the checkpoint is damaged or incomplete: download or save it again"
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,17 @@ class WeightEntry:
     shape: tuple[int, int]  # (out_features, in_features)
     kind: str  # "linear", "conv1d" or "embedding"
     load: Callable[[], torch.Tensor]
+    floating: bool = True  # False for integer (quantized) weights, which have no meaningful spectrum
 
     @property
     def num_eigenvalues(self) -> int:
         return min(self.shape)
 
 
-def _entry(name: str, shape: tuple[int, int], kind: str, load: Callable[[], torch.Tensor]) -> WeightEntry:
-    return WeightEntry(name, block_index(name), role_of(name), shape, kind, load)
+def _entry(
+    name: str, shape: tuple[int, int], kind: str, load: Callable[[], torch.Tensor], floating: bool = True
+) -> WeightEntry:
+    return WeightEntry(name, block_index(name), role_of(name), shape, kind, load, floating)
 
 
 def _detached(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -66,7 +73,9 @@ def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[W
         seen.add(id(weight))
         transposed = kind == "conv1d"
         shape = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
-        entries.append(_entry(name, shape, kind, functools.partial(_detached, weight, transposed)))
+        entries.append(
+            _entry(name, shape, kind, functools.partial(_detached, weight, transposed), weight.is_floating_point())
+        )
     return entries
 
 
@@ -74,12 +83,36 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _unreadable(file: Path, reason: str, fix: str = REDOWNLOAD) -> WeightSourceError:
+    return WeightSourceError(f"cannot read {file}: {reason}; {fix}")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _unreadable(file, _first_line(error)) from error
+    if not isinstance(data, dict):
+        raise _unreadable(file, f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [path / f for f in dict.fromkeys(weight_map.values())]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise _unreadable(index, "no `weight_map` object of tensor name -> shard file")
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not file.is_file():
+                    raise _unreadable(file, f"the shard named in {index_name} is missing")
+            return files
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         files = sorted(path.glob(pattern))
         if files:
@@ -88,22 +121,44 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def _tensor_readers(file: Path):
-    """(key, shape, load) for every tensor of a checkpoint file, without loading the tensors."""
+    """(key, shape, is floating point, load) for every tensor of a checkpoint file, without loading the tensors."""
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+                dtypes = {k: handle.get_slice(k).get_dtype() for k in keys}
+        except (SafetensorError, OSError) as error:
+            raise _unreadable(file, _first_line(error)) from error
 
         def load(key: str) -> torch.Tensor:
-            with safe_open(str(file), framework="pt") as handle:
-                return handle.get_tensor(key)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    return handle.get_tensor(key)
+            except (SafetensorError, OSError) as error:
+                raise _unreadable(file, f"tensor {key}: {_first_line(error)}") from error
 
-        return [(k, shapes[k], (lambda k=k: load(k))) for k in keys]
+        # safetensors dtype codes: F16, BF16, F32, F8_E4M3, ... are floating point; I8, U8, I32, BOOL, ... are not.
+        return [(k, shapes[k], dtypes[k].startswith(("F", "BF")), (lambda k=k: load(k))) for k in keys]
     # pytorch_model.bin: memory-mapped, weights only (no code runs on load).
-    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    return [(k, tuple(v.shape), (lambda v=v: v)) for k, v in state.items()]
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise _unreadable(
+            file, f"it holds Python objects besides tensors{what}, which weights-only loading refuses",
+            "if you trust the file, load the model with transformers and save it as safetensors "
+            "(`model.save_pretrained(folder)`)",
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise _unreadable(file, _first_line(error)) from error
+    if not isinstance(state, dict):
+        raise _unreadable(file, f"expected a state dict, found {type(state).__name__}")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return [(k, tuple(v.shape), v.is_floating_point(), (lambda v=v: v)) for k, v in tensors.items()]
 
 
 def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> list[WeightEntry]:
@@ -122,10 +177,10 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
     model_type = ""
     config = folder / "config.json"
     if config.exists():
-        model_type = json.loads(config.read_text()).get("model_type", "")
+        model_type = _read_json(config).get("model_type", "")
     entries: list[WeightEntry] = []
     for file in files:
-        for key, shape, load in _tensor_readers(file):
+        for key, shape, floating, load in _tensor_readers(file):
             if not key.endswith(".weight") or len(shape) != 2:
                 continue
             name = key[: -len(".weight")]
@@ -139,8 +194,8 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
             else:
                 kind = "linear"
             if kind == "conv1d":
-                entries.append(_entry(name, (shape[1], shape[0]), kind, (lambda f=load: f().t())))
+                entries.append(_entry(name, (shape[1], shape[0]), kind, (lambda f=load: f().t()), floating))
             else:
-                entries.append(_entry(name, (shape[0], shape[1]), kind, load))
+                entries.append(_entry(name, (shape[0], shape[1]), kind, load, floating))
     # Shards list keys alphabetically; order them as a person reads a model: block 2 before 10.
     return sorted(entries, key=lambda e: _natural_key(e.name))

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 import alphalora
+from alphalora.cli import main
 from alphalora.spectral import AnalysisError, ReportFormatError, SpectralReport
 from tests.tiny_models import build
+
+analyze_module = importlib.import_module("alphalora.spectral.analyze")  # the package's `analyze` is the function
 
 
 def test_missing_path(tmp_path):
@@ -38,6 +44,134 @@ def test_unknown_estimator_precision_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(AnalysisError, match="no CUDA GPU"):
             alphalora.analyze(model, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["gpu", "meta", "mps", "xla", "cuda:x", ""])
+def test_unknown_device_names_the_value_and_the_choices(device):
+    with pytest.raises(AnalysisError, match=f"unknown device '{device}'; choose cpu, cuda or cuda:N"):
+        alphalora.analyze(build("llama"), device=device, progress=False)
+
+
+def test_cuda_ordinal_beyond_the_gpus_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(AnalysisError, match=r"'cuda:2' does not exist: torch sees 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        alphalora.analyze(build("llama"), device="cuda:2", progress=False)
+
+
+def test_cli_bad_device_is_one_line_and_exit_2(tmp_path, capsys):
+    build("llama").save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "m"), "--device", "gpu", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown device 'gpu'; choose cpu, cuda or cuda:N" in err
+
+
+class Opaque:
+    """Not a tensor: weights-only loading refuses to unpickle it."""
+
+
+def _two_shards(folder, index_name="model.safetensors.index.json"):
+    save_file({"layers.0.weight": torch.randn(16, 16)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"layers.1.weight": torch.randn(16, 16)}, folder / "model-00002-of-00002.safetensors")
+    weight_map = {"layers.0.weight": "model-00001-of-00002.safetensors",
+                  "layers.1.weight": "model-00002-of-00002.safetensors"}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _corrupt_safetensors(folder):
+    (folder / "model.safetensors").write_bytes(b"\xff" * 8 + b"not a safetensors file")
+    return "model.safetensors", "header"
+
+
+def _truncated_shard(folder):
+    _two_shards(folder)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return shard.name, "damaged or incomplete"
+
+
+def _index_naming_a_missing_shard(folder):
+    _two_shards(folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    return "model-00002-of-00002.safetensors", "missing"
+
+
+def _index_without_weight_map(folder):
+    _two_shards(folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    return "model.safetensors.index.json", "weight_map"
+
+
+def _index_not_json(folder):
+    _two_shards(folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    return "model.safetensors.index.json", "Expecting value"
+
+
+def _bin_with_pickled_objects(folder):
+    torch.save({"layers.0.weight": torch.randn(16, 16), "extra": Opaque()}, folder / "pytorch_model.bin")
+    return "pytorch_model.bin", "Python objects besides tensors.*save_pretrained"
+
+
+def _bin_not_a_checkpoint(folder):
+    (folder / "pytorch_model.bin").write_bytes(b"PK not really a zip archive")
+    return "pytorch_model.bin", "damaged or incomplete"
+
+
+def _config_not_json(folder):
+    save_file({"layers.0.weight": torch.randn(16, 16)}, folder / "model.safetensors")
+    (folder / "config.json").write_text("{model_type: llama")
+    return "config.json", "Expecting property name"
+
+
+BAD_FILES = [_corrupt_safetensors, _truncated_shard, _index_naming_a_missing_shard, _index_without_weight_map,
+             _index_not_json, _bin_with_pickled_objects, _bin_not_a_checkpoint, _config_not_json]
+
+
+@pytest.mark.parametrize("make_bad_file", BAD_FILES, ids=lambda f: f.__name__.strip("_"))
+def test_unreadable_weight_files_name_the_file_and_the_reason(tmp_path, capsys, make_bad_file):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    file, reason = make_bad_file(folder)
+    with pytest.raises(AnalysisError, match=f"^cannot read {folder / file}: .*{reason}"):
+        alphalora.analyze(folder, progress=False)
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "r.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: cannot read {folder / file}" in err and "Traceback" not in err
+
+
+def test_a_file_that_goes_away_while_it_is_read(tmp_path, monkeypatch):
+    save_file({"layers.0.weight": torch.randn(16, 16)}, tmp_path / "model.safetensors")
+    walk = analyze_module.checkpoint_weights
+
+    def walk_then_delete(*args, **kwargs):
+        entries = walk(*args, **kwargs)
+        (tmp_path / "model.safetensors").unlink()
+        return entries
+
+    monkeypatch.setattr(analyze_module, "checkpoint_weights", walk_then_delete)
+    with pytest.raises(AnalysisError, match="cannot read .*model.safetensors: tensor layers.0.weight"):
+        alphalora.analyze(tmp_path, progress=False)
+
+
+class Quantized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(2))
+        self.layers[1].weight = nn.Parameter(torch.randint(-127, 127, (32, 32), dtype=torch.int8), requires_grad=False)
+
+
+@pytest.mark.parametrize("estimator", ["ww", "xmin_peak"])
+def test_integer_weights_are_skipped_as_quantized(tmp_path, estimator):
+    live = alphalora.analyze(Quantized(), estimator=estimator, progress=False)
+    save_file({"layers.0.weight": torch.randn(32, 32), "layers.1.weight": torch.randint(0, 255, (32, 32),
+              dtype=torch.uint8)}, tmp_path / "model.safetensors")
+    on_disk = alphalora.analyze(tmp_path, estimator=estimator, progress=False)
+    for report in (live, on_disk):
+        status = {m.name: m.status for m in report.matrices}
+        assert status == {"layers.0": "success", "layers.1": "skipped: integer (quantized) weight"}
+        assert [layer.layer for layer in report.layers] == [0]
 
 
 class Broken(nn.Module):
