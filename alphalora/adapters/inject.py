@@ -32,19 +32,20 @@ class AdapterError(ValueError):
 class SharedRouter(nn.Module):
     """One router per block (the shared-router option): gates from the block's input tokens."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, like: torch.Tensor):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, like: torch.Tensor, renormalize: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=like.device, dtype=like.dtype))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.top_k = top_k
         self.num_experts = num_experts
+        self.renormalize = renormalize
         self.modules_to_feed: list[MoELoRALinear] = []
         self.balance: BalanceStatistics | None = None
 
     def route(self, hidden: torch.Tensor) -> None:
         tokens = hidden.reshape(-1, hidden.shape[-1])
         logits = tokens @ self.weight.T
-        gates, ids = top_k_gates(logits, self.top_k)
+        gates, ids = top_k_gates(logits, self.top_k, self.renormalize)
         if self.balance is not None and self.training:
             self.balance.add(logits, ids)
         dense = dense_gates(gates, ids, self.num_experts)
@@ -164,7 +165,7 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
         experts, top_k = plan.experts_per_layer[layer], plan.top_k_per_layer[layer]
         rank = module_rank(plan, name)
         adapted = MoELoRALinear(base, experts, top_k, rank, plan.lora_alpha, plan.lora_dropout,
-                                own_router=not shared)
+                                own_router=not shared, renormalize=plan.router.renormalize)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, adapted)
         by_block[layer].append(adapted)
@@ -212,7 +213,8 @@ def _attach_shared_router(model: nn.Module, names: list[str], layer: int, module
     block_name = _block_prefix(next(n for n in names if block_index(n) == layer), layer)
     block = model.get_submodule(block_name)
     hidden_size = model.config.hidden_size if hasattr(model, "config") else modules[0].in_features
-    router = SharedRouter(hidden_size, modules[0].num_experts, modules[0].top_k, modules[0].lora_A)
+    router = SharedRouter(hidden_size, modules[0].num_experts, modules[0].top_k, modules[0].lora_A,
+                          modules[0].renormalize)
     router.modules_to_feed, router.balance = modules, stats
     setattr(block, LAYER_ROUTER_ATTRIBUTE, router)
 

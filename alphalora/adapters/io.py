@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alphalora._io import atomic_path, check_format_version, read_json, write_text_atomic
+from alphalora._io import atomic_path, check_format_version, file_sha256, read_json, write_text_atomic
 from alphalora.allocation.plan import Plan, PlanFormatError
 
 from .inject import AdapterError, AdapterState, adapter_parameters, adapter_state, inject_adapters
@@ -22,25 +22,70 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "alphalora_config.json"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
-# Config fields that do not change what the weights mean.
+# Config fields that do not change what the weights mean (at any depth of the config).
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures",
     "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
     "return_dict", "id2label", "label2id", "problem_type", "_commit_hash", "gradient_checkpointing",
     "pad_token_id", "bos_token_id", "eos_token_id", "finetuning_task",
+    "quantization_config",  # an adapter trained on the full-precision base may run on a quantised one
 }
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A hash of the base model's architecture-defining config values."""
+def _architecture_values(values: dict) -> dict[str, Any]:
+    """The config values that define what the weights mean: volatile fields and unset (None) values
+    dropped; nested dicts (transformers 5's rope_parameters, sub-model configs) kept, filtered alike."""
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _VOLATILE_CONFIG_KEYS:
+            continue
+        value = _architecture_value(value)
+        if value is not None:
+            kept[str(key)] = value
+    return kept
+
+
+def _architecture_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _architecture_values(value) or None
+    if isinstance(value, (list, tuple)):
+        return [_architecture_value(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) else None
+
+
+def base_architecture(model: nn.Module) -> dict[str, Any] | None:
+    """The base model's architecture-defining config values (None for a model without a config)."""
     config = getattr(model, "config", None)
-    if config is None:
-        shapes = {n: list(p.shape) for n, p in model.named_parameters() if "lora_" not in n and "router" not in n}
-        payload: Any = shapes
-    else:
-        payload = {k: v for k, v in sorted(config.to_dict().items())
-                   if k not in _VOLATILE_CONFIG_KEYS and isinstance(v, (int, float, str, bool, list))}
+    return None if config is None else _architecture_values(config.to_dict())
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the base model's architecture-defining config values (its parameter shapes without a config)."""
+    payload: Any = base_architecture(model)
+    if payload is None:
+        payload = {n: list(p.shape) for n, p in model.named_parameters() if "lora_" not in n and "router" not in n}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_MISSING = object()
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def architecture_differences(saved: dict[str, Any], current: dict[str, Any], limit: int = 6) -> list[str]:
+    """'key: saved value -> this model's value' for each config key (dotted when nested) that differs."""
+    before, after = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(before) | set(after) if before.get(k, _MISSING) != after.get(k, _MISSING))
+    lines = [f"{k}: {before.get(k, 'unset')!r} -> {after.get(k, 'unset')!r}" for k in keys[:limit]]
+    return lines + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
 def _base_name(model: nn.Module) -> str:
@@ -80,6 +125,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
         plan, module_names, tensors = _without_disabled(state, tensors, model)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "alphalora_format_version": str(FORMAT_VERSION)})
+        digest = file_sha256(tmp)
     config = {
         "format_version": FORMAT_VERSION,
         "base_model": _base_name(model),
@@ -87,7 +133,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
         "plan": plan.to_dict(),
         "module_names": module_names,
         "num_parameters": sum(t.numel() for t in tensors.values()),
+        "weights_sha256": digest,  # checked at load: a flipped bit in the weights is refused, not served
     }
+    architecture = base_architecture(model)
+    if architecture is not None:
+        config["base_config"] = architecture  # what the fingerprint hashes, so a refusal can name the difference
     write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -102,14 +152,45 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{folder} has no {CONFIG_NAME}: not an alphalora adapter (or an incomplete save)")
     config = read_json(config_path, "adapter config", "`alphalora train`", AdapterError)
     check_format_version(config, FORMAT_VERSION, f"adapter config {config_path}", "`alphalora train`", AdapterError)
+    _check_config_fields(config, config_path)
     try:
         Plan.from_dict(config["plan"])
-    except (KeyError, PlanFormatError) as error:
+    except PlanFormatError as error:
         raise AdapterError(f"{config_path}: {error}") from error
     return config
 
 
-def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+# Required fields of an adapter config and their types; then the optional ones (older configs lack them).
+_CONFIG_FIELDS = {"base_model": str, "base_fingerprint": str, "plan": dict, "module_names": list}
+_OPTIONAL_CONFIG_FIELDS = {"weights_sha256": str, "base_config": dict, "num_parameters": int}
+
+
+def _check_config_fields(config: dict[str, Any], path: Path) -> None:
+    missing = [name for name in _CONFIG_FIELDS if name not in config]
+    if missing:
+        raise AdapterError(f"adapter config {path} lacks {', '.join(missing)}: it was not written by "
+                           "`alphalora train` or was edited; re-export or re-train the adapter")
+    for name, kind in {**_CONFIG_FIELDS, **_OPTIONAL_CONFIG_FIELDS}.items():
+        if name in config and not isinstance(config[name], kind):
+            raise AdapterError(f"adapter config {path}: {name} must be a {kind.__name__}, "
+                               f"got {type(config[name]).__name__} {config[name]!r:.60}")
+    if not all(isinstance(name, str) for name in config["module_names"]):
+        raise AdapterError(f"adapter config {path}: module_names must be a list of module names")
+
+
+def _recorded_sha256(folder: Path) -> str | None:
+    """The weights' sha256 the folder's config records (None for configs written before it was recorded)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    digest = config.get("weights_sha256") if isinstance(config, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def check_weights_file(folder: Path) -> Path:
+    """The adapter's safetensors file, refused (AdapterError) if missing, pickled, or not the file its
+    config's sha256 recorded when it was saved (configs from before that record have no check)."""
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         pickled = [name for name in PICKLED_NAMES if (folder / name).exists()]
@@ -117,6 +198,16 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{folder} holds pickled weights ({pickled[0]}), which are refused because "
                                "loading them can run code; save the adapter as safetensors")
         raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
+    expected = _recorded_sha256(folder)
+    if expected is not None and file_sha256(weights) != expected:
+        raise AdapterError(f"{weights} is corrupt or truncated: its sha256 differs from the one {CONFIG_NAME} "
+                           "recorded when it was saved; re-export or re-train the adapter (or copy the folder again)")
+    return weights
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked against the sha256 its config records (when it records one)."""
+    weights = check_weights_file(folder)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
@@ -156,9 +247,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     if check_base and config["base_fingerprint"] != base_fingerprint(model):
+        current = base_architecture(model)
+        differences = architecture_differences(config["base_config"], current) \
+            if "base_config" in config and current is not None else []
+        detail = f" (its config -> this model's: {'; '.join(differences)})" if differences else ""
         raise AdapterError(
             f"adapter {folder} was trained on {config['base_model']!r}, whose architecture differs from this "
-            f"model ({_base_name(model)!r}); load it onto the base model it was trained with"
+            f"model ({_base_name(model)!r}){detail}; load it onto the base model it was trained with"
         )
     tensors = _load_weights(folder)
     state = inject_adapters(model, Plan.from_dict(config["plan"]))

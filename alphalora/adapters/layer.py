@@ -27,7 +27,8 @@ class MoELoRALinear(nn.Module):
     """base(x) + scaling * sum over the top-k experts e of g_e(x) * B_e A_e dropout(x).
 
     The router is a bias-free linear over the undropped input (MoLA); gates are the softmax
-    probabilities of the top-k experts renormalised to sum to 1. With one expert there is no
+    probabilities of the top-k experts renormalised to sum to 1 (with `renormalize=False`, the
+    softmax probabilities over all experts of the k chosen, as they are). With one expert there is no
     router and this is plain LoRA. `shared_gates`, when set by a layer-level router, replaces
     this module's own router. The layer wraps the base module and knows nothing of the model.
     """
@@ -35,7 +36,7 @@ class MoELoRALinear(nn.Module):
     KERNELS = ("auto", "dense", "grouped")
 
     def __init__(self, base: nn.Module, num_experts: int, top_k: int, rank: int, lora_alpha: float,
-                 dropout: float = 0.0, own_router: bool = True, kernel: str = "auto"):
+                 dropout: float = 0.0, own_router: bool = True, kernel: str = "auto", renormalize: bool = True):
         super().__init__()
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k ({top_k}) <= num_experts ({num_experts})")
@@ -44,6 +45,7 @@ class MoELoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base_features(base)
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.renormalize = renormalize
         self.scaling = lora_alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
@@ -76,7 +78,7 @@ class MoELoRALinear(nn.Module):
         if self.shared_gates is not None:
             return stable_top_k(self.shared_gates, self.top_k)
         logits = self.router(x2)
-        gates, ids = top_k_gates(logits, self.top_k)
+        gates, ids = top_k_gates(logits, self.top_k, self.renormalize)
         if self.balance is not None and self.training:
             self.balance.add(logits, ids)
         return gates, ids
@@ -144,8 +146,8 @@ class MoELoRALinear(nn.Module):
         router) can run as one autograd function with the base (same math): a plain frozen nn.Linear or
         GPT-2 Conv1D, one dtype throughout, no autocast to another dtype. None otherwise (quantised or
         trainable bases, shared routers, mixed precision over higher-precision weights)."""
-        if self.num_experts > 1 and (self.router is None or self.shared_gates is not None):
-            return None
+        if self.num_experts > 1 and (self.router is None or self.shared_gates is not None or not self.renormalize):
+            return None  # (the fused router kernel renormalises the top-k gates)
         base = self.base
         if type(base) is nn.Linear:
             weight = base.weight
@@ -165,7 +167,7 @@ class MoELoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
                 f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}, kernel={self.kernel}"
-                + ("" if self.enabled else ", disabled"))
+                + ("" if self.renormalize else ", renormalize=False") + ("" if self.enabled else ", disabled"))
 
 
 def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +182,7 @@ def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tens
     else:
         logits = layer.router(x2) if layer.shared_gates is None else None
         if logits is not None:
-            gates, ids = top_k_gates(logits, layer.top_k)
+            gates, ids = top_k_gates(logits, layer.top_k, layer.renormalize)
         else:
             gates, ids = stable_top_k(layer.shared_gates, layer.top_k)
         for e in range(layer.num_experts):

@@ -17,6 +17,8 @@ from .expert_counts import (
 )
 from .plan import DEFAULT_TARGET_MODULES, METHODS, Plan, RouterSettings
 
+DEFAULT_EXPERT_BUDGET = 160  # AlphaLoRA's T: 5 experts a layer on average over 32 layers (MoLA's 2468)
+
 
 def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[float] | None):
     if report is not None and alphas is not None:
@@ -42,7 +44,7 @@ def allocate(
     alphas: Sequence[float] | None = None,
     method: str = "alphalora",
     preset: str | None = None,
-    budget: int | None = 160,
+    budget: int | None = None,
     beta: float = 2.5,
     rounding: str = "largest-remainder",
     max_experts: int | None = None,
@@ -58,19 +60,26 @@ def allocate(
 ) -> Plan:
     """Turns an analysis (AlphaLoRA), a MoLA preset or a uniform split into an adapter plan.
 
-    - ``alphalora``: experts per layer proportional to alpha_l ** beta, ``budget`` in total.
-    - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups; with ``budget``
-      the pattern is scaled to that total (pass ``budget=None`` for the literal counts).
-    - ``uniform``: ``budget`` spread evenly.
-    - ``hetero``: HeteroLoRA; ``budget`` is trainable parameters, and the keyword arguments of
+    - ``alphalora``: experts per layer proportional to alpha_l ** beta, ``budget`` in total
+      (default 160).
+    - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups, each layer getting
+      its group's digit as its expert count (as `alphalora allocate` does); with ``budget`` the
+      pattern is scaled to that total.
+    - ``uniform``: ``budget`` (default 160) spread evenly.
+    - ``hetero``: HeteroLoRA; ``budget`` is trainable parameters (required), and the keyword arguments of
       `alphalora.allocation.hetero.allocate_hetero` (``model_dir``, ``data``, ``proxy``, ``ranks``,
       ``shortcuts``, ``dynamic_every``, ...) are passed through.
-    The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
+    ``max_experts`` caps each layer's count for ``alphalora`` with largest-remainder rounding, and
+    is refused elsewhere. The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
     q, k, v, o, up, down for BERT), or to the Llama set without a report.
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_experts is not None and (method != "alphalora" or rounding != "largest-remainder"):
+        where = f"--method {method}" if method != "alphalora" else f"--rounding {rounding}"
+        raise AllocationError(f"--max-experts (max_experts) caps layers only for --method alphalora with --rounding "
+                              f"largest-remainder; {where} would ignore it, so leave it out")
     if method == "hetero":
         from .hetero import allocate_hetero
 
@@ -80,6 +89,8 @@ def allocate(
                                lora_dropout=lora_dropout, target_modules=target_modules, **hetero)
     if hetero:
         raise AllocationError(f"options {sorted(hetero)} apply only to method='hetero'")
+    if budget is None and method in ("alphalora", "uniform"):
+        budget = DEFAULT_EXPERT_BUDGET
     layer_alphas, loaded = _layer_alphas(report, alphas)
     if layer_alphas is not None:
         if num_layers is not None and num_layers != len(layer_alphas):
@@ -89,8 +100,6 @@ def allocate(
     if method == "alphalora":
         if layer_alphas is None:
             raise AllocationError("AlphaLoRA needs layer alphas: pass a report (--report) or --alphas")
-        if budget is None:
-            raise AllocationError("AlphaLoRA needs a budget (total experts)")
         counts = alpha_power_counts(layer_alphas, budget, beta, rounding, max_experts=max_experts)
         source.update(beta=beta, rounding=rounding, max_experts=max_experts, layer_alphas=layer_alphas)
     else:
@@ -102,8 +111,6 @@ def allocate(
             counts = group_counts(preset, num_layers, budget)
             source.update(preset=preset)
         else:
-            if budget is None:
-                raise AllocationError("uniform needs a budget (total experts)")
             counts = uniform_counts(num_layers, budget)
         if layer_alphas is not None:
             source.update(layer_alphas=layer_alphas)

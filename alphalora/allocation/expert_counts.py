@@ -114,6 +114,9 @@ def alpha_power_counts(
         raise AllocationError(f"layer alphas must be positive numbers, got {list(layer_alphas)}")
     weights = [float(a) ** beta for a in layer_alphas]
     if rounding == "compat":
+        if max_experts is not None:
+            raise AllocationError("the authors' rounding (--rounding compat) has no per-layer maximum; leave out "
+                                  "--max-experts (max_experts) or use --rounding largest-remainder")
         counts = authors_rounding(weights, budget)
         if min(counts) < 1:
             raise AllocationError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ class RouterSettings:
 
     type: str = "per_module"
     aux_loss_coef: float = 0.0  # Switch-style load balancing; MoLA's paper runs use 0.001
-    renormalize: bool = True  # top-k gates rescaled to sum to 1
+    # True: the top-k gates rescaled to sum to 1 (MoLA). False: the chosen experts' softmax probabilities
+    # as they are (honoured in training; alphalora's serving engine always renormalises).
+    renormalize: bool = True
 
 
 @dataclass
@@ -62,6 +64,22 @@ class Reallocation:
     pools: str = "joint"
     shortcut_share: float | None = None  # budget share of the shortcut pool when pools == "separate"
     seed: int = 0  # tie-break and probe-perturbation seed
+
+
+def _settings(kind: type, value: Any, name: str, example: str) -> Any:
+    """A settings object from its JSON form (an object), with a clear error for anything else."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, dict):
+        raise PlanFormatError(f"invalid plan: {name} must be an object such as {example}, got {value!r}")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PlanFormatError(f"invalid plan: {name} has unknown fields {unknown}; its fields are {sorted(known)}")
+    try:
+        return kind(**value)
+    except TypeError as error:  # a required field missing
+        raise PlanFormatError(f"invalid plan: {name}: {error}") from error
 
 
 @dataclass
@@ -86,10 +104,10 @@ class Plan:
     source: dict[str, Any] = field(default_factory=dict)  # how the counts were derived
 
     def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
-            self.router = RouterSettings(**self.router)
-        if isinstance(self.reallocation, dict):
-            self.reallocation = Reallocation(**self.reallocation)
+        self.router = _settings(RouterSettings, self.router, "router", '{"type": "shared", "aux_loss_coef": 0.001}')
+        if self.reallocation is not None:
+            self.reallocation = _settings(Reallocation, self.reallocation, "reallocation",
+                                          '{"every": 10, "budget": 100000}')
         self.validate()
 
     @property
@@ -131,8 +149,11 @@ class Plan:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.router.type not in ROUTER_TYPES:
             fail(f"router.type {self.router.type!r} is not one of {', '.join(ROUTER_TYPES)}")
-        if self.router.aux_loss_coef < 0:
-            fail(f"router.aux_loss_coef must be >= 0, got {self.router.aux_loss_coef}")
+        coef = self.router.aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+            fail(f"router.aux_loss_coef must be a number >= 0, got {coef!r}")
+        if not isinstance(self.router.renormalize, bool):
+            fail(f"router.renormalize must be true or false, got {self.router.renormalize!r}")
         self._validate_hetero(fail)
 
     def _validate_hetero(self, fail) -> None:
@@ -171,9 +192,9 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         check_format_version(data, FORMAT_VERSION, "plan", "`alphalora allocate`", PlanFormatError)
-        fields = {k: v for k, v in data.items() if k != "format_version"}
+        values = {k: v for k, v in data.items() if k != "format_version"}
         try:
-            return cls(**fields)
+            return cls(**values)
         except TypeError as error:
             raise PlanFormatError(f"invalid plan: {error}") from error
 

@@ -2,6 +2,6 @@
 
 from .api import TrainResult, train
 from .data import DataError
-from .trainer import MoELoRATrainer
+from .trainer import CheckpointError, MoELoRATrainer
 
-__all__ = ["DataError", "MoELoRATrainer", "TrainResult", "train"]
+__all__ = ["CheckpointError", "DataError", "MoELoRATrainer", "TrainResult", "train"]

@@ -13,7 +13,16 @@ from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_ada
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan
 
-from .data import TASKS, DataError, ListDataset, collate, read_rows, tokenize_causal_lm, tokenize_classification
+from .data import (
+    TASKS,
+    DataError,
+    ListDataset,
+    collate,
+    count_classes,
+    read_rows,
+    tokenize_causal_lm,
+    tokenize_classification,
+)
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' names
 
@@ -52,32 +61,40 @@ def _context_length(model, tokenizer) -> int:
     return min(limits) if limits else 2048
 
 
-def _tokenize(path, task, tokenizer, max_length, label_names=None):
+def _tokenize(path, task, tokenizer, max_length, label_names=None, truncate=False, num_labels=None):
     rows = read_rows(path)
     if task == "causal-lm":
-        return tokenize_causal_lm(rows, tokenizer, max_length, str(path))
-    return tokenize_classification(rows, tokenizer, max_length, str(path), label_names)
+        return tokenize_causal_lm(rows, tokenizer, max_length, str(path), truncate)
+    tokenized = tokenize_classification(rows, tokenizer, max_length, str(path), label_names, truncate)
+    beyond = sorted({e["labels"] for e in tokenized.examples if num_labels is not None and e["labels"] >= num_labels})
+    if beyond:
+        raise DataError(f"{path} has labels {beyond[:5]}, but the training data defines {num_labels} classes "
+                        f"(indices 0 to {num_labels - 1})")
+    return tokenized
 
 
 def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, max_length: int | None = None,
-                        bf16: bool = False):
-    """(model, tokenizer, tokenised training data, label names, max_length) for `task`, data checked first."""
+                        bf16: bool = False, truncate: bool = False):
+    """(model, tokenizer, tokenised training data, label names, max_length) for `task`, data checked first.
+    With `truncate`, rows longer than max_length are cut (see `tokenize_causal_lm`) instead of refused."""
     import torch
 
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise DataError(f"max_length must be a positive number of tokens, got {max_length!r}")
     label_names = None
     num_labels = None
     if task == "classification":
         probe = tokenize_classification(read_rows(data), _NullTokenizer(), 10**9, str(data))
         label_names = probe.label_names
-        num_labels = len(label_names) if label_names else 1 + max(e["labels"] for e in probe.examples)
+        num_labels = count_classes(probe, str(data))
     model, tokenizer = _load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
     limit = _context_length(model, tokenizer)
     if max_length is not None and max_length > limit:
         raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
     max_length = max_length or limit
-    train_set = _tokenize(data, task, tokenizer, max_length, label_names)
+    train_set = _tokenize(data, task, tokenizer, max_length, label_names, truncate)
     return model, tokenizer, train_set, label_names, max_length
 
 
@@ -106,20 +123,25 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callbacks: list | None = None,
+    truncate: bool = False,
 ) -> TrainResult:
     """Trains the plan's MoE-LoRA (or heterogeneous-rank LoRA) adapter on `data`.
 
     Data and plan are checked before any training starts. Checkpoints (adapter, optimizer,
-    scheduler, RNG) go to out_dir/checkpoints; `resume=True` continues from the newest one.
-    The finished adapter is written to out_dir. Under torchrun or accelerate every process calls
+    scheduler, RNG) go to out_dir/checkpoints; `resume=True` continues from the newest complete one
+    (a checkpoint a kill cut short is skipped, and said so). `truncate=True` cuts rows longer than
+    `max_length` (causal LM: their start, keeping the completion; see `tokenize_causal_lm`) instead of
+    refusing them. The finished adapter is written to out_dir. Under torchrun or accelerate every process calls
     this and trains data parallel; only the main one writes (`TrainResult.main_process`).
     """
     import torch
     from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .trainer import MoELoRATrainer
 
+    _check_numbers(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+                   gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps,
+                   logging_steps=logging_steps)
     if lr_scheduler not in LR_SCHEDULERS:
         raise DataError(f"unknown lr_scheduler {lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
     if not 0 <= warmup_ratio < 1 or weight_decay < 0:
@@ -131,8 +153,10 @@ def train(
                            "recomputes block by block; train this plan without --gradient-checkpointing")
     set_seed(seed)  # a new task head (classification) is initialised while loading: same seed, same head
     model, tokenizer, train_set, label_names, max_length = load_model_and_data(
-        model_dir, data, task, max_length=max_length, bf16=bf16)
-    eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names) if eval_data else None
+        model_dir, data, task, max_length=max_length, bf16=bf16, truncate=truncate)
+    num_labels = model.config.num_labels if task == "classification" else None
+    eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names, truncate, num_labels) \
+        if eval_data else None
     if task == "classification":
         heads = [h for h in CLASSIFIER_HEADS if hasattr(model, h)]
         plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
@@ -161,10 +185,8 @@ def train(
         data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=all_callbacks,
         compute_metrics=classification_accuracy if task == "classification" else None,
     )
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-    if resume and last is None:
-        print(f"no checkpoint in {checkpoints}: starting from the beginning")
-    trainer.train(resume_from_checkpoint=last)
+    last = _resume_point(checkpoints) if resume else None
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     rounds = reallocation.history if reallocation is not None else []
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes
     if main_process:
@@ -175,6 +197,44 @@ def train(
             indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()  # every process returns with the adapter on disk
     return TrainResult(out, trainer.state.log_history, label_names, rounds, main_process)
+
+
+def _resume_point(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint (None: none yet, start afresh); says which, and what it skipped."""
+    from .trainer import CheckpointError, last_complete_checkpoint
+
+    if not checkpoints.is_dir():
+        print(f"no checkpoint in {checkpoints}: starting from the beginning")
+        return None
+    last, incomplete = last_complete_checkpoint(checkpoints)
+    for path, missing in incomplete.items():
+        print(f"{path.name} is incomplete (no {', '.join(missing)}; the run was probably stopped while saving it): "
+              "skipped")
+    if last is None and incomplete:
+        raise CheckpointError(f"no complete checkpoint to resume from in {checkpoints}: "
+                              f"{', '.join(p.name for p in incomplete)} lack files resuming needs; delete "
+                              "the checkpoints folder (or train without --resume) to start from the beginning")
+    if last is None:
+        print(f"no checkpoint in {checkpoints}: starting from the beginning")
+    else:
+        print(f"resuming from {last}")
+    return last
+
+
+def _check_numbers(**values) -> None:
+    """Refuses counts and rates that transformers would fail on later (or silently misread)."""
+    positive_ints = ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
+    for name in positive_ints:
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+    steps = values["max_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1):
+        raise DataError(f"max_steps must be a positive number of steps, or -1 to train for `epochs`; got {steps!r}")
+    if not values["epochs"] > 0:
+        raise DataError(f"epochs must be positive, got {values['epochs']!r}")
+    if not values["learning_rate"] >= 0:
+        raise DataError(f"learning_rate must be >= 0, got {values['learning_rate']!r}")
 
 
 def classification_accuracy(prediction) -> dict[str, float]:
@@ -233,5 +293,5 @@ def _checkpointing_argument(enabled: bool) -> dict[str, Any]:
 class _NullTokenizer:
     """Lets the label scan reuse the classification reader before the real tokenizer is loaded."""
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True, **kwargs):
         return {"input_ids": []}

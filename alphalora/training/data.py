@@ -81,8 +81,15 @@ class TokenizedData:
     label_names: list[str] | None = None
 
 
-def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str) -> TokenizedData:
-    """Prompt tokens are masked out of the loss (-100); the completion ends with EOS."""
+TRUNCATE_HINT = "pass --truncate (truncate=True in Python) to cut long rows to that length"
+
+
+def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str, truncate: bool = False) -> TokenizedData:
+    """Prompt tokens are masked out of the loss (-100); the completion ends with EOS.
+
+    A row longer than `max_length` is an error, or with `truncate` loses tokens from its start: the
+    leading BOS token is kept and then the last max_length - 1 tokens, so the completion and its EOS
+    (the tokens the loss is on) survive and the prompt's beginning is cut first."""
     examples = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for number, row in enumerate(rows, start=1):
@@ -91,16 +98,32 @@ def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str) -> Tokeniz
             [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
         ids = prompt_ids + completion_ids
+        labels = [-100] * len(prompt_ids) + completion_ids
         if len(ids) > max_length:
-            raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the model's context of "
-                            f"{max_length}; shorten it or pass a smaller --max-length with --truncate")
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + completion_ids})
+            if not truncate:
+                raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
+                                f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
+            ids, labels = keep_end(ids, labels, max_length, tokenizer.bos_token_id)
+        examples.append({"input_ids": ids, "labels": labels})
     return TokenizedData(examples)
 
 
+def keep_end(ids: list[int], labels: list[int], max_length: int, bos: int | None) -> tuple[list[int], list[int]]:
+    """The last max_length tokens of a row (and their labels), behind its BOS token when it starts with one."""
+    head = 1 if bos is not None and ids[:1] == [bos] and max_length > 1 else 0
+    tail = max_length - head
+    return ids[:head] + ids[len(ids) - tail:], labels[:head] + labels[len(labels) - tail:]
+
+
 def tokenize_classification(rows, tokenizer, max_length: int, source: str,
-                            label_names: list[str] | None = None) -> TokenizedData:
-    """Rows with `text` (or `sentence`) and `label` (an index or a name)."""
+                            label_names: list[str] | None = None, truncate: bool = False) -> TokenizedData:
+    """Rows with `text` (or `sentence`) and `label`: a class index (0, 1, ...) or a class name.
+
+    A text longer than `max_length` is an error, or with `truncate` is cut by the tokenizer (its
+    truncation side, normally the end; special tokens such as [CLS] and [SEP] are kept)."""
+    indices = {isinstance(r.get("label"), int) for r in rows if "label" in r}
+    if len(indices) > 1:
+        raise DataError(f"{source} mixes class indices and class names as labels; use one or the other")
     names = label_names or sorted({str(r.get("label")) for r in rows if not isinstance(r.get("label"), int)}) or None
     examples = []
     for number, row in enumerate(rows, start=1):
@@ -112,12 +135,29 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
             if names is None or str(label) not in names:
                 raise DataError(f"{source} row {number}: label {label!r} is not one of {names}")
             label = names.index(str(label))
-        ids = tokenizer(str(text), add_special_tokens=True)["input_ids"]
+        elif label < 0:
+            raise DataError(f"{source} row {number}: label {label} is negative; labels are class indices 0, 1, ... "
+                            "or class names")
+        cut = {"truncation": True, "max_length": max_length} if truncate else {}
+        ids = tokenizer(str(text), add_special_tokens=True, **cut)["input_ids"]
         if len(ids) > max_length:
-            raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the model's context of "
-                            f"{max_length}; shorten it or pass --truncate")
+            raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
+                            f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
         examples.append({"input_ids": ids, "labels": label})
     return TokenizedData(examples, names)
+
+
+def count_classes(data: TokenizedData, source: str) -> int:
+    """The classes a classification data set defines (names, or 1 + the largest index); at least 2."""
+    if data.label_names:
+        classes, found = len(data.label_names), data.label_names
+    else:
+        classes = 1 + max(e["labels"] for e in data.examples)
+        found = sorted({e["labels"] for e in data.examples})
+    if classes < 2:
+        raise DataError(f"{source} has labels {found}: classification needs at least 2 classes (a single class "
+                        "would train a regression head); check the label column")
+    return classes
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
+from pathlib import Path
 
 from transformers import Trainer
 
 from alphalora.adapters.inject import adapter_state
-from alphalora.adapters.io import load_adapter_weights, save_adapter
+from alphalora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights, save_adapter
+
+# What `resume_from_checkpoint` reads; Trainer writes trainer_state.json last.
+CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+class CheckpointError(ValueError):
+    """No checkpoint to resume from: the message names the folder and what to do."""
 
 
 class MoELoRATrainer(Trainer):
@@ -17,16 +28,33 @@ class MoELoRATrainer(Trainer):
     `resume_from_checkpoint` continues a killed run where it stopped.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Trainer takes a model whose forward accepts **kwargs to normalise its loss by the item count of
+        # the whole accumulated batch (num_items_in_batch), and then does not divide it by the accumulation
+        # steps. Sequence classifiers (BERT's included) accept **kwargs but average each micro-batch on
+        # their own: their losses would be summed over the micro-batches. Only a loss function that takes
+        # num_items_in_batch counts.
+        if self.model_accepts_loss_kwargs and not _loss_uses_item_count(self.accelerator.unwrap_model(self.model)):
+            self.model_accepts_loss_kwargs = False
+
+    def _task_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Trainer's rule (training_step) for whether compute_loss's loss is already scaled for accumulation."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         state = adapter_state(self.accelerator.unwrap_model(model))
         aux = state.aux_loss()
         coef = state.plan.router.aux_loss_coef
         if aux is not None and coef > 0 and model.training:
-            # The task loss of a causal LM is normalised over the whole accumulated batch, so
-            # Trainer does not divide it by the accumulation steps; a per-micro-batch aux loss
-            # must be divided here, or it would count accumulation-steps times.
-            steps = self.current_gradient_accumulation_steps if self.model_accepts_loss_kwargs else 1
+            # A task loss normalised over the whole accumulated batch is not divided by the accumulation
+            # steps in training_step, so the per-micro-batch aux loss is divided here (the aux loss of a
+            # step is then the mean over its micro-batches). Otherwise training_step divides the sum.
+            scaled = self._task_loss_scaled_for_ga(num_items_in_batch)
+            steps = self.current_gradient_accumulation_steps if scaled else 1
             loss = loss + coef * aux / steps
             self._aux_total = getattr(self, "_aux_total", 0.0) + float(aux.detach())
         return (loss, outputs) if return_outputs else loss
@@ -50,3 +78,44 @@ class MoELoRATrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best and os.path.isdir(best):
             load_adapter_weights(self.model, best)
+
+
+def _loss_uses_item_count(model) -> bool:
+    """Whether the model's loss function normalises by num_items_in_batch (transformers' causal and
+    masked LM losses do; its sequence-classification loss, and BERT's own, average per batch)."""
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is None:
+        return True  # not a transformers model: keep Trainer's reading of its forward
+    try:
+        return "num_items_in_batch" in inspect.signature(loss_function).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, dict[Path, list[str]]]:
+    """(the newest checkpoint-N in `folder` holding everything resuming reads, {newer incomplete checkpoint:
+    the files it lacks}). A run killed while Trainer was writing checkpoint-N leaves it partial."""
+    steps = {}
+    for path in Path(folder).iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            steps[path] = int(match.group(1))
+    incomplete: dict[Path, list[str]] = {}
+    for path in sorted(steps, key=steps.get, reverse=True):
+        missing = _missing_checkpoint_files(path)
+        if not missing:
+            return path, incomplete
+        incomplete[path] = missing
+    return None, incomplete
+
+
+def _missing_checkpoint_files(path: Path) -> list[str]:
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if not any(path.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    if "trainer_state.json" not in missing:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            missing.append("a readable trainer_state.json")
+    return missing

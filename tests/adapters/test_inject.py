@@ -96,6 +96,32 @@ def test_shared_router_feeds_every_module_of_its_block():
 
 
 @pytest.mark.parametrize("router", ["per_module", "shared"])
+def test_the_plans_renormalize_setting_reaches_every_router(router):
+    """renormalize=False: the gates of a module's tokens are their softmax probabilities over all experts at
+    the top-k, unrescaled (written out here from the router's weights and the tokens)."""
+    plan = dataclasses.replace(_plan(experts=(4, 3), top_k=(2, 2), router=router),
+                               router=RouterSettings(type=router, renormalize=False))
+    model = build("llama")
+    state = inject_adapters(model, plan)
+    modules = [model.get_submodule(n) for n in state.module_names]
+    assert all(m.renormalize is False for m in modules)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = {}
+    hook = q.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].reshape(-1, 32).detach()))
+    model(**_inputs("llama"))
+    hook.remove()
+    weight = model.model.layers[0].alphalora_router.weight if router == "shared" else q.router.weight
+    if router == "shared":
+        q.shared_gates = None  # recomputed below from the captured input through the shared router
+        model.model.layers[0].alphalora_router.route(seen["x"])
+    probs = torch.softmax(seen["x"] @ weight.T, dim=-1)
+    top, ids = probs.topk(2, dim=-1)
+    expected = torch.zeros_like(probs).scatter(1, ids, top)
+    torch.testing.assert_close(q.gates(seen["x"]), expected)
+    assert float(q.gates(seen["x"]).detach().sum(-1).max()) < 1.0
+
+
+@pytest.mark.parametrize("router", ["per_module", "shared"])
 def test_aux_loss_collects_each_layers_routing(router):
     model = build("llama").train()
     state = inject_adapters(model, _plan(experts=(4, 3), top_k=(2, 2), router=router, aux_loss_coef=0.01))

@@ -106,6 +106,42 @@ def test_gates_are_top_k_renormalised_softmax():
     torch.testing.assert_close(gates.gather(1, chosen), top / top.sum(1, keepdim=True))
 
 
+def _hand_written_moe(layer: MoELoRALinear, x: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """MoLA's layer token by token in float64: softmax over every expert's router logit, the top-k
+    probabilities (divided by their sum only when renormalising), each chosen expert's scaled LoRA."""
+    x2 = x.reshape(-1, layer.in_features).double()
+    probs = torch.softmax(x2 @ layer.router.weight.double().T, dim=-1)
+    top, ids = probs.topk(layer.top_k, dim=-1)
+    if renormalize:
+        top = top / top.sum(-1, keepdim=True)
+    rows = []
+    for t in range(x2.shape[0]):
+        row = layer.base.weight.double() @ x2[t] + layer.base.bias.double()
+        for j in range(layer.top_k):
+            e = int(ids[t, j])
+            row = row + top[t, j] * layer.scaling * (layer.lora_B[e].double() @ (layer.lora_A[e].double() @ x2[t]))
+        rows.append(row)
+    return torch.stack(rows).reshape(*x.shape[:-1], layer.out_features)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("kernel", ["dense", "grouped"])
+@pytest.mark.parametrize("experts,top_k", [(5, 2), (4, 3)])
+def test_renormalize_false_keeps_the_softmax_probabilities_of_the_chosen_experts(renormalize, kernel, experts, top_k):
+    """RouterSettings.renormalize reaches the layer: False gates each chosen expert by its softmax probability
+    over all experts as it is (gates summing to less than 1), in values and in the router's gradient."""
+    layer = _layer(experts, top_k, kernel=kernel)
+    layer.renormalize = renormalize
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    ours, want = layer(x), _hand_written_moe(layer, x, renormalize)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(_grads(layer, ours, x), _grads(layer, want, x), strict=True):
+        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-5)
+    sums = layer.gates(x.reshape(-1, 24)).sum(-1)
+    assert torch.allclose(sums, torch.ones_like(sums)) == renormalize
+    torch.testing.assert_close(moe_lora_loop_reference(layer, x).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_stable_top_k_takes_the_largest_first_and_equal_values_by_lower_index():
     values = torch.randint(0, 3, (500, 7)).float()  # many ties
     top, ids = stable_top_k(values, 3)

@@ -116,6 +116,7 @@ def test_uniform_and_top_k():
         (lambda: group_counts("2068", 32), "0 experts"),
         (lambda: group_counts("2468", 3), "4 groups"),
         (lambda: largest_remainder([1, 1], 10, max_experts=3), "raise the maximum"),
+        (lambda: alpha_power_counts([3.0, 4.0], 10, rounding="compat", max_experts=6), "no per-layer maximum"),
     ],
 )
 def test_bad_arguments_are_refused(call, message):

@@ -40,6 +40,37 @@ def test_report_file_and_alphas_give_the_same_plan(report, tmp_path):
     assert from_file.experts_per_layer == from_alphas.experts_per_layer
 
 
+def test_a_mola_preset_gives_its_literal_counts_in_python_as_on_the_command_line(tmp_path):
+    """Six layers in four groups (2, 2, 1, 1 layers: earlier groups take the extra ones) of 2, 4, 6, 8 experts."""
+    by_hand = [2, 2, 4, 4, 6, 8]
+    assert alphalora.allocate(method="mola", preset="2468", num_layers=6).experts_per_layer == by_hand
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--method", "mola", "--preset", "2468", "--num-layers", "6", "--out", str(out)]) == 0
+    assert Plan.load(out).experts_per_layer == by_hand
+    # a budget still scales the pattern (shares 2:4:6:8 of 40 over the layers), and the default budget of the
+    # other methods stays 160
+    assert alphalora.allocate(method="mola", preset="2468", num_layers=8, budget=40).experts_per_layer == [
+        2, 2, 4, 4, 6, 6, 8, 8]
+    assert alphalora.allocate(method="uniform", num_layers=4).experts_per_layer == [40] * 4
+    assert alphalora.allocate(alphas=[3.0, 3.0]).experts_per_layer == [80, 80]
+
+
+def test_max_experts_is_refused_where_it_would_be_ignored(tmp_path, capsys):
+    for kwargs, where in [(dict(method="mola", preset="2468", num_layers=8), "--method mola"),
+                          (dict(method="uniform", num_layers=4, budget=8), "--method uniform"),
+                          (dict(alphas=[3.0, 4.0], budget=10, rounding="compat"), "--rounding compat")]:
+        with pytest.raises(AllocationError, match=f"--max-experts .* {where} would ignore it"):
+            alphalora.allocate(max_experts=4, **kwargs)
+    capped = alphalora.allocate(alphas=[1.0, 1.0, 10.0], budget=10, beta=1.0, max_experts=4)
+    assert capped.experts_per_layer == [3, 3, 4]  # shares 10/12, 10/12, 100/12 with the big layer pinned at 4
+    out = tmp_path / "plan.json"
+    for args in (["--method", "mola", "--preset", "2468", "--num-layers", "8"],
+                 ["--alphas", "3,4", "--rounding", "compat", "--budget", "10"]):
+        assert main(["allocate", *args, "--max-experts", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--max-experts") == 2 and "Traceback" not in err and not out.exists()
+
+
 def test_mola_and_uniform_plans():
     assert alphalora.allocate(method="mola", preset="2468", num_layers=8, budget=None).experts_per_layer == [
         2, 2, 4, 4, 6, 6, 8, 8]
@@ -63,6 +94,12 @@ def test_mola_and_uniform_plans():
         ({"rank": 0}, "rank"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"router": {"type": "hash"}}, "router.type"),
+        ({"router": "shared"}, 'router must be an object such as {"type": "shared"'),
+        ({"router": {"type": "shared", "renormalise": False}}, r"router has unknown fields \['renormalise'\]"),
+        ({"router": {"renormalize": "no"}}, "router.renormalize must be true or false"),
+        ({"router": {"aux_loss_coef": "0.01"}}, "router.aux_loss_coef must be a number"),
+        ({"reallocation": 5}, "reallocation must be an object"),
+        ({"reallocation": {"budget": 10}}, "reallocation: .*every"),
         ({"surprise": 1}, "unexpected keyword"),
     ],
 )

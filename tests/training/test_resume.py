@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.tiny_models import save_tiny
 
 SCRIPT = textwrap.dedent(
@@ -67,3 +69,76 @@ def test_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path):
     assert sorted(got["losses"], key=int) == sorted(expected, key=int)
     for step, loss in got["losses"].items():
         assert abs(loss - expected[step]) < 1e-6, (step, loss, expected[step])
+
+
+def _partial_run_setup(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "model", initializer_range=0.5)
+    rows = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "red green blue yellow"},
+            {"prompt": "one two", "completion": "three four"}, {"text": "a bird sang in the tree"}] * 4
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return model_dir, data
+
+
+def _train_in_process(model_dir, data, out, max_steps, resume=False, callbacks=None):
+    from alphalora.allocation import Plan
+    from alphalora.training import train
+
+    plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[2, 2], top_k_per_layer=[2, 2],
+                target_modules=["q", "v"], rank=2, lora_alpha=4.0, lora_dropout=0.0)
+    return train(model_dir, plan, data, out, max_steps=max_steps, save_steps=2, batch_size=4, logging_steps=1,
+                 learning_rate=1e-2, lr_scheduler="constant", seed=1, resume=resume, progress=False,
+                 callbacks=callbacks)
+
+
+def test_a_checkpoint_cut_short_while_saving_is_skipped_for_the_newest_complete_one(tmp_path, capsys):
+    """A kill while Trainer writes checkpoint-4 (adapter written, optimizer, scheduler, RNG and trainer state not
+    yet): --resume goes on from checkpoint-2, says so, and reproduces the uninterrupted run's losses."""
+    from transformers import TrainerCallback
+
+    model_dir, data = _partial_run_setup(tmp_path)
+    uninterrupted = _train_in_process(model_dir, data, tmp_path / "full", 6)
+    expected = {h["step"]: h["loss"] for h in uninterrupted.log_history if "loss" in h}
+
+    _train_in_process(model_dir, data, tmp_path / "run", 4)
+    newest = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        (newest / name).unlink()
+    capsys.readouterr()
+
+    executed = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            executed.append(state.global_step)
+
+    resumed = _train_in_process(model_dir, data, tmp_path / "run", 6, resume=True, callbacks=[Record()])
+    printed = capsys.readouterr().out
+    assert "checkpoint-4 is incomplete (no optimizer.pt, scheduler.pt, trainer_state.json, rng_state.pth" in printed
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'}" in printed
+    assert executed == [3, 4, 5, 6]
+    got = {h["step"]: h["loss"] for h in resumed.log_history if "loss" in h}
+    for step in (3, 4, 5, 6):
+        assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
+
+
+def test_resume_with_no_complete_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from alphalora.cli import main
+    from alphalora.training import CheckpointError
+
+    model_dir, data = _partial_run_setup(tmp_path)
+    partial = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    (partial / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
+    with pytest.raises(CheckpointError, match="no complete checkpoint to resume from .* checkpoint-2 lack"):
+        _train_in_process(model_dir, data, tmp_path / "run", 4, resume=True)
+    printed = capsys.readouterr().out
+    assert "checkpoint-2 is incomplete" in printed and "a readable trainer_state.json" in printed
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", "--method", "uniform", "--num-layers", "2", "--budget", "4", "--target-modules", "q",
+                 "--out", str(plan)]) == 0
+    code = main(["train", "--model", str(model_dir), "--plan", str(plan), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no complete checkpoint to resume from" in err and "Traceback" not in err

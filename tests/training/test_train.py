@@ -111,7 +111,7 @@ def test_bad_input_fails_before_training(llama_dir, lm_data, tmp_path):
     with pytest.raises(DataError, match="needs prompt/completion"):
         train(llama_dir, _plan(), wrong, tmp_path / "a")
     long = _write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["cat"] * 200)}])
-    with pytest.raises(DataError, match="longer than the model's context of 64"):
+    with pytest.raises(DataError, match=r"longer than the 64 allowed .*pass --truncate"):
         train(llama_dir, _plan(), long, tmp_path / "a")
     with pytest.raises(AdapterError, match="plan has 3 layers"):
         train(llama_dir, _plan(layers=3, experts=(2, 2, 2)), lm_data, tmp_path / "a", max_steps=1)
@@ -233,3 +233,28 @@ def test_learning_rate_schedules_follow_transformers_schedulers(llama_dir, lm_da
         train(llama_dir, _plan(), lm_data, tmp_path / "bad", lr_scheduler="exotic")
     with pytest.raises(DataError, match="warmup_ratio"):
         train(llama_dir, _plan(), lm_data, tmp_path / "bad", warmup_ratio=1.5)
+
+
+def test_counts_and_rates_are_checked_before_training(llama_dir, lm_data, tmp_path, capsys):
+    """Zero batch size or accumulation steps (and the like) are refused with the argument named, from Python
+    and from the command line, where they used to end in transformers' tracebacks."""
+    from alphalora.cli import main
+
+    for kwargs, message in [(dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+                            (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be a positive"),
+                            (dict(save_steps=-5), "save_steps must be"), (dict(logging_steps=0), "logging_steps"),
+                            (dict(max_steps=0), "max_steps must be a positive number of steps, or -1"),
+                            (dict(epochs=0), "epochs must be positive"), (dict(learning_rate=-1.0), "learning_rate"),
+                            (dict(max_length=0), "max_length must be a positive")]:
+        with pytest.raises(DataError, match=message):
+            train(llama_dir, _plan(), lm_data, tmp_path / "a", **kwargs)
+    plan = tmp_path / "plan.json"
+    _plan().save(plan)
+    base = ["train", "--model", str(llama_dir), "--plan", str(plan), "--data", str(lm_data), "--out", str(tmp_path)]
+    for flag, value in [("--batch-size", "0"), ("--grad-accum", "0"), ("--grad-accum", "1.5"), ("--max-steps", "0"),
+                        ("--epochs", "-1"), ("--lr", "-3e-4"), ("--max-length", "0"), ("--save-steps", "x")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, f"{flag}={value}"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"argument {flag}: must be" in err and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists()
