@@ -165,6 +165,9 @@ def _check_shapes(name: str, folder: Path, A: torch.Tensor, B: torch.Tensor, rou
 def _load_own(folder: Path) -> _AdapterParts:
     config = read_adapter_config(folder)
     plan = config["plan"]
+    if plan.get("router", {}).get("renormalize") is False:
+        raise AdapterError(f"{folder} was trained with un-renormalised router gates (router.renormalize false), "
+                           "which the engine does not serve: its expert kernels renormalise the top-k gates")
     tensors = _load_weights(folder)
     modules = {}
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from alphalora.adapters.inject import AdapterError
-from alphalora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, read_adapter_config
+from alphalora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, check_weights_file, read_adapter_config
 
 ADAPTER_SUBDIR = "alphalora_adapter"  # the plugin reads the adapter from here (moe_model.ADAPTER_SUBDIR)
 # Hugging Face model_type -> the plugin's architecture name (plugin.ARCHITECTURES)
@@ -26,6 +26,7 @@ def check_bakeable(model_dir: str | Path, adapter_dir: str | Path) -> dict:
     from transformers import AutoConfig
 
     config = read_adapter_config(adapter_dir)
+    check_weights_file(Path(adapter_dir))  # the plugin reads the file itself: a damaged one is refused here
     plan = config["plan"]
     base = AutoConfig.from_pretrained(model_dir)
     if base.model_type not in PLUGIN_ARCHITECTURES:
@@ -36,6 +37,9 @@ def check_bakeable(model_dir: str | Path, adapter_dir: str | Path) -> dict:
                            f"cannot serve; {NATIVE}")
     if plan.get("shortcuts"):
         raise AdapterError(f"{adapter_dir} has LoRA shortcut connections, which vLLM cannot run; {NATIVE}")
+    if plan.get("router", {}).get("renormalize") is False:
+        raise AdapterError(f"{adapter_dir} was trained with un-renormalised router gates (router.renormalize "
+                           "false), which neither engine serves: their expert kernels renormalise the top-k gates")
     if plan.get("router", {}).get("type") == "shared":
         raise AdapterError(f"{adapter_dir} uses a shared (per-layer) router, which the vLLM plugin does not "
                            f"implement; {NATIVE}")

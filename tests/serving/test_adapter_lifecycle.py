@@ -233,3 +233,14 @@ def test_an_adapter_whose_files_broke_after_it_was_checked_fails_only_its_own_re
         assert seqs[index].output_ids == _hf_greedy("llama", prompts[index], 6,
                                                     adapter=adapters[names[index]] if names[index] else None)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_an_adapter_trained_without_renormalised_gates_is_refused(tmp_path):
+    """The engine's expert kernels renormalise the top-k gates; serving such an adapter would not compute
+    what it was trained to."""
+    from alphalora.allocation.plan import RouterSettings
+
+    folder = _adapter(tmp_path / "plain_gates", "llama", (3, 2), seed=4, router=RouterSettings(renormalize=False))
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters={"plain": str(folder)}))
+    with pytest.raises(AdapterError, match="un-renormalised router gates"):
+        engine.add_request([1, 2, 3], GREEDY, "plain")

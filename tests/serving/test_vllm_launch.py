@@ -230,3 +230,20 @@ def test_cli_without_vllm_prints_the_install_command_not_a_traceback(folders):
     assert 'pip install "alphalora[vllm]"' in result.stderr
     assert "pip uninstall -y torchvision torchaudio torchcodec" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage, needle", [("renormalize", "un-renormalised router gates"),
+                                            ("weights", "sha256 differs")])
+def test_baking_refuses_gates_no_engine_computes_and_damaged_weights(folders, tmp_path, damage, needle):
+    """The plugin reads the weights file itself, so the recorded checksum is checked at baking."""
+    import shutil
+
+    if damage == "renormalize":
+        adapter = own_adapter(tmp_path / "plain_gates", "llama", (2, 2), seed=8, router={"renormalize": False})
+    else:
+        adapter = Path(shutil.copytree(folders["moe"], tmp_path / "damaged"))
+        data = bytearray((adapter / "adapter_model.safetensors").read_bytes())
+        data[-1] ^= 1  # a flipped bit in the last tensor's data: the file still parses
+        (adapter / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match=needle):
+        bake_moe_model(folders["model"], adapter, tmp_path / "baked")
