@@ -185,6 +185,10 @@ def _train(args: argparse.Namespace) -> int:
     from alphalora.allocation import PlanFormatError
     from alphalora.training import CheckpointError, DataError, train
 
+    if args.no_progress:  # transformers' own bars too (loading weights, writing shards)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         result = train(
             args.model, args.plan, args.data, args.out, task=args.task, eval_data=args.eval_data,

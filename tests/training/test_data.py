@@ -62,6 +62,7 @@ def test_truncate_trains_from_python_and_the_command_line(tmp_path, capsys):
     assert main(args) == 2
     assert "pass --truncate" in capsys.readouterr().err
     assert main([*args, "--truncate"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress quiets transformers' bars too
 
 
 @pytest.mark.parametrize("labels, message", [
