@@ -141,7 +141,7 @@ def bench_model(label: str, model: nn.Module, args) -> dict:
     row: dict = {"model": label}
 
     def ours(precision):
-        return alphalora.analyze(model, estimator="ww", precision=precision, device=args.device,
+        return alphalora.analyze(model, estimator=args.estimator, precision=precision, device=args.device,
                                  include_embeddings=True, progress=False)
 
     if args.repeats > 1:
@@ -150,9 +150,11 @@ def bench_model(label: str, model: nn.Module, args) -> dict:
         seconds, peak, report = timed(lambda p=precision: ours(p), args.repeats, cuda)
         row[f"ours_{precision}_s"], row[f"ours_{precision}_peak_mib"] = seconds, peak
         row[f"report_{precision}"] = report
-        print(f"ours {precision}: {seconds:.3f} s, peak {peak:.0f} MiB")
+        row[f"refined_fp64_{precision}"] = sum(m.refined_fp64 for m in report.matrices)
+        print(f"ours {precision}: {seconds:.3f} s, peak {peak:.0f} MiB, "
+              f"{row[f'refined_fp64_{precision}']} of {len(report.matrices)} matrices refined in fp64")
 
-    if not args.skip_ww:
+    if not args.skip_ww and args.estimator == "ww":  # WeightWatcher's numbers are the ww estimator's
         ww_repeats = 1 if label.startswith("llama") else args.repeats
         seconds, peak, frame = timed(lambda: weightwatcher_analyze(model), ww_repeats)
         row["ww_s"], row["ww_peak_mib"] = seconds, peak
@@ -199,6 +201,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the minimum is reported")
     parser.add_argument("--skip-ww", action="store_true", help="time only ours (e.g. a 32-layer GPU run)")
+    parser.add_argument("--estimator", default="ww", choices=["ww", "xmin_peak", "median"],
+                        help="ours with this estimator; WeightWatcher runs beside it only for ww, whose numbers "
+                        "it gives")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
