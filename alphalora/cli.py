@@ -81,7 +81,10 @@ def _analyze(args: argparse.Namespace) -> int:
           f"{report.precision} on {report.device}")
     refined = sum(m.refined_fp64 for m in report.matrices)
     if refined:
-        print(f"refined in fp64: {refined} matrices whose fit read eigenvalues under the fp32 noise floor")
+        fitted = sum(m.alpha is not None for m in report.matrices)
+        hint = "; --precision fp64 computes each once, for about the same time" if 2 * refined > fitted else ""
+        print(f"refined in fp64: {refined} of {fitted} matrices, whose fit read eigenvalues under the fp32 "
+              f"noise floor{hint}")
     print_layer_table(report)
     report.to_json(args.out)
     print(f"report: {args.out}")

@@ -94,4 +94,7 @@ def test_default_model_is_the_bundled_minilm(tmp_path, minilm_dir, capsys):
     assert len(data["layers"]) == 6 and data["estimator"] == "xmin_peak"
     # fp32 by default: the matrices whose fit reads eigenvalues under fp32's noise floor are said to be refined.
     refined = sum(m["refined_fp64"] for m in data["matrices"])
-    assert refined > 0 and f"refined in fp64: {refined} matrices" in capsys.readouterr().out
+    fitted = sum(m["alpha"] is not None for m in data["matrices"])
+    printed = capsys.readouterr().out
+    assert refined > 0 and f"refined in fp64: {refined} of {fitted} matrices" in printed
+    assert ("--precision fp64 computes each once" in printed) == (2 * refined > fitted)
