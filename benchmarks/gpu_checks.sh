@@ -59,7 +59,7 @@ workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
 stage tests 200 "$python" -m pytest -q -rf -p no:cacheprovider $workers -k "cuda or test_build" tests/ops \
   tests/adapters/test_layer.py tests/serving/test_engine.py tests/serving/test_routing_layout.py \
   tests/serving/test_prefix_cache.py tests/training/test_train.py tests/spectral/test_bad_input.py \
-  tests/spectral/test_cuda_analysis.py
+  tests/spectral/test_cuda_analysis.py tests/spectral/test_fp32_refine.py
 stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
   --repeats 1 --json "$results/spectral_cuda.json"
 stage moe_lora 90 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \

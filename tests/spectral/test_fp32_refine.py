@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import alphalora
+from tests.conftest import requires_cuda
 from tests.spectral.authors_fix_finger import fix_finger, hill_median
 
 
@@ -25,8 +26,9 @@ def minilm(minilm_dir):
     return AutoModel.from_pretrained(minilm_dir)
 
 
-def test_xmin_peak_fp32_equals_the_authors_estimator_on_exact_spectra(minilm):
-    report = alphalora.analyze(minilm, estimator="xmin_peak", precision="fp32", progress=False)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_xmin_peak_fp32_equals_the_authors_estimator_on_exact_spectra(minilm, device):
+    report = alphalora.analyze(minilm, estimator="xmin_peak", precision="fp32", device=device, progress=False)
     for m in report.matrices:
         expected, _, _ = fix_finger(_exact_spectrum(minilm.get_submodule(m.name).weight))
         assert m.status == "success" and abs(m.alpha - expected) <= 1e-3, (m.name, m.alpha, expected)
@@ -46,15 +48,16 @@ class RankOne(nn.Module):
             self.proj.weight.copy_(scale * (u / u.norm()) @ (v / v.norm()))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("scale", [10.0, 50.0])
-def test_ww_fp32_fails_on_a_rank_one_matrix_like_weightwatcher(scale):
+def test_ww_fp32_fails_on_a_rank_one_matrix_like_weightwatcher(scale, device):
     ww = pytest.importorskip("weightwatcher")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     model = RankOne(scale)  # lambda_max = scale^2: its fp32 rounding noise reaches above the 1e-5 filter
     with contextlib.redirect_stdout(io.StringIO()):
         frame = ww.WeightWatcher(model=model).analyze()
     assert frame["alpha"].tolist() == [-1]  # WeightWatcher's failed fit
-    (m,) = alphalora.analyze(model, estimator="ww", precision="fp32", progress=False).matrices
+    (m,) = alphalora.analyze(model, estimator="ww", precision="fp32", device=device, progress=False).matrices
     assert m.status.startswith("failed") and m.alpha is None and m.num_fit_evals == 1, m.status
     assert m.refined_fp64
 
