@@ -39,7 +39,10 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
             "(`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
         )
     tensors = _load_weights(folder)
-    names = config["module_names"]
+    switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: export what is on
+    names = [name for name in config["module_names"] if name not in switched_off]
+    if not names:
+        raise AdapterError(f"{folder}: every adapted module is switched off (disabled_modules); nothing to export")
     weights: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name in names:

@@ -69,6 +69,14 @@ def peft_ranks(folder: Path) -> dict[str, int]:
                 for key in handle.keys() if key.endswith(".lora_A.weight")}
 
 
+def vllm_rank(folder: Path) -> int:
+    """The rank vLLM checks a PEFT folder against --max-lora-rank: the largest of its weights' ranks, its
+    config's `r` and its `rank_pattern` values (vLLM reads the config, whatever the weights hold)."""
+    config = read_peft_lora_config(folder)
+    declared = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
+    return max([*peft_ranks(folder).values(), *(int(r) for r in declared)], default=1)
+
+
 def check_peft(folder: Path, name: str) -> dict:
     """The PEFT config of a LoRA folder vLLM can serve; AdapterError naming the native engine otherwise."""
     config = read_peft_lora_config(folder)
@@ -152,7 +160,7 @@ def prepare(model_dir: str | Path, adapters: dict[str, str], reads_patterns: boo
         folder = Path(adapters[moe[0]])
         baked = _cached("baked", [model, folder], lambda out: bake_moe_model(model, folder, out))
         return Prepared(baked, {}, 0, moe[0])
-    ranks = [max(peft_ranks(folder).values()) for folder in loras.values()]
+    ranks = [vllm_rank(folder) for folder in loras.values()]
     max_rank = max(ranks, default=0)
     if max_rank:
         round_rank(max_rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,9 +12,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
-from .adapters import Prepared, peft_ranks, prepare, round_rank
+from .adapters import Prepared, prepare, round_rank, vllm_rank
 
 VLLM_PYTHON_ENV = "ALPHALORA_VLLM_PYTHON"
 INSTALL_HINT = (
@@ -106,8 +108,11 @@ class Launch:
 
 def _runtime_rank(adapter_dir: str) -> int:
     """The largest rank among the PEFT folders in --adapter-dir (16 if none), for adapters loaded later."""
-    ranks = [max(peft_ranks(f).values(), default=1) for f in Path(adapter_dir).iterdir()
-             if (f / PEFT_CONFIG_NAME).exists() and (f / PEFT_WEIGHTS_NAME).exists()]
+    ranks = []
+    for folder in Path(adapter_dir).iterdir():
+        if (folder / PEFT_CONFIG_NAME).exists() and (folder / PEFT_WEIGHTS_NAME).exists():
+            with contextlib.suppress(AdapterError):  # a broken folder is refused when it is loaded, not here
+                ranks.append(vllm_rank(folder))
     return max(ranks, default=16)
 
 
@@ -135,7 +140,9 @@ def build_launch(options: ServeOptions, install: VLLMInstall) -> Launch:
         rank = max(prepared.max_rank, _runtime_rank(options.adapter_dir) if options.adapter_dir else 0)
         argv += ["--enable-lora", "--max-lora-rank", str(round_rank(rank)), "--max-loras", str(options.max_loras)]
         if prepared.loras:
-            argv += ["--lora-modules", *(f"{name}={path}" for name, path in prepared.loras.items())]
+            # vLLM's JSON form: its NAME=PATH form is read as JSON (and fails) where the path holds a comma
+            argv += ["--lora-modules", *(json.dumps({"name": name, "path": str(path), "base_model_name": served})
+                                         for name, path in prepared.loras.items())]
     if options.adapter_dir and not prepared.moe_adapter:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     argv += shlex.split(options.vllm_args)

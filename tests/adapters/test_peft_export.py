@@ -73,3 +73,19 @@ def test_cli_export(tmp_path, capsys):
     save_adapter(_adapted(build("llama"), experts=(3, 1)), tmp_path / "moe")
     assert main(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "x")]) == 2
     assert "native engine" in capsys.readouterr().err
+
+
+def test_switched_off_modules_are_left_out_of_the_export(tmp_path):
+    """A dynamic HeteroLoRA checkpoint keeps the weights of modules it switched off; the model (and the
+    serving engine) skip them, so the export must too, or PEFT and vLLM would add them back."""
+    ours = _adapted(build("llama"))
+    off = "model.layers.0.self_attn.q_proj"
+    ours.alphalora_adapter.set_disabled(ours, [off])
+    ids = torch.randint(0, 128, (2, 10))
+    expected = ours(input_ids=ids).logits
+    save_adapter(ours, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert off not in config["target_modules"] and off not in config["rank_pattern"]
+    loaded = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

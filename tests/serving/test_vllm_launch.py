@@ -85,8 +85,9 @@ def test_serve_flags_map_to_vllm_and_max_lora_rank_is_the_largest_rank_rounded_u
                 "--max-lora-rank": "32"}  # ranks 2, 4 and 24: vLLM accepts 1, 8, 16, 32, ...
     assert {flag: _value(argv, flag) for flag in expected} == expected
     assert "--enable-lora" in argv
-    name, _, path = _value(argv, "--lora-modules").partition("=")
-    assert name == "hetero"
+    module = json.loads(_value(argv, "--lora-modules"))  # vLLM's JSON form, safe for any path
+    name, path = module["name"], module["path"]
+    assert name == "hetero" and module["base_model_name"] == "tiny-llama"
     exported = json.loads((Path(path) / "adapter_config.json").read_text())
     reference = export_peft(folders["hetero"], folders["root"] / "ref") / "adapter_config.json"
     reference = json.loads(reference.read_text())
@@ -107,6 +108,22 @@ def test_adapter_dir_turns_on_runtime_lora_loading(folders, tmp_path):
     launch = _launch(folders, {}, adapter_dir=str(tmp_path / "dir"))
     assert launch.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert _value(launch.argv, "--max-lora-rank") == "64"
+
+
+def test_max_lora_rank_covers_the_rank_a_peft_config_declares(folders, tmp_path):
+    """vLLM checks max(r, *rank_pattern) against --max-lora-rank, whatever ranks the weights hold."""
+    folder = _peft_folder(tmp_path / "dir" / "declared", {"q_proj": 8})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 64, "rank_pattern": {"q_proj": 8}}))
+    assert _value(_launch(folders, {"declared": folder}).argv, "--max-lora-rank") == "64"
+    assert _value(_launch(folders, {}, adapter_dir=str(tmp_path / "dir")).argv, "--max-lora-rank") == "64"
+
+
+def test_a_path_with_a_comma_reaches_vllm_whole(folders, tmp_path):
+    """vLLM reads NAME=PATH only without a comma, else as JSON: the JSON form always parses."""
+    folder = _peft_folder(tmp_path / "a,b", {"q_proj": 8})
+    module = json.loads(_value(_launch(folders, {"p": folder}).argv, "--lora-modules"))
+    assert module["path"] == str(folder)
 
 
 def test_peft_patterns_are_kept_for_vllm_032_and_folded_into_lora_b_for_older_releases(folders, tmp_path):
@@ -209,7 +226,7 @@ def test_cli_execs_vllm_server_with_the_built_command(folders, tmp_path):
     assert result.returncode == 0, result.stderr
     argv = (tmp_path / "argv").read_text().split("\n")
     assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert _value(argv, "--port") == "8123" and _value(argv, "--lora-modules").startswith("hetero=")
+    assert _value(argv, "--port") == "8123" and json.loads(_value(argv, "--lora-modules"))["name"] == "hetero"
 
 
 def test_cli_refuses_an_moe_adapter_without_the_plugin_before_vllm_starts(folders, tmp_path):
