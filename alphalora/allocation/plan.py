@@ -48,7 +48,7 @@ class RouterSettings:
     type: str = "per_module"
     aux_loss_coef: float = 0.0  # Switch-style load balancing; MoLA's paper runs use 0.001
     # True: the top-k gates rescaled to sum to 1 (MoLA). False: the chosen experts' softmax probabilities
-    # as they are (honoured in training; alphalora's serving engine always renormalises).
+    # as they are (honoured in training; both serving engines renormalise, so they refuse such adapters).
     renormalize: bool = True
 
 

@@ -136,7 +136,7 @@ class Engine:
         and the sequences that already run or wait with it finish with it (its weights go after them)."""
         if name not in self.adapters.paths:
             raise AdapterError(f"unknown adapter {name!r}")
-        users = [seq for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter == name]
+        users = self._sequences_on(name)
         if not users:
             self.adapters.unregister(name)
             return
@@ -144,10 +144,17 @@ class Engine:
         for seq in users:
             seq.adapter = retired
 
+    def _live_sequences(self) -> list[Sequence]:
+        return [*self.scheduler.running, *self.scheduler.waiting]
+
+    def _sequences_on(self, adapter: str) -> list[Sequence]:
+        """The running and waiting sequences that use `adapter`."""
+        return [seq for seq in self._live_sequences() if seq.adapter == adapter]
+
     def _drop_retired_adapters(self) -> None:
         if not self.adapters.retired:
             return
-        in_use = {seq.adapter for seq in (*self.scheduler.running, *self.scheduler.waiting)}
+        in_use = {seq.adapter for seq in self._live_sequences()}
         for name in [name for name in self.adapters.retired if name not in in_use]:
             self.adapters.unregister(name)
 
@@ -186,7 +193,7 @@ class Engine:
             try:
                 self.adapters.get(name)
             except AdapterError as error:
-                for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.adapter == name]:
+                for seq in self._sequences_on(name):
                     self.abort(seq)
                     self._failed.append((seq, error))
         output.chunks = [chunk for chunk in output.chunks if not chunk.seq.is_finished]

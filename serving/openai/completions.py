@@ -41,12 +41,15 @@ class Choice:
         return self.finish_reason is not None
 
 
+def _stop_strings(body: SamplingFields) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
 def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            seed=None if body.seed is None else body.seed + seed_offset, stop=stop,
+            seed=None if body.seed is None else body.seed + seed_offset, stop=_stop_strings(body),
             stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, min_p=body.min_p,
@@ -75,10 +78,9 @@ def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> Non
 
 
 async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
-                 adapter: str | None, stop: list[str], arrival: float, prompt_texts: list[str] | None = None,
-                 **extra):
+                 adapter: str | None, arrival: float, prompt_texts: list[str] | None = None, **extra):
     """Admits n sequences per prompt, all or none; returns (choices, streams). Maps refusals to HTTP errors."""
-    requests, choices = [], []
+    requests, choices, stop = [], [], _stop_strings(body)
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
             index = p * body.n + i
@@ -209,28 +211,34 @@ def _top_with(top: dict[int, float] | None, token: int, logprob: float | None) -
     return entries
 
 
-class _CompletionLogprobs:
-    """OpenAI's completions `logprobs` object for a run of tokens, with text offsets that go on across
-    a choice's chunks (each token's offset: the text before it, by its decoded piece, as vLLM counts)."""
+def _completion_logprobs(tokenizer, choice: Choice, outs: list[StepOutput], with_prompt: bool) -> dict:
+    """OpenAI's completions `logprobs` object for the echoed prompt (`with_prompt`) and then `outs`, with
+    text offsets that go on across a choice's chunks (each token's offset: the text before it, by its
+    decoded piece, as vLLM counts)."""
+    body: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.body: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    def add(self, choice: Choice, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        piece = self.tokenizer.decode([token])
-        self.body["tokens"].append(piece)
-        self.body["token_logprobs"].append(logprob)
+    def add(token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        piece = tokenizer.decode([token])
+        body["tokens"].append(piece)
+        body["token_logprobs"].append(logprob)
         alternatives = None if logprob is None else _top_with(top, token, logprob)
-        self.body["top_logprobs"].append(
-            None if alternatives is None else {self.tokenizer.decode([t]): lp for t, lp in alternatives.items()})
-        self.body["text_offset"].append(choice.text_offset)
+        body["top_logprobs"].append(
+            None if alternatives is None else {tokenizer.decode([t]): lp for t, lp in alternatives.items()})
+        body["text_offset"].append(choice.text_offset)
         choice.text_offset += len(piece)
 
-    def add_prompt(self, choice: Choice) -> None:
+    if with_prompt:
         entries = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
         for token, entry in zip(choice.prompt_ids, entries, strict=False):
-            self.add(choice, token, None if entry is None else entry[0], None if entry is None else entry[1])
+            add(token, None if entry is None else entry[0], None if entry is None else entry[1])
+    for out in outs:
+        add(out.token, out.logprob, out.top_logprobs)
+    return body
+
+
+def _as_prompt_only(choice: Choice) -> None:
+    """max_tokens 0: the choice is its echoed prompt alone; the one token the engine made is dropped."""
+    choice.tokens, choice.finish_reason, choice.stop_reason = [], "length", None
 
 
 def _prompt_texts(state: ServerState, raw: list, prompts: list[list[int]]) -> list[str]:
@@ -264,9 +272,8 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
     max_tokens = 16 if body.max_tokens is None else max(1, body.max_tokens)
     for prompt in prompts:
         _check_length(state, prompt, max_tokens)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     want_prompt_logprobs = body.echo and body.logprobs is not None
-    choices, streams = await _start(state, prompts, body, max_tokens, adapter, stop, arrival,
+    choices, streams = await _start(state, prompts, body, max_tokens, adapter, arrival,
                                     _prompt_texts(state, raw, prompts) if body.echo else None,
                                     logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
     response_id, created = new_id("cmpl"), now()
@@ -275,31 +282,25 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
         """A token's text and logprobs; a choice's first also carries the echoed prompt."""
         delta = _record(choice, out)
         if only_prompt:
-            choice.tokens, delta, choice.finish_reason, choice.stop_reason = [], "", "length", None
-        logprobs = _CompletionLogprobs(state.tokenizer) if body.logprobs is not None else None
-        if first and body.echo:
-            delta = choice.prompt_text + delta
-            if logprobs:
-                logprobs.add_prompt(choice)
-        if logprobs and not only_prompt:
-            logprobs.add(choice, out.token, out.logprob, out.top_logprobs)
-        return delta, logprobs.body if logprobs else None
+            _as_prompt_only(choice)
+            delta = ""
+        echo = first and body.echo
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _completion_logprobs(state.tokenizer, choice, choice.tokens[-1:], echo)
+        return (choice.prompt_text if echo else "") + delta, logprobs
 
     if not body.stream:
         await _collect(request, choices, streams)
         payload_choices = []
         for c in choices:
             if only_prompt:
-                c.tokens, c.finish_reason, c.stop_reason = [], "length", None
+                _as_prompt_only(c)
             text = (c.prompt_text if body.echo else "") + ("" if only_prompt else c.tracker.full_text())
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _CompletionLogprobs(state.tokenizer)
-                if body.echo:
-                    logprobs.add_prompt(c)
-                for out in c.tokens:
-                    logprobs.add(c, out.token, out.logprob, out.top_logprobs)
-            payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs and logprobs.body,
+                logprobs = _completion_logprobs(state.tokenizer, c, c.tokens, body.echo)
+            payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                              "choices": payload_choices, "usage": _usage(choices, prompts)})
@@ -364,9 +365,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     if max_tokens is None:  # as vLLM: whatever the context leaves
         max_tokens = max(1, state.max_model_len - len(prompt))
     _check_length(state, prompt, max_tokens)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top = body.top_logprobs if body.logprobs else None
-    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, stop, arrival,
+    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, arrival,
                                     logprobs=(top or 0) if body.logprobs else None)
     response_id, created = new_id("chatcmpl"), now()
     if not body.stream:
