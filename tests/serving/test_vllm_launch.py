@@ -78,7 +78,7 @@ def test_serve_flags_map_to_vllm_and_max_lora_rank_is_the_largest_rank_rounded_u
     launch = _launch(folders, {"hetero": folders["hetero"]}, host="0.0.0.0", port=9001, api_key="k", max_loras=3,
                      max_num_seqs=7, max_num_batched_tokens=99, max_model_len=128, dtype="float32")
     argv = launch.argv
-    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.launchers.api_server.entry"]
     expected = {"--model": str(folders["model"]), "--served-model-name": "tiny-llama", "--host": "0.0.0.0",
                 "--port": "9001", "--api-key": "k", "--max-loras": "3", "--max-num-seqs": "7",
                 "--max-num-batched-tokens": "99", "--max-model-len": "128", "--dtype": "float32",
@@ -93,6 +93,11 @@ def test_serve_flags_map_to_vllm_and_max_lora_rank_is_the_largest_rank_rounded_u
     reference = json.loads(reference.read_text())
     assert exported == reference
     assert launch.model_names == ["tiny-llama", "hetero"]
+
+
+def test_releases_before_the_launchers_module_get_their_own_server_module(folders):
+    old = build_launch(ServeOptions(str(folders["model"])), VLLMInstall("/opt/vllm/bin/python", "0.11.0", False, False))
+    assert old.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
 
 
 def test_base_model_alone_starts_vllm_without_lora(folders):
@@ -207,7 +212,7 @@ def _fake_vllm_python(folder: Path, plugin: bool) -> Path:
     """A stand-in for vLLM's python: answers the install probe and records how it was exec'd."""
     script = folder / "python"
     script.write_text("#!/bin/sh\n"
-                      f"if [ \"$1\" = -c ]; then echo '{{\"vllm\": true, \"version\": \"0.32.0\", "
+                      f"if [ \"$1\" = -c ]; then echo '{{\"vllm\": true, \"version\": \"0.32.0\", \"launcher\": true, "
                       f"\"plugin\": {str(plugin).lower()}}}'; exit 0; fi\n"
                       f"printf '%s\\n' \"$@\" > {folder}/argv\n")
     script.chmod(0o755)
@@ -225,7 +230,7 @@ def test_cli_execs_vllm_server_with_the_built_command(folders, tmp_path):
                   "--port", "8123", env={"ALPHALORA_VLLM_PYTHON": str(fake), "ALPHALORA_CACHE": str(tmp_path / "c")})
     assert result.returncode == 0, result.stderr
     argv = (tmp_path / "argv").read_text().split("\n")
-    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[:2] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
     assert _value(argv, "--port") == "8123" and json.loads(_value(argv, "--lora-modules"))["name"] == "hetero"
 
 
