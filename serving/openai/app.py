@@ -8,13 +8,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alphalora.adapters.inject import AdapterError
 
 from . import completions
-from .metrics import render_metrics
+from .metrics import metrics_registry, render_metrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -130,9 +130,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         return PlainTextResponse("")
 
+    registry = metrics_registry(state.engine)
+
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(state.engine), media_type="text/plain; version=0.0.4")
+        body, content_type = render_metrics(registry)
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -1,53 +1,64 @@
-"""Prometheus text for /metrics: queue sizes, token counters, TTFT/TPOT histograms, requests per adapter."""
+"""/metrics in Prometheus' text format: queue sizes, token counters, TTFT/TPOT histograms, requests per adapter.
+
+The engine keeps plain counters (it knows nothing of HTTP); this collector turns them into metric families
+at scrape time, and `prometheus_client` writes the text, escaping label values (adapter names are the
+user's) as the format requires.
+"""
 
 from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from alphalora.serving.engine.async_engine import AsyncEngine, Histogram
 
 
-def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    for bound, count in zip(histogram.bounds, histogram.buckets, strict=True):
-        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-    lines += [f'{name}_bucket{{le="+Inf"}} {histogram.count}', f"{name}_sum {histogram.total}",
-              f"{name}_count {histogram.count}"]
-    return lines
+def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [(repr(float(bound)), count) for bound, count in zip(histogram.bounds, histogram.buckets, strict=True)]
+    return HistogramMetricFamily(name, help_text, buckets=[*buckets, ("+Inf", histogram.count)],
+                                 sum_value=histogram.total)
 
 
-def render_metrics(engine: AsyncEngine) -> str:
-    stats = engine.stats
-    blocks = engine.engine.blocks
-    lines = [
-        "# HELP alphalora_num_requests_running Sequences in the running batch.",
-        "# TYPE alphalora_num_requests_running gauge",
-        f"alphalora_num_requests_running {engine.num_running}",
-        "# HELP alphalora_num_requests_waiting Sequences waiting for admission.",
-        "# TYPE alphalora_num_requests_waiting gauge",
-        f"alphalora_num_requests_waiting {engine.num_waiting}",
-        "# HELP alphalora_prompt_tokens_total Prompt tokens admitted.",
-        "# TYPE alphalora_prompt_tokens_total counter",
-        f"alphalora_prompt_tokens_total {stats.prompt_tokens_total}",
-        "# HELP alphalora_generation_tokens_total Tokens generated.",
-        "# TYPE alphalora_generation_tokens_total counter",
-        f"alphalora_generation_tokens_total {stats.generation_tokens_total}",
-        "# HELP alphalora_kv_cache_usage KV-cache blocks held by sequences, as a share of the pool (cached blocks "
-        "no sequence holds count as free).",
-        "# TYPE alphalora_kv_cache_usage gauge",
-        f"alphalora_kv_cache_usage {1 - blocks.num_free_blocks / blocks.num_blocks:.6f}",
-        "# HELP alphalora_prefix_cache_blocks KV-cache blocks registered in the prefix cache.",
-        "# TYPE alphalora_prefix_cache_blocks gauge",
-        f"alphalora_prefix_cache_blocks {blocks.num_cached_blocks}",
-        "# HELP alphalora_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
-        "# TYPE alphalora_prefix_cache_queries_total counter",
-        f"alphalora_prefix_cache_queries_total {engine.engine.scheduler.prefix_queried_tokens}",
-        "# HELP alphalora_prefix_cache_hits_total Prompt tokens served from the prefix cache.",
-        "# TYPE alphalora_prefix_cache_hits_total counter",
-        f"alphalora_prefix_cache_hits_total {engine.engine.scheduler.prefix_hit_tokens}",
-        "# HELP alphalora_requests_total Sequences admitted, by adapter.",
-        "# TYPE alphalora_requests_total counter",
-    ]
-    lines += [f'alphalora_requests_total{{adapter="{name}"}} {count}'
-              for name, count in sorted(stats.requests_by_adapter.items())]
-    lines += _histogram("alphalora_time_to_first_token_seconds", "Time to first token.", stats.ttft_seconds)
-    lines += _histogram("alphalora_time_per_output_token_seconds", "Time between output tokens.", stats.tpot_seconds)
-    return "\n".join(lines) + "\n"
+class EngineCollector:
+    """Reads an AsyncEngine's counters when Prometheus scrapes."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    def collect(self):
+        engine, stats = self.engine, self.engine.stats
+        blocks, scheduler = engine.engine.blocks, engine.engine.scheduler
+        yield GaugeMetricFamily("alphalora_num_requests_running", "Sequences in the running batch.",
+                                value=engine.num_running)
+        yield GaugeMetricFamily("alphalora_num_requests_waiting", "Sequences waiting for admission.",
+                                value=engine.num_waiting)
+        yield CounterMetricFamily("alphalora_prompt_tokens", "Prompt tokens admitted.", value=stats.prompt_tokens_total)
+        yield CounterMetricFamily("alphalora_generation_tokens", "Tokens generated.",
+                                  value=stats.generation_tokens_total)
+        yield GaugeMetricFamily("alphalora_kv_cache_usage", "KV-cache blocks held by sequences, as a share of the "
+                                "pool (cached blocks no sequence holds count as free).",
+                                value=1 - blocks.num_free_blocks / blocks.num_blocks)
+        yield GaugeMetricFamily("alphalora_prefix_cache_blocks", "KV-cache blocks registered in the prefix cache.",
+                                value=blocks.num_cached_blocks)
+        yield CounterMetricFamily("alphalora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=scheduler.prefix_queried_tokens)
+        yield CounterMetricFamily("alphalora_prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                  value=scheduler.prefix_hit_tokens)
+        requests = CounterMetricFamily("alphalora_requests", "Sequences admitted, by adapter.", labels=["adapter"])
+        for name, count in sorted(stats.requests_by_adapter.items()):
+            requests.add_metric([name], count)
+        yield requests
+        yield _histogram("alphalora_time_to_first_token_seconds", "Time to first token.", stats.ttft_seconds)
+        yield _histogram("alphalora_time_per_output_token_seconds", "Time between output tokens.", stats.tpot_seconds)
+
+
+def metrics_registry(engine: AsyncEngine) -> CollectorRegistry:
+    """A registry of this server's own (not the process-wide default one, so that several apps can coexist)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The scrape's body and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

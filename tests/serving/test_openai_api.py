@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -65,8 +64,8 @@ def test_a_repeated_prompt_prefix_is_served_from_the_cache_and_reported(served):
     """OpenAI's usage.prompt_tokens_details.cached_tokens and the Prometheus counters (block size 16:
     the 40-token prompt's first two blocks come from the first request's)."""
     client, _, _, _ = served
-    def cache_hits() -> int:
-        return int(re.search(r"^alphalora_prefix_cache_hits_total (\d+)$", client.get("/metrics").text, re.M)[1])
+    def cache_hits() -> float:
+        return _metric_samples(client)["alphalora_prefix_cache_hits_total"]
 
     hits_before = cache_hits()
     prompt = [3 + (7 * i) % 30 for i in range(40)]  # the tiny tokenizer's 34 ids
@@ -76,13 +75,21 @@ def test_a_repeated_prompt_prefix_is_served_from_the_cache_and_reported(served):
     assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
     assert cache_hits() == hits_before + 32
-    metrics = client.get("/metrics").text
-    assert "# TYPE alphalora_prefix_cache_queries_total counter" in metrics
+    assert "# TYPE alphalora_prefix_cache_queries_total counter" in client.get("/metrics").text
+    metrics = _metric_samples(client)
     # Nothing runs now: no block is held. The first prompt's two full blocks of 16 stay cached (its third
     # never filled: 40 tokens and one decoded), and the second prompt shares them (its own 4 new tokens
     # and one decoded fill none).
-    assert re.search(r"^alphalora_kv_cache_usage 0\.000000$", metrics, re.M)
-    assert int(re.search(r"^alphalora_prefix_cache_blocks (\d+)$", metrics, re.M)[1]) >= 2
+    assert metrics["alphalora_kv_cache_usage"] == 0
+    assert metrics["alphalora_prefix_cache_blocks"] >= 2
+
+
+def _metric_samples(client) -> dict[str, float]:
+    """/metrics read by Prometheus' own parser: each unlabelled sample's value by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
 
 
 def _hf_greedy_from_dir(model_dir, prompt, n, adapter):
@@ -209,6 +216,30 @@ def test_tokenize_detokenize_and_metrics(served):
     metrics = client.get("/metrics").text
     assert "alphalora_generation_tokens_total" in metrics and 'alphalora_requests_total{adapter="moe"}' in metrics
     assert "alphalora_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_metrics_parse_with_prometheus_own_parser_whatever_the_adapter_names(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, _, adapters = served
+    name = 'team "a"\\eval'  # a quote and a backslash: label values the text format must escape
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters / "spare")}
+                       ).status_code == 200
+    before = client.post("/tokenize", json={"prompt": "the cat"}).json()["count"]
+    assert client.post("/v1/completions", json={"model": name, "prompt": "the cat", "max_tokens": 3, "n": 2,
+                                                "ignore_eos": True}).status_code == 200
+    client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    requests = {sample.labels["adapter"]: sample.value for sample in families["alphalora_requests"].samples
+                if sample.name == "alphalora_requests_total"}
+    assert requests[name] == 2  # two sequences (n=2)
+    prompt = next(s.value for s in families["alphalora_prompt_tokens"].samples)
+    assert prompt >= 2 * before
+    ttft = {s.labels.get("le"): s.value for s in families["alphalora_time_to_first_token_seconds"].samples
+            if s.name.endswith("_bucket")}
+    assert ttft["+Inf"] >= 2 and sorted(ttft.values()) == list(ttft.values())  # cumulative buckets
 
 
 def test_api_key(tmp_path):
