@@ -57,7 +57,7 @@ __global__ void router_gates_kernel(const T* __restrict__ hidden, int64_t h_row,
     __syncwarp();
   }
   for (int e = lane; e < experts; e += 32) {
-    const float g = gate[e] / total;
+    const float g = taken[e] != 0.0f ? gate[e] / total : 0.0f;  // 0 off the top-k even where total is NaN
     gates[t * experts + e] = g;
     gate[e] = g * scaling;
   }

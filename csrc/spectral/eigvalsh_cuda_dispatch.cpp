@@ -7,6 +7,7 @@
 // Grams come from the caller's stream: the worker streams wait for it, and it waits for them.
 // ALPHALORA_EIGH_STREAMS sets the number of streams (1: ATen's own loop).
 #include <ATen/ATen.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -65,10 +66,12 @@ at::Tensor eigvalsh_batched_cuda(const at::Tensor& grams) {
   inputs_ready.record(caller);
   std::vector<StreamEvent> done(streams);
   std::vector<std::exception_ptr> errors(streams);
-  std::vector<std::thread> workers;
-  workers.reserve(streams);
-  for (int64_t worker = 0; worker < streams; ++worker) {
-    workers.emplace_back([&, worker] {
+  // The caller's thread-local state (grad and inference mode, the dispatch keys already handled):
+  // without it a worker would run as a fresh thread, outside the caller's inference_mode, say.
+  const at::ThreadLocalState caller_state;
+  const auto solve = [&](int64_t worker) {
+    try {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
       const c10::cuda::CUDAGuard guard(device);
       const c10::cuda::CUDAStream stream = c10::cuda::getStreamFromPool(false, device);
       try {
@@ -79,10 +82,25 @@ at::Tensor eigvalsh_batched_cuda(const at::Tensor& grams) {
         errors[worker] = std::current_exception();
       }
       done[worker].record(stream);  // also after an error: the caller's stream must not outrun this one
-    });
+    } catch (...) {
+      if (!errors[worker]) errors[worker] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> workers;
+  workers.reserve(streams);
+  // The caller's stream waits for every worker's, also on the way out with an error: `values`, written
+  // there, is freed on the caller's stream.
+  const auto finish = [&] {
+    for (std::thread& thread : workers) thread.join();
+    for (size_t worker = 0; worker < workers.size(); ++worker) done[worker].block(caller);
+  };
+  try {
+    for (int64_t worker = 0; worker < streams; ++worker) workers.emplace_back(solve, worker);
+  } catch (...) {  // a thread that could not start: wait for those that did, then report it
+    finish();
+    throw;
   }
-  for (std::thread& thread : workers) thread.join();
-  for (const StreamEvent& event : done) event.block(caller);
+  finish();
   for (const std::exception_ptr& error : errors) {
     if (error) std::rethrow_exception(error);
   }

@@ -115,3 +115,15 @@ def test_cuda_router_gates_equal_the_cpu_kernel(dtype):
     got = ops.router_gates_backward(grad.cuda(), hidden.cuda(), gates.cuda(), extra.cuda(), 1.5)
     tol = 2e-2 if dtype.itemsize == 2 else 1e-5
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+@requires_cuda
+def test_cuda_router_gates_keep_zeros_off_the_top_k_where_a_row_is_not_finite():
+    """A +inf logit, a row of -inf, a row of NaN: the chosen gates are NaN on both devices (the layer's
+    output is NaN either way), and the experts not chosen stay at 0, as on the CPU."""
+    hidden, logits = _inputs(tokens=4, experts=6, rank=2, dtype=torch.float32)
+    logits = logits.contiguous()
+    logits[0, 3], logits[1], logits[2] = float("inf"), float("-inf"), float("nan")
+    for device_out, cpu_out in zip(ops.router_gates(hidden.cuda(), logits.cuda(), 2, 1.0),
+                                   ops.router_gates(hidden, logits, 2, 1.0), strict=True):
+        torch.testing.assert_close(device_out.cpu(), cpu_out, equal_nan=True, rtol=1e-6, atol=1e-6)

@@ -188,6 +188,22 @@ def test_eigvalsh_batched_cuda_matches_cpu(streams, monkeypatch):
 
 
 @requires_cuda
+def test_eigvalsh_batched_cuda_workers_run_in_the_callers_grad_mode():
+    """The worker threads take the caller's thread-local state: under inference_mode (where a fresh
+    thread could not write the inference tensor out), and with Grams that require grad under no_grad."""
+    w = torch.randn(6, 50, 30, dtype=torch.float64, device="cuda")
+    grams = w.transpose(1, 2) @ w
+    want = torch.linalg.eigvalsh(grams)
+    with torch.inference_mode():
+        got = ops.eigvalsh_batched(grams.clone())
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        got = ops.eigvalsh_batched(grams.clone().requires_grad_())
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want)
+
+
+@requires_cuda
 def test_eigvalsh_batched_cuda_refuses_a_bad_stream_count(monkeypatch):
     monkeypatch.setenv("ALPHALORA_EIGH_STREAMS", "0")
     grams = torch.eye(8, dtype=torch.float64, device="cuda").expand(2, 8, 8).contiguous()
