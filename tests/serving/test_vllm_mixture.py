@@ -46,11 +46,10 @@ def adapter(tmp_path_factory):
     return read_adapter_config(folder), load_file(str(folder / "adapter_model.safetensors")), model
 
 
-def _mixtures(adapter, tp: int, rank: int, all_reduce=None):
+def _mixtures(adapter, tp: int, rank: int, all_reduce=None, dtype=torch.float32):
     config, tensors, _ = adapter
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    built = build_mixtures(config["module_names"], shapes, config["plan"], _linears(tp, rank), torch.float32,
-                           all_reduce)
+    built = build_mixtures(config["module_names"], shapes, config["plan"], _linears(tp, rank), dtype, all_reduce)
     for mixture in built.values():
         for spec, module in zip(mixture.specs, mixture.mixtures, strict=True):
             module.load(spec, tensors[f"{spec.name}.lora_A"], tensors[f"{spec.name}.lora_B"],
@@ -99,3 +98,35 @@ def test_forward_hook_adds_the_delta_to_a_linear_that_returns_output_and_bias(ad
     out, bias = built.hook(None, (x,), (base, None))
     torch.testing.assert_close(out, base + _native_delta(model, "self_attn.o_proj", x))
     assert bias is None
+
+
+def _close_at_bfloat16_scale(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bfloat16 keeps 8 significant bits: allow 2^-6 of the largest delta (a routing choice that differed
+    would be off by the size of an expert's whole contribution)."""
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2 ** -6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bfloat16_mixtures_equal_the_training_layer_to_bfloat16_rounding(adapter, tp):
+    """vLLM serves in bfloat16 on GPUs: the plugin's deltas with bfloat16 weights, router logits and (across
+    ranks) partial sums, gates in float32, against the training layer in float32 on the same inputs."""
+    model = adapter[2]
+    x = torch.randn(16, HIDDEN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x_inter = torch.randn(16, INTER, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for rank in range(tp):
+        built = _mixtures(adapter, tp, rank, dtype=torch.bfloat16)
+        q_rows = slice(rank * HEADS // tp * HEAD, (rank + 1) * HEADS // tp * HEAD)
+        q, k, v = (_native_delta(model, f"self_attn.{m}_proj", x.float()) for m in "qkv")
+        _close_at_bfloat16_scale(built["model.layers.0.self_attn.qkv_proj"].delta(x),
+                                 torch.cat([q[:, q_rows], k, v], dim=1))
+    for name, inputs in (("self_attn.o_proj", x), ("mlp.down_proj", x_inter)):
+        if tp == 1:
+            delta = _mixtures(adapter, 1, 0, dtype=torch.bfloat16)[f"model.layers.0.{name}"].delta(inputs)
+        else:  # each rank's bfloat16 partials summed in bfloat16, as vLLM's all-reduce does
+            halves = inputs.chunk(2, dim=1)
+            other = _mixtures(adapter, 2, 1, dtype=torch.bfloat16)[f"model.layers.0.{name}"].mixtures[0]
+            built = _mixtures(adapter, 2, 0, all_reduce=lambda partials, o=other, h=halves[1]: partials + o.partials(h),
+                              dtype=torch.bfloat16)
+            delta = built[f"model.layers.0.{name}"].delta(halves[0])
+        _close_at_bfloat16_scale(delta, _native_delta(model, name, inputs.float()))
