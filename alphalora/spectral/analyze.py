@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alphalora._device import default_device
+from alphalora.model_source import model_folder
 
 from .eigenvalues import PRECISIONS, eigenvalues
 from .estimators import ESTIMATORS, fit_spectra
@@ -100,10 +101,10 @@ def analyze(
 ) -> SpectralReport:
     """Fits a power law to the ESD of every weight matrix of a model and scores each layer.
 
-    `model_or_path` is a `transformers` model (or any `nn.Module`) or a Hugging Face model
-    folder, read tensor by tensor. The default estimator is AlphaLoRA's (`xmin_peak`); `ww`
-    reproduces WeightWatcher 0.7.7's `analyze()`. Layer scores are the `aggregation` of the
-    block's matrix alphas (AlphaLoRA: the mean).
+    `model_or_path` is a `transformers` model (or any `nn.Module`), a Hugging Face model folder
+    or a Hub id (`org/name`, fetched into the Hub cache), read tensor by tensor. The default
+    estimator is AlphaLoRA's (`xmin_peak`); `ww` reproduces WeightWatcher 0.7.7's `analyze()`.
+    Layer scores are the `aggregation` of the block's matrix alphas (AlphaLoRA: the mean).
 
     `precision` is that of the Gram matrices and their eigensolve. An fp32 eigenvalue is off by
     up to M * eps32 * lambda_max (M eigenvalues), so in fp32 the matrices whose fit reads
@@ -121,7 +122,7 @@ def analyze(
         entries = module_weights(model_or_path, include_embeddings)
     else:
         with _unreadable_weights_stop_the_analysis():
-            entries = checkpoint_weights(model_or_path, include_embeddings)
+            entries = checkpoint_weights(model_folder(model_or_path, WeightSourceError), include_embeddings)
     if not entries:
         hint = "" if include_embeddings else " (embeddings and LM head are left out unless include_embeddings)"
         raise AnalysisError(f"no 2-D weight matrices to analyse in {_model_name(model_or_path)}{hint}")

@@ -12,6 +12,7 @@ from alphalora._io import write_text_atomic
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan
+from alphalora.model_source import is_hub_id, model_folder
 
 from .data import (
     TASKS,
@@ -39,14 +40,16 @@ class TrainResult:
 def _load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(model_dir)
+    folder = model_folder(model_dir, DataError)
     if not (folder / "config.json").exists():
-        raise DataError(f"model folder {folder} has no config.json; pass a Hugging Face model folder")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+        raise DataError(f"model folder {folder} has no config.json; pass a Hugging Face model folder or Hub id")
+    # A Hub id is loaded by its id (now cached), so the model and the adapters trained on it carry that name
+    source = str(model_dir) if is_hub_id(model_dir) else folder
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from alphalora.model_source import default_served_name, model_folder
 from alphalora.serving.engine import Engine, EngineConfig
 from alphalora.serving.engine.async_engine import AsyncEngine
 
@@ -56,13 +57,13 @@ def make_state(model_dir: str | Path, adapters: dict[str, str], *, api_key: str 
     config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_loras=max_loras,
                           dtype=DTYPES[dtype], device=device, adapters=adapters,
                           max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching)
-    engine = Engine.from_pretrained(model_dir, config)
+    engine = Engine.from_pretrained(model_folder(model_dir), config)
     for name in adapters:  # refuse bad adapters at start-up, not on the first request
         engine.adapters.get(name)
     if template is not None:
         engine.tokenizer.chat_template = template
     return ServerState(engine=AsyncEngine(engine, background=engine_thread), tokenizer=engine.tokenizer,
-                       base_name=served_name or Path(model_dir).name, max_model_len=engine.max_model_len,
+                       base_name=served_name or default_served_name(model_dir), max_model_len=engine.max_model_len,
                        api_key=api_key, adapter_dir=Path(adapter_dir) if adapter_dir else None)
 
 
