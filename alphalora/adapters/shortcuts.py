@@ -64,7 +64,13 @@ class BlockLayout:
 
 
 def block_layout(block: nn.Module) -> BlockLayout:
-    """The sums of a Llama/Mistral/Qwen2/Gemma, GPT-2 or BERT/RoBERTa block."""
+    """The sums of a Llama/Mistral/Qwen2/Gemma, GPT-2 or BERT/RoBERTa block.
+
+    A term joins a sum at the last module before the residual add: a pre-LN decoder's output
+    projection (the module at that path, which is the LoRA wrapper where the projection is adapted,
+    so the term joins base plus LoRA output whatever kernel the wrapper runs), and GPT-2's and BERT's
+    residual dropout, so that the shortcut, a path beside the sub-block, is not dropped with it.
+    """
     def has(*path: str) -> bool:
         module = block
         for part in path:
@@ -73,17 +79,16 @@ def block_layout(block: nn.Module) -> BlockLayout:
                 return False
         return True
 
-    def get(path: str) -> nn.Module:
-        module = block.get_submodule(path)
-        return getattr(module, "base", module)  # a LoRA-wrapped projection: hook its base
-
+    # Gemma 2/3 normalise the sub-block outputs, OLMo 2 too (its post_attention_layernorm is applied to the
+    # attention output, not to h_l): neither has a sum of the pre-LN form below.
+    other_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     if has("self_attn", "o_proj") and has("mlp", "down_proj") and has("post_attention_layernorm") \
-            and not has("pre_feedforward_layernorm"):  # Gemma 2/3 normalise the sub-block outputs
-        return BlockLayout(get("self_attn.o_proj"), get("mlp.down_proj"), block.post_attention_layernorm)
-    if has("attn", "c_proj") and has("mlp", "c_proj") and has("ln_2"):
-        return BlockLayout(get("attn.c_proj"), get("mlp.c_proj"), block.ln_2)
-    if has("attention", "output", "dense") and has("output", "dense") and has("intermediate"):
-        return BlockLayout(get("attention.output.dense"), get("output.dense"), block.intermediate)
+            and not any(has(norm) for norm in other_norms):
+        return BlockLayout(block.self_attn.o_proj, block.mlp.down_proj, block.post_attention_layernorm)
+    if has("attn", "resid_dropout") and has("mlp", "dropout") and has("ln_2"):
+        return BlockLayout(block.attn.resid_dropout, block.mlp.dropout, block.ln_2)
+    if has("attention", "output", "dropout") and has("output", "dropout") and has("intermediate"):
+        return BlockLayout(block.attention.output.dropout, block.output.dropout, block.intermediate)
     raise ShortcutError(
         f"shortcut connections support Llama/Mistral/Qwen2/Gemma, GPT-2 and BERT/RoBERTa blocks, not "
         f"{type(block).__name__}; allocate without --shortcuts for this model"

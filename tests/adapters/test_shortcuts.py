@@ -80,9 +80,13 @@ def _llama_by_hand(model, ids, shortcuts):
     return model.lm_head(model.model.norm(x))
 
 
-def test_trained_shortcuts_add_exactly_the_documented_terms_in_a_pre_ln_llama():
+# LoRA on o and down too (HeteroLoRA's default, every role): the terms join the adapted projections' output,
+# base plus LoRA, whichever kernel the LoRA layer runs.
+@pytest.mark.parametrize("targets", [("q",), ("q", "o", "down")])
+def test_trained_shortcuts_add_exactly_the_documented_terms_in_a_pre_ln_llama(targets):
     model = build("llama")
-    state = inject_adapters(model, _plan(targets=("q",)))
+    state = inject_adapters(model, _plan(targets=targets))
+    _fill([model.get_submodule(name) for name in state.module_names], seed=5, std=0.05)
     _fill(state.shortcuts.values())
     ids = torch.randint(3, 100, (2, 9))
     with torch.no_grad():
@@ -118,6 +122,41 @@ def test_shortcut_adapters_save_and_reload_to_identical_outputs(tmp_path):
     assert torch.equal(_output(reloaded.eval(), ids), expected)
     with pytest.raises(AdapterError, match="shortcut connections"):
         export_peft(tmp_path / "adapter", tmp_path / "peft")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_shortcut_terms_join_the_residual_beside_the_sub_blocks_dropout(family):
+    """A shortcut is a path beside the sub-block: training's residual dropout drops the sub-block's output,
+    not the shortcut's term. With dropout 1 every sub-block output is dropped, so a block reduces to its
+    shortcut terms: GPT-2 (pre-LN) h = x + dW1 x, out = h + dW2 h; BERT (post-LN) h = LN1(x + dW1 x),
+    out = LN2(h + dW2 h)."""
+    dropout = {"resid_pdrop": 1.0} if family == "gpt2" else {"hidden_dropout_prob": 1.0}
+    model = build(family, **dropout).train()
+    state = inject_adapters(model, _plan(shortcuts={"layer0.residual1": 2, "layer0.residual2": 3},
+                                         targets=("o", "down") if family == "bert" else ("o",)))
+    _fill(state.shortcuts.values())
+    block = model.transformer.h[0] if family == "gpt2" else model.encoder.layer[0]
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    first, second = state.shortcuts["layer0.residual1"], state.shortcuts["layer0.residual2"]
+    with torch.no_grad():
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        if family == "gpt2":
+            h = x + first(x)
+            expected = h + second(h)
+        else:
+            h = block.attention.output.LayerNorm(x + first(x))
+            expected = block.output.LayerNorm(h + second(h))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_olmo2_blocks_which_normalise_the_sub_block_outputs_are_refused():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(AdapterError, match="without --shortcuts"):
+        inject_adapters(model, _plan())
 
 
 def test_a_block_layout_without_known_sums_is_refused_with_the_supported_families():

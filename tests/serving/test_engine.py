@@ -360,8 +360,9 @@ def test_heterolora_shortcut_connections_equal_generate_in_a_mixed_batch(adapter
     or FFN sum) served beside MoE-LoRA and plain requests: each equals generate with the adapter loaded
     by the training side, whose hooks are the independent implementation."""
     shortcuts = {"layer0.residual1": 2, "layer0.shortcut1": 3, "layer1.residual2": 2, "layer1.shortcut2": 4}
-    hetero = _adapter(tmp_path / "hetero", "llama", (1, 1), seed=17, targets=("q", "v"), rank_pattern={"v": 2},
-                      shortcuts=shortcuts, shortcut_alpha=6.0)
+    # LoRA on o and down as well: the shortcut terms join those projections' adapted outputs
+    hetero = _adapter(tmp_path / "hetero", "llama", (1, 1), seed=17, targets=("q", "v", "o", "down"),
+                      rank_pattern={"v": 2}, shortcuts=shortcuts, shortcut_alpha=6.0)
     only_shortcuts = _adapter(tmp_path / "only", "llama", (1, 1), seed=18, targets=("q",),
                               shortcuts={"layer1.shortcut1": 2})
     served = {"hetero": hetero, "only": only_shortcuts, "moe_a": adapters["moe_a"]}
