@@ -148,7 +148,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _allocate_hetero(args: argparse.Namespace) -> int:
-    from alphalora.allocation import AllocationError, allocate
+    from alphalora.allocation import AllocationError, PlanFormatError, RouterSettings, allocate
     from alphalora.allocation.plots import hetero_ranks, plot_allocation
 
     missing = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--budget", args.budget))
@@ -157,16 +157,20 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
         raise CliError(f"--method hetero needs {', '.join(missing)} (a model folder, training data to score on, and "
                        "a budget in trainable parameters)")
     try:
-        plan = allocate(
+        plan = allocate(  # the other methods' options go along too, so that allocate refuses them, not ignores them
+            args.report, alphas=_float_list(args.alphas) if args.alphas else None, preset=args.preset,
+            beta=args.beta, rounding=args.rounding, max_experts=args.max_experts, top_k=args.top_k,
+            num_layers=args.num_layers, base_model=args.base_model, rank=args.rank,
+            router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
             method="hetero", model_dir=args.model, data=args.data, proxy=args.proxy, budget=args.budget,
             task=args.task, ranks=_int_list(args.ranks, "--ranks"), shortcuts=args.shortcuts, pools=args.pools,
             shortcut_share=args.shortcut_share, dynamic_every=args.dynamic_every, proxy_batches=args.proxy_batches,
             proxy_batch_size=args.proxy_batch_size, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            shortcut_alpha=args.shortcut_alpha, max_length=args.max_length, seed=args.seed,
+            shortcut_alpha=args.shortcut_alpha, max_length=args.max_length, truncate=args.truncate, seed=args.seed,
             target_modules=args.target_modules.split(",") if args.target_modules else None,
             progress=not args.no_progress,
         )
-    except AllocationError as error:
+    except (AllocationError, PlanFormatError) as error:
         raise CliError(str(error)) from error
     source, ranks = plan.source, hetero_ranks(plan)
     on = {name: r for name, r in ranks.items() if r}
@@ -185,7 +189,7 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
-    from alphalora.allocation import PlanFormatError
+    from alphalora.allocation import AllocationError, PlanFormatError
     from alphalora.training import CheckpointError, DataError, train
 
     if args.no_progress:  # transformers' own bars too (loading weights, writing shards)
@@ -202,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
             truncate=args.truncate,
         )
-    except (DataError, PlanFormatError, AdapterError, CheckpointError) as error:
+    except (DataError, PlanFormatError, AdapterError, CheckpointError, AllocationError) as error:
         raise CliError(str(error)) from error
     if not result.main_process:  # another process of a distributed run: the main one reports
         return 0
@@ -409,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     hetero.add_argument("--proxy-batch-size", type=int, default=8, help="examples per proxy minibatch")
     hetero.add_argument("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
     hetero.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
+    hetero.add_argument("--truncate", action="store_true",
+                        help="cut longer examples to --max-length instead of refusing them (as `alphalora train "
+                        "--truncate`)")
     hetero.add_argument("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
     hetero.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     allocate.add_argument("--out", default="plan.json", help="plan JSON to write")

@@ -18,6 +18,22 @@ from .expert_counts import (
 from .plan import DEFAULT_TARGET_MODULES, METHODS, Plan, RouterSettings
 
 DEFAULT_EXPERT_BUDGET = 160  # AlphaLoRA's T: 5 experts a layer on average over 32 layers (MoLA's 2468)
+MOE_METHODS = "alphalora, mola and uniform"
+# Options hetero allocation does not read: their defaults, and what to pass instead
+_NOT_HETERO = {
+    "report": (None, f"--report (report) gives {MOE_METHODS} their layer alphas; hetero scores --model "
+                     "itself (--proxy alpha reads its weight spectra)"),
+    "alphas": (None, f"--alphas (alphas) applies to {MOE_METHODS}; hetero scores --model itself"),
+    "preset": (None, "--preset (preset) applies to mola"),
+    "beta": (2.5, "--beta (beta) applies to alphalora"),
+    "rounding": ("largest-remainder", "--rounding (rounding) applies to alphalora"),
+    "top_k": (2, f"--top-k (top_k) applies to {MOE_METHODS}; hetero plans have one expert per module"),
+    "num_layers": (None, "--num-layers (num_layers) applies to mola and uniform; hetero reads the layers of --model"),
+    "base_model": (None, f"--base-model (base_model) applies to {MOE_METHODS}; hetero records --model (model_dir)"),
+    "rank": (8, f"--rank (rank) applies to {MOE_METHODS}; for hetero pass --ranks (ranks=[...])"),
+    "router": (None, f"--router and --aux-loss-coef (router) apply to {MOE_METHODS}; hetero plans have one expert "
+                     "per module and no router"),
+}
 
 
 def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[float] | None):
@@ -68,7 +84,8 @@ def allocate(
     - ``uniform``: ``budget`` (default 160) spread evenly.
     - ``hetero``: HeteroLoRA; ``budget`` is trainable parameters (required), and the keyword arguments of
       `alphalora.allocation.hetero.allocate_hetero` (``model_dir``, ``data``, ``proxy``, ``ranks``,
-      ``shortcuts``, ``dynamic_every``, ...) are passed through.
+      ``shortcuts``, ``dynamic_every``, ...) are passed through; the other methods' options (``report``,
+      ``rank``, ``top_k``, ``router``, ...) are refused rather than ignored.
     ``max_experts`` caps each layer's count for ``alphalora`` with largest-remainder rounding, and
     is refused elsewhere. The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
@@ -83,6 +100,13 @@ def allocate(
     if method == "hetero":
         from .hetero import allocate_hetero
 
+        given = dict(report=report, alphas=alphas, preset=preset, beta=beta, rounding=rounding, top_k=top_k,
+                     num_layers=num_layers, base_model=base_model, rank=rank,
+                     router=None if router == RouterSettings() else router)
+        ignored = [why for name, (default, why) in _NOT_HETERO.items()
+                   if (given[name] is not None if default is None else given[name] != default)]
+        if ignored:
+            raise AllocationError("; ".join(ignored))
         if "model_dir" not in hetero or "data" not in hetero:
             raise AllocationError("hetero allocation scores modules on a model and data: pass model_dir and data")
         return allocate_hetero(hetero.pop("model_dir"), hetero.pop("data"), budget=budget, lora_alpha=lora_alpha,

@@ -16,6 +16,7 @@ ROUTER_TYPES = ("per_module", "shared")
 SHORTCUT_KINDS = ("residual1", "residual2", "shortcut1", "shortcut2")
 PROXY_NAMES = ("constant", "grad-norm", "snip", "synflow", "fisher", "alpha")
 POOLS = ("joint", "separate")
+UNCHANGING_PROXIES = ("constant", "alpha")  # the same scores every round: nothing for dynamic re-selection to do
 
 
 def shortcut_name(layer: int, kind: str) -> str:
@@ -35,6 +36,19 @@ def all_shortcut_names(num_layers: int) -> list[str]:
     """Every shortcut candidate of a model with `num_layers` blocks (4L - 1 of them)."""
     return [shortcut_name(layer, kind) for layer in range(num_layers) for kind in SHORTCUT_KINDS
             if not (layer == 0 and kind == "shortcut2")]
+
+
+def _number(value: Any) -> bool:
+    """An int or float that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value: Any) -> bool:
+    return _number(value) and value > 0
 
 
 class PlanFormatError(ValueError):
@@ -126,26 +140,26 @@ class Plan:
         if self.method not in METHODS:
             fail(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         counts, top_k = self.experts_per_layer, self.top_k_per_layer
-        if not isinstance(counts, list) or not counts or not all(isinstance(n, int) and n >= 1 for n in counts):
+        if not isinstance(counts, list) or not counts or not all(_positive_int(n) for n in counts):
             fail(f"experts_per_layer must be a non-empty list of integers >= 1, got {counts!r}")
         if not isinstance(top_k, list) or len(top_k) != len(counts):
             fail(f"top_k_per_layer must have one entry per layer ({len(counts)}), got {top_k!r}")
         for layer, (n, k) in enumerate(zip(counts, top_k, strict=True)):
-            if not isinstance(k, int) or not 1 <= k <= n:
+            if not _positive_int(k) or not k <= n:
                 fail(f"layer {layer}: top_k {k!r} must be between 1 and its {n} experts")
         shortcuts_only = self.method == "hetero" and bool(self.shortcuts)
         if not isinstance(self.target_modules, list) or not all(isinstance(t, str) and t for t in self.target_modules) \
                 or not (self.target_modules or shortcuts_only):
             fail(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not _positive_int(self.rank):
             fail(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.rank_pattern, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in self.rank_pattern.items()
+            isinstance(k, str) and _positive_int(v) for k, v in self.rank_pattern.items()
         ):
             fail(f"rank_pattern must map module roles/names to positive integers, got {self.rank_pattern!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if not _positive_number(self.lora_alpha):
             fail(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+        if not _number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.router.type not in ROUTER_TYPES:
             fail(f"router.type {self.router.type!r} is not one of {', '.join(ROUTER_TYPES)}")
@@ -157,31 +171,59 @@ class Plan:
         self._validate_hetero(fail)
 
     def _validate_hetero(self, fail) -> None:
+        if not isinstance(self.shortcuts, dict):
+            fail(f'shortcuts must map shortcut names to ranks, e.g. {{"layer1.residual1": 8}}, got {self.shortcuts!r}')
+        if self.shortcuts and self.method != "hetero":
+            fail(f"shortcuts are HeteroLoRA's: a plan with method {self.method} cannot have them; remove shortcuts, "
+                 "or allocate with --method hetero --shortcuts")
         for name, rank in self.shortcuts.items():
-            parsed = parse_shortcut(name)
+            parsed = parse_shortcut(name) if isinstance(name, str) else None
             if parsed is None:
                 fail(f"shortcut {name!r} must be layer<N>.<kind> with kind one of {', '.join(SHORTCUT_KINDS)}")
             layer, kind = parsed
             if layer >= self.num_layers or (kind == "shortcut2" and layer == 0):
                 fail(f"shortcut {name!r} does not exist in a {self.num_layers}-layer model")
-            if not isinstance(rank, int) or rank < 1:
+            if not _positive_int(rank):
                 fail(f"shortcut {name!r}: rank must be a positive integer, got {rank!r}")
-        if not isinstance(self.shortcut_alpha, (int, float)) or self.shortcut_alpha <= 0:
+        if not _positive_number(self.shortcut_alpha):
             fail(f"shortcut_alpha must be positive, got {self.shortcut_alpha!r}")
         if not isinstance(self.disabled_modules, list) or not all(isinstance(n, str) for n in self.disabled_modules):
             fail(f"disabled_modules must be a list of module names, got {self.disabled_modules!r}")
+        repeated = sorted({n for n in self.disabled_modules if self.disabled_modules.count(n) > 1})
+        if repeated:
+            fail(f"disabled_modules lists {repeated} more than once; list each module once")
+        if self.reallocation is not None:
+            self._validate_reallocation(fail)
+
+    def _validate_reallocation(self, fail) -> None:
         dynamic = self.reallocation
-        if dynamic is not None:
-            if not isinstance(dynamic.every, int) or dynamic.every < 1:
-                fail(f"reallocation.every must be a positive number of steps, got {dynamic.every!r}")
-            if dynamic.proxy not in PROXY_NAMES:
-                fail(f"reallocation.proxy {dynamic.proxy!r} is not one of {', '.join(PROXY_NAMES)}")
-            if dynamic.pools not in POOLS:
-                fail(f"reallocation.pools {dynamic.pools!r} is not one of {', '.join(POOLS)}")
-            if not isinstance(dynamic.budget, int) or dynamic.budget < 1:
-                fail(f"reallocation.budget must be a positive parameter count, got {dynamic.budget!r}")
-            if dynamic.batches < 1 or dynamic.batch_size < 1:
-                fail("reallocation.batches and reallocation.batch_size must be >= 1")
+        if self.method != "hetero" or any(n != 1 for n in self.experts_per_layer):
+            fail(f"reallocation (dynamic HeteroLoRA) switches plain LoRA modules on and off: it needs method hetero "
+                 f"and one expert per layer, not method {self.method} with experts_per_layer "
+                 f"{self.experts_per_layer}; remove reallocation, or allocate with --method hetero --dynamic-every")
+        if self.rank_pattern or any(rank != self.rank for rank in self.shortcuts.values()):
+            fail(f"reallocation re-selects every candidate at the plan's rank {self.rank}: rank_pattern must be empty "
+                 "and every shortcut at that rank (allocate with --dynamic-every and a single --ranks value)")
+        wanted = {"every": "a positive number of steps", "budget": "a positive parameter count",
+                  "batches": "a positive number of minibatches", "batch_size": "a positive number of examples"}
+        for name, what in wanted.items():
+            value = getattr(dynamic, name)
+            if not _positive_int(value):
+                fail(f"reallocation.{name} must be {what}, got {value!r}")
+        if dynamic.proxy not in PROXY_NAMES:
+            fail(f"reallocation.proxy {dynamic.proxy!r} is not one of {', '.join(PROXY_NAMES)}")
+        if dynamic.proxy in UNCHANGING_PROXIES:
+            fail(f"reallocation.proxy {dynamic.proxy!r} scores every round the same, so re-selecting never changes "
+                 f"the selection; use one of {', '.join(p for p in PROXY_NAMES if p not in UNCHANGING_PROXIES)}, or "
+                 "remove reallocation for a static plan")
+        if dynamic.pools not in POOLS:
+            fail(f"reallocation.pools {dynamic.pools!r} is not one of {', '.join(POOLS)}")
+        share = dynamic.shortcut_share
+        if share is not None and not (_number(share) and 0 <= share <= 1):
+            fail(f"reallocation.shortcut_share must be a number between 0 and 1 (or null: the shortcuts' share of "
+                 f"all candidates), got {share!r}")
+        if isinstance(dynamic.seed, bool) or not isinstance(dynamic.seed, int):
+            fail(f"reallocation.seed must be an integer, got {dynamic.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}

@@ -165,6 +165,7 @@ def train(
         plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
     set_seed(seed)  # adapter initialisation is part of the run: the same seed, the same adapter
     inject_adapters(model, plan)  # raises AdapterError if the plan does not fit this model
+    reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
 
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
@@ -179,7 +180,6 @@ def train(
         ddp_find_unused_parameters=_has_idle_adapters(model, plan), **_checkpointing_argument(gradient_checkpointing),
     )
     all_callbacks = list(callbacks or [])
-    reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
     if reallocation is not None:
         all_callbacks.append(reallocation)
     trainer = MoELoRATrainer(
@@ -260,15 +260,26 @@ def _has_idle_adapters(model, plan: Plan) -> bool:
 
 
 def _reallocation_callback(model, plan: Plan, examples, pad_id):
-    """Dynamic HeteroLoRA's callback when the plan asks for it; the proxy data is checked here, before training."""
+    """Dynamic HeteroLoRA's callback when the plan asks for it. Its budget, rank and pools are checked
+    against this model's candidates, and the proxy data against `examples`, here, before training."""
     settings = plan.reallocation
     if settings is None:
         return None
-    from alphalora.allocation.hetero import first_minibatches
+    from alphalora.allocation import AllocationError
+    from alphalora.allocation.hetero import candidates_of, first_minibatches, select
 
     from .reallocation import ReallocationCallback
 
-    batches = first_minibatches(examples, pad_id, settings.batches, settings.batch_size, settings.proxy)
+    candidates = candidates_of(model)
+    try:  # a selection on equal scores runs every round's checks: rank (check_ranks), budget, pool split
+        select(candidates, dict.fromkeys((c.name for c in candidates), 1.0), settings.budget, [plan.rank],
+               pools=settings.pools, shortcut_share=settings.shortcut_share, seed=settings.seed)
+    except AllocationError as error:
+        raise AllocationError(f"the plan's dynamic reallocation does not fit this model: {error}; for this plan, "
+                              "re-allocate on this model or edit the plan's rank and reallocation fields") from error
+    batches = first_minibatches(examples, pad_id, settings.batches, settings.batch_size, settings.proxy,
+                                fix="re-allocate with fewer --proxy-batches or a smaller --proxy-batch-size, lower "
+                                "the plan's reallocation.batches or reallocation.batch_size, or train on more data")
     return ReallocationCallback(model, settings, batches, plan.rank)
 
 

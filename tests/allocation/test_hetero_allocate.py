@@ -10,7 +10,7 @@ import torch
 import alphalora
 from alphalora.adapters.io import CONFIG_NAME, load_adapter
 from alphalora.adapters.peft_export import export_peft
-from alphalora.allocation import AllocationError, Plan
+from alphalora.allocation import AllocationError, Plan, RouterSettings
 from alphalora.allocation.hetero import Candidate, parameters_used
 from alphalora.allocation.plots import hetero_ranks
 from alphalora.cli import main
@@ -164,3 +164,80 @@ def test_shortcut_plans_refuse_gradient_checkpointing_before_training(llama_dir,
     with pytest.raises(AdapterError, match="without --gradient-checkpointing"):
         train(llama_dir, plan, data, tmp_path / "adapter", max_steps=1, gradient_checkpointing=True, progress=False)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_cli_allocate_hetero_refuses_bad_and_misplaced_options_with_clean_errors(llama_dir, data, tmp_path, capsys):
+    bad = {
+        "candidate ranks (--ranks) must be positive integers, e.g. 8 or 2,4,8, got [0]": ["--ranks", "0"],
+        "candidate ranks (--ranks) must be positive integers, e.g. 8 or 2,4,8, got []": ["--ranks", ""],
+        "--lora-alpha (lora_alpha) must be a positive number": ["--lora-alpha", "0"],
+        "--shortcut-alpha (shortcut_alpha) must be a positive number": ["--shortcuts", "--shortcut-alpha", "-1"],
+        "invalid plan: lora_dropout must be in [0, 1)": ["--lora-dropout", "1.5"],
+        "budget 300 buys no module in either pool after the --pools separate split": [
+            "--budget", "300", "--ranks", "4", "--target-modules", "gate", "--shortcuts", "--pools", "separate"],
+        "candidate rank 64 is larger than a shortcut connection allows (32 x 32, rank at most 32); pass smaller "
+        "--ranks": ["--ranks", "4,64", "--shortcuts"],
+        "--shortcut-share (shortcut_share) is the shortcuts' budget share with --pools separate and --shortcuts": [
+            "--shortcuts", "--shortcut-share", "0.5"],
+        "--shortcut-share (shortcut_share) is the shortcuts' budget share": [
+            "--pools", "separate", "--shortcut-share", "0.5"],
+        "--dynamic-every with --proxy constant would never change the selection": [
+            "--proxy", "constant", "--dynamic-every", "2"],
+        "--dynamic-every with --proxy alpha would never change the selection": [
+            "--proxy", "alpha", "--dynamic-every", "2"],
+        "--rank (rank) applies to alphalora, mola and uniform; for hetero pass --ranks": ["--rank", "4"],
+        "--report (report) gives alphalora, mola and uniform their layer alphas": ["--report", "/nonexistent.json"],
+        "--alphas (alphas) applies to alphalora, mola and uniform": ["--alphas", "3,4"],
+        "--top-k (top_k) applies to alphalora, mola and uniform": ["--top-k", "3"],
+        "--router and --aux-loss-coef (router) apply to alphalora, mola and uniform": ["--router", "shared"],
+        "--router and --aux-loss-coef (router)": ["--aux-loss-coef", "0.01"],
+    }
+    for message, extra in bad.items():
+        argv = ["allocate", "--method", "hetero", "--model", str(llama_dir), "--data", str(data), "--budget", "300000",
+                "--proxy-batches", "2", "--proxy-batch-size", "4", "--out", str(tmp_path / "x.json"), "--no-progress"]
+        assert main(argv + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_python_hetero_allocation_refuses_options_it_would_ignore():
+    common = dict(method="hetero", model_dir="unused", data="unused", budget=1000)
+    with pytest.raises(AllocationError, match=r"--rank \(rank\) applies to .*for hetero pass --ranks"):
+        alphalora.allocate(**common, rank=4)
+    with pytest.raises(AllocationError, match=r"--report \(report\).*--top-k \(top_k\)"):
+        alphalora.allocate("report.json", **common, top_k=3)
+    with pytest.raises(AllocationError, match=r"--router and --aux-loss-coef \(router\)"):
+        alphalora.allocate(**common, router=RouterSettings(aux_loss_coef=0.01))
+    with pytest.raises(AllocationError, match=r"--shortcut-share \(shortcut_share\) is the shortcuts' budget share"):
+        alphalora.allocate(**common, shortcuts=True, shortcut_share=0.3)
+    with pytest.raises(AllocationError, match="--dynamic-every with --proxy alpha would never change"):
+        alphalora.allocate(**common, proxy="alpha", dynamic_every=3)
+
+
+def test_synflow_needs_and_records_one_minibatch(llama_dir, data, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(data.read_text().splitlines()[:5]) + "\n")
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=short, proxy="synflow", budget=3000,
+                              proxy_batch_size=4, progress=False)  # the default 32 proxy batches: synflow reads one
+    assert plan.source["proxy_batches"] == 1 and plan.source["parameters"] > 0
+    dynamic = alphalora.allocate(method="hetero", model_dir=llama_dir, data=short, proxy="synflow", budget=3000,
+                                 ranks=[4], dynamic_every=2, proxy_batch_size=4, progress=False)
+    assert dynamic.reallocation.batches == 1
+    with pytest.raises(AllocationError, match=r"the synflow proxy reads 1 minibatch of 8 \(8 examples\) but .* has "
+                       r"only 5; pass a smaller --proxy-batch-size, or more data"):
+        alphalora.allocate(method="hetero", model_dir=llama_dir, data=short, proxy="synflow", budget=3000,
+                           proxy_batch_size=8, progress=False)
+    from alphalora.allocation.hetero import first_minibatches
+
+    examples = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [1, 2]}] * 4
+    assert len(first_minibatches(examples, 0, 32, 4, "synflow")) == 1
+
+
+def test_cli_allocate_hetero_truncates_long_rows_when_asked(llama_dir, data, tmp_path, capsys):
+    argv = ["allocate", "--method", "hetero", "--model", str(llama_dir), "--data", str(data), "--budget", "3000",
+            "--max-length", "4", "--proxy-batches", "2", "--proxy-batch-size", "4", "--out", str(tmp_path / "p.json"),
+            "--no-progress"]
+    assert main(argv) == 2
+    assert "pass --truncate" in capsys.readouterr().err
+    assert main([*argv, "--truncate"]) == 0
+    assert Plan.load(tmp_path / "p.json").source["proxy"] == "grad-norm"

@@ -9,6 +9,7 @@ import pytest
 
 from alphalora.allocation.expert_counts import AllocationError
 from alphalora.allocation.hetero import Candidate, parameters_used, select
+from alphalora.allocation.hetero.budget import check_ranks
 
 
 def _square(name, width=10, kind="lora", layer=0):
@@ -87,3 +88,22 @@ def test_bad_budgets_and_ranks_are_refused_with_the_fix():
         select(candidates, {"a": 1.0, "narrow": 1.0}, budget=20, ranks=[2])
     with pytest.raises(AllocationError, match="rank 8 is larger than module narrow allows.*at most 4"):
         select(candidates, {"a": 1.0, "narrow": 1.0}, budget=10_000, ranks=[2, 8])
+
+
+def test_separate_pools_that_buy_nothing_are_refused_with_the_fix():
+    module, shortcut = Candidate("m", "lora", 0, 32, 48), Candidate("layer0.residual1", "shortcut", 0, 32, 32)
+    # rank 4: the module costs 320, the shortcut 256. Joint, 300 buys the shortcut; separate, the shortcuts' share
+    # (256 / 576 of 300) buys no shortcut, and the whole 300 left for the modules buys no module
+    assert select([module, shortcut], {"m": 1.0, "layer0.residual1": 1.0}, budget=300, ranks=[4]) == \
+        {"layer0.residual1": 4}
+    with pytest.raises(AllocationError, match=r"budget 300 buys no module in either pool after the --pools separate "
+                       r"split: the shortcuts' share, 133, is less than the cheapest shortcut \(256\), and 300 is less "
+                       r"than the cheapest LoRA module \(320\); raise --budget or --shortcut-share, or use --pools "
+                       r"joint"):
+        select([module, shortcut], {"m": 1.0, "layer0.residual1": 1.0}, budget=300, ranks=[4], pools="separate")
+
+
+@pytest.mark.parametrize("ranks", [[], [0], [True], [2, -1]])
+def test_candidate_ranks_must_be_positive_integers_named_as_the_option(ranks):
+    with pytest.raises(AllocationError, match=r"candidate ranks \(--ranks\) must be positive integers"):
+        check_ranks([], ranks)

@@ -82,31 +82,79 @@ def test_snip_on_trained_factors_equals_weight_times_accumulated_gradient():
         assert scores[name] == pytest.approx(expected, rel=1e-5)
 
 
-def test_fisher_equals_the_channel_form_on_the_bottleneck_activation():
+def _peft_bottlenecks(twin, layers, batch):
+    """Runs one minibatch through the PEFT twin: {name: (z, dL/dz)}, z = lora_A(x) as [batch, tokens, r]."""
+    bottlenecks = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            output.retain_grad()
+            bottlenecks[name] = output
+        return hook
+
+    handles = [m.lora_A["default"].register_forward_hook(keep(n)) for n, m in layers.items()]
+    twin(**batch).loss.backward()
+    for handle in handles:
+        handle.remove()
+    twin.zero_grad()
+    return {name: (z.detach(), z.grad) for name, z in bottlenecks.items()}
+
+
+def test_fisher_is_the_per_example_channel_form_on_the_bottleneck_activation():
+    # Reference (zero-cost-nas): per channel c, 1/2 mean_n (sum over example n's tokens of z * dL/dz)^2.
     model, modules = _ours(trained_b=True)
     twin, layers = _peft_twin(modules)
     batches = _batches()
     scores = score_candidates("fisher", model, modules, batches)
-    expected = dict.fromkeys(layers, 0.0)
+    expected, examples = dict.fromkeys(layers, 0.0), 0
     for batch in batches:
-        bottlenecks = {}
-
-        def keep(name, into=bottlenecks):
-            def hook(_module, _inputs, output):
-                output.retain_grad()
-                into[name] = output
-            return hook
-
-        handles = [m.lora_A["default"].register_forward_hook(keep(n)) for n, m in layers.items()]
-        twin(**batch).loss.backward()
-        for handle in handles:
-            handle.remove()
-        for name, z in bottlenecks.items():  # z: [batch, tokens, r]
-            per_channel = (z.detach() * z.grad).sum(dim=(0, 1))
-            expected[name] += 0.5 * float((per_channel**2).sum()) / len(batches)
-        twin.zero_grad()
+        real = batch["attention_mask"].unsqueeze(-1)  # padding does not count
+        for name, (z, grad) in _peft_bottlenecks(twin, layers, batch).items():
+            per_example = (z * grad * real).sum(dim=1)  # [examples, r]: summed over tokens only
+            expected[name] += 0.5 * float((per_example**2).sum())
+        examples += batch["input_ids"].shape[0]
     for name, value in expected.items():
-        assert scores[name] == pytest.approx(value, rel=1e-4)
+        assert scores[name] == pytest.approx(value / examples, rel=1e-4)
+
+
+def test_fisher_with_one_example_per_minibatch_is_the_parameter_gradient_form_for_modules_and_shortcuts():
+    # With one example in a minibatch, sum_t z_tc dL/dz_tc = sum_i A_ci dL/dA_ci: an oracle from A's gradient
+    # alone, without hooks. Covers LoRA modules and every shortcut kind.
+    from alphalora.allocation.plan import all_shortcut_names
+
+    model = build("llama", initializer_range=0.2)
+    plan = Plan(method="hetero", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q", "v"], rank=4, lora_alpha=8.0, lora_dropout=0.0, shortcut_alpha=4.0,
+                shortcuts=dict.fromkeys(all_shortcut_names(2), 4))
+    modules = inject_adapters(model, plan).switchable_modules(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in modules.values():
+            module.lora_B.normal_(0, 0.2)
+    singles = [{k: v[n:n + 1] for k, v in batch.items()} for batch in _batches() for n in range(2)]
+    scores = score_candidates("fisher", model, modules, singles)
+    expected = dict.fromkeys(modules, 0.0)
+    for batch in singles:
+        model(**batch).loss.backward()
+        for name, module in modules.items():
+            channels = (module.lora_A.detach() * module.lora_A.grad).sum(dim=-1)
+            expected[name] += 0.5 * float((channels**2).sum()) / len(singles)
+        model.zero_grad(set_to_none=True)
+    assert sum(name.startswith("layer") for name in modules) == 7
+    for name, value in expected.items():
+        assert value > 0 and scores[name] == pytest.approx(value, rel=1e-4)
+
+
+def test_fisher_ignores_padding_columns():
+    model, modules = _ours(trained_b=True)
+    batches = _batches()
+    pads = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.zeros(2, 3, dtype=torch.long),
+            "labels": torch.full((2, 3), -100)}
+    padded = [{k: torch.cat([v, pads[k]], dim=1) for k, v in batch.items()} for batch in batches]
+    plain = score_candidates("fisher", model, modules, batches)
+    wider = score_candidates("fisher", model, modules, padded)
+    for name in modules:
+        assert wider[name] == pytest.approx(plain[name], rel=1e-5)
 
 
 def test_synflow_is_the_task_loss_gradient_through_absolute_weights_and_restores_the_model():
@@ -138,6 +186,31 @@ def test_weight_gradient_proxies_rank_modules_at_the_zero_b_start_and_leave_b_ze
     monkeypatch.setattr(proxies, "PROBE_SCALE", proxies.PROBE_SCALE / 10)
     smaller = score_candidates(proxy, model, modules, batches)
     assert sorted(scores, key=scores.get) == sorted(smaller, key=smaller.get)  # the ranking is scale-free
+
+
+@pytest.mark.parametrize("proxy", ["snip", "synflow", "fisher"])
+def test_a_mixed_state_ranks_the_same_whatever_the_probe_constant(proxy, monkeypatch):
+    # Dynamic re-scoring: layer 0 has trained B, layer 1 still B = 0. The zero-B modules are probed at the
+    # trained B's entry RMS, so the constant PROBE_SCALE (which used to decide which group wins) plays no part.
+    model, modules = _ours(trained_b=False)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for name, module in modules.items():
+            if ".layers.0." in name:
+                module.lora_B.normal_(0, 0.02)
+    trained = {n: m.lora_B.detach().clone() for n, m in modules.items() if m.lora_B.any()}
+    assert 0 < len(trained) < len(modules)
+    rms = torch.stack([b.square().mean() for b in trained.values()]).mean().sqrt()
+    assert proxies.probe_scale(modules) == pytest.approx(float(rms))
+    batches = _batches()
+    rankings = []
+    for constant in (1e-3, 1e-1, 10.0):
+        monkeypatch.setattr(proxies, "PROBE_SCALE", constant)
+        scores = score_candidates(proxy, model, modules, batches)
+        rankings.append(sorted(scores, key=lambda n: -scores[n]))
+        for name, module in modules.items():  # trained B untouched, probed B back to zero
+            assert torch.equal(module.lora_B.detach(), trained[name]) if name in trained else not module.lora_B.any()
+    assert rankings[0] == rankings[1] == rankings[2]
 
 
 def test_alpha_scores_each_module_with_its_base_weight_alpha():

@@ -153,3 +153,45 @@ def test_hetero_fields_are_validated_with_the_field_named():
             Plan(**{**base, **fields})
     shortcuts_only = Plan(**{**base, "target_modules": [], "shortcuts": {"layer1.shortcut2": 4}})
     assert Plan.from_dict(shortcuts_only.to_dict()) == shortcuts_only
+
+
+DYNAMIC = dict(method="hetero", base_model="m", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+               target_modules=["q"], rank=4, shortcuts={"layer1.residual1": 4},
+               reallocation={"every": 2, "proxy": "grad-norm", "budget": 1000})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"shortcuts": ["layer1.residual1"]}, "shortcuts must map shortcut names to ranks"),
+        ({"shortcuts": {"layer1.residual1": True}}, "shortcut 'layer1.residual1': rank must be a positive integer"),
+        ({"shortcut_alpha": True}, "shortcut_alpha must be positive"),
+        ({"rank": True}, "rank must be a positive integer, got True"),
+        ({"rank_pattern": {"q": True}}, "rank_pattern must map"),
+        ({"experts_per_layer": [True, 1]}, "experts_per_layer must be a non-empty list of integers"),
+        ({"disabled_modules": ["layer1.residual1", "layer1.residual1"]},
+         r"disabled_modules lists \['layer1.residual1'\] more than once"),
+        ({"method": "mola", "reallocation": None}, "shortcuts are HeteroLoRA's: a plan with method mola"),
+        ({"method": "alphalora", "shortcuts": {}}, "reallocation .* needs method hetero and one expert per layer"),
+        ({"experts_per_layer": [3, 3], "top_k_per_layer": [2, 2]}, "needs method hetero and one expert per layer"),
+        ({"rank_pattern": {"q": 2}}, "rank_pattern must be empty"),
+        ({"shortcuts": {"layer1.residual1": 2}}, "every shortcut at that rank"),
+        ({"reallocation.every": True}, "reallocation.every must be a positive number of steps, got True"),
+        ({"reallocation.budget": True}, "reallocation.budget must be a positive parameter count, got True"),
+        ({"reallocation.batches": "4"}, "reallocation.batches must be a positive number of minibatches, got '4'"),
+        ({"reallocation.batch_size": 2.5}, "reallocation.batch_size must be a positive number of examples, got 2.5"),
+        ({"reallocation.pools": "separate", "reallocation.shortcut_share": 5},
+         "reallocation.shortcut_share must be a number between 0 and 1"),
+        ({"reallocation.shortcut_share": True}, "reallocation.shortcut_share must be a number between 0 and 1"),
+        ({"reallocation.seed": "x"}, "reallocation.seed must be an integer, got 'x'"),
+        ({"reallocation.proxy": "constant"}, "reallocation.proxy 'constant' scores every round the same"),
+        ({"reallocation.proxy": "alpha"}, "reallocation.proxy 'alpha' scores every round the same"),
+    ],
+)
+def test_hetero_plans_with_wrong_types_or_misplaced_fields_are_refused_on_load(change, message):
+    data = json.loads(json.dumps(Plan(**DYNAMIC).to_dict()))
+    for key, value in change.items():
+        section, _, field_name = key.rpartition(".")
+        (data[section] if section else data)[field_name] = value
+    with pytest.raises(PlanFormatError, match=message):
+        Plan.from_dict(data)

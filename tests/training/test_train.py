@@ -258,3 +258,28 @@ def test_counts_and_rates_are_checked_before_training(llama_dir, lm_data, tmp_pa
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"argument {flag}: must be" in err and "Traceback" not in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_dynamic_plan_that_does_not_fit_the_model_or_data_fails_before_training(llama_dir, lm_data, tmp_path,
+                                                                                   capsys):
+    from alphalora.allocation import AllocationError
+    from alphalora.cli import main
+
+    def dynamic(**settings) -> Plan:
+        return Plan(method="hetero", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                    target_modules=["q", "v"], rank=4,
+                    reallocation={"every": 2, "budget": 1000, "batches": 2, "batch_size": 4, **settings})
+
+    out = tmp_path / "adapter"
+    with pytest.raises(AllocationError, match="dynamic reallocation does not fit this model: budget 1 is smaller "
+                       "than one module.*edit the plan's rank and reallocation fields"):
+        train(llama_dir, dynamic(budget=1), lm_data, out, max_steps=2, progress=False)
+    with pytest.raises(DataError, match=r"reads 100 minibatches of 8 \(800 examples\) but the data has only 32; "
+                       r"re-allocate .* lower the plan's reallocation.batches or reallocation.batch_size"):
+        train(llama_dir, dynamic(batches=100, batch_size=8), lm_data, out, max_steps=2, progress=False)
+    assert not out.exists()  # no checkpoints folder either
+    dynamic(budget=1).save(tmp_path / "plan.json")
+    assert main(["train", "--model", str(llama_dir), "--plan", str(tmp_path / "plan.json"), "--data", str(lm_data),
+                 "--out", str(out), "--max-steps", "2", "--no-progress"]) == 2
+    assert "does not fit this model: budget 1 is smaller than one module" in capsys.readouterr().err
+    assert not out.exists()

@@ -28,8 +28,9 @@ class Candidate:
 def check_ranks(candidates: Sequence[Candidate], ranks: Sequence[int]) -> list[int]:
     """The sorted distinct candidate ranks; each must fit every candidate's dimensions."""
     levels = sorted(set(ranks))
-    if not levels or any(not isinstance(r, int) or r < 1 for r in levels):
-        raise AllocationError(f"candidate ranks must be positive integers, got {list(ranks)}")
+    if not levels or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in levels):
+        raise AllocationError(f"candidate ranks (--ranks) must be positive integers, e.g. 8 or 2,4,8, "
+                              f"got {list(ranks)}")
     for candidate in candidates:
         limit = min(candidate.in_features, candidate.out_features)
         if levels[-1] > limit:
@@ -137,9 +138,22 @@ def select(candidates: Sequence[Candidate], scores: dict[str, float], budget: in
         shortcut_share = sum(full[c.name] for c in shortcuts) / sum(full.values())
     if not 0 <= shortcut_share <= 1:
         raise AllocationError(f"shortcut_share must be between 0 and 1, got {shortcut_share}")
-    chosen = pick(shortcuts, int(budget * shortcut_share))
+    shortcut_budget = int(budget * shortcut_share)
+    chosen = pick(shortcuts, shortcut_budget)
     spent = sum(c.cost(chosen[c.name]) for c in shortcuts if c.name in chosen)
-    return {**chosen, **pick(modules, budget - spent)}
+    chosen.update(pick(modules, budget - spent))
+    if not chosen:  # then nothing was spent on shortcuts, and the modules had the whole budget
+        def cheapest(pool: Sequence[Candidate]) -> int:
+            return min(c.cost(levels[0]) for c in pool)
+
+        modules_part = f"{budget} is less than the cheapest LoRA module ({cheapest(modules)})" if modules \
+            else "there are no LoRA modules"
+        raise AllocationError(
+            f"budget {budget} buys no module in either pool after the --pools separate split: the shortcuts' share, "
+            f"{shortcut_budget}, is less than the cheapest shortcut ({cheapest(shortcuts)}), and {modules_part}; "
+            "raise --budget or --shortcut-share, or use --pools joint"
+        )
+    return chosen
 
 
 def parameters_used(candidates: Sequence[Candidate], chosen: dict[str, int]) -> int:

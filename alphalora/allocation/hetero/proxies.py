@@ -8,17 +8,22 @@ Every proxy scores a candidate from its A and B factors (and, for ``alpha``, its
 - synflow (the HeteroLoRA task-loss form): every weight replaced by its absolute value, an all-ones
   `inputs_embeds` with the first batch's mask and labels, R = the task loss;
   sum |A * dR/dA| + sum |B * dR/dB|, signs restored after. 1 forward + 1 backward.
-- fisher (zero-cost-nas's channel form on the rank-r bottleneck z = A x, per minibatch):
-  1/2 mean_b sum_c (sum_t z_tc dL_b/dz_tc)^2. k forward + k backward.
+- fisher (zero-cost-nas's channel form on the rank-r bottleneck z = A x, per example n): the
+  activation z and its gradient dL/dz (L the minibatch's loss) are read with hooks during the
+  usual passes; per channel c, s_nc = sum over example n's real tokens (attention mask 1, never
+  padding) of z_tc dL/dz_tc; score = 1/2 sum_c mean_n s_nc^2, the mean over every example of the
+  k minibatches. k forward + k backward.
 - alpha: the power-law alpha (AlphaLoRA's xmin_peak fit) of the candidate's base weight spectrum;
   a shortcut takes its layer's mean. No passes, one eigendecomposition per weight.
 
 k minibatches are the first k of the training data, unshuffled, in evaluation mode (no dropout).
 LoRA's B = 0 start makes A's gradient, and so SNIP, SynFlow and Fisher, exactly zero. Where B is
-all zero those three score a *probe perturbation*: B is set to ``PROBE_SCALE * N(0, 1)`` (seeded)
-for the scoring passes and restored to zero afterwards; the scores are then linear (Fisher:
-quadratic) in the probe scale, so the ranking does not depend on it. grad-norm needs no probe
-(at B = 0 it is ||G_B||, as in the authors' code).
+all zero those three score a *probe perturbation*: B is set to ``scale * N(0, 1)`` (seeded) for
+the scoring passes and restored to zero afterwards (see `probe_scale` for the scale). When every
+B is zero (a static allocation) the scale is ``PROBE_SCALE`` and every score is (to first order)
+linear (Fisher: quadratic) in it, so the ranking does not depend on it. When some B are trained
+(dynamic re-scoring) the zero-B candidates are probed at the RMS of the trained B entries, which
+no constant of ours sets. grad-norm needs no probe (at B = 0 it is ||G_B||, as in the authors' code).
 """
 
 from __future__ import annotations
@@ -70,15 +75,45 @@ def _scoring(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
         model.train(was_training)
 
 
+def _is_zero(module: nn.Module) -> bool:
+    return not module.lora_B.detach().any()
+
+
+def probe_scale(modules: dict[str, nn.Module]) -> float:
+    """The standard deviation of the probe B given to the candidates whose B is all zero.
+
+    - Every B zero (a static allocation, or the first round of a dynamic one): ``PROBE_SCALE``.
+      All candidates are probed alike and every score is (to first order) proportional to the scale (SNIP,
+      SynFlow) or to its square (Fisher), so the ranking does not depend on this constant.
+    - Some B non-zero (dynamic re-scoring after training steps): the root mean square of the
+      trained candidates' B entries, sqrt(mean over trained candidates m of mean(B_m^2)).
+      Scores are (close to) linear, for Fisher quadratic, in the size of B, so a probe of an
+      arbitrary size decides by itself whether the trained or the untrained group wins. The fair
+      comparison asks how much the loss would react to an untrained candidate *if it had been
+      trained as much as the others*, and the best estimate of such a B's size without training
+      is the size the trained ones reached. Entry RMS, not the Frobenius norm, is the
+      shape-appropriate measure: B is [out, r] with fan-in r, the same for every candidate at a
+      rank, so its entry size sets the size of each output coordinate of s B A x whatever `out`
+      is, and Adam-style updates move every entry by about the same step whatever the module's
+      width (a Frobenius match would give wide modules smaller entries). Each trained candidate
+      counts once, whatever its width. The result depends only on the model's weights.
+    """
+    trained = [m.lora_B.detach().float() for m in modules.values() if not _is_zero(m)]
+    if not trained:
+        return PROBE_SCALE
+    return float(torch.stack([b.square().mean() for b in trained]).mean().sqrt())
+
+
 @contextlib.contextmanager
 def _probe(modules: dict[str, nn.Module], seed: int) -> Iterator[None]:
-    """B <- PROBE_SCALE * N(0, 1) where B is all zero, for the duration of the scoring."""
+    """B <- probe_scale(modules) * N(0, 1) where B is all zero, for the duration of the scoring."""
     generator = torch.Generator().manual_seed(seed)
-    zeroed = [m for m in modules.values() if not m.lora_B.detach().any()]
+    scale = probe_scale(modules)
+    zeroed = [m for m in modules.values() if _is_zero(m)]
     with torch.no_grad():
         for module in zeroed:
             noise = torch.randn(module.lora_B.shape, generator=generator, dtype=torch.float32)
-            module.lora_B.copy_(noise * PROBE_SCALE)
+            module.lora_B.copy_(noise * scale)
     try:
         yield
     finally:
@@ -121,17 +156,72 @@ def snip(model, modules, batches, seed, progress) -> dict[str, float]:
         return {n: _weight_times_grad(m) for n, m in modules.items()}
 
 
+def _token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[examples, tokens] float: 1 for real tokens, 0 for padding (the collated batches' attention mask)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        ids = batch["input_ids"]
+        return torch.ones(ids.shape[:2])
+    return mask.float()
+
+
+def _bottleneck_hook(name: str, mask: torch.Tensor, sums: dict[str, torch.Tensor]):
+    """A forward hook on a candidate: adds sum over tokens of z * dL/dz, per example and channel, to sums[name].
+
+    z = A x is the rank-r bottleneck of the module's input x (dropout is off in evaluation mode), and
+    dL/dz = scaling * gate * B^T dL/dy comes from the gradient of the module's output y (base + delta
+    for a LoRA module, the delta alone for a shortcut), caught by a hook on y. With several experts
+    each expert's bottleneck is its own r channels.
+    """
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        examples, tokens = mask.shape
+        x = args[0].detach()
+        if x.shape[:-1].numel() != examples * tokens:
+            raise AllocationError(f"the fisher proxy reads {name}'s input per example, but its shape "
+                                  f"{tuple(x.shape)} is not [batch {examples}, tokens {tokens}, features]")
+        a, b = module.lora_A.detach().float(), module.lora_B.detach().float()  # [E, r, in], [E, out, r]
+        experts = a.shape[0]
+        with torch.no_grad():
+            x2 = x.reshape(-1, x.shape[-1])
+            z = torch.einsum("ti,eri->ter", x2.float(), a)
+            coef = torch.full((x2.shape[0], experts), float(module.scaling), device=x.device)
+            if experts > 1:
+                coef = coef * module.gates(x2).float()
+            weight = (z * coef.unsqueeze(-1)) * mask.to(x.device).reshape(-1, 1, 1)
+
+        def on_grad(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                dz = torch.einsum("to,eor->ter", grad.reshape(-1, grad.shape[-1]).float(), b)
+                per_example = (weight * dz).reshape(examples, tokens, -1).sum(dim=1)  # [examples, E*r]
+                sums[name] = sums[name] + per_example if name in sums else per_example
+
+        output.register_hook(on_grad)
+
+    return hook
+
+
 def fisher(model, modules, batches, seed, progress) -> dict[str, float]:
-    # sum_t z_tc dL/dz_tc = sum_i A_ci dL/dA_ci, since dL/dA = sum_t (dL/dz_t) x_t^T and z = A x.
+    # Per example n and channel c: s_nc = sum_t z_ntc dL/dz_ntc over the real tokens; score 1/2 sum_c mean_n s_nc^2.
+    # (Summed over the examples, s_nc is sum_i A_ci dL/dA_ci; squaring that sum, the per-minibatch form,
+    # would add cross-example terms.) Hooks read it during the ordinary passes: k forward + k backward.
     totals = dict.fromkeys(modules, 0.0)
+    examples = 0
     with _probe(modules, seed):
         for batch in _each(batches, progress, "fisher"):
-            _loss(model, batch).backward()
-            for name, module in modules.items():
-                channel = (module.lora_A.detach() * _grad(module.lora_A)).sum(dim=-1)
-                totals[name] += 0.5 * float((channel**2).sum())
+            mask, sums = _token_mask(batch), {}
+            handles = [m.register_forward_hook(_bottleneck_hook(n, mask, sums)) for n, m in modules.items()]
+            try:
+                _loss(model, batch).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, per_example in sums.items():
+                totals[name] += 0.5 * float(per_example.double().square().sum())
+            examples += mask.shape[0]
             model.zero_grad(set_to_none=True)
-    return {name: total / len(batches) for name, total in totals.items()}
+    return {name: total / examples for name, total in totals.items()}
 
 
 def synflow(model, modules, batches, seed, progress) -> dict[str, float]:

@@ -11,12 +11,13 @@ from torch import nn
 from alphalora.spectral.roles import block_index
 
 from ..expert_counts import AllocationError
-from ..plan import POOLS, Plan, Reallocation, all_shortcut_names, parse_shortcut
+from ..plan import POOLS, UNCHANGING_PROXIES, Plan, Reallocation, all_shortcut_names, parse_shortcut
 from .budget import Candidate, check_budget, check_ranks, parameters_used, select
 from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, score_candidates
 
 DEFAULT_PROXY_BATCHES = 32  # the authors' imp_limit_test_batches
 DEFAULT_PROXY_BATCH_SIZE = 8
+ONE_BATCH_PROXIES = ("synflow",)  # reads only the first minibatch (proxies.synflow)
 
 
 def candidates_of(model: nn.Module) -> list[Candidate]:
@@ -34,20 +35,36 @@ def candidates_of(model: nn.Module) -> list[Candidate]:
     return found
 
 
-def first_minibatches(examples: Sequence[dict], pad_id: int, batches: int, batch_size: int, proxy: str) -> list[dict]:
-    """The first `batches` minibatches of the training data, unshuffled (the authors' choice)."""
+def batches_read(proxy: str, batches: int) -> int:
+    """How many of the `batches` proxy minibatches `proxy` reads: none, the first only (synflow), or all."""
+    if proxy not in DATA_PROXIES:
+        return 0
+    return 1 if proxy in ONE_BATCH_PROXIES else batches
+
+
+def first_minibatches(examples: Sequence[dict], pad_id: int, batches: int, batch_size: int, proxy: str, *,
+                      fix: str | None = None) -> list[dict]:
+    """The first minibatches of the training data the proxy reads, unshuffled (the authors' choice).
+    `fix` says what to do when the data is too short (default: `alphalora allocate`'s options)."""
     from alphalora.training.data import DataError, collate
 
-    if proxy not in DATA_PROXIES:
-        return []
-    needed = batches * batch_size
+    count = batches_read(proxy, batches)
+    needed = count * batch_size
     if len(examples) < needed:
-        raise DataError(
-            f"the {proxy} proxy reads {batches} minibatches of {batch_size} ({needed} examples) but the data has "
-            f"only {len(examples)}; pass fewer --proxy-batches, a smaller --proxy-batch-size, or more data"
-        )
+        raise DataError(f"{_reads(proxy, count, batch_size)} but the data has only {len(examples)}; "
+                        f"{fix or _data_fix(proxy)}")
     join = collate(pad_id)
-    return [join(list(examples[i * batch_size:(i + 1) * batch_size])) for i in range(batches)]
+    return [join(list(examples[i * batch_size:(i + 1) * batch_size])) for i in range(count)]
+
+
+def _reads(proxy: str, count: int, batch_size: int) -> str:
+    return (f"the {proxy} proxy reads {count} minibatch{'es' if count != 1 else ''} of {batch_size} "
+            f"({count * batch_size} examples)")
+
+
+def _data_fix(proxy: str) -> str:
+    fewer = "" if proxy in ONE_BATCH_PROXIES else "fewer --proxy-batches, "
+    return f"pass {fewer}a smaller --proxy-batch-size, or more data"
 
 
 def reallocate(model: nn.Module, settings: Reallocation, batches: Sequence[dict], ranks: Sequence[int],
@@ -83,6 +100,7 @@ def allocate_hetero(
     shortcut_alpha: float = 4.0,
     lora_dropout: float = 0.05,
     max_length: int | None = None,
+    truncate: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> Plan:
@@ -93,37 +111,37 @@ def allocate_hetero(
     on the first `proxy_batches` minibatches of `data`, and enables the best under `budget`
     trainable adapter parameters (a task head trained alongside is not counted). One rank:
     on/off as in the paper; several: rank levels from the scores. With `dynamic_every` the plan
-    keeps every candidate and training re-scores and re-selects every that many steps.
+    keeps every candidate and training re-scores and re-selects every that many steps. `truncate`
+    cuts rows longer than `max_length` instead of refusing them (as in training).
     """
     from transformers import set_seed
 
-    from alphalora.adapters.inject import AdapterError, candidate_modules, inject_adapters
+    from alphalora.adapters.inject import AdapterError, candidate_modules, inject_adapters, modules_hidden
     from alphalora.training.api import load_model_and_data
     from alphalora.training.data import DataError
 
     check_proxy(proxy)
-    if pools not in POOLS:
-        raise AllocationError(f"pools must be one of {', '.join(POOLS)}, got {pools!r}")
-    if proxy_batches < 1 or proxy_batch_size < 1:
-        raise AllocationError("--proxy-batches and --proxy-batch-size must be at least 1")
-    levels = sorted(set(ranks))
-    if dynamic_every is not None and (dynamic_every < 1 or len(levels) != 1):
-        raise AllocationError("--dynamic-every takes a positive step count and one candidate rank (the paper's "
-                              "on/off re-selection); pass a single --ranks value")
-    if not isinstance(budget, int) or budget < 1:
-        raise AllocationError(f"the budget is a number of trainable parameters (a positive integer), got {budget!r}")
+    levels = check_ranks([], ranks)
+    _check_options(proxy, budget, levels, shortcuts, pools, shortcut_share, dynamic_every, proxy_batches,
+                   proxy_batch_size, lora_alpha, shortcut_alpha)
     try:
         _check_data_size(data, proxy, proxy_batches, proxy_batch_size)
         set_seed(seed)  # the task head a classification model gets while loading is part of the scores
-        model, tokenizer, train_set, _, _ = load_model_and_data(model_dir, data, task, max_length=max_length)
+        model, tokenizer, train_set, _, _ = load_model_and_data(model_dir, data, task, max_length=max_length,
+                                                                truncate=truncate)
+        batches = first_minibatches(train_set.examples, tokenizer.pad_token_id, proxy_batches, proxy_batch_size,
+                                    proxy)
     except DataError as error:
         raise AllocationError(str(error)) from error
-    batches = first_minibatches(train_set.examples, tokenizer.pad_token_id, proxy_batches, proxy_batch_size, proxy)
     blocks = candidate_modules(model)
     if not blocks:
         raise AllocationError(f"{model_dir}: no adaptable linear layers inside transformer blocks")
     num_layers = max(layer for layer, _ in blocks.values()) + 1
     roles = list(target_modules) if target_modules else _block_roles(blocks)
+    hidden_size = getattr(model.config, "hidden_size", None) or modules_hidden(blocks)
+    if shortcuts and levels[-1] > hidden_size:
+        raise AllocationError(f"candidate rank {levels[-1]} is larger than a shortcut connection allows ({hidden_size} "
+                              f"x {hidden_size}, rank at most {hidden_size}); pass smaller --ranks")
     supernet = Plan(
         method="hetero", base_model=str(model_dir), experts_per_layer=[1] * num_layers,
         top_k_per_layer=[1] * num_layers, target_modules=roles, rank=levels[-1], lora_alpha=lora_alpha,
@@ -146,14 +164,14 @@ def allocate_hetero(
     source = {
         "budget": budget, "parameters": parameters_used(candidates, chosen), "proxy": proxy,
         "proxy_cost": PROXY_COST[proxy].replace("k ", f"{proxy_batches} "), "proxy_seconds": round(seconds, 3),
-        "proxy_batches": proxy_batches if proxy in DATA_PROXIES else 0, "proxy_batch_size": proxy_batch_size,
+        "proxy_batches": batches_read(proxy, proxy_batches), "proxy_batch_size": proxy_batch_size,
         "probe_scale": PROBE_SCALE if proxy in ("snip", "synflow", "fisher") else None,
         "ranks": levels, "pools": pools, "candidates": len(candidates), "scores": scores, "seed": seed,
         "candidate_roles": roles,
     }
     lora_names = [c.name for c in candidates if c.kind == "lora"]
     if dynamic_every is not None:
-        settings = Reallocation(every=dynamic_every, proxy=proxy, budget=budget, batches=proxy_batches,
+        settings = Reallocation(every=dynamic_every, proxy=proxy, budget=budget, batches=len(batches),
                                 batch_size=proxy_batch_size, pools=pools, shortcut_share=shortcut_share, seed=seed)
         return Plan(**{**_fields(supernet), "target_modules": lora_names, "source": source, "reallocation": settings,
                        "disabled_modules": sorted(c.name for c in candidates if c.name not in chosen)})
@@ -162,15 +180,48 @@ def allocate_hetero(
                    "shortcuts": {n: r for n, r in chosen.items() if n not in lora_names}, "source": source})
 
 
+def _check_options(proxy, budget, levels, shortcuts, pools, shortcut_share, dynamic_every, proxy_batches,
+                   proxy_batch_size, lora_alpha, shortcut_alpha) -> None:
+    """Refuses bad or contradictory settings before the model is loaded, naming the option and the fix."""
+    if pools not in POOLS:
+        raise AllocationError(f"pools must be one of {', '.join(POOLS)}, got {pools!r}")
+    if not all(_positive_int(n) for n in (proxy_batches, proxy_batch_size)):
+        raise AllocationError("--proxy-batches and --proxy-batch-size must be at least 1")
+    if shortcut_share is not None:
+        if pools != "separate" or not shortcuts:
+            raise AllocationError("--shortcut-share (shortcut_share) is the shortcuts' budget share with --pools "
+                                  "separate and --shortcuts; pass both, or leave --shortcut-share out")
+        if isinstance(shortcut_share, bool) or not isinstance(shortcut_share, (int, float)) \
+                or not 0 <= shortcut_share <= 1:
+            raise AllocationError(f"--shortcut-share (shortcut_share) must be between 0 and 1, got {shortcut_share!r}")
+    if dynamic_every is not None:
+        if not _positive_int(dynamic_every) or len(levels) != 1:
+            raise AllocationError("--dynamic-every takes a positive step count and one candidate rank (the paper's "
+                                  "on/off re-selection); pass a single --ranks value")
+        if proxy in UNCHANGING_PROXIES:
+            why = ("its seeded random draw" if proxy == "constant" else "the frozen base weights it scores") + \
+                " is the same every round"
+            raise AllocationError(f"--dynamic-every with --proxy {proxy} would never change the selection ({why}); "
+                                  f"use a proxy that reads data ({', '.join(DATA_PROXIES)}), or leave "
+                                  "--dynamic-every out for a static plan")
+    if not _positive_int(budget):
+        raise AllocationError(f"the budget is a number of trainable parameters (a positive integer), got {budget!r}")
+    for flag, value in (("--lora-alpha (lora_alpha)", lora_alpha), ("--shortcut-alpha (shortcut_alpha)",
+                                                                     shortcut_alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise AllocationError(f"{flag} must be a positive number (scaling = alpha / rank), got {value!r}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_data_size(data, proxy: str, batches: int, batch_size: int) -> None:
     from alphalora.training.data import DataError, read_rows
 
-    rows = len(read_rows(data))
-    if proxy in DATA_PROXIES and rows < batches * batch_size:
-        raise DataError(
-            f"the {proxy} proxy reads {batches} minibatches of {batch_size} ({batches * batch_size} examples) but "
-            f"{data} has only {rows}; pass fewer --proxy-batches, a smaller --proxy-batch-size, or more data"
-        )
+    rows, count = len(read_rows(data)), batches_read(proxy, batches)
+    if rows < count * batch_size:
+        raise DataError(f"{_reads(proxy, count, batch_size)} but {data} has only {rows}; {_data_fix(proxy)}")
 
 
 def _fields(plan: Plan) -> dict:
