@@ -6,7 +6,7 @@ other proxy, constant included, is screened statically on the first seed), and w
 static grad-norm with shortcut connections; reports mean and standard deviation of test accuracy
 over the seeds and the wall-time overhead of dynamic re-scoring.
 
-    python benchmarks/minilm_hetero.py --seeds 0,1,2 --json benchmarks/minilm_hetero_cpu.json
+    python benchmarks/minilm_hetero.py --seeds 0,1,2,3,4 --shortcuts --json benchmarks/minilm_hetero_5seeds_cpu.json
 """
 
 from __future__ import annotations
