@@ -115,6 +115,10 @@ def _allocate(args: argparse.Namespace) -> int:
 
     if args.method == "hetero":
         return _allocate_hetero(args)
+    given = [flag for flag, (dest, default) in args.hetero_options.items() if getattr(args, dest) != default]
+    if given:
+        raise CliError(f"{', '.join(given)}: HeteroLoRA options, read only with --method hetero; leave them out "
+                       f"for --method {args.method}")
     budget = args.budget
     if budget is None and args.method != "mola":
         budget = 160
@@ -392,36 +396,42 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--aux-loss-coef", type=float, default=0.0,
                           help="Switch-style load-balancing loss weight (MoLA's paper: 0.001)")
     hetero = allocate.add_argument_group("hetero (HeteroLoRA) options")
-    hetero.add_argument("--proxy", choices=PROXY_NAMES,
-                        default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
-    hetero.add_argument("--model", default=None, help="base model folder or Hub id to score candidates on")
-    hetero.add_argument("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
-                        "first minibatches")
-    hetero.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
-                        help="the loss the proxies score with (as for `alphalora train`)")
-    hetero.add_argument("--ranks", default="8", help="candidate ranks: one (on/off, as the paper) or several "
-                        "levels chosen from the scores, e.g. 2,4,8,16")
-    hetero.add_argument("--shortcuts", action="store_true",
-                        help="add LoRA shortcut connections (residual and cross-layer) to the search space")
-    hetero.add_argument("--pools", choices=POOLS, default="joint",
-                        help="rank modules and shortcuts together, or split the budget between them")
-    hetero.add_argument("--shortcut-share", type=float, default=None,
-                        help="separate pools: the shortcuts' budget share (default: their share of all candidates)")
-    hetero.add_argument("--dynamic-every", type=int, default=None, metavar="K",
-                        help="dynamic HeteroLoRA: training re-scores and re-selects every K optimizer steps")
-    hetero.add_argument("--proxy-batches", type=int, default=32, help="minibatches the proxy reads (k)")
-    hetero.add_argument("--proxy-batch-size", type=int, default=8, help="examples per proxy minibatch")
-    hetero.add_argument("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
-    hetero.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
-    hetero.add_argument("--truncate", action="store_true",
-                        help="cut longer examples to --max-length instead of refusing them (as `alphalora train "
-                        "--truncate`)")
-    hetero.add_argument("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
+    hetero_actions = []  # refused with the other methods, not ignored
+
+    def hetero_option(*flags, **options):
+        hetero_actions.append(hetero.add_argument(*flags, **options))
+
+    hetero_option("--proxy", choices=PROXY_NAMES,
+                  default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
+    hetero_option("--model", default=None, help="base model folder or Hub id to score candidates on")
+    hetero_option("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
+                  "first minibatches")
+    hetero_option("--task", choices=["causal-lm", "classification"], default="causal-lm",
+                  help="the loss the proxies score with (as for `alphalora train`)")
+    hetero_option("--ranks", default="8", help="candidate ranks: one (on/off, as the paper) or several "
+                  "levels chosen from the scores, e.g. 2,4,8,16")
+    hetero_option("--shortcuts", action="store_true",
+                  help="add LoRA shortcut connections (residual and cross-layer) to the search space")
+    hetero_option("--pools", choices=POOLS, default="joint",
+                  help="rank modules and shortcuts together, or split the budget between them")
+    hetero_option("--shortcut-share", type=float, default=None,
+                  help="separate pools: the shortcuts' budget share (default: their share of all candidates)")
+    hetero_option("--dynamic-every", type=int, default=None, metavar="K",
+                  help="dynamic HeteroLoRA: training re-scores and re-selects every K optimizer steps")
+    hetero_option("--proxy-batches", type=int, default=32, help="minibatches the proxy reads (k)")
+    hetero_option("--proxy-batch-size", type=int, default=8, help="examples per proxy minibatch")
+    hetero_option("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
+    hetero_option("--max-length", type=int, default=None, help="longest example in tokens")
+    hetero_option("--truncate", action="store_true",
+                  help="cut longer examples to --max-length instead of refusing them (as `alphalora train "
+                  "--truncate`)")
+    hetero_option("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
     hetero.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     allocate.add_argument("--out", default="plan.json", help="plan JSON to write")
     allocate.add_argument("--plot", default=None, metavar="FILE",
                           help="PNG of the allocation beside the alphas (hetero: scores and chosen ranks)")
-    allocate.set_defaults(run=_allocate)
+    allocate.set_defaults(run=_allocate,
+                          hetero_options={a.option_strings[0]: (a.dest, a.default) for a in hetero_actions})
 
     train = verbs.add_parser(
         "train",

@@ -156,6 +156,17 @@ def test_options_of_hetero_are_refused_for_other_methods():
         alphalora.allocate(alphas=[2.0, 3.0], proxy="snip")
 
 
+def test_cli_refuses_hetero_options_given_to_other_methods(tmp_path, capsys):
+    from alphalora.cli import main
+
+    plan = tmp_path / "plan.json"
+    base = ["allocate", "--method", "mola", "--preset", "24", "--num-layers", "4", "--out", str(plan)]
+    assert main([*base, "--ranks", "4", "--shortcuts"]) == 2
+    assert "--ranks, --shortcuts: HeteroLoRA options, read only with --method hetero" in capsys.readouterr().err
+    assert not plan.exists()
+    assert main([*base, "--no-progress"]) == 0 and plan.exists()  # only options that change the plan count
+
+
 def test_shortcut_plans_refuse_gradient_checkpointing_before_training(llama_dir, data, tmp_path):
     from alphalora.adapters import AdapterError
 
