@@ -38,17 +38,17 @@ def all_shortcut_names(num_layers: int) -> list[str]:
             if not (layer == 0 and kind == "shortcut2")]
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """An int or float that is not a bool (JSON true would otherwise pass as 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _positive_int(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _positive_number(value: Any) -> bool:
-    return _number(value) and value > 0
+def is_positive_number(value: Any) -> bool:
+    return is_number(value) and value > 0
 
 
 class PlanFormatError(ValueError):
@@ -140,26 +140,26 @@ class Plan:
         if self.method not in METHODS:
             fail(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         counts, top_k = self.experts_per_layer, self.top_k_per_layer
-        if not isinstance(counts, list) or not counts or not all(_positive_int(n) for n in counts):
+        if not isinstance(counts, list) or not counts or not all(is_positive_int(n) for n in counts):
             fail(f"experts_per_layer must be a non-empty list of integers >= 1, got {counts!r}")
         if not isinstance(top_k, list) or len(top_k) != len(counts):
             fail(f"top_k_per_layer must have one entry per layer ({len(counts)}), got {top_k!r}")
         for layer, (n, k) in enumerate(zip(counts, top_k, strict=True)):
-            if not _positive_int(k) or not k <= n:
+            if not is_positive_int(k) or not k <= n:
                 fail(f"layer {layer}: top_k {k!r} must be between 1 and its {n} experts")
         shortcuts_only = self.method == "hetero" and bool(self.shortcuts)
         if not isinstance(self.target_modules, list) or not all(isinstance(t, str) and t for t in self.target_modules) \
                 or not (self.target_modules or shortcuts_only):
             fail(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
-        if not _positive_int(self.rank):
+        if not is_positive_int(self.rank):
             fail(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.rank_pattern, dict) or not all(
-            isinstance(k, str) and _positive_int(v) for k, v in self.rank_pattern.items()
+            isinstance(k, str) and is_positive_int(v) for k, v in self.rank_pattern.items()
         ):
             fail(f"rank_pattern must map module roles/names to positive integers, got {self.rank_pattern!r}")
-        if not _positive_number(self.lora_alpha):
+        if not is_positive_number(self.lora_alpha):
             fail(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not _number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.router.type not in ROUTER_TYPES:
             fail(f"router.type {self.router.type!r} is not one of {', '.join(ROUTER_TYPES)}")
@@ -183,9 +183,9 @@ class Plan:
             layer, kind = parsed
             if layer >= self.num_layers or (kind == "shortcut2" and layer == 0):
                 fail(f"shortcut {name!r} does not exist in a {self.num_layers}-layer model")
-            if not _positive_int(rank):
+            if not is_positive_int(rank):
                 fail(f"shortcut {name!r}: rank must be a positive integer, got {rank!r}")
-        if not _positive_number(self.shortcut_alpha):
+        if not is_positive_number(self.shortcut_alpha):
             fail(f"shortcut_alpha must be positive, got {self.shortcut_alpha!r}")
         if not isinstance(self.disabled_modules, list) or not all(isinstance(n, str) for n in self.disabled_modules):
             fail(f"disabled_modules must be a list of module names, got {self.disabled_modules!r}")
@@ -208,7 +208,7 @@ class Plan:
                   "batches": "a positive number of minibatches", "batch_size": "a positive number of examples"}
         for name, what in wanted.items():
             value = getattr(dynamic, name)
-            if not _positive_int(value):
+            if not is_positive_int(value):
                 fail(f"reallocation.{name} must be {what}, got {value!r}")
         if dynamic.proxy not in PROXY_NAMES:
             fail(f"reallocation.proxy {dynamic.proxy!r} is not one of {', '.join(PROXY_NAMES)}")
@@ -219,7 +219,7 @@ class Plan:
         if dynamic.pools not in POOLS:
             fail(f"reallocation.pools {dynamic.pools!r} is not one of {', '.join(POOLS)}")
         share = dynamic.shortcut_share
-        if share is not None and not (_number(share) and 0 <= share <= 1):
+        if share is not None and not (is_number(share) and 0 <= share <= 1):
             fail(f"reallocation.shortcut_share must be a number between 0 and 1 (or null: the shortcuts' share of "
                  f"all candidates), got {share!r}")
         if isinstance(dynamic.seed, bool) or not isinstance(dynamic.seed, int):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..expert_counts import AllocationError
+from ..plan import is_positive_int
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Candidate:
 def check_ranks(candidates: Sequence[Candidate], ranks: Sequence[int]) -> list[int]:
     """The sorted distinct candidate ranks; each must fit every candidate's dimensions."""
     levels = sorted(set(ranks))
-    if not levels or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in levels):
+    if not levels or not all(is_positive_int(r) for r in levels):
         raise AllocationError(f"candidate ranks (--ranks) must be positive integers, e.g. 8 or 2,4,8, "
                               f"got {list(ranks)}")
     for candidate in candidates:

@@ -11,7 +11,17 @@ from torch import nn
 from alphalora.spectral.roles import block_index
 
 from ..expert_counts import AllocationError
-from ..plan import POOLS, UNCHANGING_PROXIES, Plan, Reallocation, all_shortcut_names, parse_shortcut
+from ..plan import (
+    POOLS,
+    UNCHANGING_PROXIES,
+    Plan,
+    Reallocation,
+    all_shortcut_names,
+    is_number,
+    is_positive_int,
+    is_positive_number,
+    parse_shortcut,
+)
 from .budget import Candidate, check_budget, check_ranks, parameters_used, select
 from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, score_candidates
 
@@ -185,17 +195,16 @@ def _check_options(proxy, budget, levels, shortcuts, pools, shortcut_share, dyna
     """Refuses bad or contradictory settings before the model is loaded, naming the option and the fix."""
     if pools not in POOLS:
         raise AllocationError(f"pools must be one of {', '.join(POOLS)}, got {pools!r}")
-    if not all(_positive_int(n) for n in (proxy_batches, proxy_batch_size)):
+    if not all(is_positive_int(n) for n in (proxy_batches, proxy_batch_size)):
         raise AllocationError("--proxy-batches and --proxy-batch-size must be at least 1")
     if shortcut_share is not None:
         if pools != "separate" or not shortcuts:
             raise AllocationError("--shortcut-share (shortcut_share) is the shortcuts' budget share with --pools "
                                   "separate and --shortcuts; pass both, or leave --shortcut-share out")
-        if isinstance(shortcut_share, bool) or not isinstance(shortcut_share, (int, float)) \
-                or not 0 <= shortcut_share <= 1:
+        if not is_number(shortcut_share) or not 0 <= shortcut_share <= 1:
             raise AllocationError(f"--shortcut-share (shortcut_share) must be between 0 and 1, got {shortcut_share!r}")
     if dynamic_every is not None:
-        if not _positive_int(dynamic_every) or len(levels) != 1:
+        if not is_positive_int(dynamic_every) or len(levels) != 1:
             raise AllocationError("--dynamic-every takes a positive step count and one candidate rank (the paper's "
                                   "on/off re-selection); pass a single --ranks value")
         if proxy in UNCHANGING_PROXIES:
@@ -204,16 +213,12 @@ def _check_options(proxy, budget, levels, shortcuts, pools, shortcut_share, dyna
             raise AllocationError(f"--dynamic-every with --proxy {proxy} would never change the selection ({why}); "
                                   f"use a proxy that reads data ({', '.join(DATA_PROXIES)}), or leave "
                                   "--dynamic-every out for a static plan")
-    if not _positive_int(budget):
+    if not is_positive_int(budget):
         raise AllocationError(f"the budget is a number of trainable parameters (a positive integer), got {budget!r}")
     for flag, value in (("--lora-alpha (lora_alpha)", lora_alpha), ("--shortcut-alpha (shortcut_alpha)",
                                                                      shortcut_alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not is_positive_number(value):
             raise AllocationError(f"{flag} must be a positive number (scaling = alpha / rank), got {value!r}")
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_data_size(data, proxy: str, batches: int, batch_size: int) -> None:
