@@ -27,7 +27,8 @@ def _base(family="llama"):
 def _adapter(folder, family, experts, rank_pattern=None, seed=1, targets=("q", "k", "v", "o", "gate", "up", "down"),
              base=None, **plan_fields):
     model = base if base is not None else _base(family)
-    plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
+    method = "hetero" if plan_fields.get("shortcuts") else "uniform"  # shortcut connections are HeteroLoRA's
+    plan = Plan(method=method, base_model="tiny", experts_per_layer=list(experts),
                 top_k_per_layer=[min(2, e) for e in experts], target_modules=list(targets), rank=4,
                 rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0, **plan_fields)
     save_adapter(with_random_adapter(model, plan, seed=seed, std=0.3), folder)
