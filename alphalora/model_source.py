@@ -66,6 +66,9 @@ def model_folder(name_or_path: str | Path, error: type[Exception] = ValueError, 
         raise error(f"{repo_id} is neither a local folder nor a model on the Hugging Face Hub (private ones need "
                     "`hf auth login`); pass a model folder or a Hub id such as meta-llama/Llama-3.1-8B") from missing
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as unreachable:
+        from huggingface_hub import constants
+
         reason = str(unreachable).strip().splitlines()[0] if str(unreachable).strip() else type(unreachable).__name__
+        retry = "unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "connect and retry"
         raise error(f"{repo_id} is not a local folder and the Hugging Face Hub could not provide it ({reason}); "
-                    "connect and retry, unset HF_HUB_OFFLINE, or pass a local model folder") from unreachable
+                    f"{retry}, or pass a local model folder") from unreachable
