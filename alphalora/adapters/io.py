@@ -178,19 +178,10 @@ def _check_config_fields(config: dict[str, Any], path: Path) -> None:
         raise AdapterError(f"adapter config {path}: module_names must be a list of module names")
 
 
-def _recorded_sha256(folder: Path) -> str | None:
-    """The weights' sha256 the folder's config records (None for configs written before it was recorded)."""
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    digest = config.get("weights_sha256") if isinstance(config, dict) else None
-    return digest if isinstance(digest, str) else None
-
-
-def check_weights_file(folder: Path) -> Path:
+def check_weights_file(folder: Path, config: dict[str, Any]) -> Path:
     """The adapter's safetensors file, refused (AdapterError) if missing, pickled, or not the file its
-    config's sha256 recorded when it was saved (configs from before that record have no check)."""
+    config (as `read_adapter_config` returns it) recorded the sha256 of when it was saved (configs from
+    before that record have no check)."""
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         pickled = [name for name in PICKLED_NAMES if (folder / name).exists()]
@@ -198,16 +189,16 @@ def check_weights_file(folder: Path) -> Path:
             raise AdapterError(f"{folder} holds pickled weights ({pickled[0]}), which are refused because "
                                "loading them can run code; save the adapter as safetensors")
         raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
-    expected = _recorded_sha256(folder)
+    expected = config.get("weights_sha256")
     if expected is not None and file_sha256(weights) != expected:
         raise AdapterError(f"{weights} is corrupt or truncated: its sha256 differs from the one {CONFIG_NAME} "
                            "recorded when it was saved; re-export or re-train the adapter (or copy the folder again)")
     return weights
 
 
-def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The adapter's tensors, checked against the sha256 its config records (when it records one)."""
-    weights = check_weights_file(folder)
+    weights = check_weights_file(folder, config)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
@@ -234,7 +225,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     saved, state = Plan.from_dict(config["plan"]), adapter_state(model)
     if dataclasses.replace(saved, disabled_modules=[]) != dataclasses.replace(state.plan, disabled_modules=[]):
         raise AdapterError(f"{folder} was saved with a different plan than the model's adapter")
-    _copy_weights(model, _load_weights(folder), folder)
+    _copy_weights(model, _load_weights(folder, config), folder)
     state.set_disabled(model, saved.disabled_modules)  # a dynamic HeteroLoRA checkpoint's selection
 
 
@@ -255,7 +246,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
             f"adapter {folder} was trained on {config['base_model']!r}, whose architecture differs from this "
             f"model ({_base_name(model)!r}){detail}; load it onto the base model it was trained with"
         )
-    tensors = _load_weights(folder)
+    tensors = _load_weights(folder, config)
     state = inject_adapters(model, Plan.from_dict(config["plan"]))
     _copy_weights(model, tensors, folder)
     return state

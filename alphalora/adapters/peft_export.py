@@ -38,7 +38,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
             "serve it with the native engine (`alphalora serve`), use it from Python "
             "(`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
         )
-    tensors = _load_weights(folder)
+    tensors = _load_weights(folder, config)
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: export what is on
     names = [name for name in config["module_names"] if name not in switched_off]
     if not names:

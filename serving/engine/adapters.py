@@ -168,7 +168,7 @@ def _load_own(folder: Path) -> _AdapterParts:
     if plan.get("router", {}).get("renormalize") is False:
         raise AdapterError(f"{folder} was trained with un-renormalised router gates (router.renormalize false), "
                            "which the engine does not serve: its expert kernels renormalise the top-k gates")
-    tensors = _load_weights(folder)
+    tensors = _load_weights(folder, config)
     modules = {}
     switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: serve what is on
     for name in (n for n in config["module_names"] if n not in switched_off):

@@ -26,7 +26,7 @@ def check_bakeable(model_dir: str | Path, adapter_dir: str | Path) -> dict:
     from transformers import AutoConfig
 
     config = read_adapter_config(adapter_dir)
-    check_weights_file(Path(adapter_dir))  # the plugin reads the file itself: a damaged one is refused here
+    check_weights_file(Path(adapter_dir), config)  # the plugin reads the file itself: a damaged one is refused here
     plan = config["plan"]
     base = AutoConfig.from_pretrained(model_dir)
     if base.model_type not in PLUGIN_ARCHITECTURES:

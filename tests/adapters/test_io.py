@@ -17,6 +17,7 @@ from alphalora.adapters.io import (
     base_fingerprint,
     load_adapter,
     load_adapter_weights,
+    read_adapter_config,
     save_adapter,
 )
 from alphalora.allocation import Plan
@@ -115,7 +116,7 @@ def test_a_flipped_bit_in_the_weights_is_refused_by_every_loader(tmp_path):
     with pytest.raises(AdapterError, match=message):
         load_adapter_weights(_trained(), folder)  # resuming a checkpoint
     with pytest.raises(AdapterError, match=message):
-        _load_weights(folder)  # what the serving engine's adapter loader and the PEFT export call
+        _load_weights(folder, read_adapter_config(folder))  # what the engine's adapter loader and the PEFT export call
 
 
 def test_configs_saved_before_the_weights_hash_load_unchecked(tmp_path):
