@@ -89,6 +89,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name where it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def read_json(path: str | os.PathLike, what: str, how_to_create: str, error: type[Exception]) -> Any:
     """Parses a JSON file, raising `error` with a message that says what is wrong and how to fix it."""
     try:

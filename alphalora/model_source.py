@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alphalora._io import first_line
+
 # What a model folder needs besides its weights: config, generation config, tokenizer, chat template.
 _METADATA = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -68,7 +70,6 @@ def model_folder(name_or_path: str | Path, error: type[Exception] = ValueError, 
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as unreachable:
         from huggingface_hub import constants
 
-        reason = str(unreachable).strip().splitlines()[0] if str(unreachable).strip() else type(unreachable).__name__
         retry = "unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "connect and retry"
-        raise error(f"{repo_id} is not a local folder and the Hugging Face Hub could not provide it ({reason}); "
-                    f"{retry}, or pass a local model folder") from unreachable
+        raise error(f"{repo_id} is not a local folder and the Hugging Face Hub could not provide it "
+                    f"({first_line(unreachable)}); {retry}, or pass a local model folder") from unreachable

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alphalora._io import first_line
+
 from .roles import CONV1D_LEAVES, block_index, is_embedding_name, role_of
 
 
@@ -87,15 +89,11 @@ def _unreadable(file: Path, reason: str, fix: str = REDOWNLOAD) -> WeightSourceE
     return WeightSourceError(f"cannot read {file}: {reason}; {fix}")
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _unreadable(file, _first_line(error)) from error
+        raise _unreadable(file, first_line(error)) from error
     if not isinstance(data, dict):
         raise _unreadable(file, f"expected a JSON object, found {type(data).__name__}")
     return data
@@ -131,14 +129,14 @@ def _tensor_readers(file: Path):
                 shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
                 dtypes = {k: handle.get_slice(k).get_dtype() for k in keys}
         except (SafetensorError, OSError) as error:
-            raise _unreadable(file, _first_line(error)) from error
+            raise _unreadable(file, first_line(error)) from error
 
         def load(key: str) -> torch.Tensor:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     return handle.get_tensor(key)
             except (SafetensorError, OSError) as error:
-                raise _unreadable(file, f"tensor {key}: {_first_line(error)}") from error
+                raise _unreadable(file, f"tensor {key}: {first_line(error)}") from error
 
         # safetensors dtype codes: F16, BF16, F32, F8_E4M3, ... are floating point; I8, U8, I32, BOOL, ... are not.
         return [(k, shapes[k], dtypes[k].startswith(("F", "BF")), (lambda k=k: load(k))) for k in keys]
@@ -154,7 +152,7 @@ def _tensor_readers(file: Path):
             "(`model.save_pretrained(folder)`)",
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise _unreadable(file, _first_line(error)) from error
+        raise _unreadable(file, first_line(error)) from error
     if not isinstance(state, dict):
         raise _unreadable(file, f"expected a state dict, found {type(state).__name__}")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
