@@ -164,7 +164,7 @@ class Plan:
         if self.router.type not in ROUTER_TYPES:
             fail(f"router.type {self.router.type!r} is not one of {', '.join(ROUTER_TYPES)}")
         coef = self.router.aux_loss_coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+        if not is_number(coef) or not coef >= 0:
             fail(f"router.aux_loss_coef must be a number >= 0, got {coef!r}")
         if not isinstance(self.router.renormalize, bool):
             fail(f"router.renormalize must be true or false, got {self.router.renormalize!r}")

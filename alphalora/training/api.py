@@ -11,7 +11,7 @@ from typing import Any
 from alphalora._io import write_text_atomic
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
-from alphalora.allocation.plan import Plan
+from alphalora.allocation.plan import Plan, is_positive_int
 from alphalora.model_source import is_hub_id, model_folder
 
 from .data import (
@@ -229,7 +229,7 @@ def _check_numbers(**values) -> None:
     positive_ints = ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
     for name in positive_ints:
         value = values[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     steps = values["max_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1):
