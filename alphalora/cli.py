@@ -514,11 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
     serve.add_argument("--adapter-dir", default=None, help="folder /v1/load_lora_adapter may load adapters from")
-    serve.add_argument("--max-loras", type=int, default=4,
+    serve.add_argument("--max-loras", type=_positive_int, default=4,
                        help="adapters resident at once (LRU), and distinct adapters in one step (as vLLM)")
-    serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
-    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences in the running batch")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                       help="tokens per step (prefill chunks)")
+    serve.add_argument("--max-model-len", type=_positive_int, default=None,
+                       help="context length (default: the model's)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="Jinja chat template (a file, or the template itself) for /v1/chat/completions, where "
                        "the tokenizer has none or another is wanted")
@@ -536,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-python", default=None, metavar="PATH",
                        help="python of the environment where vLLM is installed (default: this one, or "
                        "$ALPHALORA_VLLM_PYTHON)")
-    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only: GPUs to shard the model over")
+    serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                       help="vLLM only: GPUs to shard the model over")
     serve.add_argument("--vllm-args", default="", metavar="ARGS",
                        help="vLLM only: more arguments for vLLM's server, e.g. \"--pipeline-parallel-size 2 "
                        "--distributed-executor-backend ray\"")

@@ -98,3 +98,11 @@ def test_default_model_is_the_bundled_minilm(tmp_path, minilm_dir, capsys):
     printed = capsys.readouterr().out
     assert refined > 0 and f"refined in fp64: {refined} of {fitted} matrices" in printed
     assert ("--precision fp64 computes each once" in printed) == (2 * refined > fitted)
+
+
+@pytest.mark.parametrize("option", ["--max-num-seqs", "--max-loras", "--max-num-batched-tokens", "--max-model-len"])
+def test_serve_refuses_a_zero_limit_before_loading_anything(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tmp_path / "no-model"), option, "0"])
+    assert exit_info.value.code == 2
+    assert f"{option}: must be a positive integer, got '0'" in capsys.readouterr().err

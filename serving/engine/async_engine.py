@@ -189,6 +189,10 @@ class AsyncEngine:
         (time.monotonic(), default now): when the request reached the server, where TTFT counts from."""
         if self._stopping:
             raise EngineFailure("the engine shut down")
+        limit = self.engine.config.max_waiting
+        if len(requests) > limit:  # (a QueueFullError would tell the client to retry what can never fit)
+            raise ValueError(f"this request asks for {len(requests)} sequences (prompts x n), more than the server "
+                             f"queues at once ({limit}): send its prompts in smaller requests")
         loop = asyncio.get_running_loop()
         arrival = time.monotonic() if arrival is None else arrival
         admission = _Admission(list(requests), adapter, arrival, loop, loop.create_future(),

@@ -45,6 +45,17 @@ class EngineConfig:
     adapters: dict[str, str] = field(default_factory=dict)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
 
+    def __post_init__(self):
+        # A zero here would not fail: requests would wait for ever (no sequence, or no adapter, ever admitted).
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_waiting"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or None for the default), got {value!r}")
+
 
 def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported: bool | None = None) -> torch.dtype:
     """`--dtype auto`: on a GPU as vLLM reads it, the checkpoint's half precision and a float32
@@ -76,7 +87,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.model = model.to(cfg.device, cfg.dtype) if cfg.dtype else model.to(cfg.device)
         context = getattr(model.config, "max_position_embeddings", 2048)
-        self.max_model_len = min(cfg.max_model_len or context, context)
+        if cfg.max_model_len is not None and cfg.max_model_len > context:
+            # (as vLLM: positions past the model's would be extrapolated silently)
+            raise ValueError(f"max_model_len {cfg.max_model_len} is longer than the model's context of {context} "
+                             f"tokens (max_position_embeddings): pass {context} or less, or leave it unset")
+        self.max_model_len = cfg.max_model_len or context
         num_blocks = cfg.num_blocks or -(-self.max_model_len // cfg.block_size) * max(1, cfg.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting,

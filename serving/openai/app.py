@@ -111,6 +111,11 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+            offset = first.get("loc", (None, None))[-1]
+            reason = first.get("ctx", {}).get("error", "not valid JSON")
+            return _error(400, f"the request body is not valid JSON: {reason} (at character {offset})",
+                          "invalid_request_error")
         location = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{first.get('msg', 'invalid request')}" + (f" (at {location})" if location else "")
         return _error(400, message, "invalid_request_error", location)
@@ -193,6 +198,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            state.resolve_adapter(body.model)  # a 404 for an unknown model, as vLLM
         if body.messages is not None:
             tokens = await completions.chat_prompt(state, body.messages)
         elif body.prompt is not None:
@@ -203,6 +210,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            state.resolve_adapter(body.model)
         if any(t < 0 or t >= len(state.tokenizer) for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens)}

@@ -333,9 +333,23 @@ def chat_text(state: ServerState, messages, add_generation_prompt: bool = True) 
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template "
                        "FILE, or use /v1/completions")
-    plain = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-              "".join(part.get("text", "") for part in (m.content or []))} for m in messages]
+    plain = [{"role": m.role, "content": _message_text(m.content, i)} for i, m in enumerate(messages)]
     return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _message_text(content, index: int) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts, which must all be text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type", "a part without text")
+            raise APIError(400, f"messages[{index}] has a content part of type {kind!r}: this server's models take "
+                           "text only; send {\"type\": \"text\", \"text\": ...} parts or a string",
+                           param=f"messages.{index}.content")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 async def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:

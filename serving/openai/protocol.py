@@ -25,7 +25,7 @@ class SamplingFields(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = -1
     n: int = Field(default=1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a 64-bit generator seed, as vLLM's
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -37,6 +37,12 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _stop_strings_not_empty(self):
+        if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
+            raise ValueError("stop cannot contain an empty string")
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

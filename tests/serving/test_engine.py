@@ -422,3 +422,17 @@ def test_a_shortcut_for_another_model_is_refused_at_load(tmp_path):
     for layer, width in ((0, hidden + 16), (layers, hidden)):
         with pytest.raises(AdapterError, match="trained for another model"):
             fits.check(with_shortcut(layer, width))
+
+
+@pytest.mark.parametrize("field", ["max_num_seqs", "max_loras", "max_num_batched_tokens", "max_waiting", "block_size"])
+def test_a_limit_of_zero_is_refused_not_left_to_hang_every_request(field):
+    """With no sequence (or no adapter) ever admitted, every request would wait for ever."""
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer, got 0"):
+        EngineConfig(**{field: 0})
+
+
+def test_a_context_longer_than_the_models_is_refused():
+    """As vLLM: positions past max_position_embeddings would be served without a word."""
+    with pytest.raises(ValueError, match="longer than the model's context of 128 tokens"):
+        Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_model_len=129))
+    assert Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_model_len=128)).max_model_len == 128

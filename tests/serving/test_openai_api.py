@@ -162,6 +162,10 @@ def test_openai_client_completions_chat_and_streaming(served):
     ({"model": "BASE", "prompt": "x", "logit_bias": {"5": 500.0}}, 400),
     ({"model": "BASE", "prompt": "x", "logit_bias": {"999999": 1.0}}, 400),
     ({"model": "BASE", "prompt": "x", "min_p": 2.0}, 400),
+    ({"model": "BASE", "prompt": "x", "stop": [""]}, 400),
+    ({"model": "BASE", "prompt": "x", "stop": ""}, 400),
+    ({"model": "BASE", "prompt": "x", "seed": 2**70}, 400),
+    ({"model": "BASE", "prompt": ["x"] * 600, "n": 2}, 400),  # 1200 sequences: more than the queue holds
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(served, payload, status):
     client, state, _, _ = served
@@ -173,6 +177,31 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(served, payload
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
     ok = client.post("/v1/completions", json={"model": state.base_name, "prompt": "the cat", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_errors_name_the_field_at_fault(served):
+    client, state, _, _ = served
+    seed = client.post("/v1/completions", json={"model": state.base_name, "prompt": "x", "seed": 2**70}).json()
+    assert seed["error"]["param"] == "seed"
+    broken = client.post("/v1/completions", content=b'{"model": x}', headers={"content-type": "application/json"})
+    assert broken.status_code == 400
+    assert broken.json()["error"]["param"] is None and "not valid JSON" in broken.json()["error"]["message"]
+    too_many = client.post("/v1/completions", json={"model": state.base_name, "prompt": ["x"] * 600, "n": 2})
+    assert "1200 sequences" in too_many.json()["error"]["message"]  # not a 429 that no retry can pass
+
+
+def test_non_text_chat_content_is_refused_not_dropped(served):
+    client, state, _, _ = served
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    response = client.post("/v1/chat/completions", json={
+        "model": state.base_name, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]})
+    assert response.status_code == 400
+    assert "image_url" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "messages.0.content"
+    text_parts = [{"type": "text", "text": "the cat "}, {"type": "text", "text": "sat"}]
+    as_parts = client.post("/tokenize", json={"messages": [{"role": "user", "content": text_parts}]}).json()
+    as_string = client.post("/tokenize", json={"messages": [{"role": "user", "content": "the cat sat"}]}).json()
+    assert as_parts["tokens"] == as_string["tokens"]
 
 
 def test_invalid_utf8_and_huge_bodies(served):
@@ -213,6 +242,10 @@ def test_tokenize_detokenize_and_metrics(served):
     tokens = client.post("/tokenize", json={"prompt": "the cat sat"}).json()
     assert tokens["count"] == len(tokens["tokens"]) == 3
     assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "the cat sat"
+    assert client.post("/tokenize", json={"model": "moe", "prompt": "the cat sat"}).json() == tokens
+    for route, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        unknown = client.post(route, json={**body, "model": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
     metrics = client.get("/metrics").text
     assert "alphalora_generation_tokens_total" in metrics and 'alphalora_requests_total{adapter="moe"}' in metrics
     assert "alphalora_time_to_first_token_seconds_bucket" in metrics
@@ -285,9 +318,9 @@ def test_a_refused_request_leaves_nothing_behind(tmp_path):
     async_engine = AsyncEngine(engine)
     state = ServerState(engine=async_engine, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
     client = TestClient(build_app(state))
-    try:  # a request's n sequences are admitted together: two fill the waiting queue, the third is refused
+    try:  # three sequences can never wait together in a queue of two: refused whole, not told to retry
         response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 3})
-        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
+        assert response.status_code == 400 and "smaller requests" in response.json()["error"]["message"]
         assert async_engine.run_locked(lambda: not engine.scheduler.waiting and not engine.scheduler.running)
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
         ok = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2, "n": 2})
@@ -296,6 +329,38 @@ def test_a_refused_request_leaves_nothing_behind(tmp_path):
         async_engine.close()
     response = client.post("/v1/completions", json={"model": "m", "prompt": "the cat", "max_tokens": 2})
     assert response.status_code == 503 and "shut down" in response.json()["error"]["message"]
+
+
+def test_a_request_the_full_queue_cannot_take_whole_is_withdrawn_whole_with_a_429(tmp_path):
+    import asyncio
+
+    from alphalora.serving.engine import Engine, EngineConfig, QueueFullError
+    from alphalora.serving.engine.async_engine import AsyncEngine
+    from alphalora.serving.openai import ServerState
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_waiting=2, max_num_seqs=1))
+    async_engine = AsyncEngine(engine, background=False)  # nothing steps: the queue stays as this test fills it
+    params = SamplingParams(max_tokens=2)
+    waiting = engine.add_request([5, 6], params)
+
+    async def admit_two():
+        admission = asyncio.ensure_future(async_engine.add([([5, 6], params), ([7, 8], params)], None))
+        await asyncio.sleep(0)
+        async_engine._empty_inboxes()  # the step boundary: the first fits the queue, the second does not
+        return await admission
+
+    with pytest.raises(QueueFullError):
+        asyncio.run(admit_two())
+    assert list(engine.scheduler.waiting) == [waiting]  # the admitted first sequence was withdrawn
+
+    async def queue_full(*_args):
+        raise QueueFullError("2 requests are already waiting; retry later")
+
+    async_engine.add = queue_full
+    state = ServerState(engine=async_engine, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
+    response = TestClient(build_app(state)).post("/v1/completions", json={"model": "m", "prompt": "the cat"})
+    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
 
 
 def test_chat_template_from_the_command_line(tmp_path):
