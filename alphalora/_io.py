@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,19 +25,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(target)
+    with _naming(target):
+        tmp = _create_beside(target)
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the kernel made of 0o666 and the umask
         yield tmp
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
             os.chmod(tmp, mode)
         _fsync_file(tmp)
-        os.replace(tmp, target)
+        with _naming(target):
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """An OSError about the hidden temporary file is reported as one about `target`, the path the user gave."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, str(target)) from error
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Raises OSError (naming `path`) now, before long work, where a file (or, with `folder`, a folder) could
+    not be written there later: the path is a folder where a file is wanted (or the other way round), or its
+    nearest existing parent folder is not writable."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        errno_, reason = (errno.ENOTDIR, "Not a directory") if folder else (errno.EISDIR, "Is a directory")
+        raise OSError(errno_, reason, str(target))
+    parent = target if folder and target.exists() else target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, "Not a directory", str(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, "Permission denied", str(target))
 
 
 def _create_beside(target: Path) -> Path:

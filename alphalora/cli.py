@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from alphalora.spectral.plots import write_plots
 
     model_dir = args.model_dir or _default_model_dir()
+    plot_names = _names(args.plot_matrices) if args.plot_matrices else None
+    _check_outputs((args.out, False), (args.csv, False), (args.plot, True))
     try:
         report = analyze(
             model_dir, estimator=args.estimator, precision=args.precision, device=args.device,
@@ -77,6 +80,15 @@ def _analyze(args: argparse.Namespace) -> int:
         )
     except AnalysisError as error:
         raise CliError(str(error)) from error
+    unknown = sorted(set(plot_names or ()) - {m.name for m in report.matrices})
+    if unknown:  # before anything is written
+        raise CliError(f"--plot-matrices: no matrix named {', '.join(map(repr, unknown))} in this model; names are "
+                       f"those of the report's `matrices`, e.g. {report.matrices[0].name!r}")
+    # Every file first, then the summary: output cut short (`| head`) loses nothing.
+    report.to_json(args.out)
+    if args.csv:
+        report.to_csv(args.csv)
+    written = write_plots(report, args.plot, plot_names) if args.plot else []
     print(f"{report.model}: {len(report.matrices)} matrices, estimator {report.estimator}, "
           f"{report.precision} on {report.device}")
     refined = sum(m.refined_fp64 for m in report.matrices)
@@ -86,19 +98,26 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"refined in fp64: {refined} of {fitted} matrices, whose fit read eigenvalues under the fp32 "
               f"noise floor{hint}")
     print_layer_table(report)
-    report.to_json(args.out)
     print(f"report: {args.out}")
     if args.csv:
-        report.to_csv(args.csv)
         print(f"csv: {args.csv}")
     if args.plot:
-        matrices = args.plot_matrices.split(",") if args.plot_matrices else None
-        try:
-            written = write_plots(report, args.plot, matrices)
-        except KeyError as error:
-            raise CliError(f"{error.args[0]}; names are those in the report's `matrices`") from error
         print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list, each name stripped (`a, b` is `a,b`)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _check_outputs(*outputs: tuple[str | None, bool]) -> None:
+    """Fails now, not after the long work, where an output (path, is_folder) could not be written."""
+    from alphalora._io import check_writable
+
+    for path, folder in outputs:
+        if path:
+            check_writable(path, folder)
 
 
 def _float_list(text: str) -> list[float]:
@@ -119,13 +138,21 @@ def _allocate(args: argparse.Namespace) -> int:
     if given:
         raise CliError(f"{', '.join(given)}: HeteroLoRA options, read only with --method hetero; leave them out "
                        f"for --method {args.method}")
+    ignored = [flag for flag, value, method in (("--preset", args.preset, "mola"), ("--beta", args.beta, "alphalora"),
+                                                ("--rounding", args.rounding, "alphalora"))
+               if value is not None and args.method != method]
+    if ignored:
+        raise CliError(f"{', '.join(ignored)}: not read by --method {args.method}; leave "
+                       f"{'it' if len(ignored) == 1 else 'them'} out (--preset is MoLA's, --beta and --rounding "
+                       "AlphaLoRA's)")
+    _check_outputs((args.out, False), (args.plot, False))
     budget = args.budget
     if budget is None and args.method != "mola":
         budget = 160
     try:
         plan = allocate(
             args.report, alphas=_float_list(args.alphas) if args.alphas else None, method=args.method,
-            preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
+            preset=args.preset, budget=budget, beta=_beta(args), rounding=_rounding(args),
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
             base_model=args.base_model, rank=args.rank,
             target_modules=args.target_modules.split(",") if args.target_modules else None,
@@ -134,14 +161,23 @@ def _allocate(args: argparse.Namespace) -> int:
         )
     except (AllocationError, PlanFormatError, ReportFormatError) as error:
         raise CliError(str(error)) from error
+    plan.save(args.out)
+    plot = plot_allocation(plan, args.plot) if args.plot else None
     print(f"{plan.method}: {plan.total_experts} experts over {plan.num_layers} layers")
     print("experts per layer: " + ",".join(map(str, plan.experts_per_layer)))
     print("top_k per layer:   " + ",".join(map(str, plan.top_k_per_layer)))
-    plan.save(args.out)
     print(f"plan: {args.out}")
-    if args.plot:
-        print(f"plot: {plot_allocation(plan, args.plot)}")
+    if plot:
+        print(f"plot: {plot}")
     return 0
+
+
+def _beta(args: argparse.Namespace) -> float:
+    return 2.5 if args.beta is None else args.beta
+
+
+def _rounding(args: argparse.Namespace) -> str:
+    return "largest-remainder" if args.rounding is None else args.rounding
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -160,10 +196,11 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
     if missing:
         raise CliError(f"--method hetero needs {', '.join(missing)} (a model folder, training data to score on, and "
                        "a budget in trainable parameters)")
+    _check_outputs((args.out, False), (args.plot, False))
     try:
         plan = allocate(  # the other methods' options go along too, so that allocate refuses them, not ignores them
             args.report, alphas=_float_list(args.alphas) if args.alphas else None, preset=args.preset,
-            beta=args.beta, rounding=args.rounding, max_experts=args.max_experts, top_k=args.top_k,
+            beta=_beta(args), rounding=_rounding(args), max_experts=args.max_experts, top_k=args.top_k,
             num_layers=args.num_layers, base_model=args.base_model, rank=args.rank,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
             method="hetero", model_dir=args.model, data=args.data, proxy=args.proxy, budget=args.budget,
@@ -176,6 +213,8 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
         )
     except (AllocationError, PlanFormatError) as error:
         raise CliError(str(error)) from error
+    plan.save(args.out)
+    plot = plot_allocation(plan, args.plot) if args.plot else None
     source, ranks = plan.source, hetero_ranks(plan)
     on = {name: r for name, r in ranks.items() if r}
     print(f"hetero ({source['proxy']}: {source['proxy_cost']}, {source['proxy_seconds']:.1f} s): "
@@ -184,10 +223,9 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
         print(f"  r={rank:<3d} {name}  (score {source['scores'][name]:.4g})")
     if plan.reallocation is not None:
         print(f"dynamic: training re-scores every {plan.reallocation.every} steps")
-    plan.save(args.out)
     print(f"plan: {args.out}")
-    if args.plot:
-        print(f"plot: {plot_allocation(plan, args.plot)}")
+    if plot:
+        print(f"plot: {plot}")
     return 0
 
 
@@ -378,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--budget", type=int, default=None,
                           help="total experts (default 160; for mola, default: the preset's literal counts); "
                           "for hetero: trainable adapter parameters (required)")
-    allocate.add_argument("--beta", type=float, default=2.5, help="AlphaLoRA exponent: n_l ~ alpha_l^beta")
-    allocate.add_argument("--rounding", choices=["largest-remainder", "compat"], default="largest-remainder",
-                          help="compat reproduces the AlphaLoRA authors' rounding, quirks included")
+    allocate.add_argument("--beta", type=float, default=None,
+                          help="AlphaLoRA exponent: n_l ~ alpha_l^beta (default: 2.5)")
+    allocate.add_argument("--rounding", choices=["largest-remainder", "compat"], default=None,
+                          help="AlphaLoRA's rounding of the counts; compat reproduces the authors' rounding, quirks "
+                          "included (default: largest-remainder)")
     allocate.add_argument("--max-experts", type=int, default=None, help="cap per layer (largest-remainder)")
     allocate.add_argument("--top-k", type=int, default=2, help="experts per token, capped by each layer's count")
     allocate.add_argument("--num-layers", type=int, default=None, help="layer count for mola/uniform without a report")
@@ -550,7 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe raises here, not at exit, where only a traceback could report it
+        return code
+    except BrokenPipeError:  # the reader left (`| head`): every file is written by then, nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python would report the pipe again when it flushes at exit)
+        return 1
     except CliError as error:
         print(f"alphalora {args.verb}: error: {error}", file=sys.stderr)
         return 2

@@ -53,9 +53,60 @@ def test_plot_named_matrices(llama_dir, tmp_path):
     assert main(["analyze", str(llama_dir), "--out", str(tmp_path / "r.json"), "--plot", str(plots),
                  "--plot-matrices", name, "--no-progress"]) == 0
     assert (plots / f"esd_{name}.png").exists()
-    code = main(["analyze", str(llama_dir), "--out", str(tmp_path / "r.json"), "--plot", str(plots),
-                 "--plot-matrices", "model.nothing", "--no-progress"])
-    assert code == 2
+    spaced = f"{name}, model.layers.0.self_attn.q_proj"  # as people type lists: a space after the comma
+    assert main(["analyze", str(llama_dir), "--out", str(tmp_path / "r2.json"), "--plot", str(tmp_path / "p2"),
+                 "--plot-matrices", spaced, "--no-progress"]) == 0
+    assert (tmp_path / "p2" / "esd_model.layers.0.self_attn.q_proj.png").exists()
+
+
+def test_a_mistyped_plot_matrix_fails_before_any_file_is_written(llama_dir, tmp_path, capsys):
+    out, table, plots = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "plots"
+    code = main(["analyze", str(llama_dir), "--out", str(out), "--csv", str(table), "--plot", str(plots),
+                 "--plot-matrices", "model.layers.1.mlp.down_proj,model.nothing", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no matrix named 'model.nothing'" in err and "model.layers.0" in err
+    assert not out.exists() and not table.exists() and not plots.exists()
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_analysis_naming_the_users_path(llama_dir, tmp_path,
+                                                                                          capsys, monkeypatch):
+    import alphalora.spectral
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the analysis ran before the output paths were checked")
+
+    monkeypatch.setattr(alphalora.spectral, "analyze", must_not_run)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["analyze", str(llama_dir), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"Is a directory: {folder}" in err and ".tmp" not in err
+    assert main(["analyze", str(llama_dir), "--out", str(tmp_path / "r.json"), "--csv", str(folder)]) == 2
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_allocate_refuses_another_methods_options_instead_of_ignoring_them(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--alphas", "3,4", "--preset", "2468", "--out", str(out)]) == 2
+    assert "--preset: not read by --method alphalora" in capsys.readouterr().err
+    assert main(["allocate", "--alphas", "3,4", "--method", "mola", "--preset", "24", "--beta", "5",
+                 "--rounding", "compat", "--out", str(out)]) == 2
+    assert "--beta, --rounding: not read by --method mola" in capsys.readouterr().err
+    assert main(["allocate", "--method", "uniform", "--num-layers", "2", "--beta", "3", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["allocate", "--alphas", "3,4", "--beta", "1", "--budget", "7", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["experts_per_layer"] == [3, 4]  # 7 in the ratio 3:4 (beta 1), by hand
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_allocate_into_a_closed_pipe_saves_the_plan_without_a_traceback(tmp_path, unbuffered, monkeypatch):
+    """`| head` closes the pipe early; `true` closes it before the command (seconds to import) prints a line."""
+    out, plot = tmp_path / "plan.json", tmp_path / "p.png"
+    monkeypatch.setenv("PYTHONUNBUFFERED", unbuffered)
+    command = f"{sys.executable} -m alphalora.cli allocate --alphas 3,4,5,6 --out {out} --plot {plot} | true"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert json.loads(out.read_text())["experts_per_layer"] and plot.exists()
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
