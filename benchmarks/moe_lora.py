@@ -70,7 +70,9 @@ def mola_style_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
     list-indexed gathers, the expert's own dropout call, and index_add_ into a buffer."""
     result = layer.base(x)
     x2 = x.reshape(-1, layer.in_features)
-    logits = layer.router(x2)
+    # (float32 adapter weights over a bfloat16 base compute in bfloat16, as ours and autocast do)
+    router, lora_A, lora_B = (w.to(x2.dtype) for w in (layer.router.weight, layer.lora_A, layer.lora_B))
+    logits = torch.nn.functional.linear(x2, router)
     weights = torch.softmax(logits, dim=1, dtype=torch.float)
     weights, selected = torch.topk(weights, layer.top_k, dim=-1)
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x2.dtype)
@@ -82,8 +84,8 @@ def mola_style_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
             continue
         rows_list, slot_list = rows.tolist(), slot.tolist()
         state = x2[None, rows_list].reshape(-1, layer.in_features)
-        out = torch.nn.functional.linear(torch.nn.functional.linear(layer.dropout(state), layer.lora_A[e]),
-                                         layer.lora_B[e]) * layer.scaling
+        out = torch.nn.functional.linear(torch.nn.functional.linear(layer.dropout(state), lora_A[e]),
+                                         lora_B[e]) * layer.scaling
         final.index_add_(0, rows, out * weights[rows_list, slot_list, None])
     return result + final.reshape(*x.shape[:-1], layer.out_features)
 

@@ -22,7 +22,7 @@ from alphalora import ops
 class _LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_A, lora_B, scaling: float):
-        down, up = lora_A[0], lora_B[0]  # [r, in], [out, r]
+        down, up = lora_A[0].to(x.dtype), lora_B[0].to(x.dtype)  # [r, in], [out, r] (float32 adapters over bf16)
         hidden = (x if x_dropped is None else x_dropped) @ down.T * scaling
         out = F.linear(x, weight, bias).addmm_(hidden, up.T)
         ctx.save_for_backward(x, x_dropped, weight, down, up, hidden)
@@ -51,7 +51,8 @@ class _DenseMoELoRA(torch.autograd.Function):
         num_experts, rank, fan_in = lora_A.shape
         fan_out = lora_B.shape[1]
         width = num_experts * rank
-        down = lora_A.reshape(width, fan_in)
+        down = lora_A.reshape(width, fan_in).to(x.dtype)  # (float32 adapters over a bf16 base compute in bf16)
+        router = router.to(x.dtype)
         shared = x_dropped is None  # no dropout: one GEMM gives the experts' down-projections and the logits
         if shared:
             stacked = torch.cat([down, router])
@@ -62,7 +63,7 @@ class _DenseMoELoRA(torch.autograd.Function):
         # gates: [T, E] fp32, the softmax of each token's top-k logits (zero elsewhere); gated: hidden
         # times scaling times its expert's gate.
         gated, gates, ids = ops.router_gates(hidden, logits, top_k, scaling)
-        up = lora_B.permute(1, 0, 2).reshape(fan_out, width)  # [out, E*r]
+        up = lora_B.permute(1, 0, 2).reshape(fan_out, width).to(x.dtype)  # [out, E*r]
         out = F.linear(x, weight, bias).addmm_(gated, up.T)
         # Without dropout [A; router] is all backward needs of the two; with it, A and the router apart.
         ctx.save_for_backward(x, x_dropped, weight, *((stacked,) if shared else (router, down)), up, hidden, gated,
@@ -113,6 +114,8 @@ def dense_moe_lora(x: torch.Tensor, x_dropped: torch.Tensor | None, weight: torc
     x: [T, in]; x_dropped: x after dropout, the experts' input (None without dropout); weight
     [out, in] and bias: the frozen base linear (no gradient is computed for them); router: [E, in];
     lora_A: [E, r, in]; lora_B: [E, out, r]. Gates: softmax of x @ router.T in fp32, top-k, renormalised to sum to 1.
+    router, lora_A and lora_B may be float32 over a half-precision x and base: the products run in x's dtype, and
+    their gradients come back in float32.
     """
     return _DenseMoELoRA.apply(x, x_dropped, weight, bias, router, lora_A, lora_B, scaling, top_k)
 

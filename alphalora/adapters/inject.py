@@ -44,7 +44,7 @@ class SharedRouter(nn.Module):
 
     def route(self, hidden: torch.Tensor) -> None:
         tokens = hidden.reshape(-1, hidden.shape[-1])
-        logits = tokens @ self.weight.T
+        logits = tokens @ self.weight.T.to(tokens.dtype)  # (float32 over a half-precision model: adapter_dtype)
         gates, ids = top_k_gates(logits, self.top_k, self.renormalize)
         if self.balance is not None and self.training:
             self.balance.add(logits, ids)

@@ -23,6 +23,13 @@ def base_features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and GPT-2 Conv1D are supported")
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter's parameters over a base in `base_dtype`: float32 over a half-precision base (as
+    PEFT's `autocast_adapter_dtype`), so that AdamW's updates, most of them under bfloat16's resolution of the
+    weights, are not rounded away; the base's dtype otherwise. The forward computes in the input's dtype."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
 class MoELoRALinear(nn.Module):
     """base(x) + scaling * sum over the top-k experts e of g_e(x) * B_e A_e dropout(x).
 
@@ -49,7 +56,7 @@ class MoELoRALinear(nn.Module):
         self.scaling = lora_alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **factory))
         self.router = (nn.Linear(self.in_features, num_experts, bias=False, **factory)
@@ -77,7 +84,7 @@ class MoELoRALinear(nn.Module):
         """Top-k (gates, expert ids), each [T, k], for flattened tokens x2."""
         if self.shared_gates is not None:
             return stable_top_k(self.shared_gates, self.top_k)
-        logits = self.router(x2)
+        logits = F.linear(x2, self.router.weight.to(x2.dtype))
         gates, ids = top_k_gates(logits, self.top_k, self.renormalize)
         if self.balance is not None and self.training:
             self.balance.add(logits, ids)
@@ -98,7 +105,7 @@ class MoELoRALinear(nn.Module):
         # Dense-masked form: all experts' A in one GEMM (E*r columns, small next to the hidden
         # size); the unchosen experts are zeroed by their gates, the scale folded in here, where
         # the tensor is E*r wide rather than out_features wide.
-        hidden = self.dropout(x2) @ self.lora_A.reshape(-1, self.in_features).T
+        hidden = self.dropout(x2) @ self.lora_A.reshape(-1, self.in_features).T.to(x2.dtype)
         if gates is None:
             return hidden * self.scaling
         return hidden * (gates * self.scaling).to(hidden.dtype).repeat_interleave(self.rank, dim=1)
@@ -114,7 +121,8 @@ class MoELoRALinear(nn.Module):
             gates = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
         else:
             gates, ids = self.routing(x2)
-        return ops.moe_lora(self.dropout(x2), self.lora_A, self.lora_B, gates * self.scaling, ids, ids_in_range=True)
+        return ops.moe_lora(self.dropout(x2), self.lora_A.to(x2.dtype), self.lora_B.to(x2.dtype), gates * self.scaling,
+                            ids, ids_in_range=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -156,8 +164,10 @@ class MoELoRALinear(nn.Module):
         else:
             return None
         frozen = not weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-        router = self.router.weight.dtype if self.router is not None else x.dtype
-        same_dtype = x.dtype == weight.dtype == self.lora_A.dtype == router
+        # The adapter's own parameters may be float32 over a half-precision base (adapter_dtype): the function
+        # computes in the input's dtype and hands their gradients back in theirs.
+        adapter = {self.lora_A.dtype} | ({self.router.weight.dtype} if self.router is not None else set())
+        same_dtype = x.dtype == weight.dtype and adapter <= {x.dtype, torch.float32}
         # Mixed precision casts op by op to its own dtype: keep the op chain where that differs from the
         # layer's. A model already in the autocast dtype (`alphalora train --bf16` loads it so) casts nothing.
         device = x.device.type
@@ -177,10 +187,11 @@ def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tens
     """
     x2 = x.reshape(-1, layer.in_features)
     out = torch.zeros(x2.shape[0], layer.out_features, dtype=torch.float32, device=x.device)
+    lora_A, lora_B = layer.lora_A.to(x2.dtype), layer.lora_B.to(x2.dtype)
     if layer.num_experts == 1:
-        out += (F.linear(F.linear(x2, layer.lora_A[0]), layer.lora_B[0]) * layer.scaling).float()
+        out += (F.linear(F.linear(x2, lora_A[0]), lora_B[0]) * layer.scaling).float()
     else:
-        logits = layer.router(x2) if layer.shared_gates is None else None
+        logits = F.linear(x2, layer.router.weight.to(x2.dtype)) if layer.shared_gates is None else None
         if logits is not None:
             gates, ids = top_k_gates(logits, layer.top_k, layer.renormalize)
         else:
@@ -189,6 +200,6 @@ def moe_lora_loop_reference(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tens
             rows, slot = torch.where(ids == e)
             if rows.numel() == 0:
                 continue
-            expert = F.linear(F.linear(x2[rows], layer.lora_A[e]), layer.lora_B[e]) * layer.scaling
+            expert = F.linear(F.linear(x2[rows], lora_A[e]), lora_B[e]) * layer.scaling
             out.index_add_(0, rows, (expert.float() * gates[rows, slot, None]))
     return layer.base(x) + out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)

@@ -24,6 +24,8 @@ from torch import nn
 
 from alphalora.allocation.plan import parse_shortcut
 
+from .layer import adapter_dtype
+
 SHORTCUTS_ATTRIBUTE = "alphalora_shortcuts"
 
 
@@ -38,7 +40,7 @@ class ShortcutLoRA(nn.Module):
         super().__init__()
         if not 1 <= rank <= features:
             raise ShortcutError(f"shortcut rank {rank} must be between 1 and the hidden size {features}")
-        factory = {"device": like.device, "dtype": like.dtype}
+        factory = {"device": like.device, "dtype": adapter_dtype(like.dtype)}
         # Same layout as a one-expert MoE-LoRA layer: [1, r, d] and [1, d, r].
         self.lora_A = nn.Parameter(torch.empty(1, rank, features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(1, features, rank, **factory))

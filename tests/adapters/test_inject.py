@@ -161,12 +161,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_model():
+def test_bf16_model_keeps_float32_adapter_weights_so_small_updates_are_not_lost():
+    """As PEFT's autocast_adapter_dtype: a bfloat16 base, float32 adapter parameters. An AdamW step moves each
+    weight by about lr; at lr 1e-5 that is under bfloat16's resolution of a weight of 0.05 (2^-8 of it), so
+    bfloat16 parameters would keep most of their values (the failure this guards against)."""
     model = build("qwen2").to(torch.bfloat16)
     inject_adapters(model, _plan(targets=["q", "v"]))
-    for p in adapter_parameters(model).values():
-        assert p.dtype == torch.bfloat16
-    assert model(**_inputs("qwen2")).logits.dtype == torch.bfloat16
+    params = adapter_parameters(model)
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(0, 0.05)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    logits = model(**_inputs("qwen2")).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.0).step()
+    for name, p in params.items():
+        moved = (p.detach() != before[name]) | (p.grad == 0)
+        assert moved.all(), f"{name}: {(~moved).sum()} of {p.numel()} entries did not move"
+        assert p.grad.dtype == torch.float32
 
 
 def test_a_tied_head_in_modules_to_save_is_refused():
