@@ -584,11 +584,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vLLM only: more arguments for vLLM's server, e.g. \"--pipeline-parallel-size 2 "
                        "--distributed-executor-backend ray\"")
     serve.set_defaults(run=_serve)
+    for verb_parser in verbs.choices.values():
+        verb_parser.set_defaults(verb_parser=verb_parser)
     return parser
 
 
+def _refuse_unknown(verb_parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exits with the verb's usage (not the top level's) and the nearest option for each mistyped one."""
+    import difflib
+
+    options = [flag for action in verb_parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("--") else []
+        if close:
+            hints.append(f"{arg}: did you mean {close[0]}?")
+    verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(args.verb_parser, unknown)
     try:
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe raises here, not at exit, where only a traceback could report it

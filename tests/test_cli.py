@@ -157,3 +157,11 @@ def test_serve_refuses_a_zero_limit_before_loading_anything(option, tmp_path, ca
         main(["serve", str(tmp_path / "no-model"), option, "0"])
     assert exit_info.value.code == 2
     assert f"{option}: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_a_mistyped_option_gets_the_verbs_usage_and_the_nearest_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "m", "--plan", "p", "--data", "d", "--out", "o", "--lr-schedular", "cosine"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: alphalora train")
+    assert "unrecognized arguments: --lr-schedular cosine" in err and "did you mean --lr-scheduler?" in err
