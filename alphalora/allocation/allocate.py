@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from alphalora.spectral.report import SpectralReport
+from alphalora.spectral.report import SpectralReport, why_no_alpha
 from alphalora.spectral.roles import ROLE_ORDER
 
 from .expert_counts import (
@@ -13,7 +13,10 @@ from .expert_counts import (
     alpha_power_counts,
     default_top_k,
     group_counts,
+    positive_number,
+    real_numbers,
     uniform_counts,
+    whole_number,
 )
 from .plan import DEFAULT_TARGET_MODULES, METHODS, Plan, RouterSettings
 
@@ -36,16 +39,56 @@ _NOT_HETERO = {
 }
 
 
-def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[float] | None):
+def _layer_alphas(report: SpectralReport | str | Path | None, alphas: Sequence[float] | None, method: str):
+    """The layer alphas (None for a block without a fit) and the report they came from, checked.
+
+    A report's layers must be its blocks 0..L-1 in order; AlphaLoRA also needs every one of them fitted.
+    """
     if report is not None and alphas is not None:
         raise AllocationError("give either a report or a list of alphas, not both")
     if report is None:
-        return (list(alphas) if alphas is not None else None), None
+        return (real_numbers(alphas, "layer alphas (--alphas)") if alphas is not None else None), None
     if not isinstance(report, SpectralReport):
         report = SpectralReport.load(report)
     if not report.layers:
         raise AllocationError(f"the report for {report.model} has no layer scores to allocate from")
+    _check_block_order(report)
+    if method == "alphalora":
+        _check_every_layer_fitted(report)
     return report.layer_alphas(), report
+
+
+def _check_block_order(report: SpectralReport) -> None:
+    """Refuses layers other than 0, 1, ..., L-1 in order: any gap would shift every later layer's count."""
+    found = [layer.layer for layer in report.layers]
+    if found == list(range(len(found))):
+        return
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    problem = f"layer(s) {', '.join(map(str, missing))} missing" if missing else "out of order or repeated"
+    raise AllocationError(
+        f"the report for {report.model} lists layers {found}, not 0 to {max(found)} in order ({problem}); "
+        "re-create it with `alphalora analyze`, which gives every block a layer entry"
+    )
+
+
+def _check_every_layer_fitted(report: SpectralReport) -> None:
+    """Refuses layers without an alpha (AlphaLoRA has nothing to weigh them by), naming each and why."""
+    unfitted = [layer.layer for layer in report.layers if layer.alpha is None]
+    if unfitted:
+        causes = "; ".join(f"layer {n} has no fitted alpha: {why_no_alpha(report.matrices, n)}" for n in unfitted)
+        raise AllocationError(f"{causes}. Analyse a model whose weights there can be fitted (NaN/Inf or quantized "
+                              "ones cannot: each matrix's status is in the report), or pass the layer alphas "
+                              "yourself (--alphas, alphas=[...])")
+
+
+def _checked_counts(budget, max_experts, top_k, num_layers) -> tuple[int | None, int | None, int, int | None]:
+    """The MoE methods' whole-number options as ints (numpy integers accepted), refused unless positive and whole."""
+    return (
+        None if budget is None else whole_number(budget, "the expert budget"),
+        None if max_experts is None else whole_number(max_experts, "--max-experts (max_experts)"),
+        whole_number(top_k, "--top-k (top_k)"),
+        None if num_layers is None else whole_number(num_layers, "--num-layers (num_layers)"),
+    )
 
 
 def _report_roles(report: SpectralReport) -> list[str]:
@@ -115,7 +158,9 @@ def allocate(
         raise AllocationError(f"options {sorted(hetero)} apply only to method='hetero'")
     if budget is None and method in ("alphalora", "uniform"):
         budget = DEFAULT_EXPERT_BUDGET
-    layer_alphas, loaded = _layer_alphas(report, alphas)
+    budget, max_experts, top_k, num_layers = _checked_counts(budget, max_experts, top_k, num_layers)
+    beta = positive_number(beta, "beta")
+    layer_alphas, loaded = _layer_alphas(report, alphas, method)
     if layer_alphas is not None:
         if num_layers is not None and num_layers != len(layer_alphas):
             raise AllocationError(f"num_layers {num_layers} does not match the {len(layer_alphas)} layer alphas")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +19,41 @@ class AllocationError(ValueError):
     """Arguments that cannot produce a valid allocation."""
 
 
+def whole_number(value: Any, what: str) -> int:
+    """`value` as an int: refused unless an integer type (not a bool) >= 1, so counts stay whole."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise AllocationError(f"{what} must be positive and whole, got {value!r}")
+    return int(value)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number of any numeric type (numpy's included), but not a bool or a string."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def positive_number(value: Any, what: str) -> float:
+    """`value` as a float: refused unless a finite real number > 0."""
+    if not _is_real(value) or value <= 0:
+        raise AllocationError(f"{what} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def real_numbers(values: Iterable[Any], what: str, *, zero_allowed: bool = False) -> list[float]:
+    """`values` as floats: refused unless a list of finite real numbers > 0 (>= 0 with `zero_allowed`)."""
+    items = None if isinstance(values, (str, bytes)) else list(values)
+    if items is None or not all(_is_real(v) and (v >= 0 if zero_allowed else v > 0) for v in items):
+        bound = "non-negative" if zero_allowed else "positive"
+        raise AllocationError(f"{what} must be {bound} numbers (finite; not strings or booleans), e.g. "
+                              f"[3.1, 2.8, 4.0], got {values!r}")
+    return [float(v) for v in items]
+
+
 def _check_budget(budget: int, num_layers: int, min_experts: int, max_experts: int | None) -> None:
     if num_layers < 1:
         raise AllocationError("no layers to allocate experts to")
-    if budget <= 0:
-        raise AllocationError(f"the expert budget must be positive, got {budget}")
+    whole_number(budget, "the expert budget")
+    if max_experts is not None:
+        whole_number(max_experts, "the per-layer maximum (--max-experts, max_experts)")
     if budget < num_layers * min_experts:
         raise AllocationError(
             f"budget {budget} cannot give {num_layers} layers at least {min_experts} expert(s) each; "
@@ -60,9 +93,7 @@ def largest_remainder(
     to the budget; each share is floored and the leftover experts go to the largest fractional
     remainders, lower layer index first on ties.
     """
-    weights = [float(w) for w in weights]
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise AllocationError(f"weights must be finite and non-negative, got {weights}")
+    weights = real_numbers(weights, "weights", zero_allowed=True)
     _check_budget(budget, len(weights), min_experts, max_experts)
     high = math.inf if max_experts is None else float(max_experts)
     shares = _bounded_shares(weights, budget, min_experts, high)
@@ -85,9 +116,12 @@ def authors_rounding(weights: Sequence[float], budget: int) -> list[int]:
     *un-normalised* weights with the counts: short totals add an expert to argmin(w - n), long
     totals remove one from argmax(w - n). No minimum: a layer can end with 0 experts.
     """
-    values = np.asarray(weights, dtype=np.float64)
-    if values.size == 0 or budget <= 0:
-        raise AllocationError(f"need layers and a positive budget, got {values.size} layers and {budget}")
+    values = np.asarray(real_numbers(weights, "weights"), dtype=np.float64)
+    if values.size == 0:
+        raise AllocationError("no layers to allocate experts to")
+    if not np.isfinite(values.sum()):
+        raise AllocationError(f"the weights' sum overflows the floating-point range (largest {values.max():g})")
+    whole_number(budget, "the expert budget")
     counts = np.round((values / values.sum()) * budget).astype(int)
     while counts.sum() != budget:
         if budget - counts.sum() > 0:
@@ -106,13 +140,11 @@ def alpha_power_counts(
     max_experts: int | None = None,
 ) -> list[int]:
     """AlphaLoRA: experts per layer proportional to alpha_l ** beta, `budget` in total."""
-    if beta <= 0:
-        raise AllocationError(f"beta must be positive, got {beta}")
-    if not layer_alphas:
+    beta = positive_number(beta, "beta")
+    alphas = real_numbers(layer_alphas, "layer alphas")
+    if not alphas:
         raise AllocationError("no layer alphas: analyse the model first (`alphalora analyze`)")
-    if any(not math.isfinite(a) or a <= 0 for a in layer_alphas):
-        raise AllocationError(f"layer alphas must be positive numbers, got {list(layer_alphas)}")
-    weights = [float(a) ** beta for a in layer_alphas]
+    weights = alpha_powers(alphas, beta)
     if rounding == "compat":
         if max_experts is not None:
             raise AllocationError("the authors' rounding (--rounding compat) has no per-layer maximum; leave out "
@@ -127,6 +159,23 @@ def alpha_power_counts(
     if rounding == "largest-remainder":
         return largest_remainder(weights, budget, min_experts, max_experts)
     raise AllocationError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDING_MODES)}")
+
+
+def alpha_powers(layer_alphas: list[float], beta: float) -> list[float]:
+    """alpha_l ** beta per layer (AlphaLoRA's weights); refused where they leave the float range."""
+    weights = []
+    for a in layer_alphas:
+        try:
+            weights.append(float(a) ** beta)
+        except OverflowError:
+            weights.append(math.inf)
+    if not all(0.0 < w < math.inf for w in weights) or not math.isfinite(sum(weights)):
+        raise AllocationError(
+            f"layer alpha ** beta leaves the floating-point range (alphas {min(layer_alphas):g} to "
+            f"{max(layer_alphas):g}, beta {beta:g}; floats end at {sys.float_info.max:.3g}): use a smaller --beta "
+            "(beta; AlphaLoRA's is 2.5), or check the alphas (power-law fits give about 2 to 10)"
+        )
+    return weights
 
 
 def parse_pattern(pattern: str) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,8 @@ def all_shortcut_names(num_layers: int) -> list[str]:
 
 
 def is_number(value: Any) -> bool:
-    """An int or float that is not a bool (JSON true would otherwise pass as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_positive_int(value: Any) -> bool:
@@ -158,7 +159,7 @@ class Plan:
         ):
             fail(f"rank_pattern must map module roles/names to positive integers, got {self.rank_pattern!r}")
         if not is_positive_number(self.lora_alpha):
-            fail(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+            fail(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
         if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.router.type not in ROUTER_TYPES:
@@ -186,7 +187,7 @@ class Plan:
             if not is_positive_int(rank):
                 fail(f"shortcut {name!r}: rank must be a positive integer, got {rank!r}")
         if not is_positive_number(self.shortcut_alpha):
-            fail(f"shortcut_alpha must be positive, got {self.shortcut_alpha!r}")
+            fail(f"shortcut_alpha must be positive and finite, got {self.shortcut_alpha!r}")
         if not isinstance(self.disabled_modules, list) or not all(isinstance(n, str) for n in self.disabled_modules):
             fail(f"disabled_modules must be a list of module names, got {self.disabled_modules!r}")
         repeated = sorted({n for n in self.disabled_modules if self.disabled_modules.count(n) > 1})
@@ -229,7 +230,8 @@ class Plan:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """Standard JSON; NaN or Inf anywhere (JSON has no words for them) is refused rather than written."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

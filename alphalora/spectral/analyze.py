@@ -20,6 +20,7 @@ from .estimators import ESTIMATORS, fit_spectra
 from .metrics import spectrum_metrics
 from .refine import refine_in_fp64
 from .report import AGGREGATIONS, MatrixReport, SpectralReport, layer_scores
+from .roles import block_stack
 from .weights import WeightEntry, WeightSourceError, checkpoint_weights, module_weights
 
 # WeightWatcher 0.7.7's layer filters (constants.py): number of eigenvalues and larger side.
@@ -48,6 +49,20 @@ def _skip_reason(entry: WeightEntry, estimator: str) -> str | None:
     elif m < 2:
         return f"skipped: {m} eigenvalue(s), a fit needs at least 2"
     return None
+
+
+def _refuse_several_block_stacks(entries: list[WeightEntry], model_name: str) -> None:
+    """One stack of numbered blocks only: an encoder-decoder model's encoder block i and decoder block i
+    would otherwise be scored as one layer i."""
+    stacks = sorted({stack for e in entries if (stack := block_stack(e.name)) is not None})
+    if len(stacks) > 1:
+        raise AnalysisError(
+            f"{model_name} has {len(stacks)} stacks of numbered blocks ({', '.join(f'{s}.N' for s in stacks)}), "
+            "as encoder-decoder models (T5, BART) do, and their blocks N would be merged into one layer N; "
+            "alphalora scores the layers of one stack: decoder-only LMs (Llama, GPT-2, Qwen2, ...) and "
+            "encoder-only models (BERT, RoBERTa). Analyse such a model, or pass one stack of a live model "
+            "as an nn.Module (e.g. model.get_encoder())"
+        )
 
 
 @contextlib.contextmanager
@@ -126,6 +141,7 @@ def analyze(
     if not entries:
         hint = "" if include_embeddings else " (embeddings and LM head are left out unless include_embeddings)"
         raise AnalysisError(f"no 2-D weight matrices to analyse in {_model_name(model_or_path)}{hint}")
+    _refuse_several_block_stacks(entries, _model_name(model_or_path))
 
     skip = [_skip_reason(e, estimator) for e in entries]
     todo = [i for i, reason in enumerate(skip) if reason is None]

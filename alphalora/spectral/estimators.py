@@ -19,11 +19,21 @@ WW_SMALL_N_CUTOFF = 20
 WW_SMALL_N_MIN_TAIL = 8
 OVER_TRAINED_THRESH = 2.0
 UNDER_TRAINED_THRESH = 6.0
+# A fitted tail whose eigenvalues all lie within this fraction of xmin is flat: storing a weight in
+# bf16 (8-bit mantissa) alone moves its eigenvalues by up to ~1% of their size, so such a tail's
+# sum(log(lambda / xmin)), the MLE's denominator, is rounding noise and alpha (> 1 + 1/log(1.01),
+# about 100) means nothing. all-MiniLM-L6-v2's and the tests' models' tails spread by 22% or more.
+FLAT_TAIL_RTOL = 1e-2
+DEGENERATE = "degenerate"
 
 
 @dataclass(frozen=True)
 class FitOutcome:
-    """The power-law fit of one spectrum; alpha/D/xmin are None when the fit failed."""
+    """The power-law fit of one spectrum; alpha/D/xmin are None when the fit failed.
+
+    A fit of a flat tail (see FLAT_TAIL_RTOL) keeps its numbers but says status "degenerate: ...":
+    its alpha is rounding noise, and layer scores leave it out.
+    """
 
     alpha: float | None
     D: float | None
@@ -31,12 +41,24 @@ class FitOutcome:
     sigma: float | None
     num_pl_spikes: int | None
     num_fit_evals: int  # eigenvalues that entered the fit
-    status: str  # "success" or "failed: <why>"
-    warning: str  # WeightWatcher's "over-trained" / "under-trained", or ""
+    status: str  # "success", "degenerate: <why>" or "failed: <why>"
+    warning: str  # WeightWatcher's "over-trained" / "under-trained", "flat tail", or ""
 
 
 def _failed(reason: str, num_fit_evals: int) -> FitOutcome:
     return FitOutcome(None, None, None, None, None, num_fit_evals, f"failed: {reason}", "")
+
+
+def _found_fit(alpha: float, distance: float, xmin: float, sigma: float, spikes: int, num_fit: int,
+             largest: float) -> FitOutcome:
+    """A found fit: "success", or "degenerate" where the tail from xmin to the `largest` value is flat."""
+    if largest <= xmin * (1.0 + FLAT_TAIL_RTOL):
+        status = (f"{DEGENERATE}: flat tail, its {spikes} eigenvalues within {FLAT_TAIL_RTOL:.0%} of xmin "
+                  f"(spread {largest / xmin - 1:.1e}), so alpha {alpha:.4g} is rounding noise; left out of the "
+                  "layer score")
+        return FitOutcome(alpha, distance, xmin, sigma, spikes, num_fit, status, "flat tail")
+    warning = "over-trained" if alpha < OVER_TRAINED_THRESH else "under-trained" if alpha > UNDER_TRAINED_THRESH else ""
+    return FitOutcome(alpha, distance, xmin, sigma, spikes, num_fit, "success", warning)
 
 
 def filter_threshold(estimator: str, evals_threshold: float | None = None) -> float:
@@ -125,16 +147,16 @@ def fit_spectra(
     xmin = data.gather(1, index.clamp(min=0)[:, None]).squeeze(1)
     spikes = total - torch.searchsorted(everything, xmin[:, None], right=False).squeeze(1)
     sigma = (alpha - 1.0) / (n - index).clamp(min=1).double().sqrt()
+    largest = data.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1)
     outcomes = []
     rows = zip(n.tolist(), found.tolist(), alpha.tolist(), distance.tolist(), xmin.tolist(), sigma.tolist(),
-               spikes.tolist(), strict=True)
-    for num_fit, ok, a, d, x, sg, spike in rows:
+               spikes.tolist(), largest.tolist(), strict=True)
+    for num_fit, ok, a, d, x, sg, spike, top in rows:
         if num_fit < 2:
             outcomes.append(_failed(f"fewer than 2 eigenvalues above {threshold:g}", num_fit))
         elif not ok:
             outcomes.append(_failed("empty xmin window" if estimator == "xmin_peak" else "no valid xmin candidate",
                                     num_fit))
         else:
-            warning = "over-trained" if a < OVER_TRAINED_THRESH else "under-trained" if a > UNDER_TRAINED_THRESH else ""
-            outcomes.append(FitOutcome(a, d, x, sg, spike, num_fit, "success", warning))
+            outcomes.append(_found_fit(a, d, x, sg, spike, num_fit, top))
     return outcomes

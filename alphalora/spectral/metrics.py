@@ -37,5 +37,19 @@ def spectrum_metrics(evals: torch.Tensor, alpha: float | None, n_rows: int) -> d
     }
     if alpha is not None:
         metrics["alpha_weighted"] = alpha * log_spectral_norm
-        metrics["log_alpha_norm"] = math.log10(float((lam**alpha).sum()))
+        metrics["log_alpha_norm"] = log10_sum_of_powers(lam, alpha)
     return metrics
+
+
+def log10_sum_of_powers(lam: torch.Tensor, alpha: float) -> float:
+    """log10(sum lam^alpha) (WeightWatcher's log_alpha_norm) of a spectrum whose largest value is positive.
+
+    Computed as WeightWatcher does; where lam^alpha overflows to Inf or underflows to 0 (a huge
+    alpha, e.g. a flat spectrum's), as alpha log10(lam_max) + log10(sum (lam / lam_max)^alpha),
+    the same number without the overflow (the sum there is between 1 and M).
+    """
+    total = float((lam**alpha).sum())
+    if 0.0 < total < math.inf:
+        return math.log10(total)
+    lambda_max = float(lam[-1])
+    return alpha * math.log10(lambda_max) + math.log10(float(((lam / lambda_max) ** alpha).sum()))

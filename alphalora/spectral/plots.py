@@ -37,7 +37,7 @@ def plot_layer_alphas(report: SpectralReport, path: str | Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(report.layers) + 3), 4))
     for m in report.matrices:
-        if m.layer is not None and m.alpha is not None:
+        if m.layer is not None and m.ok:  # a degenerate fit's alpha (noise, huge) would hide the rest
             ax.scatter(m.layer, m.alpha, s=12, color="0.6", zorder=1)
     layers = [layer.layer for layer in report.layers]
     ax.plot(layers, report.layer_alphas(), marker="o", color="C0", zorder=2,

@@ -45,10 +45,11 @@ _ROLE_SUFFIXES: list[tuple[str, str]] = [
     ("value", "v"),
 ]
 
-# Leaf names of input/output embeddings and LM heads, left out unless asked for.
+# Leaf names of input/output embeddings, LM heads and other lookup tables (T5's per-bucket attention
+# biases: buckets x heads, not a linear map), left out unless asked for.
 EMBEDDING_LEAVES = frozenset(
     {"wte", "wpe", "lm_head", "embed_out", "shared", "embed_tokens", "word_embeddings",
-     "position_embeddings", "token_type_embeddings", "embed_positions"}
+     "position_embeddings", "token_type_embeddings", "embed_positions", "relative_attention_bias"}
 )
 
 # GPT-2-style Conv1D modules store their weight as (in, out).
@@ -59,6 +60,12 @@ def block_index(name: str) -> int | None:
     """The transformer block a module belongs to, or None (embeddings, heads, poolers)."""
     match = _BLOCK_INDEX.search(name)
     return int(match.group(1)) if match else None
+
+
+def block_stack(name: str) -> str | None:
+    """The stack of blocks a module belongs to, e.g. "model.layers" or "encoder.block"; None outside blocks."""
+    match = _BLOCK_INDEX.search(name)
+    return name[: match.start(1) - 1].lstrip(".") if match else None
 
 
 def role_of(name: str) -> str:

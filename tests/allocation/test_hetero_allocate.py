@@ -252,3 +252,31 @@ def test_cli_allocate_hetero_truncates_long_rows_when_asked(llama_dir, data, tmp
     assert "pass --truncate" in capsys.readouterr().err
     assert main([*argv, "--truncate"]) == 0
     assert Plan.load(tmp_path / "p.json").source["proxy"] == "grad-norm"
+
+
+@pytest.fixture(scope="module")
+def nan_llama_dir(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny("llama", tmp_path_factory.mktemp("nan-llama"), **OVERRIDES)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("proxy", ["grad-norm", "snip"])
+def test_non_finite_proxy_scores_are_refused_naming_the_proxy_and_the_cause(nan_llama_dir, data, proxy):
+    with pytest.raises(AllocationError, match=rf"^the {proxy} proxy scored \d+ of \d+ candidates NaN or Inf .*"
+                                              r"weights likely hold NaN/Inf values.*diverges"):
+        alphalora.allocate(method="hetero", model_dir=nan_llama_dir, data=data, proxy=proxy, budget=2000,
+                           proxy_batches=1, progress=False)
+
+
+def test_cli_hetero_on_nan_weights_writes_no_plan(nan_llama_dir, data, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--method", "hetero", "--model", str(nan_llama_dir), "--data", str(data), "--budget",
+                 "2000", "--proxy-batches", "1", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the grad-norm proxy scored" in err and "NaN or Inf" in err and "Traceback" not in err
+    assert not out.exists()

@@ -229,3 +229,30 @@ def test_constant_scores_are_equal_and_unknown_proxies_are_refused():
     assert set(score_candidates("constant", model, modules, []).values()) == {1.0}
     with pytest.raises(AllocationError, match="unknown proxy 'nope'"):
         score_candidates("nope", model, modules, [])
+
+
+def test_alpha_ranks_a_flat_base_weight_last_instead_of_by_its_noise_alpha():
+    model, modules = _ours(trained_b=False)
+    flat = "model.layers.0.self_attn.q_proj"
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    with torch.no_grad():
+        modules[flat].base.weight.copy_(3 * q)  # an orthogonal matrix x 3: every eigenvalue 9, alpha ~1e6 of noise
+    scores = score_candidates("alpha", model, modules, [])
+    assert scores[flat] == proxies.NO_FIT_SCORE == 0.0
+    assert all(1.0 < score < 100.0 for name, score in scores.items() if name != flat)
+
+
+def test_alpha_refuses_nan_base_weights():
+    model, modules = _ours(trained_b=False)
+    with torch.no_grad():
+        modules["model.layers.1.mlp.down_proj"].base.weight[0, 0] = float("nan")
+    with pytest.raises(AllocationError, match=r"alpha proxy cannot score 1 candidate\(s\) whose base weights hold NaN "
+                                              r"or Inf values \(model.layers.1.mlp.down_proj\)"):
+        score_candidates("alpha", model, modules, [])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_scores_finite_names_the_proxy_and_the_candidates(bad):
+    proxies.check_scores_finite("fisher", {"a": 1.0, "b": 2.0})
+    with pytest.raises(AllocationError, match=r"the fisher proxy scored 1 of 2 candidates NaN or Inf \(b\)"):
+        proxies.check_scores_finite("fisher", {"a": 1.0, "b": bad})

@@ -171,7 +171,9 @@ def test_integer_weights_are_skipped_as_quantized(tmp_path, estimator):
     for report in (live, on_disk):
         status = {m.name: m.status for m in report.matrices}
         assert status == {"layers.0": "success", "layers.1": "skipped: integer (quantized) weight"}
-        assert [layer.layer for layer in report.layers] == [0]
+        # Block 1 keeps its place in the layers, without a score.
+        assert [(layer.layer, layer.n_matrices) for layer in report.layers] == [(0, 1), (1, 0)]
+        assert report.layers[1].alpha is None and report.layers[0].alpha == report.matrices[0].alpha
 
 
 class Broken(nn.Module):
@@ -196,7 +198,8 @@ def test_bad_matrices_get_a_status_and_the_rest_is_analysed(estimator):
         assert status["tiny"].startswith("skipped") and "min_evals" in status["tiny"]
     else:
         assert status["tiny"] == "success"
-    assert [layer.layer for layer in report.layers] == [0, 4]
+    assert [layer.layer for layer in report.layers] == [0, 1, 2, 3, 4]
+    assert [layer.alpha is None for layer in report.layers] == [False, True, True, True, False]
     for m in report.matrices:
         assert (m.alpha is None) == (m.status != "success")
 

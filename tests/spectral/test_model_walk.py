@@ -88,3 +88,51 @@ def test_bf16_checkpoint_is_read(tmp_path):
     model.save_pretrained(tmp_path)
     report = alphalora.analyze(tmp_path, progress=False)
     assert all(m.ok for m in report.matrices)
+
+
+def _t5_config(**overrides):
+    import transformers
+
+    return transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0, **overrides)
+
+
+def _encoder_decoders():
+    import transformers
+
+    torch.manual_seed(0)
+    bart = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                   decoder_ffn_dim=48, max_position_embeddings=64)
+    return {
+        "t5": (transformers.T5ForConditionalGeneration(_t5_config()), "decoder.block.N, encoder.block.N"),
+        "bart": (transformers.BartModel(bart), "decoder.layers.N, encoder.layers.N"),
+    }
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_models_are_refused_live_and_on_disk(family, tmp_path):
+    from alphalora.spectral import AnalysisError
+
+    model, stacks = _encoder_decoders()[family]
+    model.save_pretrained(tmp_path)
+    for source in (model, tmp_path):
+        with pytest.raises(AnalysisError, match=rf"has 2 stacks of numbered blocks \({stacks}\), as encoder-decoder "
+                                                r"models \(T5, BART\) do.*decoder-only LMs .* encoder-only"):
+            alphalora.analyze(source, progress=False)
+
+
+def test_one_stack_of_t5_is_analysed_without_its_attention_bias_table(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    encoder = transformers.T5EncoderModel(_t5_config())
+    encoder.save_pretrained(tmp_path)
+    for source in (encoder, tmp_path, encoder.get_encoder()):
+        report = alphalora.analyze(source, estimator="median", precision="fp64", progress=False)
+        assert [layer.layer for layer in report.layers] == [0, 1]
+        assert not any("relative_attention_bias" in m.name for m in report.matrices)
+        assert {m.role for m in report.matrices if m.layer == 0} == {"q", "k", "v", "o", "wi", "wo"}
+    with_tables = alphalora.analyze(tmp_path, include_embeddings=True, progress=False)
+    table = next(m for m in with_tables.matrices if m.name.endswith("relative_attention_bias"))
+    assert table.kind == "embedding" and table.shape == [32, 4]  # buckets x heads, a lookup table

@@ -14,7 +14,8 @@ Every proxy scores a candidate from its A and B factors (and, for ``alpha``, its
   padding) of z_tc dL/dz_tc; score = 1/2 sum_c mean_n s_nc^2, the mean over every example of the
   k minibatches. k forward + k backward.
 - alpha: the power-law alpha (AlphaLoRA's xmin_peak fit) of the candidate's base weight spectrum;
-  a shortcut takes its layer's mean. No passes, one eigendecomposition per weight.
+  a shortcut takes its layer's mean; 0 (ranked last) where there is no usable fit. No passes, one
+  eigendecomposition per weight.
 
 k minibatches are the first k of the training data, unshuffled, in evaluation mode (no dropout).
 LoRA's B = 0 start makes A's gradient, and so SNIP, SynFlow and Fisher, exactly zero. Where B is
@@ -29,6 +30,7 @@ no constant of ours sets. grad-norm needs no probe (at B = 0 it is ||G_B||, as i
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -247,21 +249,55 @@ def synflow(model, modules, batches, seed, progress) -> dict[str, float]:
     return scores
 
 
+NO_FIT_SCORE = 0.0  # the alpha proxy's score without a usable fit: below every alpha (> 1), so ranked last
+
+
 def spectral_alpha(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, float]:
-    """Each LoRA candidate's base-weight alpha (AlphaLoRA's xmin_peak); shortcuts get their layer's mean."""
+    """Each LoRA candidate's base-weight alpha (AlphaLoRA's xmin_peak); shortcuts get their layer's mean.
+
+    A candidate without a usable fit (too few eigenvalues, a flat spectrum) scores NO_FIT_SCORE;
+    base weights with NaN or Inf values are refused.
+    """
     from alphalora.spectral import analyze
 
+    _refuse_non_finite_base_weights(modules)
     report = analyze(model, progress=False)
-    by_name = {m.name.removesuffix(".base"): m.alpha for m in report.matrices if m.alpha is not None}
-    by_layer = {layer.layer: layer.alpha for layer in report.layers}
+    by_name = {m.name.removesuffix(".base"): m.alpha for m in report.matrices if m.ok}
+    by_layer = {layer.layer: layer.alpha for layer in report.layers if layer.alpha is not None}
     scores = {}
     for name in modules:
         shortcut = parse_shortcut(name)
         if shortcut is not None:
-            scores[name] = by_layer.get(shortcut[0], float("nan"))
+            scores[name] = by_layer.get(shortcut[0], NO_FIT_SCORE)
         else:
-            scores[name] = by_name.get(name, float("nan"))  # no fit (too few eigenvalues): ranked last
+            scores[name] = by_name.get(name, NO_FIT_SCORE)
     return scores
+
+
+def _refuse_non_finite_base_weights(modules: dict[str, nn.Module]) -> None:
+    """A NaN/Inf base weight has no spectrum: ranking it last would hide a damaged model."""
+    bases = {name: module.base.weight for name, module in modules.items() if hasattr(module, "base")}
+    broken = [name for name, weight in bases.items() if not bool(torch.isfinite(weight.detach()).all())]
+    if broken:
+        raise AllocationError(f"the alpha proxy cannot score {len(broken)} candidate(s) whose base weights hold NaN "
+                              f"or Inf values ({_first_names(broken)}); the model is damaged: use intact weights")
+
+
+def _first_names(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_scores_finite(proxy: str, scores: dict[str, float]) -> None:
+    """Refuses proxy scores that are NaN or Inf, which would leave the selection to the tie-break."""
+    bad = [name for name, score in scores.items() if not math.isfinite(score)]
+    if bad:
+        raise AllocationError(
+            f"the {proxy} proxy scored {len(bad)} of {len(scores)} candidates NaN or Inf ({_first_names(bad)}), "
+            "so they cannot be ranked: the model's weights likely hold NaN/Inf values (`alphalora analyze MODEL` "
+            "gives each matrix's status), or the loss is NaN/Inf (diverges) on the proxy minibatches; use intact "
+            "weights, check the data, or pick another --proxy"
+        )
 
 
 _DATA_PROXY_FUNCTIONS = {"grad-norm": grad_norm, "snip": snip, "synflow": synflow, "fisher": fisher}

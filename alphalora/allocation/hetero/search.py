@@ -23,7 +23,7 @@ from ..plan import (
     parse_shortcut,
 )
 from .budget import Candidate, check_budget, check_ranks, parameters_used, select
-from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, score_candidates
+from .proxies import DATA_PROXIES, PROBE_SCALE, PROXY_COST, check_proxy, check_scores_finite, score_candidates
 
 DEFAULT_PROXY_BATCHES = 32  # the authors' imp_limit_test_batches
 DEFAULT_PROXY_BATCH_SIZE = 8
@@ -170,6 +170,7 @@ def allocate_hetero(
     start = time.perf_counter()
     scores = score_candidates(proxy, model, state.switchable_modules(model), batches, seed, progress)
     seconds = time.perf_counter() - start
+    check_scores_finite(proxy, scores)
     chosen = select(candidates, scores, budget, levels, pools=pools, shortcut_share=shortcut_share, seed=seed)
     source = {
         "budget": budget, "parameters": parameters_used(candidates, chosen), "proxy": proxy,
