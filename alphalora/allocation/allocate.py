@@ -81,6 +81,18 @@ def _check_every_layer_fitted(report: SpectralReport) -> None:
                               "yourself (--alphas, alphas=[...])")
 
 
+def _refuse_unread(method: str, preset: str | None, beta: float, rounding: str) -> None:
+    """Refuses another method's options rather than ignoring them: the preset is MoLA's, beta and rounding
+    AlphaLoRA's (left at their defaults, they are not counted as given)."""
+    unread = [name for name, given, owner in (("preset", preset is not None, "mola"),
+                                              ("beta", beta != 2.5, "alphalora"),
+                                              ("rounding", rounding != "largest-remainder", "alphalora"))
+              if given and method != owner]
+    if unread:
+        raise AllocationError(f"{', '.join(unread)}: not read by method {method!r} (preset is MoLA's, beta and "
+                              "rounding AlphaLoRA's); leave them out")
+
+
 def _checked_counts(budget, max_experts, top_k, num_layers) -> tuple[int | None, int | None, int, int | None]:
     """The MoE methods' whole-number options as ints (numpy integers accepted), refused unless positive and whole."""
     return (
@@ -156,6 +168,7 @@ def allocate(
                                lora_dropout=lora_dropout, target_modules=target_modules, **hetero)
     if hetero:
         raise AllocationError(f"options {sorted(hetero)} apply only to method='hetero'")
+    _refuse_unread(method, preset, beta, rounding)
     if budget is None and method in ("alphalora", "uniform"):
         budget = DEFAULT_EXPERT_BUDGET
     budget, max_experts, top_k, num_layers = _checked_counts(budget, max_experts, top_k, num_layers)

@@ -131,3 +131,18 @@ def test_plans_refuse_non_finite_numbers(tmp_path):
     with pytest.raises(ValueError, match="JSON compliant"):
         plan.save(tmp_path / "plan.json")
     assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("method, options, unread", [
+    ("alphalora", {"preset": "2468"}, "preset"),
+    ("uniform", {"preset": "2468"}, "preset"),
+    ("mola", {"preset": "24", "beta": 5.0}, "beta"),
+    ("mola", {"preset": "24", "rounding": "compat"}, "rounding"),
+    ("uniform", {"beta": 1.0, "rounding": "compat"}, "beta, rounding"),
+])
+def test_another_methods_options_are_refused_not_ignored(method, options, unread):
+    with pytest.raises(AllocationError, match=f"^{unread}: not read by method '{method}'"):
+        alphalora.allocate(alphas=[3.0, 4.0], method=method, **options)
+    preset = {"preset": "24"} if method == "mola" else {}
+    plan = alphalora.allocate(alphas=[3.0, 4.0], method=method, budget=8, **preset)
+    assert plan.total_experts == 8  # the same call without the unread options goes through

@@ -192,6 +192,8 @@ def test_cli_allocate_hetero_refuses_bad_and_misplaced_options_with_clean_errors
             "--shortcuts", "--shortcut-share", "0.5"],
         "--shortcut-share (shortcut_share) is the shortcuts' budget share": [
             "--pools", "separate", "--shortcut-share", "0.5"],
+        "--pools separate splits the budget between modules and shortcut connections; without --shortcuts": [
+            "--pools", "separate"],
         "--dynamic-every with --proxy constant would never change the selection": [
             "--proxy", "constant", "--dynamic-every", "2"],
         "--dynamic-every with --proxy alpha would never change the selection": [

@@ -204,6 +204,9 @@ def _check_options(proxy, budget, levels, shortcuts, pools, shortcut_share, dyna
                                   "separate and --shortcuts; pass both, or leave --shortcut-share out")
         if not is_number(shortcut_share) or not 0 <= shortcut_share <= 1:
             raise AllocationError(f"--shortcut-share (shortcut_share) must be between 0 and 1, got {shortcut_share!r}")
+    if pools == "separate" and not shortcuts:
+        raise AllocationError("--pools separate splits the budget between modules and shortcut connections; without "
+                              "--shortcuts there is one pool: pass --shortcuts, or leave --pools out")
     if dynamic_every is not None:
         if not is_positive_int(dynamic_every) or len(levels) != 1:
             raise AllocationError("--dynamic-every takes a positive step count and one candidate rank (the paper's "
