@@ -343,6 +343,7 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _step_limit = _number(int, lambda v: v == -1 or v >= 1, "a positive number of steps, or -1 (train for --epochs)")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,11 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="base model: a Hugging Face folder or Hub id (org/name)")
     train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
     train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
-    train.add_argument("--out", required=True, help="adapter folder to write")
+    train.add_argument("--out", required=True,
+                       help="adapter folder to write: new or empty, unless --resume continues the run in it")
     train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
                        help="causal-lm: loss on the completion tokens; classification: a sequence-classification "
                        "head trained with the adapter (labels from the data)")
-    train.add_argument("--eval-data", default=None, help="evaluation data, same format (eval loss each epoch)")
+    train.add_argument("--eval-data", default=None,
+                       help="evaluation data, same format (eval loss each epoch); of a `datasets` folder with splits, "
+                       "its validation split, else its test split")
     train.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (fractions allowed)")
     train.add_argument("--max-steps", type=_step_limit, default=-1,
                        help="stop after this many steps (overrides epochs)")
@@ -503,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="examples per device per step")
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
-    train.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")
+    train.add_argument("--seed", type=_seed, default=0, help="adapter initialisation, data order and dropout")
     train.add_argument("--max-length", type=_positive_int, default=None,
                        help="longest example in tokens (default: context)")
     train.add_argument("--truncate", action="store_true",
@@ -515,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-steps", type=_positive_int, default=50, help="checkpoint every N steps")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log loss and aux loss every N steps")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint in OUT (one cut short by a kill is skipped)")
+                       help="continue the run in OUT from its newest complete checkpoint (one cut short by a kill is "
+                       "skipped); refused where that run had another plan, model, data or hyperparameters")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=_train)
 

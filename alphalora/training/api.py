@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,12 @@ from typing import Any
 from alphalora._io import write_text_atomic
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
-from alphalora.allocation.plan import Plan, is_positive_int
-from alphalora.model_source import is_hub_id, model_folder
+from alphalora.allocation.plan import Plan, PlanFormatError, is_number, is_positive_int
 
 from .data import (
+    EVAL_SPLITS,
     TASKS,
+    TRAIN_SPLITS,
     DataError,
     ListDataset,
     collate,
@@ -24,6 +27,7 @@ from .data import (
     tokenize_causal_lm,
     tokenize_classification,
 )
+from .model import load_base, warn_if_plan_for_another_model
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' names
 
@@ -37,25 +41,6 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a distributed run (they write nothing)
 
 
-def _load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = model_folder(model_dir, DataError)
-    if not (folder / "config.json").exists():
-        raise DataError(f"model folder {folder} has no config.json; pass a Hugging Face model folder or Hub id")
-    # A Hub id is loaded by its id (now cached), so the model and the adapters trained on it carry that name
-    source = str(model_dir) if is_hub_id(model_dir) else folder
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
 def _context_length(model, tokenizer) -> int:
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None)]
     if 0 < (tokenizer.model_max_length or 0) < 10**9:
@@ -64,8 +49,9 @@ def _context_length(model, tokenizer) -> int:
     return min(limits) if limits else 2048
 
 
-def _tokenize(path, task, tokenizer, max_length, label_names=None, truncate=False, num_labels=None):
-    rows = read_rows(path)
+def _tokenize(path, task, tokenizer, max_length, label_names=None, truncate=False, num_labels=None,
+              splits=TRAIN_SPLITS):
+    rows = read_rows(path, splits)
     if task == "causal-lm":
         return tokenize_causal_lm(rows, tokenizer, max_length, str(path), truncate)
     tokenized = tokenize_classification(rows, tokenizer, max_length, str(path), label_names, truncate)
@@ -76,23 +62,27 @@ def _tokenize(path, task, tokenizer, max_length, label_names=None, truncate=Fals
     return tokenized
 
 
+def _check_task_and_length(task: Any, max_length: Any) -> None:
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if max_length is not None and not is_positive_int(max_length):
+        raise DataError(f"max_length must be a positive number of tokens, got {max_length!r}")
+
+
 def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, max_length: int | None = None,
                         bf16: bool = False, truncate: bool = False):
     """(model, tokenizer, tokenised training data, label names, max_length) for `task`, data checked first.
     With `truncate`, rows longer than max_length are cut (see `tokenize_causal_lm`) instead of refused."""
     import torch
 
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise DataError(f"max_length must be a positive number of tokens, got {max_length!r}")
+    _check_task_and_length(task, max_length)
     label_names = None
     num_labels = None
     if task == "classification":
         probe = tokenize_classification(read_rows(data), _NullTokenizer(), 10**9, str(data))
         label_names = probe.label_names
         num_labels = count_classes(probe, str(data))
-    model, tokenizer = _load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
     limit = _context_length(model, tokenizer)
     if max_length is not None and max_length > limit:
         raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
@@ -103,7 +93,7 @@ def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, m
 
 def train(
     model_dir: str | Path,
-    plan: Plan | str | Path,
+    plan: Plan | dict[str, Any] | str | Path,
     data: str | Path,
     out_dir: str | Path,
     *,
@@ -130,45 +120,48 @@ def train(
 ) -> TrainResult:
     """Trains the plan's MoE-LoRA (or heterogeneous-rank LoRA) adapter on `data`.
 
-    Data and plan are checked before any training starts. Checkpoints (adapter, optimizer,
-    scheduler, RNG) go to out_dir/checkpoints; `resume=True` continues from the newest complete one
-    (a checkpoint a kill cut short is skipped, and said so). `truncate=True` cuts rows longer than
-    `max_length` (causal LM: their start, keeping the completion; see `tokenize_causal_lm`) instead of
-    refusing them. The finished adapter is written to out_dir. Under torchrun or accelerate every process calls
-    this and trains data parallel; only the main one writes (`TrainResult.main_process`).
+    `plan` is a Plan, its dict form (Plan.to_dict()) or the path of a plan JSON. Arguments, data and plan
+    are checked before any training starts. `out_dir` must be new or empty unless `resume=True`, which
+    continues the run whose checkpoints (adapter, optimizer, scheduler, RNG, run settings) are in
+    out_dir/checkpoints, from the newest complete one (a checkpoint a kill cut short is skipped, and said
+    so), and only if that run had this run's plan, base model, data and hyperparameters. `truncate=True`
+    cuts rows longer than `max_length` (causal LM: their start, keeping the completion; see
+    `tokenize_causal_lm`) instead of refusing them. The finished adapter is written to out_dir. Under
+    torchrun or accelerate every process calls this and trains data parallel; only the main one writes
+    (`TrainResult.main_process`).
     """
     import torch
     from transformers import TrainingArguments, set_seed
 
+    from .runs import check_out_folder, resume_point
     from .trainer import MoELoRATrainer
 
-    _check_numbers(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                   gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps,
-                   logging_steps=logging_steps)
-    if lr_scheduler not in LR_SCHEDULERS:
-        raise DataError(f"unknown lr_scheduler {lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
-    if not 0 <= warmup_ratio < 1 or weight_decay < 0:
-        raise DataError(f"need 0 <= warmup_ratio < 1 and weight_decay >= 0, got {warmup_ratio} and {weight_decay}")
-    if not isinstance(plan, Plan):
-        plan = Plan.load(plan)
+    _check_arguments(locals())
+    plan = _as_plan(plan)
     if gradient_checkpointing and plan.shortcuts:
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
                            "recomputes block by block; train this plan without --gradient-checkpointing")
+    out = Path(out_dir)
+    checkpoints = out / "checkpoints"
+    check_out_folder(out, resume)
+    last = resume_point(checkpoints) if resume else None
     set_seed(seed)  # a new task head (classification) is initialised while loading: same seed, same head
     model, tokenizer, train_set, label_names, max_length = load_model_and_data(
         model_dir, data, task, max_length=max_length, bf16=bf16, truncate=truncate)
+    warn_if_plan_for_another_model(plan, model_dir, model)
     num_labels = model.config.num_labels if task == "classification" else None
-    eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names, truncate, num_labels) \
+    eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names, truncate, num_labels, EVAL_SPLITS) \
         if eval_data else None
+    settings = _run_settings(locals())  # the plan as given
     if task == "classification":
         heads = [h for h in CLASSIFIER_HEADS if hasattr(model, h)]
         plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
     set_seed(seed)  # adapter initialisation is part of the run: the same seed, the same adapter
     inject_adapters(model, plan)  # raises AdapterError if the plan does not fit this model
     reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
+    if last is not None:
+        _restore_run(last, settings, reallocation)
 
-    out = Path(out_dir)
-    checkpoints = out / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         lr_scheduler_type=lr_scheduler, weight_decay=weight_decay, **_warmup_argument(warmup_ratio),
@@ -187,8 +180,8 @@ def train(
         eval_dataset=ListDataset(eval_set.examples) if eval_set else None,
         data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=all_callbacks,
         compute_metrics=classification_accuracy if task == "classification" else None,
+        write_run_record=_run_record_writer(settings, reallocation),
     )
-    last = _resume_point(checkpoints) if resume else None
     trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     rounds = reallocation.history if reallocation is not None else []
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes
@@ -202,42 +195,130 @@ def train(
     return TrainResult(out, trainer.state.log_history, label_names, rounds, main_process)
 
 
-def _resume_point(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint (None: none yet, start afresh); says which, and what it skipped."""
-    from .trainer import CheckpointError, last_complete_checkpoint
-
-    if not checkpoints.is_dir():
-        print(f"no checkpoint in {checkpoints}: starting from the beginning")
-        return None
-    last, incomplete = last_complete_checkpoint(checkpoints)
-    for path, missing in incomplete.items():
-        print(f"{path.name} is incomplete (no {', '.join(missing)}; the run was probably stopped while saving it): "
-              "skipped")
-    if last is None and incomplete:
-        raise CheckpointError(f"no complete checkpoint to resume from in {checkpoints}: "
-                              f"{', '.join(p.name for p in incomplete)} lack files resuming needs; delete "
-                              "the checkpoints folder (or train without --resume) to start from the beginning")
-    if last is None:
-        print(f"no checkpoint in {checkpoints}: starting from the beginning")
-    else:
-        print(f"resuming from {last}")
-    return last
+# The train() arguments that define a run: a checkpoint resumes only a run with the same values. The run's
+# length (max_steps or epochs) is one where the learning-rate schedule depends on it (see _run_length).
+RUN_DEFINING_ARGUMENTS = ("task", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size",
+                          "gradient_accumulation_steps", "seed", "bf16")
 
 
-def _check_numbers(**values) -> None:
-    """Refuses counts and rates that transformers would fail on later (or silently misread)."""
-    positive_ints = ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
-    for name in positive_ints:
+def _run_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its run (from train()'s locals): the plan as given, the base model (name and
+    config fingerprint), the tokenised training examples' hash, the hyperparameters, the number of processes."""
+    from alphalora.adapters.io import base_fingerprint
+
+    from .runs import examples_sha256, model_name, normalised
+
+    plan = values["plan"].to_dict()
+    plan.pop("format_version")
+    return normalised({
+        "base_model": model_name(values["model_dir"]),
+        "base_fingerprint": base_fingerprint(values["model"]),
+        "plan": plan,
+        "train_examples_sha256": examples_sha256(values["train_set"].examples),
+        **{name: values[name] for name in RUN_DEFINING_ARGUMENTS},
+        **_run_length(values),
+        "processes": _world_size(),
+    })
+
+
+def _run_length(values: dict[str, Any]) -> dict[str, Any]:
+    """max_steps or epochs (max_steps overrides epochs) where the learning-rate schedule is stretched over
+    them; with a constant rate (no warmup) they only say where to stop, so a resumed run may go further."""
+    scheduler, warmup = values["lr_scheduler"], values["warmup_ratio"]
+    if scheduler == "constant" or (scheduler == "constant_with_warmup" and warmup == 0):
+        return {"max_steps": None, "epochs": None}
+    if values["max_steps"] != -1:
+        return {"max_steps": values["max_steps"], "epochs": None}
+    return {"max_steps": None, "epochs": values["epochs"]}
+
+
+def _world_size() -> int:
+    """Processes training data parallel (torchrun / accelerate set WORLD_SIZE): they multiply the batch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _run_record_writer(settings: dict[str, Any], reallocation):
+    from .runs import write_run_record
+
+    def write(folder: str) -> None:
+        write_run_record(folder, settings, list(reallocation.history) if reallocation is not None else [])
+
+    return write
+
+
+def _restore_run(checkpoint: Path, settings: dict[str, Any], reallocation) -> None:
+    """Refuses a checkpoint of another run (CheckpointError); gives dynamic HeteroLoRA back its earlier rounds."""
+    from .runs import check_same_run, read_run_record
+
+    rounds = check_same_run(checkpoint, read_run_record(checkpoint), settings)
+    if reallocation is not None:
+        reallocation.history = list(rounds)
+
+
+def _as_plan(plan: Any) -> Plan:
+    """A Plan from a Plan, its dict form or the path of its JSON file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise PlanFormatError(f"plan must be a Plan, a dict (Plan.to_dict()) or the path of a plan JSON, got "
+                          f"{type(plan).__name__} {plan!r:.60}")
+
+
+def _check_arguments(values: dict[str, Any]) -> None:
+    """Refuses train() arguments of the wrong type or range before anything is loaded (transformers would fail
+    on them later, with a traceback, or silently misread them)."""
+    _check_task_and_length(values["task"], values["max_length"])
+    _check_counts(values)
+    _check_rates(values)
+    _check_paths(values)
+    seed = values["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DataError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
+    flags = ("bf16", "gradient_checkpointing", "resume", "progress", "truncate")
+    for name in flags:
+        if not isinstance(values[name], bool):
+            raise DataError(f"{name} must be True or False, got {values[name]!r}")
+    callbacks = values["callbacks"]
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        raise DataError(f"callbacks must be a list of transformers TrainerCallbacks, got {type(callbacks).__name__}")
+
+
+def _check_counts(values: dict[str, Any]) -> None:
+    for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
         value = values[name]
         if not is_positive_int(value):
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     steps = values["max_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1):
         raise DataError(f"max_steps must be a positive number of steps, or -1 to train for `epochs`; got {steps!r}")
-    if not values["epochs"] > 0:
+
+
+def _check_rates(values: dict[str, Any]) -> None:
+    def finite(name: str) -> Any:
+        value = values[name]
+        if not is_number(value) or not math.isfinite(value):
+            raise DataError(f"{name} must be a finite number, got {value!r}")
+        return value
+
+    if not finite("epochs") > 0:
         raise DataError(f"epochs must be positive, got {values['epochs']!r}")
-    if not values["learning_rate"] >= 0:
+    if not finite("learning_rate") >= 0:
         raise DataError(f"learning_rate must be >= 0, got {values['learning_rate']!r}")
+    if not 0 <= finite("warmup_ratio") < 1 or not finite("weight_decay") >= 0:
+        raise DataError(f"need 0 <= warmup_ratio < 1 and weight_decay >= 0, got {values['warmup_ratio']!r} and "
+                        f"{values['weight_decay']!r}")
+    if values["lr_scheduler"] not in LR_SCHEDULERS:
+        raise DataError(f"unknown lr_scheduler {values['lr_scheduler']!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+
+
+def _check_paths(values: dict[str, Any]) -> None:
+    for name in ("model_dir", "data", "out_dir", "eval_data"):
+        value = values[name]
+        if not isinstance(value, (str, os.PathLike)) and not (name == "eval_data" and value is None):
+            raise DataError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r:.60}")
 
 
 def classification_accuracy(prediction) -> dict[str, float]:

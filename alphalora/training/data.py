@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from alphalora._io import first_line
+
 TASKS = ("causal-lm", "classification")
 # Alpaca's template, used when rows have instruction/input/output.
 INSTRUCTION_TEMPLATE = (
@@ -21,47 +23,118 @@ class DataError(ValueError):
     """Training data that cannot be used: the message names the file, the row and the fix."""
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, or the train split of a `datasets` folder saved with save_to_disk."""
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("validation", "test")  # evaluation data never falls back on a folder's train split
+# The causal-LM row shapes, in the order they are tried: the fields each needs (null counts as absent).
+CAUSAL_LM_SHAPES = (("prompt", "completion"), ("instruction", "output"), ("text",))
+
+
+def read_rows(path: str | Path, splits: tuple[str, ...] = TRAIN_SPLITS) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, or of a `datasets` folder saved with save_to_disk: a Dataset, or the first of
+    `splits` a DatasetDict has (training data: "train"; evaluation data: EVAL_SPLITS)."""
     source = Path(path)
     if not source.exists():
         raise DataError(f"data {source} does not exist")
-    if source.is_dir():
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(source))
-        except FileNotFoundError as error:
-            raise DataError(f"{source} is not a dataset saved with `save_to_disk`: {error}") from error
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise DataError(f"{source} has splits {list(loaded)} but no 'train' split")
-            loaded = loaded["train"]
-        rows = [dict(row) for row in loaded]
-    else:
-        rows = []
-        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{source}:{number} is not valid JSON ({error.msg}); each line must be one object"
-                ) from error
-            if not isinstance(row, dict):
-                raise DataError(f"{source}:{number} is not a JSON object")
-            rows.append(row)
+    rows = _read_dataset_folder(source, splits) if source.is_dir() else _read_jsonl(source)
     if not rows:
         raise DataError(f"data {source} has no examples")
     return rows
 
 
+def _read_jsonl(source: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{source}:{number} is not valid JSON ({error.msg}); each line must be one object"
+            ) from error
+        if not isinstance(row, dict):
+            raise DataError(f"{source}:{number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _read_dataset_folder(source: Path, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of a save_to_disk folder; an empty, truncated or corrupt one is a DataError, not a traceback."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(source))
+    except FileNotFoundError as error:
+        raise DataError(f"{source} is not a dataset saved with `save_to_disk`: {error}") from error
+    except _UNREADABLE_DATASET_ERRORS as error:
+        raise DataError(_unreadable_dataset(source, error)) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[_pick_split(source, list(loaded), splits)]
+    try:
+        return [dict(row) for row in loaded]
+    except _UNREADABLE_DATASET_ERRORS as error:
+        raise DataError(_unreadable_dataset(source, error)) from error
+
+
+def _pick_split(source: Path, found: list[str], splits: tuple[str, ...]) -> str:
+    chosen = next((name for name in splits if name in found), None)
+    if chosen is None:
+        wanted = " or ".join(repr(name) for name in splits)
+        raise DataError(f"{source} has splits {found} but no {wanted} split; save the rows under {wanted} "
+                        "(or save a single Dataset)")
+    return chosen
+
+
+def _arrow_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import pyarrow
+    except ImportError:
+        return ()
+    return (pyarrow.lib.ArrowException,)
+
+
+# What datasets and pyarrow raise for a folder with no data files (IndexError), a truncated .arrow file
+# (ArrowInvalid, a ValueError) or an unreadable state.json (a ValueError).
+_UNREADABLE_DATASET_ERRORS = (IndexError, KeyError, OSError, ValueError, *_arrow_errors())
+
+
+def _unreadable_dataset(source: Path, error: BaseException) -> str:
+    problem = "it lists no data files" if isinstance(error, IndexError) else first_line(error)
+    return (f"{source} is not a readable `datasets` folder ({problem}): it is empty, or a file in it is missing, "
+            "truncated or corrupt; save the dataset again with `save_to_disk`")
+
+
+def _given(row: dict[str, Any], field: str) -> bool:
+    """Whether a row has a value for `field`: null (None, which datasets fills into missing columns) is absent."""
+    return row.get(field) is not None
+
+
+def _null_field_error(row: dict[str, Any], where: str) -> DataError:
+    """The error for a row with no complete shape: names the null field of the shape it fills most."""
+    named = [shape for shape in CAUSAL_LM_SHAPES if all(field in row for field in shape)]
+    named.sort(key=lambda shape: -sum(_given(row, field) for field in shape))
+    if named and any(_given(row, field) for field in named[0]):
+        null = next(field for field in named[0] if not _given(row, field))
+        return DataError(f"{where}: {null} is null; give it a value or remove the row")
+    if named:
+        nulls = [field for shape in named for field in shape]
+        return DataError(f"{where}: {_listed(nulls)} {'is' if len(nulls) == 1 else 'are'} null; give the row "
+                         "values or remove it")
+    given = sorted(field for field in row if _given(row, field))
+    return DataError(f"{where}: a causal-LM row needs prompt/completion, instruction/input/output or text (not "
+                     f"null); got values for {given}")
+
+
+def _listed(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def prompt_and_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
-    """The (prompt, completion) of a causal-LM row in any of the accepted shapes."""
-    if "prompt" in row and "completion" in row:
+    """The (prompt, completion) of a causal-LM row in any of the accepted shapes (null fields count as absent)."""
+    if _given(row, "prompt") and _given(row, "completion"):
         return str(row["prompt"]), str(row["completion"])
-    if "instruction" in row and "output" in row:
+    if _given(row, "instruction") and _given(row, "output"):
         extra = str(row.get("input") or "")
         prompt = INSTRUCTION_TEMPLATE.format(
             context=", paired with an input that provides further context" if extra else "",
@@ -69,10 +142,9 @@ def prompt_and_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
             input_block=f"### Input:\n{extra}\n\n" if extra else "",
         )
         return prompt, str(row["output"])
-    if "text" in row:
+    if _given(row, "text"):
         return "", str(row["text"])
-    raise DataError(f"{where}: a causal-LM row needs prompt/completion, instruction/input/output or text; "
-                    f"got keys {sorted(row)}")
+    raise _null_field_error(row, where)
 
 
 @dataclass
@@ -121,16 +193,13 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
 
     A text longer than `max_length` is an error, or with `truncate` is cut by the tokenizer (its
     truncation side, normally the end; special tokens such as [CLS] and [SEP] are kept)."""
-    indices = {isinstance(r.get("label"), int) for r in rows if "label" in r}
-    if len(indices) > 1:
+    labels = [r["label"] for r in rows if _given(r, "label")]
+    if len({isinstance(label, int) for label in labels}) > 1:
         raise DataError(f"{source} mixes class indices and class names as labels; use one or the other")
-    names = label_names or sorted({str(r.get("label")) for r in rows if not isinstance(r.get("label"), int)}) or None
+    names = label_names or sorted({str(label) for label in labels if not isinstance(label, int)}) or None
     examples = []
     for number, row in enumerate(rows, start=1):
-        text = row.get("text", row.get("sentence"))
-        if text is None or "label" not in row:
-            raise DataError(f"{source} row {number}: a classification row needs text and label; got {sorted(row)}")
-        label = row["label"]
+        text, label = _classification_fields(row, f"{source} row {number}")
         if not isinstance(label, int):
             if names is None or str(label) not in names:
                 raise DataError(f"{source} row {number}: label {label!r} is not one of {names}")
@@ -145,6 +214,20 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
                             f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
         examples.append({"input_ids": ids, "labels": label})
     return TokenizedData(examples, names)
+
+
+def _classification_fields(row: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """(text, label) of a classification row (text from `text`, else `sentence`); null counts as absent."""
+    text = row["text"] if _given(row, "text") else row.get("sentence")
+    label = row.get("label")
+    if text is not None and label is not None:
+        return text, label
+    missing = [name for name, value in (("text", text), ("label", label)) if value is None]
+    null = [name for name in missing if name in row or (name == "text" and "sentence" in row)]
+    if null == missing:
+        raise DataError(f"{where}: {_listed(null)} {'is' if len(null) == 1 else 'are'} null; give the row "
+                        "values or remove it")
+    raise DataError(f"{where}: a classification row needs text and label; got {sorted(row)}")
 
 
 def count_classes(data: TokenizedData, source: str) -> int:

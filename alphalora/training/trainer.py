@@ -6,7 +6,9 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from transformers import Trainer
 
@@ -18,18 +20,22 @@ CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "
 
 
 class CheckpointError(ValueError):
-    """No checkpoint to resume from: the message names the folder and what to do."""
+    """An output folder that cannot be trained into, or no checkpoint of this run to resume from: the message
+    names the folder and what to do."""
 
 
 class MoELoRATrainer(Trainer):
     """Adds the routers' load-balancing loss and saves only the adapter (not the frozen base).
 
     Checkpoints hold the adapter plus Trainer's optimizer, scheduler and RNG state, so
-    `resume_from_checkpoint` continues a killed run where it stopped.
+    `resume_from_checkpoint` continues a killed run where it stopped; `write_run_record(folder)`, when
+    given, adds what resuming checks and restores (the run's settings, dynamic HeteroLoRA's rounds).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, write_run_record: Callable[[str], Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.write_run_record = write_run_record
+        self._aux_total, self._aux_count = 0.0, 0  # aux losses of the micro-batches since the last log
         # Trainer takes a model whose forward accepts **kwargs to normalise its loss by the item count of
         # the whole accumulated batch (num_items_in_batch), and then does not divide it by the accumulation
         # steps. Sequence classifiers (BERT's included) accept **kwargs but average each micro-batch on
@@ -56,20 +62,25 @@ class MoELoRATrainer(Trainer):
             scaled = self._task_loss_scaled_for_ga(num_items_in_batch)
             steps = self.current_gradient_accumulation_steps if scaled else 1
             loss = loss + coef * aux / steps
-            self._aux_total = getattr(self, "_aux_total", 0.0) + float(aux.detach())
+            self._aux_total += float(aux.detach())
+            self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        aux = getattr(self, "_aux_total", None)
-        if aux is not None and "loss" in logs:
-            logs["aux_loss"] = round(aux / max(1, self.args.logging_steps * self.args.gradient_accumulation_steps), 6)
-            self._aux_total = 0.0
+        if self._aux_count and "loss" in logs:
+            # The mean over the micro-batches actually accumulated: after a resume, or at a last partial
+            # logging interval, fewer than logging_steps x gradient_accumulation_steps.
+            logs["aux_loss"] = round(self._aux_total / self._aux_count, 6)
+            self._aux_total, self._aux_count = 0.0, 0
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        folder = output_dir or self.args.output_dir
+        save_adapter(self.accelerator.unwrap_model(self.model), folder)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+            self.processing_class.save_pretrained(folder)
+        if self.write_run_record is not None:  # before trainer_state.json, which marks a checkpoint complete
+            self.write_run_record(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(model or self.model, resume_from_checkpoint)

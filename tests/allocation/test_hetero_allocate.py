@@ -104,6 +104,26 @@ def test_dynamic_reallocation_rescores_keeps_switched_off_weights_and_saves_the_
     assert sorted(final.target_modules + list(final.shortcuts)) == rounds[-1]["enabled"]
 
 
+def test_a_dynamic_run_whose_weights_turn_nan_stops_at_its_next_round_naming_the_proxy(llama_dir, data, tmp_path):
+    """A diverged run's proxy scores are all NaN: re-selecting on them would be the tie-break's choice."""
+    from transformers import TrainerCallback
+
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="grad-norm", budget=1500,
+                              ranks=[4], dynamic_every=2, proxy_batches=2, proxy_batch_size=4, progress=False)
+
+    class DivergeAfterStepOne(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        if name.endswith("lora_A"):
+                            param.fill_(float("nan"))
+
+    with pytest.raises(AllocationError, match="the grad-norm proxy scored .* candidates NaN or Inf"):
+        train(llama_dir, plan, data, tmp_path / "adapter", max_steps=4, learning_rate=1e-2, batch_size=4,
+              save_steps=100, progress=False, callbacks=[DivergeAfterStepOne()])
+
+
 def test_dynamic_run_resumes_to_the_uninterrupted_loss_curve(llama_dir, data, tmp_path):
     plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="snip", budget=1500, ranks=[4],
                               dynamic_every=2, proxy_batches=2, proxy_batch_size=4, progress=False)
@@ -121,7 +141,8 @@ def test_dynamic_run_resumes_to_the_uninterrupted_loss_curve(llama_dir, data, tm
     full = run(tmp_path / "full")
     run(tmp_path / "cut", callbacks=[StopAfterCheckpoint()])
     resumed = run(tmp_path / "cut", resume=True)
-    assert [r["step"] for r in resumed.reallocations] == [4]
+    # the rounds before the cut come back from the checkpoint: the record equals the uninterrupted run's
+    assert [r["step"] for r in resumed.reallocations] == [r["step"] for r in full.reallocations] == [0, 2, 4]
     losses = lambda result: [h["loss"] for h in result.log_history if "loss" in h]  # noqa: E731
     assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-6)
     assert resumed.reallocations[-1]["enabled"] == full.reallocations[-1]["enabled"]

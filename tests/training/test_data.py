@@ -96,3 +96,107 @@ def test_evaluation_labels_beyond_the_training_classes_are_refused(tmp_path):
                 target_modules=["q"], rank=2)
     with pytest.raises(DataError, match=r"e.jsonl has labels \[2\], but the training data defines 2 classes"):
         train(model_dir, plan, data, tmp_path / "a", task="classification", eval_data=eval_data, progress=False)
+
+
+def test_null_fields_count_as_absent_so_mixed_rows_keep_their_shapes(tmp_path):
+    """datasets.load_dataset("json") over rows of mixed shapes gives every row every column, null where its shape
+    lacks it: each row must still train on its own fields, exactly as the JSONL rows do (it used to take the
+    prompt/completion branch and train on the text 'None')."""
+    import datasets
+
+    from alphalora.training.data import read_rows
+
+    tok = tiny_tokenizer("llama")
+    rows = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "red green blue yellow"},
+            {"instruction": "count", "input": "one two", "output": "three four five"}]
+    columns = sorted({key for row in rows for key in row})
+    filled = [{key: row.get(key) for key in columns} for row in rows]
+    datasets.Dataset.from_list(filled).save_to_disk(str(tmp_path / "mixed"))
+    from_folder = tokenize_causal_lm(read_rows(tmp_path / "mixed"), tok, 64, "d").examples
+    assert from_folder == tokenize_causal_lm(rows, tok, 64, "d").examples
+    assert from_folder[1] == {"input_ids": [tok.bos_token_id, *_ids(tok, "red green blue yellow"), tok.eos_token_id],
+                              "labels": [-100, *_ids(tok, "red green blue yellow"), tok.eos_token_id]}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "the cat", "completion": None}, "d row 2: completion is null"),
+    ({"text": None}, "d row 2: text is null"),
+    ({"instruction": None, "output": "the mat"}, "d row 2: instruction is null"),
+    ({"prompt": None, "completion": None, "text": None}, "d row 2: prompt, completion and text are null"),
+])
+def test_a_causal_lm_row_whose_needed_field_is_null_is_refused(row, message):
+    tok = tiny_tokenizer("llama")
+    with pytest.raises(DataError, match=message):
+        tokenize_causal_lm([{"text": "the cat"}, row], tok, 64, "d")
+
+
+def test_classification_nulls_count_as_absent():
+    tok = tiny_tokenizer("bert")
+    rows = [{"text": None, "sentence": "the cat sat", "label": "animal"},
+            {"text": "red green", "sentence": None, "label": "colour"}]
+    got = tokenize_classification(rows, tok, 64, "d")
+    assert got.label_names == ["animal", "colour"]  # no class named 'None'
+    assert got.examples == [{"input_ids": _ids(tok, "the cat sat"), "labels": 0},
+                            {"input_ids": _ids(tok, "red green"), "labels": 1}]
+    with pytest.raises(DataError, match="d row 2: label is null"):
+        tokenize_classification([rows[0], {"text": "red green", "label": None}], tok, 64, "d")
+    with pytest.raises(DataError, match="d row 1: text is null"):
+        tokenize_classification([{"text": None, "label": 0}, {"text": "red", "label": 1}], tok, 64, "d")
+
+
+def _saved_splits(folder, **splits):
+    import datasets
+
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(folder))
+    return folder
+
+
+def test_evaluation_data_reads_the_validation_split_then_test_never_train(tmp_path):
+    from alphalora.training.data import EVAL_SPLITS, read_rows
+
+    train_rows, validation_rows, test_rows = [{"text": "a"}], [{"text": "b"}], [{"text": "c"}]
+    every = _saved_splits(tmp_path / "every", train=train_rows, validation=validation_rows, test=test_rows)
+    assert read_rows(every, EVAL_SPLITS) == validation_rows
+    assert read_rows(every) == train_rows  # training data keeps the train split
+    assert read_rows(_saved_splits(tmp_path / "no_validation", train=train_rows, test=test_rows),
+                     EVAL_SPLITS) == test_rows
+    with pytest.raises(DataError, match=r"has splits \['train'\] but no 'validation' or 'test' split"):
+        read_rows(_saved_splits(tmp_path / "train_only", train=train_rows), EVAL_SPLITS)
+
+
+def test_evaluation_on_a_dataset_dict_uses_its_validation_split(tmp_path):
+    """End to end: the eval folder's train split holds rows no causal-LM reader accepts, so the run only
+    succeeds (and logs an eval loss) if it evaluates on the validation split."""
+    from alphalora.allocation import Plan
+
+    model_dir = save_tiny("llama", tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the cat sat on the mat"}) for _ in range(4)))
+    evaluation = _saved_splits(tmp_path / "eval", train=[{"question": "not a causal-LM row"}],
+                               validation=[{"text": "red green blue"}] * 2)
+    plan = Plan(method="uniform", base_model=str(model_dir), experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q"], rank=2)
+    result = train(model_dir, plan, data, tmp_path / "a", eval_data=evaluation, epochs=1, batch_size=4,
+                   progress=False)
+    assert [h["epoch"] for h in result.log_history if "eval_loss" in h] == [1.0]
+
+
+def test_an_empty_or_corrupt_datasets_folder_is_a_clear_error(tmp_path):
+    import datasets
+
+    from alphalora.training.data import read_rows
+
+    datasets.Dataset.from_list([{"text": "the cat sat"}] * 20).save_to_disk(str(tmp_path / "corrupt"))
+    (arrow,) = (tmp_path / "corrupt").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])  # cut short, as by a full disk or an interrupted copy
+    datasets.Dataset.from_list([{"text": "the cat sat"}]).save_to_disk(str(tmp_path / "empty"))
+    state = json.loads((tmp_path / "empty" / "state.json").read_text())
+    for data_file in state["_data_files"]:
+        (tmp_path / "empty" / data_file["filename"]).unlink()
+    state["_data_files"] = []
+    (tmp_path / "empty" / "state.json").write_text(json.dumps(state))
+    for name, problem in [("corrupt", "Expected to read"), ("empty", "it lists no data files")]:
+        with pytest.raises(DataError, match=f"{name} is not a readable `datasets` folder \\({problem}.*save the "
+                                            "dataset again with `save_to_disk`"):
+            read_rows(tmp_path / name)

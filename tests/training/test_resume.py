@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from transformers import TrainerCallback
 
 from tests.tiny_models import save_tiny
 
@@ -94,8 +95,6 @@ def _train_in_process(model_dir, data, out, max_steps, resume=False, callbacks=N
 def test_a_checkpoint_cut_short_while_saving_is_skipped_for_the_newest_complete_one(tmp_path, capsys):
     """A kill while Trainer writes checkpoint-4 (adapter written, optimizer, scheduler, RNG and trainer state not
     yet): --resume goes on from checkpoint-2, says so, and reproduces the uninterrupted run's losses."""
-    from transformers import TrainerCallback
-
     model_dir, data = _partial_run_setup(tmp_path)
     uninterrupted = _train_in_process(model_dir, data, tmp_path / "full", 6)
     expected = {h["step"]: h["loss"] for h in uninterrupted.log_history if "loss" in h}
@@ -142,3 +141,64 @@ def test_resume_with_no_complete_checkpoint_is_a_clear_error(tmp_path, capsys):
                  str(tmp_path / "run"), "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "no complete checkpoint to resume from" in err and "Traceback" not in err
+
+
+class _StopAt(TrainerCallback):
+    """Ends training after `step` (its checkpoint saved), as a stopped job would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+def test_the_first_aux_loss_logged_after_resuming_averages_the_micro_batches_since_the_resume(tmp_path):
+    """Oracle: an uninterrupted run logging every step gives each step's aux loss. Resumed from checkpoint-3 and
+    logging every 2 steps (over 2 micro-batches each), the run logs at step 4 the aux loss of step 4 alone (it
+    used to be halved: divided by the 2 x 2 micro-batches of a whole logging interval), and at step 6 the mean
+    of steps 5 and 6."""
+    from alphalora.allocation import Plan, RouterSettings
+    from alphalora.training import train
+
+    model_dir, data = _partial_run_setup(tmp_path)
+    plan = Plan(method="uniform", base_model=str(model_dir), experts_per_layer=[4, 3], top_k_per_layer=[2, 2],
+                target_modules=["q", "v"], rank=2, lora_alpha=4.0, lora_dropout=0.0,
+                router=RouterSettings(aux_loss_coef=0.5))
+
+    def run(out, logging_steps, resume=False, callbacks=None):
+        return train(model_dir, plan, data, out, max_steps=6, save_steps=3, batch_size=2, gradient_accumulation_steps=2,
+                     logging_steps=logging_steps, learning_rate=1e-2, lr_scheduler="constant", seed=1, resume=resume,
+                     progress=False, callbacks=callbacks)
+
+    every_step = {h["step"]: h["aux_loss"] for h in run(tmp_path / "full", 1).log_history if "aux_loss" in h}
+    run(tmp_path / "run", 2, callbacks=[_StopAt(3)])
+    resumed = {h["step"]: h["aux_loss"] for h in run(tmp_path / "run", 2, resume=True).log_history if "aux_loss" in h}
+    assert resumed[4] == pytest.approx(every_step[4], abs=2e-6)
+    assert resumed[6] == pytest.approx((every_step[5] + every_step[6]) / 2, abs=2e-6)
+    assert every_step[4] > 1.0  # the routers are unbalanced enough for a wrong divisor to show
+
+
+def test_a_resumed_dynamic_run_keeps_its_earlier_reallocation_rounds(tmp_path):
+    """Dynamic HeteroLoRA's rounds before the checkpoint come back with it: trainer_log.json and the result list
+    the same rounds (steps and selections) as an uninterrupted run's (a resumed run used to list only its own)."""
+    from alphalora.allocation import Plan
+    from alphalora.training import train
+
+    model_dir, data = _partial_run_setup(tmp_path)
+    plan = Plan(method="hetero", base_model=str(model_dir), experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q", "v"], rank=4,
+                reallocation={"every": 2, "budget": 500, "batches": 2, "batch_size": 4})
+
+    def run(out, resume=False, callbacks=None):
+        return train(model_dir, plan, data, out, max_steps=6, save_steps=3, batch_size=4, logging_steps=1,
+                     learning_rate=1e-2, seed=1, resume=resume, progress=False, callbacks=callbacks)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "run", callbacks=[_StopAt(3)])
+    resumed = run(tmp_path / "run", resume=True)
+    assert [r["step"] for r in full.reallocations] == [0, 2, 4]
+    chosen = lambda rounds: [(r["step"], r["enabled"]) for r in rounds]  # noqa: E731
+    assert chosen(resumed.reallocations) == chosen(full.reallocations)
+    logged = json.loads((tmp_path / "run" / "trainer_log.json").read_text())["reallocations"]
+    assert chosen(logged) == chosen(full.reallocations)

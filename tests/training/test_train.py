@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -145,7 +146,10 @@ def test_cli_train_end_to_end(llama_dir, lm_data, tmp_path, capsys):
 def test_datasets_folder_and_eval_loss(llama_dir, tmp_path):
     import datasets
 
-    rows = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "one two three four five"}] * 6
+    # Every row has every column, null where its shape lacks it, as datasets.load_dataset("json") makes them
+    # (Dataset.from_list would keep only the first row's columns).
+    rows = [{"prompt": "the cat sat on", "completion": "the mat", "text": None},
+            {"prompt": None, "completion": None, "text": "one two three four five"}] * 6
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
                                    "validation": datasets.Dataset.from_list(rows[:4])})
     splits.save_to_disk(str(tmp_path / "ds"))
@@ -283,3 +287,115 @@ def test_a_dynamic_plan_that_does_not_fit_the_model_or_data_fails_before_trainin
                  "--out", str(out), "--max-steps", "2", "--no-progress"]) == 2
     assert "does not fit this model: budget 1 is smaller than one module" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_python_arguments_of_the_wrong_type_are_refused_before_anything_is_loaded(llama_dir, lm_data, tmp_path):
+    """From Python, a string, None or a bool where a number goes used to end in a TypeError inside transformers
+    (or a comparison); each is now a DataError naming the argument."""
+    from alphalora.allocation import PlanFormatError
+
+    for kwargs, message in [(dict(epochs="2"), "epochs must be a finite number, got '2'"),
+                            (dict(epochs=float("inf")), "epochs must be a finite number"),
+                            (dict(seed=None), r"seed must be an integer from 0 to 2\*\*32 - 1, got None"),
+                            (dict(seed=-1), "seed must be an integer"), (dict(learning_rate="3e-4"), "learning_rate"),
+                            (dict(warmup_ratio=None), "warmup_ratio must be a finite number"),
+                            (dict(weight_decay="0"), "weight_decay must be"), (dict(max_length=True), "max_length"),
+                            (dict(bf16="yes"), "bf16 must be True or False"), (dict(resume=1), "resume must be"),
+                            (dict(eval_data=3), "eval_data must be a path"), (dict(callbacks="x"), "callbacks must")]:
+        with pytest.raises(DataError, match=message):
+            train(llama_dir, _plan(), lm_data, tmp_path / "a", **kwargs)
+    with pytest.raises(DataError, match="out_dir must be a path"):
+        train(llama_dir, _plan(), lm_data, None)
+    with pytest.raises(PlanFormatError, match="plan must be a Plan, a dict .* or the path of a plan JSON, got int"):
+        train(llama_dir, 42, lm_data, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_plan_given_as_a_dict_trains_like_the_plan(llama_dir, lm_data, tmp_path):
+    plan = _plan(experts=(2, 2), targets=("q", "v"))
+    runs = [train(llama_dir, given, lm_data, tmp_path / name, max_steps=2, batch_size=8, logging_steps=1,
+                  save_steps=100, progress=False) for name, given in (("plan", plan), ("dict", plan.to_dict()))]
+    losses = [[h["loss"] for h in run.log_history if "loss" in h] for run in runs]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    saved = [json.loads((run.adapter_dir / "alphalora_config.json").read_text())["plan"] for run in runs]
+    assert saved[0] == saved[1] == plan.to_dict()
+
+
+def _broken_model(tmp_path, name, damage):
+    folder = save_tiny("llama", tmp_path / name)
+    damage(folder)
+    return folder
+
+
+def _truncate_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _remove_tokenizer(folder):
+    for path in folder.iterdir():
+        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            path.unlink()
+
+
+def test_a_broken_model_folder_is_a_clear_error_in_train_and_hetero_allocate(lm_data, tmp_path, capsys):
+    """A truncated safetensors file and missing tokenizer files used to end in safetensors' and transformers'
+    tracebacks, in `train` and in `allocate --method hetero` (which loads through the same function)."""
+    from alphalora.cli import main
+
+    truncated = _broken_model(tmp_path, "truncated", _truncate_weights)
+    no_tokenizer = _broken_model(tmp_path, "no-tokenizer", _remove_tokenizer)
+    cases = [(truncated, r"truncated/model.safetensors is truncated or corrupt \(.*\); download or copy the model "
+                         "again"),
+             (no_tokenizer, r"could not load a tokenizer from .*no-tokenizer: it has no tokenizer.json or "
+                            r"tokenizer_config.json; copy the model's tokenizer files \(tokenizer.json")]
+    _plan().save(tmp_path / "plan.json")
+    for folder, message in cases:
+        with pytest.raises(DataError, match=message):
+            train(folder, _plan(), lm_data, tmp_path / "a", max_steps=1, progress=False)
+        assert main(["train", "--model", str(folder), "--plan", str(tmp_path / "plan.json"), "--data", str(lm_data),
+                     "--out", str(tmp_path / "a"), "--max-steps", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(message, err), err
+        assert main(["allocate", "--method", "hetero", "--model", str(folder), "--data", str(lm_data), "--budget",
+                     "1000", "--proxy-batches", "1", "--proxy-batch-size", "2", "--out", str(tmp_path / "p.json"),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(message, err), err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_a_plan_made_for_another_model_trains_with_one_warning(llama_dir, lm_data, tmp_path, caplog):
+    """A Llama plan on a Qwen2 of the same depth and roles fits, so it trains, but says so; the same model under
+    another name (a Hub id's last part, a Hub cache snapshot) or with the config fingerprint the plan records is
+    not warned about."""
+    import dataclasses
+
+    from alphalora.adapters.io import base_fingerprint
+    from alphalora.training.model import same_model_name, warn_if_plan_for_another_model
+    from tests.tiny_models import build
+
+    qwen = save_tiny("qwen2", tmp_path / "qwen2-tiny", initializer_range=0.5)
+    llama_plan = dataclasses.replace(_plan(), base_model=str(llama_dir))
+    with caplog.at_level("WARNING", logger="alphalora.training"):
+        result = train(qwen, llama_plan, lm_data, tmp_path / "a", max_steps=1, progress=False)
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("alphalora")]
+    assert warning.startswith(f"plan made for another model: the plan names {str(llama_dir)!r}, this run trains "
+                              f"{str(qwen)!r}") and "re-allocate on this one" in warning and "\n" not in warning
+
+    model = build("qwen2")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alphalora.training"):
+        assert not warn_if_plan_for_another_model(dataclasses.replace(llama_plan, base_model=str(qwen)), qwen, model)
+        assert not warn_if_plan_for_another_model(dataclasses.replace(llama_plan, base_model=""), qwen, model)
+        same_config = dataclasses.replace(llama_plan, source={"base_fingerprint": base_fingerprint(model)})
+        assert not warn_if_plan_for_another_model(same_config, qwen, model)  # the fingerprint decides
+        other_config = dataclasses.replace(llama_plan, base_model=str(qwen),
+                                           source={"base_fingerprint": base_fingerprint(build("llama"))})
+        assert warn_if_plan_for_another_model(other_config, qwen, model)
+    assert len(caplog.records) == 1
+    assert same_model_name("Qwen/Qwen2-0.5B", "/models/Qwen2-0.5B")
+    assert same_model_name("Qwen/Qwen2-0.5B", "/cache/hub/models--Qwen--Qwen2-0.5B/snapshots/0123abc")
+    assert not same_model_name("meta-llama/Llama-3.2-1B", "Qwen/Qwen2-0.5B")
+    assert not same_model_name(str(llama_dir), str(qwen))

@@ -85,6 +85,7 @@ def reallocate(model: nn.Module, settings: Reallocation, batches: Sequence[dict]
     state = adapter_state(model)
     modules = state.switchable_modules(model)
     scores = score_candidates(settings.proxy, model, modules, batches, settings.seed, progress)
+    check_scores_finite(settings.proxy, scores)  # a run that diverged stops here, not on a tie-break's choice
     chosen = select(candidates_of(model), scores, settings.budget, ranks, pools=settings.pools,
                     shortcut_share=settings.shortcut_share, seed=settings.seed)
     state.set_disabled(model, [name for name in modules if name not in chosen])

@@ -1,0 +1,137 @@
+"""The base model a run trains on: loaded with errors that name the broken file, and checked against the plan."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from alphalora._io import first_line
+from alphalora.allocation.plan import Plan
+from alphalora.model_source import is_hub_id, model_folder
+
+from .data import DataError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+REDOWNLOAD = "download or copy the model again"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
+    """(model, tokenizer) of a Hugging Face model folder or Hub id; a missing, truncated or corrupt file is a
+    DataError naming the folder, the file and the fix, not transformers' or safetensors' traceback."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = model_folder(model_dir, DataError)
+    if not (folder / "config.json").exists():
+        raise DataError(f"model folder {folder} has no config.json; pass a Hugging Face model folder or Hub id")
+    check_weight_files(folder)
+    # A Hub id is loaded by its id (now cached), so the model and the adapters trained on it carry that name
+    source = str(model_dir) if is_hub_id(model_dir) else folder
+    tokenizer = _load_tokenizer(source, folder)
+    try:
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, _safetensor_error()) as error:
+        raise DataError(f"could not load the model in {folder} ({first_line(error)}); check that its config.json "
+                        f"and weight files are complete and belong together, or {REDOWNLOAD}") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_tokenizer(source: str | Path, folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        if not any((folder / name).exists() for name in TOKENIZER_FILES):
+            problem = f"it has no {' or '.join(TOKENIZER_FILES)}"
+        else:
+            problem = f"{first_line(error).rstrip(': ')}: its tokenizer files are incomplete or unreadable"
+        raise DataError(f"could not load a tokenizer from {folder}: {problem}; copy the model's tokenizer files "
+                        "(tokenizer.json, or tokenizer_config.json and the vocabulary files it names) from where the "
+                        f"model came from, or {REDOWNLOAD}") from error
+
+
+def _safetensor_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def check_weight_files(folder: Path) -> None:
+    """Reads the header of each safetensors file the folder's weights live in (the shards its index names, or
+    model.safetensors): a missing or truncated one is named here, before anything is loaded."""
+    from safetensors import safe_open
+
+    for path in _safetensors_files(folder):
+        if not path.is_file():
+            raise DataError(f"{path} is missing: {folder / SAFETENSORS_INDEX} names it; {REDOWNLOAD}")
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (_safetensor_error(), OSError) as error:
+            raise DataError(f"{path} is truncated or corrupt ({first_line(error)}); {REDOWNLOAD}") from error
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{index} is not a valid safetensors index ({first_line(error)}); {REDOWNLOAD}") from error
+    single = folder / SAFETENSORS_SINGLE
+    return [single] if single.exists() else []
+
+
+def warn_if_plan_for_another_model(plan: Plan, model_dir: str | Path, model) -> bool:
+    """Logs one warning (and returns True) when the plan was made for another base model than `model_dir`.
+
+    Decided by the config fingerprint when the plan records one (plan.source["base_fingerprint"]), else by
+    name: a folder and a Hub id can name the same model, so names are compared leniently, and a plan is never
+    refused for its name (its layers and modules were checked when it was built into the model)."""
+    recorded = plan.base_model
+    if not recorded:
+        return False
+    fingerprint = plan.source.get("base_fingerprint") if isinstance(plan.source, dict) else None
+    if isinstance(fingerprint, str):
+        from alphalora.adapters.io import base_fingerprint
+
+        differs = fingerprint != base_fingerprint(model)
+    else:
+        differs = not same_model_name(recorded, model_dir)
+    if differs:
+        logger.warning("plan made for another model: the plan names %r, this run trains %r; it trains because its "
+                       "layers and modules fit, but its allocation was computed for that model: re-allocate on "
+                       "this one unless you meant it", recorded, str(model_dir))
+    return differs
+
+
+def same_model_name(recorded: str, model_dir: str | Path) -> bool:
+    """Whether two names may name the same model: equal, the same folder, or (where one of them is not a folder
+    here, e.g. a Hub id or a folder on another machine) the same last name component ("org/Llama-3" and
+    ".../Llama-3", or a Hub cache snapshot of "org/Llama-3")."""
+    if str(recorded) == str(model_dir):
+        return True
+    first, second = Path(str(recorded)).expanduser(), Path(str(model_dir)).expanduser()
+    if first.exists() and second.exists():
+        return first.resolve() == second.resolve()
+    return _short_name(str(recorded)) == _short_name(str(model_dir))
+
+
+def _short_name(name: str) -> str:
+    parts = Path(name.rstrip("/")).parts
+    for part in parts:  # a Hub cache snapshot: .../models--org--name/snapshots/<revision>
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+    return parts[-1] if parts else name
