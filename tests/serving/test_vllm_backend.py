@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from alphalora.adapters.peft_export import export_peft
+from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
 from tests.serving.vllm_helpers import (
     MAX_TOKENS,
     PROMPTS,
@@ -126,3 +127,59 @@ def test_adapter_loaded_at_run_time_through_the_route_equals_native_engine(serve
     assert response.status_code == 200, response.text
     assert "late" in [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
     assert server.greedy("late") == native_greedy(model, adapters, "late")
+
+
+SAMPLING_CASES = {  # greedy under each logit adjustment both engines apply before the argmax
+    "repetition": dict(repetition_penalty=1.6),
+    "presence and frequency": dict(presence_penalty=1.5, frequency_penalty=0.8),
+    "all penalties": dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.7),
+    "logit bias": dict(logit_bias={7: 5.0, 20: -100.0, 33: 2.5}),
+}
+
+
+def _native_steps(model_dir, adapters, name, params: SamplingParams):
+    engine = Engine.from_pretrained(model_dir, EngineConfig(adapters={k: str(v) for k, v in adapters.items()},
+                                                            dtype=torch.float32))
+    seqs = [engine.add_request(p, params, name) for p in PROMPTS]
+    steps = {s.seq_id: [] for s in seqs}
+    while engine.has_work():
+        for out in engine.step():
+            steps[out.seq.seq_id].append(out)
+    return [steps[s.seq_id] for s in seqs]
+
+
+def _vllm_steps(server, model: str, fields: dict, top: int):
+    outputs = []
+    for prompt in PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
+                "logprobs": top, "return_tokens_as_token_ids": True, **fields}
+        if "logit_bias" in body:
+            body["logit_bias"] = {str(k): v for k, v in body["logit_bias"].items()}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, f"{response.status_code} {response.text}\n{server.tail()}"
+        logprobs = response.json()["choices"][0]["logprobs"]
+        ids = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+        tops = [{int(t.removeprefix("token_id:")): v for t, v in entry.items()} for entry in logprobs["top_logprobs"]]
+        outputs.append((ids, logprobs["token_logprobs"], tops))
+    return outputs
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+@pytest.mark.parametrize("model_name", ["tiny-llama", "hetero"])
+def test_penalties_and_logit_bias_choose_what_vllm_chooses_and_report_its_logprobs(served, case, model_name):
+    """vLLM as the oracle of the sampling semantics: repetition penalty over prompt and output tokens,
+    presence/frequency over output tokens, logit_bias added first; logprobs are the model's own
+    (vLLM's default raw_logprobs), top-3 per token."""
+    server, model, adapters = served
+    fields = SAMPLING_CASES[case]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3, **fields)
+    adapter = None if model_name == "tiny-llama" else model_name
+    native = _native_steps(model, adapters, adapter, params)
+    plain = native_greedy(model, adapters, adapter)
+    assert [[o.token for o in steps] for steps in native] != plain  # the adjustment changes the choice
+    for steps, (ids, token_logprobs, tops) in zip(native, _vllm_steps(server, model_name, fields, 3), strict=True):
+        assert [o.token for o in steps] == ids
+        assert [o.logprob for o in steps] == pytest.approx(token_logprobs, abs=1e-4)
+        for out, top in zip(steps, tops, strict=True):
+            assert set(top) <= set(out.top_logprobs) | {out.token}  # vLLM adds the chosen token to its top-k
+            assert [out.top_logprobs.get(t, out.logprob) for t in top] == pytest.approx(list(top.values()), abs=1e-4)
