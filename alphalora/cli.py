@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="alphalora",
         description="Decide where a model needs adapter capacity from its weight spectra.",
     )
+    from alphalora import __version__
+
+    parser.add_argument("--version", action="version", version=f"alphalora {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     analyze = verbs.add_parser(

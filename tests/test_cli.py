@@ -165,3 +165,12 @@ def test_a_mistyped_option_gets_the_verbs_usage_and_the_nearest_option(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("usage: alphalora train")
     assert "unrecognized arguments: --lr-schedular cosine" in err and "did you mean --lr-scheduler?" in err
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"alphalora {version('alphalora')}"
