@@ -9,6 +9,9 @@
 # Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile
 # spectral_one_stream.
 # A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
+# All stages together can outlast a 10-minute command limit; run them in two calls on one machine:
+#     bash benchmarks/gpu_checks.sh OUT build tests spectral moe_lora serving
+#     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile serving_profile spectral_one_stream
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
