@@ -223,7 +223,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     saved, state = Plan.from_dict(config["plan"]), adapter_state(model)
-    if dataclasses.replace(saved, disabled_modules=[]) != dataclasses.replace(state.plan, disabled_modules=[]):
+    # (which modules are switched off changes as dynamic HeteroLoRA trains; `source` says how a plan was made)
+    def shape(plan: Plan) -> Plan:
+        return dataclasses.replace(plan, disabled_modules=[], source={})
+
+    if shape(saved) != shape(state.plan):
         raise AdapterError(f"{folder} was saved with a different plan than the model's adapter")
     _copy_weights(model, _load_weights(folder, config), folder)
     state.set_disabled(model, saved.disabled_modules)  # a dynamic HeteroLoRA checkpoint's selection

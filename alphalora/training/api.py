@@ -210,6 +210,7 @@ def _run_settings(values: dict[str, Any]) -> dict[str, Any]:
 
     plan = values["plan"].to_dict()
     plan.pop("format_version")
+    plan.pop("source", None)  # how the plan was made (HeteroLoRA's scores and timings), not what it trains
     return normalised({
         "base_model": model_name(values["model_dir"]),
         "base_fingerprint": base_fingerprint(values["model"]),

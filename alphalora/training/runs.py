@@ -31,8 +31,10 @@ def check_out_folder(out: Path, resume: bool) -> None:
             f"an adapter ({', '.join(adapter)})" if adapter else "",
             f"checkpoints ({', '.join(checkpoints[:3])}{', ...' if len(checkpoints) > 3 else ''})"
             if checkpoints else "") if part)
-        raise CheckpointError(f"{out} already holds {held} of an earlier run; {RESUME_HINT}, or choose another "
-                              f"--out (or delete {out}) to start a new one")
+        resumable = checkpoints and last_complete_checkpoint(out / "checkpoints")[0] is not None
+        hint = f"{RESUME_HINT}, or " if resumable else "none of its checkpoints is complete enough to resume; "
+        raise CheckpointError(f"{out} already holds {held} of an earlier run; {hint}choose another --out (or "
+                              f"delete {out}) to start a new one")
     if resume and adapter and not checkpoints:
         raise CheckpointError(f"{out} holds a finished adapter but no checkpoints to resume from; choose another "
                               f"--out (or delete {out}) to train again")
@@ -57,7 +59,7 @@ def resume_point(checkpoints: Path) -> Path | None:
     if last is None and incomplete:
         raise CheckpointError(f"no complete checkpoint to resume from in {checkpoints}: "
                               f"{', '.join(p.name for p in incomplete)} lack files resuming needs; delete "
-                              "the checkpoints folder (or train without --resume) to start from the beginning")
+                              f"{checkpoints} (or choose another --out) to start from the beginning")
     if last is None:
         print(f"no checkpoint in {checkpoints}: starting from the beginning")
     else:

@@ -3,6 +3,7 @@ continues only the run the checkpoint recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(setup, tmp_pat
     record = Record()
     moved = tmp_path / "moved-model"  # the same base model at another path: its config's fingerprint decides
     shutil.copytree(model_dir, moved)
-    _train(moved, data, out, plan=_plan(model_dir), resume=True, callbacks=[record])
+    remade = dataclasses.replace(_plan(model_dir), source={"proxy_seconds": 9.9})  # made again: other provenance
+    _train(moved, data, out, plan=remade, resume=True, callbacks=[record])
     assert record.executed == [3, 4]
 
 
@@ -145,3 +147,20 @@ def test_checkpoints_from_before_run_records_still_resume(setup, tmp_path, capsy
     losses = lambda result: {h["step"]: h["loss"] for h in result.log_history if "loss" in h}  # noqa: E731
     assert {s: v for s, v in losses(resumed).items() if s > 2} == pytest.approx(
         {s: v for s, v in losses(full).items() if s > 2}, rel=1e-6)
+
+
+def test_a_folder_whose_checkpoints_are_all_incomplete_is_not_sent_round_in_circles(setup, tmp_path):
+    """Neither message may point at the other way: without --resume the folder is refused (not "pass --resume"),
+    with --resume there is nothing to resume (not "train without --resume"); both say to delete or move on."""
+    model_dir, data = setup
+    out = tmp_path / "run"
+    cut = out / "checkpoints" / "checkpoint-2"
+    cut.mkdir(parents=True)
+    (cut / "adapter_model.safetensors").write_bytes(b"cut short")
+    with pytest.raises(CheckpointError) as fresh:
+        _train(model_dir, data, out)
+    assert "none of its checkpoints is complete enough to resume" in str(fresh.value)
+    assert "--resume" not in str(fresh.value) and f"delete {out}" in str(fresh.value)
+    with pytest.raises(CheckpointError) as resumed:
+        _train(model_dir, data, out, resume=True)
+    assert "without --resume" not in str(resumed.value) and f"delete {out / 'checkpoints'}" in str(resumed.value)
