@@ -80,10 +80,7 @@ def _analyze(args: argparse.Namespace) -> int:
         )
     except AnalysisError as error:
         raise CliError(str(error)) from error
-    unknown = sorted(set(plot_names or ()) - {m.name for m in report.matrices})
-    if unknown:  # before anything is written
-        raise CliError(f"--plot-matrices: no matrix named {', '.join(map(repr, unknown))} in this model; names are "
-                       f"those of the report's `matrices`, e.g. {report.matrices[0].name!r}")
+    _check_plot_names(report, plot_names or [])  # before anything is written
     # Every file first, then the summary: output cut short (`| head`) loses nothing.
     report.to_json(args.out)
     if args.csv:
@@ -104,6 +101,21 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _check_plot_names(report, names: list[str]) -> None:
+    """Refuses --plot-matrices names that are no matrix of the model, or a matrix without a spectrum to plot."""
+    from alphalora.spectral.plots import plottable_matrices
+
+    statuses = {m.name: m.status for m in report.matrices}
+    unknown = [name for name in names if name not in statuses]
+    if unknown:
+        raise CliError(f"--plot-matrices: no matrix named {', '.join(map(repr, unknown))} in this model; names are "
+                       f"those of the report's `matrices`, e.g. {report.matrices[0].name!r}")
+    unplottable = [name for name in names if name not in plottable_matrices(report)]
+    if unplottable:
+        reasons = "; ".join(f"{name!r}: {statuses[name]}" for name in unplottable)
+        raise CliError(f"--plot-matrices: no spectrum to plot for {reasons}; choose matrices whose fit ran")
 
 
 def _names(text: str) -> list[str]:

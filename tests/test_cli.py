@@ -174,3 +174,19 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"alphalora {version('alphalora')}"
+
+
+def test_plotting_a_matrix_whose_fit_failed_is_refused_before_any_file_is_written(tmp_path, capsys):
+    import torch
+
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    out, plots = tmp_path / "r.json", tmp_path / "plots"
+    name = "model.layers.0.self_attn.q_proj"
+    code = main(["analyze", str(tmp_path / "nan-model"), "--out", str(out), "--plot", str(plots),
+                 "--plot-matrices", name, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no spectrum to plot for '{name}': failed" in err and "Traceback" not in err
+    assert not out.exists() and not plots.exists()

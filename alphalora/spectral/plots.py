@@ -54,11 +54,18 @@ def plot_layer_alphas(report: SpectralReport, path: str | Path) -> Path:
     return out
 
 
+def plottable_matrices(report: SpectralReport) -> set[str]:
+    """The matrices with a spectrum to plot: eigenvalues kept in the report, some of them positive (a failed
+    matrix, NaN or integer weights, has none; an all-zero one has no positive eigenvalue)."""
+    return {name for name, evals in report.eigenvalues.items() if bool((evals > 0).any())}
+
+
 def plot_esd(report: SpectralReport, name: str, path: str | Path) -> Path:
     """The ESD of one matrix on log-log axes, with the fitted power-law tail from xmin."""
     matrix = next((m for m in report.matrices if m.name == name), None)
-    if matrix is None or name not in report.eigenvalues:
-        raise KeyError(f"no eigenvalues for matrix {name!r} in this report")
+    if matrix is None or name not in plottable_matrices(report):
+        raise KeyError(f"no spectrum to plot for matrix {name!r} in this report (a failed or all-zero matrix, or a "
+                       "report loaded from JSON, which keeps no eigenvalues)")
     evals = report.eigenvalues[name].numpy()
     evals = evals[evals > 0]
     plt = _pyplot()
