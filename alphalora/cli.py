@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
     train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
     train.add_argument("--out", required=True,
-                       help="adapter folder to write: new or empty, unless --resume continues the run in it")
+                       help="adapter folder to write: one without an earlier run's adapter or checkpoints, unless "
+                       "--resume continues that run")
     train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
                        help="causal-lm: loss on the completion tokens; classification: a sequence-classification "
                        "head trained with the adapter (labels from the data)")
@@ -622,6 +623,9 @@ def _refuse_unknown(verb_parser: argparse.ArgumentParser, unknown: list[str]) ->
     verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
 
 
+WRITE_THEN_REPORT = ("analyze", "allocate", "export")  # verbs that print only once their files are written
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
@@ -630,7 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe raises here, not at exit, where only a traceback could report it
         return code
-    except BrokenPipeError:  # the reader left (`| head`): every file is written by then, nothing more to say
+    except BrokenPipeError:
+        if args.verb not in WRITE_THEN_REPORT:  # a server or a training run cut short: not to be silent
+            raise
+        # The reader left (`| head`): these verbs write every file before they print, nothing more to say.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (Python would report the pipe again when it flushes at exit)
         return 1

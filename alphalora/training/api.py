@@ -121,14 +121,14 @@ def train(
     """Trains the plan's MoE-LoRA (or heterogeneous-rank LoRA) adapter on `data`.
 
     `plan` is a Plan, its dict form (Plan.to_dict()) or the path of a plan JSON. Arguments, data and plan
-    are checked before any training starts. `out_dir` must be new or empty unless `resume=True`, which
-    continues the run whose checkpoints (adapter, optimizer, scheduler, RNG, run settings) are in
-    out_dir/checkpoints, from the newest complete one (a checkpoint a kill cut short is skipped, and said
-    so), and only if that run had this run's plan, base model, data and hyperparameters. `truncate=True`
-    cuts rows longer than `max_length` (causal LM: their start, keeping the completion; see
-    `tokenize_causal_lm`) instead of refusing them. The finished adapter is written to out_dir. Under
-    torchrun or accelerate every process calls this and trains data parallel; only the main one writes
-    (`TrainResult.main_process`).
+    are checked before any training starts. `out_dir` must not hold an earlier run's adapter or
+    checkpoints unless `resume=True`, which continues the run whose checkpoints (adapter, optimizer,
+    scheduler, RNG, run settings) are in out_dir/checkpoints, from the newest complete one (a checkpoint
+    a kill cut short is skipped, and said so), and only if that run had this run's plan, base model, data
+    and hyperparameters. `truncate=True` cuts rows longer than `max_length` (causal LM: their start,
+    keeping the completion; see `tokenize_causal_lm`) instead of refusing them. The finished adapter is
+    written to out_dir. Under torchrun or accelerate every process calls this and trains data parallel;
+    only the main one writes (`TrainResult.main_process`).
     """
     import torch
     from transformers import TrainingArguments, set_seed
