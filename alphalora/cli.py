@@ -164,7 +164,7 @@ def _allocate(args: argparse.Namespace) -> int:
     try:
         plan = allocate(
             args.report, alphas=_float_list(args.alphas) if args.alphas else None, method=args.method,
-            preset=args.preset, budget=budget, beta=_beta(args), rounding=_rounding(args),
+            preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
             base_model=args.base_model, rank=args.rank,
             target_modules=args.target_modules.split(",") if args.target_modules else None,
@@ -182,14 +182,6 @@ def _allocate(args: argparse.Namespace) -> int:
     if plot:
         print(f"plot: {plot}")
     return 0
-
-
-def _beta(args: argparse.Namespace) -> float:
-    return 2.5 if args.beta is None else args.beta
-
-
-def _rounding(args: argparse.Namespace) -> str:
-    return "largest-remainder" if args.rounding is None else args.rounding
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -212,7 +204,7 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
     try:
         plan = allocate(  # the other methods' options go along too, so that allocate refuses them, not ignores them
             args.report, alphas=_float_list(args.alphas) if args.alphas else None, preset=args.preset,
-            beta=_beta(args), rounding=_rounding(args), max_experts=args.max_experts, top_k=args.top_k,
+            beta=args.beta, rounding=args.rounding, max_experts=args.max_experts, top_k=args.top_k,
             num_layers=args.num_layers, base_model=args.base_model, rank=args.rank,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
             method="hetero", model_dir=args.model, data=args.data, proxy=args.proxy, budget=args.budget,

@@ -21,6 +21,8 @@ from .expert_counts import (
 from .plan import DEFAULT_TARGET_MODULES, METHODS, Plan, RouterSettings
 
 DEFAULT_EXPERT_BUDGET = 160  # AlphaLoRA's T: 5 experts a layer on average over 32 layers (MoLA's 2468)
+DEFAULT_BETA = 2.5  # AlphaLoRA's exponent: n_l ~ alpha_l ** beta
+DEFAULT_ROUNDING = "largest-remainder"
 MOE_METHODS = "alphalora, mola and uniform"
 # Options hetero allocation does not read: their defaults, and what to pass instead
 _NOT_HETERO = {
@@ -28,8 +30,8 @@ _NOT_HETERO = {
                      "itself (--proxy alpha reads its weight spectra)"),
     "alphas": (None, f"--alphas (alphas) applies to {MOE_METHODS}; hetero scores --model itself"),
     "preset": (None, "--preset (preset) applies to mola"),
-    "beta": (2.5, "--beta (beta) applies to alphalora"),
-    "rounding": ("largest-remainder", "--rounding (rounding) applies to alphalora"),
+    "beta": (None, "--beta (beta) applies to alphalora"),
+    "rounding": (None, "--rounding (rounding) applies to alphalora"),
     "top_k": (2, f"--top-k (top_k) applies to {MOE_METHODS}; hetero plans have one expert per module"),
     "num_layers": (None, "--num-layers (num_layers) applies to mola and uniform; hetero reads the layers of --model"),
     "base_model": (None, f"--base-model (base_model) applies to {MOE_METHODS}; hetero records --model (model_dir)"),
@@ -81,13 +83,12 @@ def _check_every_layer_fitted(report: SpectralReport) -> None:
                               "yourself (--alphas, alphas=[...])")
 
 
-def _refuse_unread(method: str, preset: str | None, beta: float, rounding: str) -> None:
+def _refuse_unread(method: str, preset: str | None, beta: float | None, rounding: str | None) -> None:
     """Refuses another method's options rather than ignoring them: the preset is MoLA's, beta and rounding
-    AlphaLoRA's (left at their defaults, they are not counted as given)."""
-    unread = [name for name, given, owner in (("preset", preset is not None, "mola"),
-                                              ("beta", beta != 2.5, "alphalora"),
-                                              ("rounding", rounding != "largest-remainder", "alphalora"))
-              if given and method != owner]
+    AlphaLoRA's (None: not given)."""
+    unread = [name for name, value, owner in (("preset", preset, "mola"), ("beta", beta, "alphalora"),
+                                              ("rounding", rounding, "alphalora"))
+              if value is not None and method != owner]
     if unread:
         raise AllocationError(f"{', '.join(unread)}: not read by method {method!r} (preset is MoLA's, beta and "
                               "rounding AlphaLoRA's); leave them out")
@@ -116,8 +117,8 @@ def allocate(
     method: str = "alphalora",
     preset: str | None = None,
     budget: int | None = None,
-    beta: float = 2.5,
-    rounding: str = "largest-remainder",
+    beta: float | None = None,
+    rounding: str | None = None,
     max_experts: int | None = None,
     top_k: int = 2,
     num_layers: int | None = None,
@@ -131,8 +132,8 @@ def allocate(
 ) -> Plan:
     """Turns an analysis (AlphaLoRA), a MoLA preset or a uniform split into an adapter plan.
 
-    - ``alphalora``: experts per layer proportional to alpha_l ** beta, ``budget`` in total
-      (default 160).
+    - ``alphalora``: experts per layer proportional to alpha_l ** beta (default 2.5), ``budget`` in total
+      (default 160), ``rounding`` "largest-remainder" (default) or "compat".
     - ``mola``: ``preset`` (e.g. "2468") splits the layers into equal groups, each layer getting
       its group's digit as its expert count (as `alphalora allocate` does); with ``budget`` the
       pattern is scaled to that total.
@@ -140,7 +141,8 @@ def allocate(
     - ``hetero``: HeteroLoRA; ``budget`` is trainable parameters (required), and the keyword arguments of
       `alphalora.allocation.hetero.allocate_hetero` (``model_dir``, ``data``, ``proxy``, ``ranks``,
       ``shortcuts``, ``dynamic_every``, ...) are passed through; the other methods' options (``report``,
-      ``rank``, ``top_k``, ``router``, ...) are refused rather than ignored.
+      ``rank``, ``top_k``, ``router``, ...) are refused rather than ignored, as are ``preset``, ``beta`` and
+      ``rounding`` given to a method that does not read them.
     ``max_experts`` caps each layer's count for ``alphalora`` with largest-remainder rounding, and
     is refused elsewhere. The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
@@ -148,7 +150,7 @@ def allocate(
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if max_experts is not None and (method != "alphalora" or rounding != "largest-remainder"):
+    if max_experts is not None and (method != "alphalora" or rounding not in (None, DEFAULT_ROUNDING)):
         where = f"--method {method}" if method != "alphalora" else f"--rounding {rounding}"
         raise AllocationError(f"--max-experts (max_experts) caps layers only for --method alphalora with --rounding "
                               f"largest-remainder; {where} would ignore it, so leave it out")
@@ -172,7 +174,8 @@ def allocate(
     if budget is None and method in ("alphalora", "uniform"):
         budget = DEFAULT_EXPERT_BUDGET
     budget, max_experts, top_k, num_layers = _checked_counts(budget, max_experts, top_k, num_layers)
-    beta = positive_number(beta, "beta")
+    beta = positive_number(DEFAULT_BETA if beta is None else beta, "beta")
+    rounding = DEFAULT_ROUNDING if rounding is None else rounding
     layer_alphas, loaded = _layer_alphas(report, alphas, method)
     if layer_alphas is not None:
         if num_layers is not None and num_layers != len(layer_alphas):

@@ -139,6 +139,8 @@ def test_plans_refuse_non_finite_numbers(tmp_path):
     ("mola", {"preset": "24", "beta": 5.0}, "beta"),
     ("mola", {"preset": "24", "rounding": "compat"}, "rounding"),
     ("uniform", {"beta": 1.0, "rounding": "compat"}, "beta, rounding"),
+    ("mola", {"preset": "24", "beta": 2.5}, "beta"),  # given, though equal to AlphaLoRA's default
+    ("uniform", {"rounding": "largest-remainder"}, "rounding"),
 ])
 def test_another_methods_options_are_refused_not_ignored(method, options, unread):
     with pytest.raises(AllocationError, match=f"^{unread}: not read by method '{method}'"):

@@ -223,6 +223,8 @@ def test_cli_allocate_hetero_refuses_bad_and_misplaced_options_with_clean_errors
         "--report (report) gives alphalora, mola and uniform their layer alphas": ["--report", "/nonexistent.json"],
         "--alphas (alphas) applies to alphalora, mola and uniform": ["--alphas", "3,4"],
         "--top-k (top_k) applies to alphalora, mola and uniform": ["--top-k", "3"],
+        "--beta (beta) applies to alphalora": ["--beta", "2.5"],
+        "--rounding (rounding) applies to alphalora": ["--rounding", "largest-remainder"],
         "--router and --aux-loss-coef (router) apply to alphalora, mola and uniform": ["--router", "shared"],
         "--router and --aux-loss-coef (router)": ["--aux-loss-coef", "0.01"],
     }
