@@ -305,3 +305,21 @@ def test_cli_hetero_on_nan_weights_writes_no_plan(nan_llama_dir, data, tmp_path,
     err = capsys.readouterr().err
     assert "the grad-norm proxy scored" in err and "NaN or Inf" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_hetero_plan_records_its_models_fingerprint_which_decides_the_other_model_warning(llama_dir, data,
+                                                                                          tmp_path, caplog):
+    import shutil
+
+    from alphalora.adapters.io import base_fingerprint
+    from alphalora.training.model import warn_if_plan_for_another_model
+
+    plan = alphalora.allocate(method="hetero", model_dir=llama_dir, data=data, proxy="constant", budget=1500,
+                              ranks=[4], progress=False)
+    base = build("llama", **OVERRIDES)
+    assert plan.source["base_fingerprint"] == base_fingerprint(base)
+    renamed = tmp_path / "another-name"  # the same model under another name: the fingerprint says it is the same
+    shutil.copytree(llama_dir, renamed)
+    assert not warn_if_plan_for_another_model(plan, renamed, base)
+    other = build("llama", **{**OVERRIDES, "rope_theta": 500.0})  # same shapes, another model
+    assert warn_if_plan_for_another_model(plan, llama_dir, other)

@@ -128,6 +128,7 @@ def allocate_hetero(
     from transformers import set_seed
 
     from alphalora.adapters.inject import AdapterError, candidate_modules, inject_adapters, modules_hidden
+    from alphalora.adapters.io import base_fingerprint
     from alphalora.training.api import load_model_and_data
     from alphalora.training.data import DataError
 
@@ -144,6 +145,7 @@ def allocate_hetero(
                                     proxy)
     except DataError as error:
         raise AllocationError(str(error)) from error
+    fingerprint = base_fingerprint(model)  # training warns if it gets another model (its name may differ)
     blocks = candidate_modules(model)
     if not blocks:
         raise AllocationError(f"{model_dir}: no adaptable linear layers inside transformer blocks")
@@ -179,7 +181,7 @@ def allocate_hetero(
         "proxy_batches": batches_read(proxy, proxy_batches), "proxy_batch_size": proxy_batch_size,
         "probe_scale": PROBE_SCALE if proxy in ("snip", "synflow", "fisher") else None,
         "ranks": levels, "pools": pools, "candidates": len(candidates), "scores": scores, "seed": seed,
-        "candidate_roles": roles,
+        "candidate_roles": roles, "base_fingerprint": fingerprint,
     }
     lora_names = [c.name for c in candidates if c.kind == "lora"]
     if dynamic_every is not None:
