@@ -136,7 +136,8 @@ def train(
     from .runs import check_out_folder, resume_point
     from .trainer import MoELoRATrainer
 
-    _check_arguments(locals())
+    arguments = dict(locals())  # as the caller gave them, before anything below rebinds a name
+    _check_arguments(arguments)
     plan = _as_plan(plan)
     if gradient_checkpointing and plan.shortcuts:
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
@@ -152,7 +153,7 @@ def train(
     num_labels = model.config.num_labels if task == "classification" else None
     eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names, truncate, num_labels, EVAL_SPLITS) \
         if eval_data else None
-    settings = _run_settings(locals())  # the plan as given
+    settings = _run_settings(plan, model, train_set.examples, arguments)  # the plan as given
     if task == "classification":
         heads = [h for h in CLASSIFIER_HEADS if hasattr(model, h)]
         plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
@@ -201,36 +202,36 @@ RUN_DEFINING_ARGUMENTS = ("task", "learning_rate", "lr_scheduler", "warmup_ratio
                           "gradient_accumulation_steps", "seed", "bf16")
 
 
-def _run_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint records of its run (from train()'s locals): the plan as given, the base model (name and
-    config fingerprint), the tokenised training examples' hash, the hyperparameters, the number of processes."""
+def _run_settings(plan: Plan, model, examples: list[dict[str, Any]], arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its run: the plan (as given), the base model (name and config fingerprint),
+    the tokenised training examples' hash, the hyperparameters among train()'s `arguments`, the processes."""
     from alphalora.adapters.io import base_fingerprint
 
     from .runs import examples_sha256, model_name, normalised
 
-    plan = values["plan"].to_dict()
-    plan.pop("format_version")
-    plan.pop("source", None)  # how the plan was made (HeteroLoRA's scores and timings), not what it trains
+    recorded_plan = plan.to_dict()
+    recorded_plan.pop("format_version")
+    recorded_plan.pop("source", None)  # how the plan was made (HeteroLoRA's scores and timings), not what it trains
     return normalised({
-        "base_model": model_name(values["model_dir"]),
-        "base_fingerprint": base_fingerprint(values["model"]),
-        "plan": plan,
-        "train_examples_sha256": examples_sha256(values["train_set"].examples),
-        **{name: values[name] for name in RUN_DEFINING_ARGUMENTS},
-        **_run_length(values),
+        "base_model": model_name(arguments["model_dir"]),
+        "base_fingerprint": base_fingerprint(model),
+        "plan": recorded_plan,
+        "train_examples_sha256": examples_sha256(examples),
+        **{name: arguments[name] for name in RUN_DEFINING_ARGUMENTS},
+        **_run_length(arguments),
         "processes": _world_size(),
     })
 
 
-def _run_length(values: dict[str, Any]) -> dict[str, Any]:
+def _run_length(arguments: dict[str, Any]) -> dict[str, Any]:
     """max_steps or epochs (max_steps overrides epochs) where the learning-rate schedule is stretched over
     them; with a constant rate (no warmup) they only say where to stop, so a resumed run may go further."""
-    scheduler, warmup = values["lr_scheduler"], values["warmup_ratio"]
+    scheduler, warmup = arguments["lr_scheduler"], arguments["warmup_ratio"]
     if scheduler == "constant" or (scheduler == "constant_with_warmup" and warmup == 0):
         return {"max_steps": None, "epochs": None}
-    if values["max_steps"] != -1:
-        return {"max_steps": values["max_steps"], "epochs": None}
-    return {"max_steps": None, "epochs": values["epochs"]}
+    if arguments["max_steps"] != -1:
+        return {"max_steps": arguments["max_steps"], "epochs": None}
+    return {"max_steps": None, "epochs": arguments["epochs"]}
 
 
 def _world_size() -> int:
