@@ -354,13 +354,17 @@ def test_a_request_the_full_queue_cannot_take_whole_is_withdrawn_whole_with_a_42
         asyncio.run(admit_two())
     assert list(engine.scheduler.waiting) == [waiting]  # the admitted first sequence was withdrawn
 
-    async def queue_full(*_args):
-        raise QueueFullError("2 requests are already waiting; retry later")
-
-    async_engine.add = queue_full
-    state = ServerState(engine=async_engine, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
-    response = TestClient(build_app(state)).post("/v1/completions", json={"model": "m", "prompt": "the cat"})
-    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
+    # Over HTTP, through the real admission path on a stepping engine: a queue with no room left (its bound
+    # lowered to nothing, so that no step can make room before the request arrives) answers 429.
+    stepping = AsyncEngine(Engine.from_pretrained(model_dir, EngineConfig(max_waiting=2, max_num_seqs=1)))
+    try:
+        stepping.run_locked(setattr, stepping.engine.scheduler, "max_waiting", 0)
+        state = ServerState(engine=stepping, tokenizer=engine.tokenizer, base_name="m", max_model_len=64)
+        response = TestClient(build_app(state)).post("/v1/completions", json={"model": "m", "prompt": "the cat"})
+        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_exceeded"
+        assert "already waiting; retry later" in response.json()["error"]["message"]
+    finally:
+        stepping.close()
 
 
 def test_chat_template_from_the_command_line(tmp_path):
