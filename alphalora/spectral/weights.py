@@ -99,7 +99,9 @@ def _read_json(file: Path) -> dict:
     return data
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a model folder: the shards its index names (each checked to exist), else its
+    *.safetensors or pytorch_model*.bin files; WeightSourceError naming the file where one is missing."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
@@ -166,7 +168,7 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
         raise WeightSourceError(f"model path {folder} does not exist; pass a Hugging Face model folder")
     if not folder.is_dir():
         raise WeightSourceError(f"model path {folder} is not a folder; pass the folder that holds config.json")
-    files = _checkpoint_files(folder)
+    files = checkpoint_files(folder)
     if not files:
         raise WeightSourceError(
             f"no weights in {folder}: expected *.safetensors (or pytorch_model*.bin) files, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from .data import DataError
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
 REDOWNLOAD = "download or copy the model again"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -69,29 +66,21 @@ def _safetensor_error() -> type[Exception]:
 
 def check_weight_files(folder: Path) -> None:
     """Reads the header of each safetensors file the folder's weights live in (the shards its index names, or
-    model.safetensors): a missing or truncated one is named here, before anything is loaded."""
+    its *.safetensors files): a missing or truncated one is named here, before anything is loaded."""
     from safetensors import safe_open
 
-    for path in _safetensors_files(folder):
-        if not path.is_file():
-            raise DataError(f"{path} is missing: {folder / SAFETENSORS_INDEX} names it; {REDOWNLOAD}")
+    from alphalora.spectral.weights import WeightSourceError, checkpoint_files
+
+    try:
+        files = checkpoint_files(folder)
+    except WeightSourceError as error:
+        raise DataError(str(error)) from error
+    for path in (f for f in files if f.suffix == ".safetensors"):
         try:
             with safe_open(str(path), framework="pt"):
                 pass
         except (_safetensor_error(), OSError) as error:
             raise DataError(f"{path} is truncated or corrupt ({first_line(error)}); {REDOWNLOAD}") from error
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DataError(f"{index} is not a valid safetensors index ({first_line(error)}); {REDOWNLOAD}") from error
-    single = folder / SAFETENSORS_SINGLE
-    return [single] if single.exists() else []
 
 
 def warn_if_plan_for_another_model(plan: Plan, model_dir: str | Path, model) -> bool:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from alphalora._io import first_line, write_text_atomic
 from alphalora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, architecture_differences
 
-from .trainer import CheckpointError, last_complete_checkpoint
+from .trainer import CheckpointError, checkpoint_paths, last_complete_checkpoint
 
 RUN_RECORD_NAME = "alphalora_run.json"  # in each checkpoint: the run's settings and dynamic HeteroLoRA rounds
 RUN_RECORD_VERSION = 1
@@ -25,7 +24,7 @@ def check_out_folder(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; pass a folder (new or empty) for the adapter")
     adapter = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
-    checkpoints = _checkpoint_names(out / "checkpoints")
+    checkpoints = [path.name for path in checkpoint_paths(out / "checkpoints")]
     if not resume and (adapter or checkpoints):
         held = " and ".join(part for part in (
             f"an adapter ({', '.join(adapter)})" if adapter else "",
@@ -38,13 +37,6 @@ def check_out_folder(out: Path, resume: bool) -> None:
     if resume and adapter and not checkpoints:
         raise CheckpointError(f"{out} holds a finished adapter but no checkpoints to resume from; choose another "
                               f"--out (or delete {out}) to train again")
-
-
-def _checkpoint_names(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    steps = {p.name: int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
-    return sorted(steps, key=steps.get)
 
 
 def resume_point(checkpoints: Path) -> Path | None:

@@ -103,16 +103,20 @@ def _loss_uses_item_count(model) -> bool:
         return True
 
 
+def checkpoint_paths(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint-N entries in `folder` (none where it does not exist), oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    steps = {p: int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    return sorted(steps, key=steps.get)
+
+
 def last_complete_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, dict[Path, list[str]]]:
     """(the newest checkpoint-N in `folder` holding everything resuming reads, {newer incomplete checkpoint:
     the files it lacks}). A run killed while Trainer was writing checkpoint-N leaves it partial."""
-    steps = {}
-    for path in Path(folder).iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            steps[path] = int(match.group(1))
     incomplete: dict[Path, list[str]] = {}
-    for path in sorted(steps, key=steps.get, reverse=True):
+    for path in reversed([p for p in checkpoint_paths(folder) if p.is_dir()]):
         missing = _missing_checkpoint_files(path)
         if not missing:
             return path, incomplete
