@@ -11,6 +11,7 @@ import pytest
 from transformers import TrainerCallback
 
 from tests.tiny_models import save_tiny
+from tests.training.callbacks import StopAt
 
 SCRIPT = textwrap.dedent(
     """
@@ -143,16 +144,6 @@ def test_resume_with_no_complete_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "no complete checkpoint to resume from" in err and "Traceback" not in err
 
 
-class _StopAt(TrainerCallback):
-    """Ends training after `step` (its checkpoint saved), as a stopped job would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
-
-
 def test_the_first_aux_loss_logged_after_resuming_averages_the_micro_batches_since_the_resume(tmp_path):
     """Oracle: an uninterrupted run logging every step gives each step's aux loss. Resumed from checkpoint-3 and
     logging every 2 steps (over 2 micro-batches each), the run logs at step 4 the aux loss of step 4 alone (it
@@ -172,7 +163,7 @@ def test_the_first_aux_loss_logged_after_resuming_averages_the_micro_batches_sin
                      progress=False, callbacks=callbacks)
 
     every_step = {h["step"]: h["aux_loss"] for h in run(tmp_path / "full", 1).log_history if "aux_loss" in h}
-    run(tmp_path / "run", 2, callbacks=[_StopAt(3)])
+    run(tmp_path / "run", 2, callbacks=[StopAt(3)])
     resumed = {h["step"]: h["aux_loss"] for h in run(tmp_path / "run", 2, resume=True).log_history if "aux_loss" in h}
     assert resumed[4] == pytest.approx(every_step[4], abs=2e-6)
     assert resumed[6] == pytest.approx((every_step[5] + every_step[6]) / 2, abs=2e-6)
@@ -195,7 +186,7 @@ def test_a_resumed_dynamic_run_keeps_its_earlier_reallocation_rounds(tmp_path):
                      learning_rate=1e-2, seed=1, resume=resume, progress=False, callbacks=callbacks)
 
     full = run(tmp_path / "full")
-    run(tmp_path / "run", callbacks=[_StopAt(3)])
+    run(tmp_path / "run", callbacks=[StopAt(3)])
     resumed = run(tmp_path / "run", resume=True)
     assert [r["step"] for r in full.reallocations] == [0, 2, 4]
     chosen = lambda rounds: [(r["step"], r["enabled"]) for r in rounds]  # noqa: E731

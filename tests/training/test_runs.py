@@ -15,19 +15,10 @@ from alphalora.allocation import Plan
 from alphalora.training import CheckpointError, train
 from alphalora.training.runs import RUN_RECORD_NAME
 from tests.tiny_models import save_tiny
+from tests.training.callbacks import StopAt
 
 ROWS = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "red green blue yellow"},
         {"prompt": "one two", "completion": "three four"}, {"text": "a bird sang in the tree"}] * 2
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step` (as a stopped job would), after that step's checkpoint is saved."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
 
 
 class Record(TrainerCallback):
