@@ -71,13 +71,19 @@ def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str, bf16_supported
 
 
 def _eos_token_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS, else the model's generation config's (as vLLM reads it without a tokenizer)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None) or model.config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    """The tokenizer's EOS first, then the generation config's EOS ids (as vLLM stops on them too: the
+    tokenizer's as EOS, the others as stop token ids); without a tokenizer EOS, the model config's."""
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    generation = getattr(model, "generation_config", None)
+    ids.append(getattr(generation, "eos_token_id", None))
+    if ids == [None, None]:
+        ids.append(getattr(model.config, "eos_token_id", None))
+    flat = []
+    for eos in ids:
+        for token in [eos] if isinstance(eos, int) or eos is None else eos:
+            if token is not None and token not in flat:
+                flat.append(token)
+    return flat
 
 
 class Engine:
@@ -107,6 +113,7 @@ class Engine:
         self._failed: list[tuple[Sequence, Exception]] = []
         # EOS ends a sequence unless ignore_eos, and cannot be sampled before min_tokens.
         self.eos_token_ids = _eos_token_ids(tokenizer, self.model)
+        self._eos_is_tokenizers = getattr(tokenizer, "eos_token_id", None) is not None
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
 
     @classmethod
@@ -130,6 +137,9 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
                              f"{self.vocab_size}")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids names a token outside the vocabulary of {self.vocab_size}: "
+                             f"{[t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]}")
         seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
         if self.config.enable_prefix_caching:
             seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""
@@ -248,16 +258,22 @@ class Engine:
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first token has no context
         logprobs = torch.log_softmax(chunk_logits, dim=-1)
-        top_values, top_ids = torch.topk(logprobs, max(1, seq.params.logprobs or 1), dim=-1)
+        k = 1 if seq.params.logprobs is None else seq.params.logprobs  # 0: the token's own logprob alone (vLLM's)
+        top_values, top_ids = torch.topk(logprobs, max(1, k), dim=-1)
         for offset in range(chunk.num_tokens):
             target = chunk.start + offset + 1
             if target < len(seq.prompt_ids):
-                top = dict(zip(top_ids[offset].tolist(), top_values[offset].tolist(), strict=True))
+                top = dict(zip(top_ids[offset, :k].tolist(), top_values[offset, :k].tolist(), strict=True))
                 seq.prompt_logprobs.append((float(logprobs[offset, seq.prompt_ids[target]]), top))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if token in self.eos_token_ids and not params.ignore_eos:
+            # vLLM's stop_reason: None for the EOS, the id for any other stop token (the generation
+            # config's further EOS ids are stop token ids to vLLM)
+            seq.stop_reason = None if token == self.eos_token_ids[0] and self._eos_is_tokenizers else token
+            return "stop"
+        if token in params.stop_token_ids:
             seq.stop_reason = token
             return "stop"
         if params.stop and self.tokenizer is not None and self._stop_string_ends(seq, token):

@@ -168,6 +168,9 @@ def build_app(state: ServerState) -> FastAPI:
         path = (state.adapter_dir / path if not path.is_absolute() else path).resolve()
         if not path.is_relative_to(state.adapter_dir.resolve()):
             raise APIError(400, f"adapters load only from the adapter directory {state.adapter_dir}", param="lora_path")
+        if not path.exists():  # vLLM's status for a path with no adapter
+            raise APIError(404, f"Loading lora {body.lora_name} failed: no adapter found at {body.lora_path}",
+                           "NotFoundError", "lora_path")
         registry = state.engine.engine.adapters
 
         def load() -> None:  # between engine steps, in a worker thread: the event loop keeps serving
@@ -201,7 +204,7 @@ def build_app(state: ServerState) -> FastAPI:
         if body.model is not None:
             state.resolve_adapter(body.model)  # a 404 for an unknown model, as vLLM
         if body.messages is not None:
-            tokens = await completions.chat_prompt(state, body.messages)
+            tokens = await completions.chat_prompt(state, body.messages, body.add_generation_prompt)
         elif body.prompt is not None:
             tokens = (await completions.tokenize(state, [body.prompt], body.add_special_tokens))[0]
         else:
@@ -212,8 +215,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def detokenize(body: DetokenizeRequest):
         if body.model is not None:
             state.resolve_adapter(body.model)
-        if any(t < 0 or t >= len(state.tokenizer) for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="tokens")
+        if any(t < 0 or t >= state.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {state.vocab_size})", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
     return app

@@ -48,7 +48,8 @@ def _stop_strings(body: SamplingFields) -> list[str]:
 def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) -> SamplingParams:
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=-1 if body.top_k == 0 else body.top_k,  # 0: off, as vLLM reads it
             seed=None if body.seed is None else body.seed + seed_offset, stop=_stop_strings(body),
             stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty,
@@ -66,25 +67,37 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
         raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:3]}", param="logit_bias") from error
 
 
-def _check_length(state: ServerState, prompt: list[int], max_tokens: int) -> None:
+def _max_tokens(state: ServerState, prompt: list[int], requested: int | None, default: int | None,
+                param: str = "prompt") -> int:
+    """The request's max_tokens for this prompt, as vLLM reads it: a prompt that leaves no room for a token
+    and a max_tokens over the context are refused; otherwise max_tokens (`default` where unset, all the
+    room left where that is None) is cut to what the context leaves, and the sequence then ends with
+    finish_reason "length" where the context ends."""
     if not prompt:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if any(not isinstance(t, int) or t < 0 or t >= len(state.tokenizer) for t in prompt):
-        raise APIError(400, f"token ids must be in [0, {len(state.tokenizer)})", param="prompt")
-    if len(prompt) + max_tokens > state.max_model_len:
-        raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
-                       f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in "
-                       "the completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        raise APIError(400, "the prompt is empty", param=param)
+    vocab = state.vocab_size
+    if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param=param)
+    room = state.max_model_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
+                       f"prompt contains {len(prompt)} input tokens, which leaves no room for any output tokens. "
+                       "Please reduce the length of the input prompt.", param=param)
+    if requested is not None and requested > state.max_model_len:
+        raise APIError(400, f"max_tokens={requested} cannot be greater than max_model_len={state.max_model_len}. "
+                       "Please request fewer output tokens.", param="max_tokens")
+    wanted = requested if requested is not None else default
+    return room if wanted is None else min(max(1, wanted), room)
 
 
-async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: int,
+async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFields, max_tokens: list[int],
                  adapter: str | None, arrival: float, prompt_texts: list[str] | None = None, **extra):
     """Admits n sequences per prompt, all or none; returns (choices, streams). Maps refusals to HTTP errors."""
     requests, choices, stop = [], [], _stop_strings(body)
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
             index = p * body.n + i
-            requests.append((prompt, _params(body, max_tokens, index, **extra)))
+            requests.append((prompt, _params(body, max_tokens[p], index, **extra)))
             tracker = TextTracker(state.tokenizer, prompt, stop, body.min_tokens)
             choices.append(Choice(index, prompt, tracker, prompt_texts[p] if prompt_texts else ""))
     try:
@@ -158,7 +171,9 @@ def _record(choice: Choice, out: StepOutput) -> str:
     whose text holds a stop string, so the choice's text and finish reason follow the engine's."""
     choice.tokens.append(out)
     stop_reason = out.seq.stop_reason if out.finished else None
-    delta = choice.tracker.add(out.token, out.finished, stop_token=isinstance(stop_reason, int))
+    # EOS (stop_reason None, as vLLM's) and stop token ids end it adding no text; a stop string names itself
+    stop_token = out.finished and out.seq.finish_reason == "stop" and not isinstance(stop_reason, str)
+    delta = choice.tracker.add(out.token, out.finished, stop_token=stop_token)
     if choice.tracker.stopped or out.finished:
         choice.finish_reason = "stop" if choice.tracker.stopped else out.seq.finish_reason
         choice.stop_reason = stop_reason
@@ -269,9 +284,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
     encoded = iter(await tokenize(state, texts))
     prompts = [next(encoded) if isinstance(p, str) else list(p) for p in raw]
     only_prompt = body.max_tokens == 0  # echo's prompt (and its logprobs) alone: lm-eval's loglikelihood
-    max_tokens = 16 if body.max_tokens is None else max(1, body.max_tokens)
-    for prompt in prompts:
-        _check_length(state, prompt, max_tokens)
+    max_tokens = [_max_tokens(state, prompt, body.max_tokens, 16) for prompt in prompts]
     want_prompt_logprobs = body.echo and body.logprobs is not None
     choices, streams = await _start(state, prompts, body, max_tokens, adapter, arrival,
                                     _prompt_texts(state, raw, prompts) if body.echo else None,
@@ -376,11 +389,9 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens == 0:
         raise APIError(400, "max_tokens must be at least 1 for a chat completion", param="max_tokens")
-    if max_tokens is None:  # as vLLM: whatever the context leaves
-        max_tokens = max(1, state.max_model_len - len(prompt))
-    _check_length(state, prompt, max_tokens)
+    max_tokens = _max_tokens(state, prompt, max_tokens, None, "messages")  # unset: whatever the context leaves
     top = body.top_logprobs if body.logprobs else None
-    choices, streams = await _start(state, [prompt], body, max_tokens, adapter, arrival,
+    choices, streams = await _start(state, [prompt], body, [max_tokens], adapter, arrival,
                                     logprobs=(top or 0) if body.logprobs else None)
     response_id, created = new_id("chatcmpl"), now()
     if not body.stream:
@@ -407,7 +418,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
             if choice.finished:  # its finish chunk is sent: nothing follows it
                 continue
             delta = _record(choice, out)
-            yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},
+            yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta},  # "" too, as vLLM
                                              "logprobs": _chat_logprobs(state, [out]) if body.logprobs else None,
                                              "finish_reason": choice.finish_reason,
                                              "stop_reason": choice.stop_reason}]})

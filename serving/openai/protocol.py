@@ -100,6 +100,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with `messages`, as vLLM's
 
 
 class DetokenizeRequest(_Request):

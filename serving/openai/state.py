@@ -35,5 +35,11 @@ class ServerState:
         raise APIError(404, f"The model `{model}` does not exist. Known: {self.known_models()}", "NotFoundError",
                        "model")
 
+    @property
+    def vocab_size(self) -> int:
+        """The token ids a request may name: the model's (its logits' width, often past the tokenizer's
+        last id, and which the model may generate), as vLLM accepts them."""
+        return max(len(self.tokenizer), getattr(self.engine.engine, "vocab_size", 0))
+
     def known_models(self) -> list[str]:
         return [self.base_name, *self.engine.engine.adapters.paths]

@@ -155,7 +155,8 @@ def test_openai_client_completions_chat_and_streaming(served):
     ({"model": "BASE", "prompt": "x", "temperature": "hot"}, 400),
     ({"model": "BASE", "prompt": "x", "max_tokens": 3, "min_tokens": 4}, 400),
     ({"model": "BASE", "prompt": "x", "min_tokens": -1}, 400),
-    ({"model": "BASE", "prompt": list(range(1, 120)), "max_tokens": 50}, 400),
+    ({"model": "BASE", "prompt": list(range(1, 120)), "max_tokens": 129}, 400),  # over max_model_len
+    ({"model": "BASE", "prompt": list(range(1, 120)) * 2, "max_tokens": 5}, 400),  # a prompt past the context
     ({"model": "BASE", "prompt": [999999]}, 400),
     ({"model": "BASE"}, 400),
     ({"model": "BASE", "prompt": "x", "logit_bias": {"seven": 1.0}}, 400),
