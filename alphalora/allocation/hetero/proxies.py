@@ -56,22 +56,16 @@ def check_proxy(proxy: str) -> None:
         raise AllocationError(f"unknown proxy {proxy!r}; choose one of {', '.join(PROXY_NAMES)}")
 
 
-def _grad(param: torch.Tensor) -> torch.Tensor:
-    return param.grad if param.grad is not None else torch.zeros_like(param)
-
-
 @contextlib.contextmanager
 def _scoring(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
-    """Evaluation mode with every candidate on and clean gradients; everything restored after."""
+    """Evaluation mode with every candidate on; everything restored after (the proxies write no .grad)."""
     was_training, enabled = model.training, {n: m.enabled for n, m in modules.items()}
     model.eval()
     for module in modules.values():
         module.enabled = True
-    model.zero_grad(set_to_none=True)
     try:
         yield
     finally:
-        model.zero_grad(set_to_none=True)
         for name, module in modules.items():
             module.enabled = enabled[name]
         model.train(was_training)
@@ -129,9 +123,34 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
-def _weight_times_grad(module: nn.Module) -> float:
+def _weight_times_grad(module: nn.Module, grads: tuple[torch.Tensor, torch.Tensor]) -> float:
     a, b = module.lora_A.detach(), module.lora_B.detach()
-    return float((a * _grad(module.lora_A)).abs().sum() + (b * _grad(module.lora_B)).abs().sum())
+    return float((a * grads[0]).abs().sum() + (b * grads[1]).abs().sum())
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # candidate name -> (dL/dA, dL/dB)
+
+
+def _factor_grads(loss: torch.Tensor, modules: dict[str, nn.Module], into: Factors | None = None) -> Factors:
+    """dL/dA and dL/dB of every candidate, added to `into` (accumulation over minibatches).
+
+    torch.autograd.grad, never backward(): no .grad is written, and no gradient is accumulated into a
+    weight. Under data parallel (DDP with find_unused_parameters, as `alphalora train` runs dynamic
+    HeteroLoRA) an accumulation marks the weight as used for the next synchronised step, and that step
+    then fails on every candidate the round switched off ("gradient which is undefined, but still
+    allreduced"). Tensor hooks on the way (the fisher proxy's) still run.
+    """
+    factors = [p for module in modules.values() for p in (module.lora_A, module.lora_B)]
+    wanted = [p for p in factors if p.requires_grad]  # a frozen factor scores as if its gradient were zero
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+    found = dict(zip(map(id, wanted), grads, strict=True))
+    dense = [torch.zeros_like(p) if found.get(id(p)) is None else found[id(p)] for p in factors]
+    totals = dict(into or {})
+    for name, grad_a, grad_b in zip(modules, dense[0::2], dense[1::2], strict=True):
+        if name in totals:
+            grad_a, grad_b = totals[name][0] + grad_a, totals[name][1] + grad_b
+        totals[name] = (grad_a, grad_b)
+    return totals
 
 
 def _each(batches: Sequence[dict], progress: bool, what: str):
@@ -142,20 +161,24 @@ def _each(batches: Sequence[dict], progress: bool, what: str):
     return tqdm(batches, desc=f"{what} proxy", unit="batch")
 
 
-def _accumulate(model: nn.Module, batches: Sequence[dict], progress: bool, what: str) -> None:
+def _accumulate(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[dict], progress: bool,
+                what: str) -> Factors:
+    """The candidates' factor gradients summed over the minibatches (G_A, G_B)."""
+    totals: Factors = {}
     for batch in _each(batches, progress, what):
-        _loss(model, batch).backward()
+        totals = _factor_grads(_loss(model, batch), modules, totals)
+    return totals
 
 
 def grad_norm(model, modules, batches, seed, progress) -> dict[str, float]:
-    _accumulate(model, batches, progress, "grad-norm")
-    return {n: float(_grad(m.lora_A).norm() + _grad(m.lora_B).norm()) for n, m in modules.items()}
+    grads = _accumulate(model, modules, batches, progress, "grad-norm")
+    return {n: float(grads[n][0].norm() + grads[n][1].norm()) for n in modules}
 
 
 def snip(model, modules, batches, seed, progress) -> dict[str, float]:
     with _probe(modules, seed):
-        _accumulate(model, batches, progress, "snip")
-        return {n: _weight_times_grad(m) for n, m in modules.items()}
+        grads = _accumulate(model, modules, batches, progress, "snip")
+        return {n: _weight_times_grad(m, grads[n]) for n, m in modules.items()}
 
 
 def _token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -215,14 +238,13 @@ def fisher(model, modules, batches, seed, progress) -> dict[str, float]:
             mask, sums = _token_mask(batch), {}
             handles = [m.register_forward_hook(_bottleneck_hook(n, mask, sums)) for n, m in modules.items()]
             try:
-                _loss(model, batch).backward()
+                _factor_grads(_loss(model, batch), modules)  # only to run the backward that the hooks read
             finally:
                 for handle in handles:
                     handle.remove()
             for name, per_example in sums.items():
                 totals[name] += 0.5 * float(per_example.double().square().sum())
             examples += mask.shape[0]
-            model.zero_grad(set_to_none=True)
     return {name: total / examples for name, total in totals.items()}
 
 
@@ -240,8 +262,8 @@ def synflow(model, modules, batches, seed, progress) -> dict[str, float]:
             ids = first["input_ids"]
             ones = torch.ones(*ids.shape, embed.embedding_dim, dtype=embed.weight.dtype, device=embed.weight.device)
             inputs = {"inputs_embeds": ones, "attention_mask": first["attention_mask"], "labels": first["labels"]}
-            _loss(model, inputs).backward()
-            scores = {n: _weight_times_grad(m) for n, m in modules.items()}
+            grads = _factor_grads(_loss(model, inputs), modules)
+            scores = {n: _weight_times_grad(m, grads[n]) for n, m in modules.items()}
         finally:
             with torch.no_grad():
                 for p, sign in zip(params, signs, strict=True):
