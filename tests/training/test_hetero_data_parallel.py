@@ -3,15 +3,20 @@ step leaves without gradient (find_unused_parameters), or the first step after i
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from alphalora.adapters.inject import inject_adapters
 from alphalora.allocation import Plan
-from alphalora.allocation.hetero import reallocate, score_candidates
+from alphalora.allocation.hetero import reallocate, score_candidates, search
 from alphalora.allocation.plan import Reallocation, all_shortcut_names
+from alphalora.training.reallocation import ReallocationCallback
 from tests.tiny_models import build
 
 PROXIES = ["grad-norm", "snip", "synflow", "fisher"]
@@ -72,3 +77,40 @@ def test_scoring_leaves_every_gradient_field_untouched(proxy):
     after = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def _round_on_a_process_that_ranks_by_name(rank: int, store: str, out: str) -> None:
+    """One re-selection round on process `rank` of 2, whose proxy ranks the candidates by name: ascending
+    on process 0, descending on process 1 (a near-tie broken differently, made large)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        def by_name(proxy, model, modules, *args, **kwargs):
+            names = sorted(modules, reverse=rank == 1)
+            return {name: float(len(names) - i) for i, name in enumerate(names)}
+
+        search.score_candidates = by_name
+        model, state = _supernet()
+        settings = Reallocation(every=2, proxy="grad-norm", budget=400, batches=2, batch_size=2)
+        callback = ReallocationCallback(model, settings, _batches(), 4)
+        callback.on_step_begin(None, SimpleNamespace(global_step=0), None)
+        enabled = sorted(name for name, module in state.switchable_modules(model).items() if module.enabled)
+        with open(f"{out}.{rank}", "w") as file:
+            json.dump({"enabled": enabled, "recorded": callback.history[0]["enabled"],
+                       "disabled": state.plan.disabled_modules}, file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_processes_train_the_selection_of_process_0(tmp_path):
+    out = str(tmp_path / "round")
+    mp.spawn(_round_on_a_process_that_ranks_by_name, args=(str(tmp_path / "store"), out), nprocs=2)
+    first, second = (json.loads(open(f"{out}.{rank}").read()) for rank in (0, 1))
+    # The oracle: what process 0's ranking selects on one process.
+    model, state = _supernet()
+    names = sorted(state.switchable_modules(model))
+    alone = search.select(search.candidates_of(model), {n: float(len(names) - i) for i, n in enumerate(names)},
+                          400, [4], pools="joint", shortcut_share=None, seed=0)
+    assert sorted(alone) != sorted(names)  # the budget leaves some out, so the two rankings disagree
+    for result in (first, second):
+        assert result["enabled"] == result["recorded"] == sorted(alone)
+        assert result["disabled"] == sorted(set(names) - set(alone))
