@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import weakref
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +33,13 @@ class AdapterError(ValueError):
 
 
 class SharedRouter(nn.Module):
-    """One router per block (the shared-router option): gates from the block's input tokens."""
+    """One router per block (the shared-router option): gates from the block's input tokens.
+
+    A pre-hook on the block computes them (`route`) and hands them to the block's adapted modules. Gradient
+    checkpointing re-runs the block's forward in backward without its hooks, so the gates are also kept by the
+    block input they came from, and a pre-hook on each of the block's children hands them back (`restore`) when
+    a recomputation passes that input on: the gates of each forward, however many forwards precede a backward.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, like: torch.Tensor, renormalize: bool = True):
         super().__init__()
@@ -41,6 +50,7 @@ class SharedRouter(nn.Module):
         self.renormalize = renormalize
         self.modules_to_feed: list[MoELoRALinear] = []
         self.balance: BalanceStatistics | None = None
+        self._gates_by_input: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     def route(self, hidden: torch.Tensor) -> None:
         tokens = hidden.reshape(-1, hidden.shape[-1])
@@ -49,8 +59,24 @@ class SharedRouter(nn.Module):
         if self.balance is not None and self.training:
             self.balance.add(logits, ids)
         dense = dense_gates(gates, ids, self.num_experts)
+        self._gates_by_input = {key: entry for key, entry in self._gates_by_input.items() if entry[0]() is not None}
+        if dense.requires_grad:  # a backward may recompute the block: keep the gates with the input they are of
+            self._gates_by_input[id(hidden)] = (weakref.ref(hidden), dense)
+        self._feed(dense)
+
+    def restore(self, hidden: torch.Tensor) -> None:
+        """Hands the block's modules the gates `route` computed from `hidden`, if it did (a recomputed forward)."""
+        entry = self._gates_by_input.get(id(hidden))
+        if entry is not None and entry[0]() is hidden:
+            self._feed(entry[1])
+
+    def _feed(self, dense: torch.Tensor) -> None:
         for module in self.modules_to_feed:
             module.shared_gates = dense
+
+    def __getstate__(self):
+        # (copy.deepcopy, pickling: the gates of past forwards belong to their graphs, not to a copy)
+        return {**super().__getstate__(), "_gates_by_input": {}}
 
 
 @dataclass
@@ -79,9 +105,19 @@ class AdapterState:
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum over layers of E_l * sum_i f_i P_i since the last call (MoLA); resets the statistics.
-        None when nothing was routed, or when the plan's aux_loss_coef is 0 (no statistics are kept)."""
+        None when nothing was routed, or when the plan's aux_loss_coef is 0 (no statistics are kept).
+
+        Read with autograd on (to train on it) after a training-mode forward that ran without autograd, it raises
+        AdapterError rather than return a loss that trains nothing: reentrant gradient checkpointing runs the
+        blocks that way (use_reentrant=False keeps the routers' graph, as `alphalora train` does)."""
         losses = [stats.loss() for stats in self.balance.values()]
+        without_grad = any(stats.without_grad for stats in self.balance.values())
         self.reset_statistics()
+        if without_grad and torch.is_grad_enabled():
+            raise AdapterError("the routers' load-balancing loss has no gradient: the training-mode forward ran its "
+                               "blocks without autograd (reentrant gradient checkpointing, or torch.no_grad()); enable "
+                               "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False} (as "
+                               "`alphalora train` does), or read the aux loss under torch.no_grad() to log it")
         losses = [loss for loss in losses if loss is not None]
         return torch.stack(losses).sum() if losses else None
 
@@ -93,8 +129,15 @@ class AdapterState:
 def _reset_routing_statistics(model: nn.Module, _args) -> None:
     """Each forward of the model starts the routing statistics afresh. Activation checkpointing
     re-runs the blocks' forwards during backward, after the aux loss was read: without this, those
-    re-runs would leak into the next step's aux loss (and its freed graph)."""
-    adapter_state(model).reset_statistics()
+    re-runs would leak into the next step's aux loss (and its freed graph). Shortcut connections under
+    checkpointing are refused here, before the forward, rather than fail inside the backward."""
+    state = adapter_state(model)
+    if state.shortcuts and model.training and torch.is_grad_enabled() and \
+            getattr(model, "is_gradient_checkpointing", False):
+        raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
+                           "recomputes block by block (without them); call model.gradient_checkpointing_disable() "
+                           "to train this adapter")
+    state.reset_statistics()
 
 
 def _is_adaptable(module: nn.Module) -> bool:
@@ -130,13 +173,75 @@ def module_rank(plan: Plan, name: str) -> int:
     return next((r for target, r in plan.rank_pattern.items() if _matches(name, target)), plan.rank)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself under torch.compile's wrapper (an OptimizedModule, whose parameter and module names all
+    start with `_orig_mod.`): adapters are built into, named after, saved from and loaded into the model itself."""
+    while "_orig_mod" in getattr(model, "_modules", {}) and type(model).__name__ == "OptimizedModule":
+        model = model._modules["_orig_mod"]
+    return model
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+@contextmanager
+def unchanged_on_error(model: nn.Module):
+    """Puts the model back as it was (its modules, their hooks, which parameters train, its adapter state) when the
+    block raises: a refused plan or adapter folder leaves the base model the caller passed in, not a half-built
+    adapter (which a second, corrected call would then adapt again, or refuse)."""
+    modules = list(model.modules())
+    children = [(module, dict(module._modules)) for module in modules]
+    hooks = [(module, name, set(getattr(module, name, {}))) for module in modules for name in _HOOK_DICTS]
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    had_state, state = hasattr(model, ADAPTER_ATTRIBUTE), getattr(model, ADAPTER_ATTRIBUTE, None)
+    try:
+        yield
+    except BaseException:
+        for module, kept in children:
+            module._modules.clear()
+            module._modules.update(kept)
+        for module, name, kept_ids in hooks:
+            registered = getattr(module, name, {})
+            for hook_id in [i for i in registered if i not in kept_ids]:
+                del registered[hook_id]
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
+        if had_state:
+            setattr(model, ADAPTER_ATTRIBUTE, state)
+        elif hasattr(model, ADAPTER_ATTRIBUTE):
+            delattr(model, ADAPTER_ATTRIBUTE)
+        raise
+
+
+def _modules_to_save(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The plan's modules_to_save, each checked: a module of this model that shares no weight with the rest."""
+    heads = []
+    for name in plan.modules_to_save:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError as error:
+            raise AdapterError(f"modules_to_save entry {name!r} is not a module of this model") from error
+        own = {id(parameter) for parameter in head.parameters()}
+        tied = [other for other, parameter in model.named_parameters(remove_duplicate=False)
+                if id(parameter) in own and not other.startswith(f"{name}.")]
+        if tied:
+            raise AdapterError(f"modules_to_save entry {name!r} shares its weights with {tied[0]!r} (tied "
+                               "embeddings): training it would change the base model too; untie them "
+                               "(tie_word_embeddings=False) or leave it out of modules_to_save")
+        heads.append(head)
+    return heads
+
+
 def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     """Replaces the plan's target linears with MoE-LoRA layers and freezes everything else.
 
     Targets are roles (q, k, v, o, gate, up, down, ...), module names or suffixes, or glob
     patterns over full names. Layer l gets plan.experts_per_layer[l] experts, top-k
-    plan.top_k_per_layer[l]. Raises AdapterError if the plan does not fit the model.
+    plan.top_k_per_layer[l]. Raises AdapterError if the plan does not fit the model, leaving
+    the model as it was. A torch.compile'd model gets the adapter in the model it wraps.
     """
+    model = unwrap_model(model)
     if getattr(model, ADAPTER_ATTRIBUTE, None) is not None:
         raise AdapterError("this model already has alphalora adapters; load a fresh base model")
     candidates = candidate_modules(model)
@@ -154,7 +259,13 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     if unmatched:
         roles = sorted({role_of(n) for n in candidates})
         raise AdapterError(f"target modules {unmatched} match nothing in this model; its roles are {roles}")
+    heads = _modules_to_save(model, plan)
+    with unchanged_on_error(model):
+        return _build(model, plan, candidates, chosen, heads)
 
+
+def _build(model: nn.Module, plan: Plan, candidates: dict[str, tuple[int, nn.Module]],
+           chosen: dict[str, tuple[int, nn.Module]], heads: list[nn.Module]) -> AdapterState:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     shared = plan.router.type == "shared"
@@ -169,18 +280,7 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, adapted)
         by_block[layer].append(adapted)
-    for name in plan.modules_to_save:
-        try:
-            head = model.get_submodule(name)
-        except AttributeError as error:
-            raise AdapterError(f"modules_to_save entry {name!r} is not a module of this model") from error
-        own = {id(parameter) for parameter in head.parameters()}
-        tied = [other for other, parameter in model.named_parameters(remove_duplicate=False)
-                if id(parameter) in own and not other.startswith(f"{name}.")]
-        if tied:
-            raise AdapterError(f"modules_to_save entry {name!r} shares its weights with {tied[0]!r} (tied "
-                               "embeddings): training it would change the base model too; untie them "
-                               "(tie_word_embeddings=False) or leave it out of modules_to_save")
+    for head in heads:
         for parameter in head.parameters():
             parameter.requires_grad_(True)
     if plan.shortcuts:
@@ -217,12 +317,26 @@ def _attach_shared_router(model: nn.Module, names: list[str], layer: int, module
                           modules[0].renormalize)
     router.modules_to_feed, router.balance = modules, stats
     setattr(block, LAYER_ROUTER_ATTRIBUTE, router)
+    # Module-level hooks (the copy of a deep-copied model calls them with its own block and children), not closures
+    block.register_forward_pre_hook(_route_block, with_kwargs=True)
+    for child in block.children():
+        if child is not router:
+            child.register_forward_pre_hook(functools.partial(_restore_block_gates, block), with_kwargs=True)
 
-    def route(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        router.route(hidden)
 
-    block.register_forward_pre_hook(route, with_kwargs=True)
+def _hidden_states(args, kwargs) -> torch.Tensor | None:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _route_block(block: nn.Module, args, kwargs) -> None:
+    getattr(block, LAYER_ROUTER_ATTRIBUTE).route(_hidden_states(args, kwargs))
+
+
+def _restore_block_gates(block: nn.Module, _child: nn.Module, args, kwargs) -> None:
+    hidden = _hidden_states(args, kwargs)
+    if hidden is not None:
+        getattr(block, LAYER_ROUTER_ATTRIBUTE).restore(hidden)
 
 
 def modules_hidden(candidates: dict[str, tuple[int, nn.Module]]) -> int:
@@ -234,15 +348,22 @@ def modules_hidden(candidates: dict[str, tuple[int, nn.Module]]) -> int:
 
 def adapter_state(model: nn.Module) -> AdapterState:
     """The AdapterState of a model with injected adapters."""
-    state = getattr(model, ADAPTER_ATTRIBUTE, None)
+    state = getattr(unwrap_model(model), ADAPTER_ATTRIBUTE, None)
     if state is None:
         raise AdapterError("this model has no alphalora adapters; call inject_adapters first")
     return state
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's parameters by name: experts, routers and any modules_to_save."""
+    """The adapter's parameters by name: experts, routers and any modules_to_save (not the base model's own
+    parameters, whatever their names: GPT-OSS's or Llama 4's expert routers are `mlp.router`, `feed_forward.router`)."""
+    model = unwrap_model(model)
     state = getattr(model, ADAPTER_ATTRIBUTE, None)
     heads = tuple(f"{name}." for name in state.plan.modules_to_save) if state is not None else ()
-    return {n: p for n, p in model.named_parameters()
-            if "lora_A" in n or "lora_B" in n or "router" in n or n.startswith(heads)}
+    own: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, MoELoRALinear):
+            own.update(id(p) for name, p in module.named_parameters() if not name.startswith("base."))
+        elif isinstance(module, (SharedRouter, ShortcutLoRA)):
+            own.update(id(p) for p in module.parameters())
+    return {n: p for n, p in model.named_parameters() if id(p) in own or n.startswith(heads)}

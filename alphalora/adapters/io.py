@@ -16,7 +16,15 @@ from torch import nn
 from alphalora._io import atomic_path, check_format_version, file_sha256, read_json, write_text_atomic
 from alphalora.allocation.plan import Plan, PlanFormatError
 
-from .inject import AdapterError, AdapterState, adapter_parameters, adapter_state, inject_adapters
+from .inject import (
+    AdapterError,
+    AdapterState,
+    adapter_parameters,
+    adapter_state,
+    inject_adapters,
+    unchanged_on_error,
+    unwrap_model,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,6 +69,7 @@ def base_architecture(model: nn.Module) -> dict[str, Any] | None:
 
 def base_fingerprint(model: nn.Module) -> str:
     """A hash of the base model's architecture-defining config values (its parameter shapes without a config)."""
+    model = unwrap_model(model)
     payload: Any = base_architecture(model)
     if payload is None:
         payload = {n: list(p.shape) for n, p in model.named_parameters() if "lora_" not in n and "router" not in n}
@@ -115,7 +124,9 @@ def _shortcut_path(model: nn.Module, state: AdapterState, name: str) -> str:
 def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = False) -> Path:
     """Writes the adapter weights and config; the config goes last, so a folder without it is
     never mistaken for a complete adapter. `drop_disabled` leaves out switched-off modules
-    (the final adapter of a dynamic HeteroLoRA run); checkpoints keep them."""
+    (the final adapter of a dynamic HeteroLoRA run); checkpoints keep them. A torch.compile'd model saves the
+    adapter of the model it wraps, under that model's names."""
+    model = unwrap_model(model)
     state = adapter_state(model)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +146,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "weights_sha256": digest,  # checked at load: a flipped bit in the weights is refused, not served
     }
+    can_generate = getattr(model, "can_generate", None)  # transformers' models: a causal LM generates, BERT does not
+    if callable(can_generate):
+        config["can_generate"] = bool(can_generate())  # the PEFT export's task_type follows it
     architecture = base_architecture(model)
     if architecture is not None:
         config["base_config"] = architecture  # what the fingerprint hashes, so a refusal can name the difference
@@ -162,7 +176,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 
 # Required fields of an adapter config and their types; then the optional ones (older configs lack them).
 _CONFIG_FIELDS = {"base_model": str, "base_fingerprint": str, "plan": dict, "module_names": list}
-_OPTIONAL_CONFIG_FIELDS = {"weights_sha256": str, "base_config": dict, "num_parameters": int}
+_OPTIONAL_CONFIG_FIELDS = {"weights_sha256": str, "base_config": dict, "num_parameters": int, "can_generate": bool}
 
 
 def _check_config_fields(config: dict[str, Any], path: Path) -> None:
@@ -211,15 +225,17 @@ def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
     if missing or unexpected:
         raise AdapterError(f"{folder / WEIGHTS_NAME} does not match its plan: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
+    for name, param in params.items():  # every shape before any copy: a refused file changes no weight
+        if tensors[name].shape != param.shape:
+            raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
     with torch.no_grad():
         for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
             param.copy_(tensors[name])
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Loads saved adapter weights into a model that already has the same adapter injected."""
+    model = unwrap_model(model)
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     saved, state = Plan.from_dict(config["plan"]), adapter_state(model)
@@ -237,8 +253,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
     """Builds the saved plan into `model` (a fresh base model) and loads the adapter weights.
 
     Refuses a base model whose architecture differs from the one the adapter was trained on,
-    a missing or corrupt weights file, pickled weights, and missing or extra tensors.
+    a missing or corrupt weights file, pickled weights, and missing or extra tensors, leaving the
+    model as it was. A torch.compile'd model gets the adapter in the model it wraps.
     """
+    model = unwrap_model(model)
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     if check_base and config["base_fingerprint"] != base_fingerprint(model):
@@ -251,6 +269,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
             f"model ({_base_name(model)!r}){detail}; load it onto the base model it was trained with"
         )
     tensors = _load_weights(folder, config)
-    state = inject_adapters(model, Plan.from_dict(config["plan"]))
-    _copy_weights(model, tensors, folder)
+    with unchanged_on_error(model):
+        state = inject_adapters(model, Plan.from_dict(config["plan"]))
+        _copy_weights(model, tensors, folder)
     return state

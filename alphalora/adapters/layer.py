@@ -72,6 +72,10 @@ class MoELoRALinear(nn.Module):
             "grouped" if num_experts > 1 and num_experts * rank > self.in_features // 2 else "dense")
         self.reset_adapter_parameters()
 
+    def __getstate__(self):
+        # (copy.deepcopy, pickling: a shared router's gates belong to the forward that set them, not to a copy)
+        return {**super().__getstate__(), "shared_gates": None}
+
     def reset_adapter_parameters(self) -> None:
         """PEFT's LoRA initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so the delta starts at 0."""
         for e in range(self.num_experts):
@@ -83,7 +87,7 @@ class MoELoRALinear(nn.Module):
     def routing(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (gates, expert ids), each [T, k], for flattened tokens x2."""
         if self.shared_gates is not None:
-            return stable_top_k(self.shared_gates, self.top_k)
+            return stable_top_k(self._shared_gates(), self.top_k)
         logits = F.linear(x2, self.router.weight.to(x2.dtype))
         gates, ids = top_k_gates(logits, self.top_k, self.renormalize)
         if self.balance is not None and self.training:
@@ -95,9 +99,21 @@ class MoELoRALinear(nn.Module):
         if self.num_experts == 1:
             return None
         if self.shared_gates is not None:
-            return self.shared_gates
+            return self._shared_gates()
         gates, ids = self.routing(x2)
         return dense_gates(gates, ids, self.num_experts)
+
+    def _shared_gates(self) -> torch.Tensor:
+        """The gates the block's shared router set, refused where they were computed with autograd and are read
+        without it: the forward of reentrant gradient checkpointing, which the block's router hook runs outside of
+        (the backward would then run through the router's graph once per recomputation and fail)."""
+        if self.shared_gates.requires_grad and not torch.is_grad_enabled():
+            from .inject import AdapterError
+
+            raise AdapterError("a shared router computes its block's gates outside the block's checkpointed forward, "
+                               "which reentrant gradient checkpointing cannot train; enable checkpointing with "
+                               "gradient_checkpointing_kwargs={'use_reentrant': False} (as `alphalora train` does)")
+        return self.shared_gates
 
     def _down(self, x2: torch.Tensor) -> torch.Tensor:
         """Every expert's down-projection of the flattened tokens, gated and scaled: [T, E*r]."""

@@ -58,7 +58,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     base_rank = max(ranks.values())
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if any(h.rpartition(".")[2] in CLASSIFIER_HEADS for h in heads) else "CAUSAL_LM",
+        "task_type": _task_type(config, heads),
         "base_model_name_or_path": config["base_model"],
         "r": base_rank,
         "lora_alpha": base_rank,
@@ -79,3 +79,12 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     write_text_atomic(out / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return out
+
+
+def _task_type(config: dict, heads: list[str]) -> str | None:
+    """PEFT's task_type, which picks the PeftModel class that wraps the base: SEQ_CLS with a classifier head,
+    CAUSAL_LM for a model that generates (adapters saved before `can_generate` was recorded count as one), and
+    none (PEFT's plain PeftModel) for the others, e.g. a BertModel, which PeftModelForCausalLM cannot wrap."""
+    if any(h.rpartition(".")[2] in CLASSIFIER_HEADS for h in heads):
+        return "SEQ_CLS"
+    return "CAUSAL_LM" if config.get("can_generate", True) else None

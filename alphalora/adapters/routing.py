@@ -46,8 +46,10 @@ class BalanceStatistics:
     selections: torch.Tensor | None = None  # [E], counts
     rows: int = 0
     picks: int = 0
+    without_grad: bool = False  # some logits came from a forward without autograd (reentrant checkpointing's)
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.without_grad = self.without_grad or not torch.is_grad_enabled()
         probs = torch.softmax(logits.float(), dim=-1)
         counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).float()
         self.prob_sum = probs.sum(0) if self.prob_sum is None else self.prob_sum + probs.sum(0)
@@ -63,5 +65,10 @@ class BalanceStatistics:
         share = self.selections / self.picks
         return self.num_experts * (share * mean_prob).sum()
 
+    def __getstate__(self):
+        # (copy.deepcopy, pickling: the statistics of a forward in progress belong to its graph, not to a copy)
+        return {**self.__dict__, "prob_sum": None, "selections": None, "rows": 0, "picks": 0, "without_grad": False}
+
     def reset(self) -> None:
         self.prob_sum, self.selections, self.rows, self.picks = None, None, 0, 0
+        self.without_grad = False

@@ -121,10 +121,11 @@ def train(
     """Trains the plan's MoE-LoRA (or heterogeneous-rank LoRA) adapter on `data`.
 
     `plan` is a Plan, its dict form (Plan.to_dict()) or the path of a plan JSON. Arguments, data and plan
-    are checked before any training starts. `out_dir` must not hold an earlier run's adapter or
-    checkpoints unless `resume=True`, which continues the run whose checkpoints (adapter, optimizer,
-    scheduler, RNG, run settings) are in out_dir/checkpoints, from the newest complete one (a checkpoint
-    a kill cut short is skipped, and said so), and only if that run had this run's plan, base model, data
+    are checked before any training starts; numbers may be Python's or numpy scalars (np.int64, np.float32,
+    np.bool_, ...). `out_dir` must not hold an earlier run's adapter or checkpoints unless `resume=True`,
+    which continues the run whose checkpoints (adapter, optimizer, scheduler, RNG, run settings) are in
+    out_dir/checkpoints, from the newest complete one (a checkpoint a kill cut short is skipped, and said
+    so), and only if that run had this run's plan, base model, data
     and hyperparameters. `truncate=True` cuts rows longer than `max_length` (causal LM: their start,
     keeping the completion; see `tokenize_causal_lm`) instead of refusing them. The finished adapter is
     written to out_dir. Under torchrun or accelerate every process calls this and trains data parallel;
@@ -136,8 +137,12 @@ def train(
     from .runs import check_out_folder, resume_point
     from .trainer import MoELoRATrainer
 
-    arguments = dict(locals())  # as the caller gave them, before anything below rebinds a name
+    # as the caller gave them, before anything below rebinds a name; numpy scalars read as the numbers they hold
+    arguments = {name: _python_scalar(value) for name, value in locals().items()}
     _check_arguments(arguments)
+    (epochs, max_steps, learning_rate, warmup_ratio, weight_decay, batch_size, gradient_accumulation_steps, seed,
+     max_length, bf16, gradient_checkpointing, save_steps, logging_steps, resume, progress, truncate) = (
+        arguments[name] for name in _SCALAR_ARGUMENTS)
     plan = _as_plan(plan)
     if gradient_checkpointing and plan.shortcuts:
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
@@ -255,6 +260,19 @@ def _restore_run(checkpoint: Path, settings: dict[str, Any], reallocation) -> No
     rounds = check_same_run(checkpoint, read_run_record(checkpoint), settings)
     if reallocation is not None:
         reallocation.history = list(rounds)
+
+
+_SCALAR_ARGUMENTS = ("epochs", "max_steps", "learning_rate", "warmup_ratio", "weight_decay", "batch_size",
+                     "gradient_accumulation_steps", "seed", "max_length", "bf16", "gradient_checkpointing",
+                     "save_steps", "logging_steps", "resume", "progress", "truncate")
+
+
+def _python_scalar(value: Any) -> Any:
+    """A numpy scalar (np.int64, np.float32, np.bool_, ...) as the Python int, float or bool it holds; anything
+    else as it is. (np.float64 is a float already; np.float32 and the numpy integers are not ints or floats.)"""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
 
 
 def _as_plan(plan: Any) -> Plan:
