@@ -32,14 +32,15 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
             f"{folder} is a mixture-of-LoRA-experts adapter (experts per layer {plan['experts_per_layer']}); "
             "PEFT LoRA has one expert per module. Serve it with the native engine (`alphalora serve`)"
         )
-    if plan.get("shortcuts"):
+    switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: export what is on
+    shortcuts = [name for name in plan.get("shortcuts", {}) if name not in switched_off]
+    if shortcuts:
         raise AdapterError(
-            f"{folder} has LoRA shortcut connections ({len(plan['shortcuts'])}), which PEFT LoRA cannot express; "
+            f"{folder} has LoRA shortcut connections ({len(shortcuts)} switched on), which PEFT LoRA cannot express; "
             "serve it with the native engine (`alphalora serve`), use it from Python "
             "(`alphalora.adapters.load_adapter`), or allocate without --shortcuts"
         )
     tensors = _load_weights(folder, config)
-    switched_off = set(plan.get("disabled_modules", []))  # a dynamic HeteroLoRA checkpoint: export what is on
     names = [name for name in config["module_names"] if name not in switched_off]
     if not names:
         raise AdapterError(f"{folder}: every adapted module is switched off (disabled_modules); nothing to export")

@@ -89,3 +89,31 @@ def test_switched_off_modules_are_left_out_of_the_export(tmp_path):
     assert off not in config["target_modules"] and off not in config["rank_pattern"]
     loaded = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _with_shortcuts(model):
+    from alphalora.allocation.plan import all_shortcut_names
+
+    plan = Plan(method="hetero", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q", "v"], rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                shortcuts=dict.fromkeys(all_shortcut_names(2), 4))
+    return with_random_adapter(model, plan, seed=4, std=0.2)
+
+
+def test_a_checkpoint_whose_shortcuts_are_all_switched_off_exports(tmp_path):
+    """Dynamic HeteroLoRA may switch every shortcut off: the model then computes plain LoRA, which PEFT
+    expresses; one shortcut switched on is refused."""
+    ours = _with_shortcuts(build("llama"))
+    state = ours.alphalora_adapter
+    state.set_disabled(ours, sorted(state.shortcuts))
+    ids = torch.randint(0, 128, (2, 10))
+    expected = ours(input_ids=ids).logits
+    save_adapter(ours, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+    state.set_disabled(ours, sorted(state.shortcuts)[1:])
+    save_adapter(ours, tmp_path / "one_on")
+    with pytest.raises(AdapterError, match=r"shortcut connections \(1 switched on\)"):
+        export_peft(tmp_path / "one_on", tmp_path / "peft2")
