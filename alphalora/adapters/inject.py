@@ -132,12 +132,21 @@ def _reset_routing_statistics(model: nn.Module, _args) -> None:
     re-runs would leak into the next step's aux loss (and its freed graph). Shortcut connections under
     checkpointing are refused here, before the forward, rather than fail inside the backward."""
     state = adapter_state(model)
-    if state.shortcuts and model.training and torch.is_grad_enabled() and \
-            getattr(model, "is_gradient_checkpointing", False):
+    if state.shortcuts and model.training and torch.is_grad_enabled() and _checkpointing(model):
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
-                           "recomputes block by block (without them); call model.gradient_checkpointing_disable() "
-                           "to train this adapter")
+                           "recomputes block by block (without them); turn it off to train this adapter "
+                           "(model.activation_checkpointing_disable(); gradient_checkpointing_disable() on older "
+                           "transformers)")
     state.reset_statistics()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has gradient checkpointing on (`is_activation_checkpointing`, or
+    `is_gradient_checkpointing` on older transformers, without the newer one's deprecation warning)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
 
 
 def _is_adaptable(module: nn.Module) -> bool:

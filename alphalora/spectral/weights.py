@@ -52,12 +52,64 @@ def _detached(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.detach().t() if transposed else weight.detach()
 
 
+ADAPTER_ONLY_MODULES = {"alphalora_router", "alphalora_shortcuts"}  # a block's shared router, its shortcuts
+
+
+def _without_wrappers(model: nn.Module) -> nn.Module:
+    """The transformers model under torch.compile's wrapper and a PEFT model's (PeftModel -> its tuner -> the
+    model), whose module names add prefixes (`_orig_mod.`, `base_model.model.`) to the model's own."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules:
+            model = model._modules["_orig_mod"]
+        elif type(model).__name__.startswith("PeftModel") and isinstance(
+                getattr(getattr(model, "base_model", None), "model", None), nn.Module):
+            model = model.base_model.model
+        else:
+            return model
+
+
+def _wrapped_base(module: nn.Module) -> nn.Module | None:
+    """The frozen base module inside an adapter wrapper: this project's MoE-LoRA layer (`base`), a PEFT tuner
+    layer (`base_layer`) or PEFT's modules_to_save wrapper (`original_module`); None for other modules."""
+    if hasattr(module, "lora_A") and isinstance(getattr(module, "base", None), nn.Module):
+        return module.base
+    if isinstance(getattr(module, "base_layer", None), nn.Module):
+        return module.base_layer
+    if hasattr(module, "modules_to_save") and isinstance(getattr(module, "original_module", None), nn.Module):
+        return module.original_module
+    return None
+
+
+def _base_modules(model: nn.Module):
+    """(name, module) over the model's modules as the base model has them: an adapter wrapper's base module under
+    the wrapper's name (the name it had before the adapter), and nothing else from inside a wrapper (the adapter's
+    own matrices, routers, a modules_to_save copy), nor a shared router's or shortcut connections' modules."""
+    wrapper: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if wrapper is not None and name.startswith(f"{wrapper[0]}."):
+            if module is wrapper[1]:
+                yield wrapper[0], module
+            continue
+        base = _wrapped_base(module)
+        if base is not None:
+            wrapper = (name, base)
+        elif not ADAPTER_ONLY_MODULES.intersection(name.split(".")):
+            yield name, module
+
+
 def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[WeightEntry]:
-    """Linear, Conv1D (GPT-2) and, if asked, embedding weights of a live model, in module order."""
+    """Linear, Conv1D (GPT-2) and, if asked, embedding weights of a live model, in module order.
+
+    A model with adapters (this project's, or PEFT's) is read as its base model: the frozen base weights under
+    their own names, without the adapter's matrices. To analyse fine-tuned weights, merge the adapter first
+    (PEFT's `merge_and_unload()`)."""
+    model = _without_wrappers(model)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_embeddings is not None:  # (an adapted LM head: its base)
+        output_embeddings = _wrapped_base(output_embeddings) or output_embeddings
     entries: list[WeightEntry] = []
     seen: set[int] = set()
-    for name, module in model.named_modules():
+    for name, module in _base_modules(model):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or id(weight) in seen:
             continue

@@ -136,3 +136,51 @@ def test_one_stack_of_t5_is_analysed_without_its_attention_bias_table(tmp_path):
     with_tables = alphalora.analyze(tmp_path, include_embeddings=True, progress=False)
     table = next(m for m in with_tables.matrices if m.name.endswith("relative_attention_bias"))
     assert table.kind == "embedding" and table.shape == [32, 4]  # buckets x heads, a lookup table
+
+
+def _fits(report):
+    return [(m.name, m.layer, m.role, m.shape, m.alpha, m.D, m.xmin) for m in report.matrices]
+
+
+def _our_adapter(model, router=None):
+    """MoE-LoRA with per-module or shared routers; without a router, HeteroLoRA's with shortcut connections."""
+    from alphalora.allocation import Plan
+    from alphalora.allocation.plan import all_shortcut_names
+    from tests.tiny_models import with_random_adapter
+
+    common = {"base_model": "tiny", "target_modules": ["q", "v", "down"], "rank": 4, "lora_alpha": 8.0,
+              "lora_dropout": 0.0}
+    if router is None:
+        plan = Plan(method="hetero", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                    shortcuts=dict.fromkeys(all_shortcut_names(2), 4), **common)
+    else:
+        plan = Plan(method="uniform", experts_per_layer=[3, 2], top_k_per_layer=[2, 1], router={"type": router},
+                    **common)
+    return with_random_adapter(model, plan)
+
+
+def _peft_adapter(model):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("adapter", ["ours", "ours-shared-router", "ours-shortcuts", "peft", "compiled"])
+def test_a_model_with_adapters_is_analysed_as_its_base(adapter):
+    """The oracle: the same base model without the adapter. Its routers, experts, shortcuts, PEFT's lora_A/B
+    and wrapper prefixes must not enter the report or the layer alphas."""
+    plain = alphalora.analyze(build("llama"), include_embeddings=True, progress=False)
+    model = build("llama")
+    if adapter == "ours":
+        model = _our_adapter(model, "per_module")
+    elif adapter == "ours-shared-router":
+        model = _our_adapter(model, "shared")
+    elif adapter == "ours-shortcuts":
+        model = _our_adapter(model)
+    elif adapter == "peft":
+        model = _peft_adapter(model)
+    else:
+        model = torch.compile(_our_adapter(model, "per_module"))
+    adapted = alphalora.analyze(model, include_embeddings=True, progress=False)
+    assert _fits(adapted) == _fits(plain)
+    assert adapted.layer_alphas() == plain.layer_alphas()
