@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import write_text_atomic
+from alphalora._numbers import python_scalar
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan, PlanFormatError, is_number, is_positive_int
@@ -138,7 +139,7 @@ def train(
     from .trainer import MoELoRATrainer
 
     # as the caller gave them, before anything below rebinds a name; numpy scalars read as the numbers they hold
-    arguments = {name: _python_scalar(value) for name, value in locals().items()}
+    arguments = {name: python_scalar(value) for name, value in locals().items()}
     _check_arguments(arguments)
     (epochs, max_steps, learning_rate, warmup_ratio, weight_decay, batch_size, gradient_accumulation_steps, seed,
      max_length, bf16, gradient_checkpointing, save_steps, logging_steps, resume, progress, truncate) = (
@@ -265,14 +266,6 @@ def _restore_run(checkpoint: Path, settings: dict[str, Any], reallocation) -> No
 _SCALAR_ARGUMENTS = ("epochs", "max_steps", "learning_rate", "warmup_ratio", "weight_decay", "batch_size",
                      "gradient_accumulation_steps", "seed", "max_length", "bf16", "gradient_checkpointing",
                      "save_steps", "logging_steps", "resume", "progress", "truncate")
-
-
-def _python_scalar(value: Any) -> Any:
-    """A numpy scalar (np.int64, np.float32, np.bool_, ...) as the Python int, float or bool it holds; anything
-    else as it is. (np.float64 is a float already; np.float32 and the numpy integers are not ints or floats.)"""
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return value.item()
-    return value
 
 
 def _as_plan(plan: Any) -> Plan:

@@ -94,6 +94,15 @@ def test_counts_respect_a_whole_budget_and_cap_given_as_numpy_integers(healthy, 
     assert json.loads((tmp_path / "plan.json").read_text())["source"]["budget"] == 10
 
 
+def test_adapter_settings_given_as_numpy_scalars_make_the_plan_python_values_make(healthy, tmp_path):
+    given = alphalora.allocate(healthy, budget=10, rank=np.int64(4), lora_alpha=np.float32(8.0),
+                               lora_dropout=np.float32(0.125), beta=np.float32(2.5))
+    plain = alphalora.allocate(healthy, budget=10, rank=4, lora_alpha=8.0, lora_dropout=0.125, beta=2.5)
+    assert given.to_dict() == plain.to_dict()
+    given.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").to_dict() == plain.to_dict()
+
+
 @pytest.mark.parametrize("rounding", ["largest-remainder", "compat"])
 @pytest.mark.parametrize("alphas, beta", [([1e200, 2.0, 3.0], 2.5), ([3.0, 2.0, 3.0], 1000.0), ([1e-200, 3.0], 2.5)])
 def test_alpha_power_out_of_float_range_is_a_clear_error(alphas, beta, rounding):
