@@ -16,6 +16,7 @@ add, which changes the function even with every shortcut off.)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -104,6 +105,14 @@ class _Taps:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     ffn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.ffn_inputs.clear()
+
+    def __getstate__(self):
+        # (copy.deepcopy, pickling: the activations of a forward belong to its graph, not to a copy)
+        return {"inputs": {}, "ffn_inputs": {}}
+
 
 def _added(output: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
     for term in terms:
@@ -135,45 +144,55 @@ def attach_shortcuts(model: nn.Module, blocks: dict[int, nn.Module], ranks: dict
         container.update(own)
         setattr(block, SHORTCUTS_ATTRIBUTE, container)
         _wire_block(block, layout, layer, own, taps)
-    def forget(*_) -> None:  # drop the references once the forward pass is over
-        taps.inputs.clear()
-        taps.ffn_inputs.clear()
-
-    model.register_forward_hook(forget)
+    # Drops the references once the forward pass is over, also when it raised.
+    model.register_forward_hook(functools.partial(_forget, taps), always_call=True)
     return modules
 
 
+# The hooks are module-level functions bound with functools.partial, not closures: copy.deepcopy copies a partial's
+# arguments through its memo, so a deep-copied model's hooks read its own blocks, shortcuts and taps (pickling, too).
 def _wire_block(block: nn.Module, layout: BlockLayout, layer: int, own: dict[str, ShortcutLoRA],
                 taps: _Taps) -> None:
-    def keep_input(_module, args, kwargs):
-        taps.inputs[layer] = args[0] if args else kwargs["hidden_states"]
-
-    def keep_ffn_input(_module, args, kwargs):
-        taps.ffn_inputs[layer] = args[0] if args else kwargs["hidden_states"]
-
-    def active(kind: str) -> ShortcutLoRA | None:
-        module = own.get(kind)
-        return module if module is not None and module.enabled else None
-
-    def into_attention_sum(_module, _args, output):
-        terms = []
-        if (residual := active("residual1")) is not None:
-            terms.append(residual(taps.inputs[layer]))
-        if (skip := active("shortcut2")) is not None:
-            terms.append(skip(taps.ffn_inputs[layer - 1]))
-        return _added(output, terms) if terms else output
-
-    def into_ffn_sum(_module, _args, output):
-        terms = []
-        if (residual := active("residual2")) is not None:
-            terms.append(residual(taps.ffn_inputs[layer]))
-        if (skip := active("shortcut1")) is not None:
-            terms.append(skip(taps.inputs[layer]))
-        return _added(output, terms) if terms else output
-
-    block.register_forward_pre_hook(keep_input, with_kwargs=True)
-    layout.ffn_input.register_forward_pre_hook(keep_ffn_input, with_kwargs=True)
+    block.register_forward_pre_hook(functools.partial(_keep_input, taps, layer), with_kwargs=True)
+    layout.ffn_input.register_forward_pre_hook(functools.partial(_keep_ffn_input, taps, layer), with_kwargs=True)
     if "residual1" in own or "shortcut2" in own:
-        layout.attention_sum.register_forward_hook(into_attention_sum)
+        layout.attention_sum.register_forward_hook(functools.partial(_into_attention_sum, taps, block, layer))
     if "residual2" in own or "shortcut1" in own:
-        layout.ffn_sum.register_forward_hook(into_ffn_sum)
+        layout.ffn_sum.register_forward_hook(functools.partial(_into_ffn_sum, taps, block, layer))
+
+
+def _forget(taps: _Taps, _model: nn.Module, _args, _output) -> None:
+    taps.clear()
+
+
+def _keep_input(taps: _Taps, layer: int, _module: nn.Module, args, kwargs) -> None:
+    taps.inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+
+def _keep_ffn_input(taps: _Taps, layer: int, _module: nn.Module, args, kwargs) -> None:
+    taps.ffn_inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+
+def _active(block: nn.Module, kind: str) -> ShortcutLoRA | None:
+    """The block's switched-on shortcut of this kind, looked up at call time (the block's own, in a copy too)."""
+    container = getattr(block, SHORTCUTS_ATTRIBUTE, None)
+    module = container[kind] if container is not None and kind in container else None
+    return module if module is not None and module.enabled else None
+
+
+def _into_attention_sum(taps: _Taps, block: nn.Module, layer: int, _module: nn.Module, _args, output):
+    terms = []
+    if (residual := _active(block, "residual1")) is not None:
+        terms.append(residual(taps.inputs[layer]))
+    if (skip := _active(block, "shortcut2")) is not None:
+        terms.append(skip(taps.ffn_inputs[layer - 1]))
+    return _added(output, terms) if terms else output
+
+
+def _into_ffn_sum(taps: _Taps, block: nn.Module, layer: int, _module: nn.Module, _args, output):
+    terms = []
+    if (residual := _active(block, "residual2")) is not None:
+        terms.append(residual(taps.ffn_inputs[layer]))
+    if (skip := _active(block, "shortcut1")) is not None:
+        terms.append(skip(taps.inputs[layer]))
+    return _added(output, terms) if terms else output
