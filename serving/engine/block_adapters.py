@@ -25,11 +25,12 @@ StepShortcuts = dict[tuple[int, str], list[tuple[ModuleAdapter, torch.Tensor | N
 BlockGates = list[tuple[LoadedAdapter, torch.Tensor | None, torch.Tensor]]
 
 
-def block_level_rows(adapters: list[tuple[LoadedAdapter, np.ndarray]], device) -> dict[int, torch.Tensor | None]:
+def block_level_rows(adapters: list[tuple[LoadedAdapter, np.ndarray]], num_tokens: int,
+                     device) -> dict[int, torch.Tensor | None]:
     """The step's rows of each adapter with block-level parts, by uid, on the device (None where they
-    are every row of the step, in order): one copy per adapter per step, read by every block."""
-    total = sum(len(rows) for _, rows in adapters)
-    return {adapter.uid: None if len(rows) == total else torch.from_numpy(rows).to(device)
+    are every row of the step, in order): one copy per adapter per step, read by every block.
+    `num_tokens` is the step's, base-model tokens included (they are in no adapter's rows)."""
+    return {adapter.uid: None if len(rows) == num_tokens else torch.from_numpy(rows).to(device)
             for adapter, rows in adapters if adapter.shortcuts or adapter.layer_routers}
 
 

@@ -77,12 +77,14 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def can_allocate(self, num_tokens: int, prefix: Sequence[int] = ()) -> bool:
+    def can_allocate(self, num_tokens: int, prefix: Sequence[int] = (), keep_watermark: bool = True) -> bool:
         """Whether a new sequence fits while keeping the watermark free: `prefix` cached blocks taken
-        as they are (those no sequence holds leave the free pool) and room for num_tokens more."""
+        as they are (those no sequence holds leave the free pool) and room for num_tokens more. The
+        watermark is kept for running sequences to grow into: with none running (keep_watermark
+        False) a sequence may take the whole pool, or one that needs it would never run."""
         new = self.blocks_for(len(prefix) * self.block_size + num_tokens) - len(prefix)
         idle = sum(1 for block in prefix if self._refs[block] == 0)
-        return new + idle <= self.num_free_blocks - self.watermark_blocks
+        return new + idle <= self.num_free_blocks - (self.watermark_blocks if keep_watermark else 0)
 
     def can_grow(self, seq_id: Hashable, num_new_tokens: int) -> bool:
         needed = self.blocks_for(self._lengths[seq_id] + num_new_tokens) - len(self._tables[seq_id])

@@ -186,7 +186,7 @@ class PagedModelRunner:
         uids = tuple(adapter.uid for adapter, _ in adapters)
         if uids != self._buckets_for:
             self._buckets, self._buckets_for = {}, uids
-        block_rows = block_level_rows(adapters, hidden.device)
+        block_rows = block_level_rows(adapters, hidden.shape[0], hidden.device)
         shortcuts = step_shortcuts(adapters, block_rows)
         ffn_input = None  # h_{l-1}, the previous block's FFN input (shortcut2 reads it)
         routes_blocks = any(adapter.layer_routers for adapter, _ in adapters)

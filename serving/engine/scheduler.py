@@ -123,7 +123,7 @@ class Scheduler:
                 continue
             computed = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - computed, budget)
-            if not self.blocks.can_allocate(n, prefix):
+            if not self.blocks.can_allocate(n, prefix, keep_watermark=bool(self.running)):
                 break
             self.waiting.popleft()
             in_flight.update(seq.block_hashes[len(prefix):len(seq.prompt_ids) // self.blocks.block_size])

@@ -436,3 +436,25 @@ def test_a_context_longer_than_the_models_is_refused():
     with pytest.raises(ValueError, match="longer than the model's context of 128 tokens"):
         Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_model_len=129))
     assert Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_model_len=128)).max_model_len == 128
+
+
+@pytest.mark.parametrize("kind", ["shortcuts", "shared_router"])
+def test_block_level_adapter_parts_leave_the_base_models_tokens_alone(tmp_path, kind):
+    """A step whose only adapter has block-level parts (HeteroLoRA's shortcuts, a shared router) beside
+    base-model requests: those parts run on the adapter's tokens only. Its tokens are every adapted
+    token of the step but not every token, and the base requests' tokens came out adapted."""
+    from alphalora.allocation.plan import RouterSettings
+
+    if kind == "shortcuts":
+        folder = _adapter(tmp_path / "hetero", "llama", (1, 1), seed=17, targets=("q", "v"),
+                          shortcuts={"layer0.residual1": 2, "layer1.shortcut2": 4}, shortcut_alpha=6.0)
+    else:
+        folder = _adapter(tmp_path / "shared", "llama", (3, 2), seed=23, router=RouterSettings(type="shared"))
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=24, block_size=4, adapters={"x": str(folder)}))
+    prompts = [[65, 61, 52], [69], [7, 8, 9, 10, 11]]
+    names = [None, "x", None]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy("llama", prompt, 3, adapter=folder if name else None), name

@@ -126,3 +126,30 @@ def test_a_sequence_waits_for_the_prompt_blocks_another_is_computing():
     step2 = _step(scheduler, rng)
     assert (1, 8, 4) in [(c.seq.seq_id, c.start, c.num_tokens) for c in step2.chunks]
     assert twin.num_cached_tokens == 8 and scheduler.prefix_hit_tokens == 8
+
+
+def test_a_sequence_that_fits_the_pool_only_without_the_watermark_runs_when_it_is_alone():
+    """The watermark keeps blocks back for running sequences to grow into. With none running there is
+    nothing to keep them for: a sequence that `add` accepted (it fits the pool) but that needs more
+    than the pool less the watermark at admission waited for ever, every step empty (with 100 or more
+    blocks, e.g. max_num_seqs 1 and a prompt of nearly max_model_len)."""
+    scheduler = Scheduler(BlockManager(4, 2, watermark=0.25), max_num_seqs=2, max_num_batched_tokens=64,
+                          max_model_len=8)
+    seq = Sequence(0, list(range(7)), max_tokens=1)
+    scheduler.add(seq)  # 8 tokens: the pool's 4 blocks
+    rng = random.Random(0)
+    for _ in range(3):
+        _step(scheduler, rng)
+    assert seq.status is SequenceStatus.FINISHED and len(seq.output_ids) == 1
+    assert scheduler.blocks.num_free_blocks == 4
+
+
+def test_the_watermark_still_holds_back_admissions_while_others_run():
+    scheduler = Scheduler(BlockManager(4, 2, watermark=0.25), max_num_seqs=2, max_num_batched_tokens=64,
+                          max_model_len=8)
+    running, waiting = Sequence(0, [1], max_tokens=2), Sequence(1, list(range(5)), max_tokens=1)
+    scheduler.add(running)
+    _step(scheduler, random.Random(0))
+    scheduler.add(waiting)  # 5 tokens: 3 blocks, and 1 of the 3 free ones is the watermark
+    output = scheduler.schedule()
+    assert [c.seq.seq_id for c in output.chunks] == [0] and waiting.status is SequenceStatus.WAITING
