@@ -22,8 +22,10 @@ def _fit_row(x: torch.Tensor, lo: int, hi: int, min_tail: int, bias_corrected: b
     log_x = torch.log(x)
     candidates = torch.arange(lo, hi, device=x.device)
     tail = (n - candidates).to(torch.float64)
-    suffix = torch.flip(torch.cumsum(torch.flip(log_x, [0]), 0), [0])
-    s = suffix[candidates] - tail * log_x[candidates]
+    # T_i = sum_{j>=i} (L_j - L_i) term by term: a difference of suffix sums would leave rounding noise
+    # where the tail is constant (T_i = 0 exactly, alpha = inf, no fit).
+    above = torch.arange(n, device=x.device)[None, :] >= candidates[:, None]
+    s = torch.where(above, log_x[None, :] - log_x[candidates][:, None], torch.zeros((), dtype=x.dtype)).sum(1)
     if bias_corrected:
         alpha = 1.0 + (tail - 1.0) / s
         valid = s > 1e-12
@@ -126,7 +128,8 @@ def moe_permute(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tru
 
 
 def _tokens(pairs: int, num_tokens: int, device) -> torch.Tensor:
-    return torch.arange(pairs, device=device) // (pairs // num_tokens)
+    # Pair p = t * k + j belongs to token t; no tokens means no pairs (k is then undefined).
+    return torch.arange(pairs, device=device) // max(1, pairs // max(1, num_tokens))
 
 
 def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
@@ -162,9 +165,11 @@ def stable_top_k(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     """The top-k of the last dimension, largest first, equal values by lower index: the rule of the
     routing kernels (`router_gates`, `select_experts`), which the training layer's routing follows too
     (alphalora.adapters.routing), so every path picks the same experts. (torch.topk leaves the order of
-    ties to the implementation: on the CPU [2, 2, 2, 0] gives experts 1 and 2.) Differentiable in
-    `values`, like topk."""
-    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    ties to the implementation: on the CPU [2, 2, 2, 0] gives experts 1 and 2.) NaN ranks below every
+    number (-inf included) and is returned as -inf, as the kernels do: a NaN logit is never chosen
+    while a number is left, and gets gate 0 if it is. Differentiable in `values`, like topk."""
+    ranked = values.masked_fill(values.isnan(), float("-inf"))  # NaN ranks below every number, as in the kernels
+    ordered, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
     return ordered[..., :top_k], order[..., :top_k]
 
 
@@ -195,7 +200,8 @@ def router_gates_backward(grad_gated, hidden, gates, grad_logits, scaling):
 def select_experts(logits, member, scale, base, num_experts, top_k):
     """Each token's own router block of logits, its top-k (softmax over them, times scale; ids + base)."""
     tokens = logits.shape[0]
-    own = logits.view(tokens, -1, num_experts)[torch.arange(tokens, device=logits.device), member]
+    routers = logits.shape[1] // num_experts  # (-1 would be ambiguous with no tokens)
+    own = logits.view(tokens, routers, num_experts)[torch.arange(tokens, device=logits.device), member]
     top, ids = stable_top_k(own.float(), top_k)
     return torch.softmax(top, dim=-1) * scale[:, None], ids + base[:, None]
 
@@ -213,5 +219,7 @@ def paged_decode_attention(q, k_cache, v_cache, slots, lengths, starts, scale) -
     values = v_cache[slots].repeat_interleave(group, dim=2).float()
     scores = torch.einsum("bhd,bwhd->bhw", q.float(), keys) * scale
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    weights = torch.nan_to_num(torch.softmax(scores, dim=-1))  # a row with no context gives zeros
+    # A row with no context gives zeros; NaN or inf in q, keys or values propagate as in the CPU kernel
+    # (nan_to_num here turned them into silent zeros and clipped infinities).
+    weights = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(1)[:, None, None], 0.0)
     return torch.einsum("bhw,bwhd->bhd", weights, values).to(q.dtype)

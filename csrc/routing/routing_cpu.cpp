@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dot.h"
@@ -47,7 +48,20 @@ bool use_gemm(int64_t pairs, const ExpertUse& use) {
   return pairs >= kMinPairsPerExpertForGemm * std::max<int64_t>(1, use.used);
 }
 
-// h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float accumulation.
+// The pair loops' sums: float for float and the 16-bit types, double for double (as on the GPU).
+template <typename T>
+using pair_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Every id in [0, experts): the pair loops read A[e_p] and B[e_p] without another check.
+void check_ids_in_range(const at::Tensor& ids, int64_t experts, const char* op) {
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t p = 0; p < ids.size(0); ++p) {
+    TORCH_CHECK(id[p] >= 0 && id[p] < experts, op, ": expert id ", id[p], " of pair ", p, " is outside [0, ",
+                experts, ")");
+  }
+}
+
+// h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float (double for double) accumulation.
 template <typename T>
 void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int64_t k, int64_t rank, int64_t in,
                   T* h) {
@@ -55,7 +69,7 @@ void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int
     for (int64_t p = begin; p < end; ++p) {
       const T* xr = x + (p / k) * in;
       const T* a = A + ids[p] * rank * in;
-      for (int64_t i = 0; i < rank; ++i) h[p * rank + i] = static_cast<T>(dot<float>(a + i * in, xr, in));
+      for (int64_t i = 0; i < rank; ++i) h[p * rank + i] = static_cast<T>(dot<pair_acc_t<T>>(a + i * in, xr, in));
     }
   });
 }
@@ -67,25 +81,26 @@ void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int
 template <typename T>
 void expand_tokens(const T* h, const T* W, bool transposed, const T* gates, const int64_t* ids, int64_t tokens,
                    int64_t k, int64_t out, int64_t rank, T* y) {
+  using acc_t = pair_acc_t<T>;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(out);
-    std::vector<float> hp(rank);
+    std::vector<acc_t> acc(out);
+    std::vector<acc_t> hp(rank);
     for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = t * k + j;
-        const float g = static_cast<float>(gates[p]);
-        for (int64_t i = 0; i < rank; ++i) hp[i] = g * static_cast<float>(h[p * rank + i]);
+        const acc_t g = static_cast<acc_t>(gates[p]);
+        for (int64_t i = 0; i < rank; ++i) hp[i] = g * static_cast<acc_t>(h[p * rank + i]);
         const T* w = W + ids[p] * out * rank;
         if (transposed) {
           for (int64_t i = 0; i < rank; ++i) {
             const T* row = w + i * out;
-            for (int64_t o = 0; o < out; ++o) acc[o] += hp[i] * static_cast<float>(row[o]);
+            for (int64_t o = 0; o < out; ++o) acc[o] += hp[i] * static_cast<acc_t>(row[o]);
           }
         } else {
           for (int64_t o = 0; o < out; ++o) {
-            float sum = 0.f;
-            for (int64_t i = 0; i < rank; ++i) sum += static_cast<float>(w[o * rank + i]) * hp[i];
+            acc_t sum = 0;
+            for (int64_t i = 0; i < rank; ++i) sum += static_cast<acc_t>(w[o * rank + i]) * hp[i];
             acc[o] += sum;
           }
         }
@@ -139,6 +154,7 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
                                    const at::Tensor& order, const at::Tensor& offsets) {
   check_shrink(x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
+  check_ids_in_range(expert_ids.contiguous(), A.size(0), "grouped_lora_shrink");
   const ExpertUse use = expert_use(offsets, expert_ids.size(0));
   if (!use_gemm(expert_ids.size(0), use)) {
     if (in_float32_first(x, expert_ids.size(0), A.size(0))) {
@@ -167,6 +183,7 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
                                    int64_t num_tokens) {
   check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
+  check_ids_in_range(expert_ids.contiguous(), B.size(0), "grouped_lora_expand");
   const ExpertUse use = expert_use(offsets, h.size(0));
   if (!use_gemm(h.size(0), use)) {
     if (in_float32_first(h, h.size(0), B.size(0))) {

@@ -85,13 +85,19 @@ template <typename T>
 __global__ void gathered_dot_kernel(const T* __restrict__ W, int64_t w_se, int64_t w_si, int64_t w_sc,
                                     const T* __restrict__ X, int64_t x_cols, int64_t rows_div,
                                     const int64_t* __restrict__ ids, const int64_t* __restrict__ order,
-                                    int64_t pairs, int64_t out_cols, int64_t inner, T* __restrict__ out) {
+                                    int64_t pairs, int64_t out_cols, int64_t inner, int64_t num_experts,
+                                    T* __restrict__ out) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= pairs * out_cols) return;
   const int64_t p = order[warp / out_cols];  // neighbouring warps share an expert's weights
   const int64_t i = warp % out_cols;
-  const T* w = W + ids[p] * w_se + i * w_si;
+  const int64_t e = ids[p];
+  if (e < 0 || e >= num_experts) {  // an id moe_permute would refuse: no weights to read (no host sync to say so)
+    if (lane == 0) out[p * out_cols + i] = from_acc<T>(acc_t<T>(NAN));
+    return;
+  }
+  const T* w = W + e * w_se + i * w_si;
   const T* x = X + (p / rows_div) * x_cols;
   acc_t<T> acc = 0;
   for (int64_t c = lane; c < inner; c += 32) acc += to_acc(w[c * w_sc]) * to_acc(x[c]);
@@ -103,7 +109,7 @@ template <typename T>
 __global__ void token_expand_kernel(const T* __restrict__ W, int64_t w_se, int64_t w_so, int64_t w_si,
                                     const T* __restrict__ H, const T* __restrict__ weights,
                                     const int64_t* __restrict__ ids, int64_t k, int64_t out_cols, int64_t inner,
-                                    int64_t col_blocks, T* __restrict__ out) {
+                                    int64_t num_experts, int64_t col_blocks, T* __restrict__ out) {
   // A flat grid of tokens x column blocks (gridDim.y would cap the tokens at 65535).
   const int64_t t = blockIdx.x / col_blocks;
   const int64_t o = (blockIdx.x % col_blocks) * blockDim.x + threadIdx.x;
@@ -111,7 +117,12 @@ __global__ void token_expand_kernel(const T* __restrict__ W, int64_t w_se, int64
   acc_t<T> acc = 0;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t p = t * k + j;
-    const T* w = W + ids[p] * w_se + o * w_so;
+    const int64_t e = ids[p];
+    if (e < 0 || e >= num_experts) {  // an id moe_permute would refuse: no weights to read
+      acc = acc_t<T>(NAN);
+      break;
+    }
+    const T* w = W + e * w_se + o * w_so;
     const T* h = H + p * inner;
     acc_t<T> dot = 0;
     for (int64_t i = 0; i < inner; ++i) dot += to_acc(w[i * w_si]) * to_acc(h[i]);
@@ -156,21 +167,21 @@ cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num
 template <typename T>
 cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t w_sc, const T* X, int64_t x_cols,
                                 int64_t rows_div, const int64_t* expert_ids, const int64_t* order, int64_t pairs,
-                                int64_t out_cols, int64_t inner, T* out, cudaStream_t stream) {
+                                int64_t out_cols, int64_t inner, int64_t num_experts, T* out, cudaStream_t stream) {
   if (pairs == 0 || out_cols == 0) return cudaSuccess;
   gathered_dot_kernel<T><<<blocks_for(pairs * out_cols * 32), kThreads, 0, stream>>>(
-      W, w_se, w_si, w_sc, X, x_cols, rows_div, expert_ids, order, pairs, out_cols, inner, out);
+      W, w_se, w_si, w_sc, X, x_cols, rows_div, expert_ids, order, pairs, out_cols, inner, num_experts, out);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t w_si, const T* H, const T* weights,
                                 const int64_t* expert_ids, int64_t tokens, int64_t k, int64_t out_cols, int64_t inner,
-                                T* out, cudaStream_t stream) {
+                                int64_t num_experts, T* out, cudaStream_t stream) {
   if (tokens == 0 || out_cols == 0) return cudaSuccess;
   const int64_t col_blocks = blocks_for(out_cols);
   token_expand_kernel<T><<<static_cast<unsigned>(tokens * col_blocks), kThreads, 0, stream>>>(
-      W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols, inner, col_blocks, out);
+      W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols, inner, num_experts, col_blocks, out);
   return cudaGetLastError();
 }
 
@@ -187,10 +198,10 @@ cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, cons
 
 #define ALPHALORA_INSTANTIATE(T)                                                                              \
   template cudaError_t launch_gathered_dot<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, int64_t,    \
-                                              const int64_t*, const int64_t*, int64_t, int64_t, int64_t, T*,     \
-                                              cudaStream_t);                                                      \
+                                              const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, \
+                                              T*, cudaStream_t);                                                  \
   template cudaError_t launch_token_expand<T>(const T*, int64_t, int64_t, int64_t, const T*, const T*,            \
-                                              const int64_t*, int64_t, int64_t, int64_t, int64_t, T*,            \
+                                              const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, T*,   \
                                               cudaStream_t);                                                      \
   template cudaError_t launch_grouped_outer<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, \
                                                const int64_t*, const int64_t*, int64_t, T*, cudaStream_t);

@@ -14,17 +14,20 @@ cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num
 
 // out[p, i] = sum_c W[e_p, i, c] * X[row(p), c], row(p) = p / rows_div (tokens: k; pairs: 1).
 // W is addressed as W + e * w_se + i * w_si + c * w_sc. Accumulates in float (double for double).
+// A pair whose id is outside [0, num_experts) reads no weights: its row is NaN.
 template <typename T>
 cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t w_sc, const T* X,
                                 int64_t x_cols, int64_t rows_div, const int64_t* expert_ids,
                                 const int64_t* order, int64_t pairs, int64_t out_cols, int64_t inner,
-                                T* out, cudaStream_t stream);
+                                int64_t num_experts, T* out, cudaStream_t stream);
 
 // out[t, o] = sum_{j<k} w[p] * sum_i W[e_p, o, i] * H[p, i], p = t * k + j (w may be null: 1).
+// A token with an id outside [0, num_experts) reads no weights for it: its row is NaN.
 template <typename T>
 cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t w_si, const T* H,
                                 const T* weights, const int64_t* expert_ids, int64_t tokens, int64_t k,
-                                int64_t out_cols, int64_t inner, T* out, cudaStream_t stream);
+                                int64_t out_cols, int64_t inner, int64_t num_experts, T* out,
+                                cudaStream_t stream);
 
 // G[e, a, b] = sum over expert e's pairs p of w[p] * U[urow(p), a] * V[vrow(p), b] (w may be null).
 // urow(p) = p / u_div, vrow(p) = p / v_div.

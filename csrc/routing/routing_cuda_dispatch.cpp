@@ -51,7 +51,7 @@ at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_
   dispatch_float(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_gathered_dot<T>(ptr<T>(A), rank * in, in, 1, ptr<T>(x), in, k, ids.data_ptr<int64_t>(),
-                                       order.data_ptr<int64_t>(), pairs, rank, in, ptr<T>(h), stream()),
+                                       order.data_ptr<int64_t>(), pairs, rank, in, A.size(0), ptr<T>(h), stream()),
           "grouped_lora_shrink");
   });
   return h;
@@ -71,7 +71,7 @@ at::Tensor grouped_lora_expand_cuda(const at::Tensor& h_in, const at::Tensor& B_
   dispatch_float(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_token_expand<T>(ptr<T>(B), out * rank, rank, 1, ptr<T>(h), ptr<T>(gates),
-                                       ids.data_ptr<int64_t>(), num_tokens, k, out, rank, ptr<T>(y), stream()),
+                                       ids.data_ptr<int64_t>(), num_tokens, k, out, rank, B.size(0), ptr<T>(y), stream()),
           "grouped_lora_expand");
   });
   return y;
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
     using T = std::remove_pointer_t<decltype(tag)>;
     // grad_x[t, c] = sum_j sum_i A[e, i, c] grad_h[p, i]: a token-major expand over A^T.
     check(cuda::launch_token_expand<T>(ptr<T>(A), rank * in, 1, in, ptr<T>(grad_h), nullptr,
-                                       ids.data_ptr<int64_t>(), tokens, k, in, rank, ptr<T>(grad_x), stream()),
+                                       ids.data_ptr<int64_t>(), tokens, k, in, rank, experts, ptr<T>(grad_x), stream()),
           "grouped_lora_shrink_backward (x)");
     // grad_A[e, i, c] = sum over e's pairs of grad_h[p, i] x[t, c].
     check(cuda::launch_grouped_outer<T>(ptr<T>(grad_h), rank, 1, ptr<T>(x), in, k, nullptr,
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda
     using T = std::remove_pointer_t<decltype(tag)>;
     // back[p, i] = sum_o B[e, o, i] grad_y[t, o].
     check(cuda::launch_gathered_dot<T>(ptr<T>(B), out * rank, 1, rank, ptr<T>(grad_y), out, k,
-                                       ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pairs, rank, out,
+                                       ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pairs, rank, out, experts,
                                        ptr<T>(back), stream()),
           "grouped_lora_expand_backward (h)");
     // grad_B[e, o, i] = sum over e's pairs of gates[p] grad_y[t, o] h[p, i].

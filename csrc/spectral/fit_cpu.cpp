@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -66,6 +67,12 @@ std::tuple<at::Tensor, at::Tensor> xmin_peak_window_cpu(const at::Tensor& evals,
     at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         TORCH_CHECK(lenp[b] >= 0 && lenp[b] <= stride, "lengths out of range");
+        // The histogram is over log10 x: zero, negative, infinite or NaN values have no finite bin.
+        const scalar_t* row = xp + b * stride;
+        for (int64_t j = 0; lenp[b] >= 2 && j < lenp[b]; ++j) {
+          TORCH_CHECK(row[j] > 0 && row[j] < std::numeric_limits<scalar_t>::infinity(), "xmin_peak_window: value ",
+                      j, " of row ", b, " is ", row[j], "; the spectrum must be positive and finite (filter it first)");
+        }
         const auto window = xmin_peak_window<scalar_t>(xp + b * stride, lenp[b], bins,
                                                        log_lower_bound);
         lop[b] = window.first;

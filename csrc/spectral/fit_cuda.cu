@@ -164,8 +164,10 @@ __global__ void peak_window_kernel(const T* __restrict__ x, const int64_t* __res
     for (int64_t j = 0; j <= n; ++j) {
       int64_t bin = -2;
       if (j < n) {
-        bin = static_cast<int64_t>((host_log10(row[j]) - left) * static_cast<T>(bins) / (right - left));
-        bin = min(max(bin, int64_t{0}), bins - 1);
+        const T position = (host_log10(row[j]) - left) * static_cast<T>(bins) / (right - left);
+        // Clamped before the cast, which is undefined for NaN or out-of-range values (zero, negative
+        // or non-finite eigenvalues, which the CPU binding refuses; here they fall in a bin at an end).
+        bin = position >= static_cast<T>(bins - 1) ? bins - 1 : position > 0 ? static_cast<int64_t>(position) : 0;
       }
       if (bin != current_bin) {
         if (current_bin >= 0 && (current_count > best_count ||

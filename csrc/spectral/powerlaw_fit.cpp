@@ -170,9 +170,12 @@ std::pair<int64_t, int64_t> xmin_peak_window(const T* x, int64_t n, int64_t bins
     };
     // Bins are non-decreasing along the sorted spectrum, so counts come in runs.
     for (int64_t j = 0; j < n; ++j) {
-      int64_t b = static_cast<int64_t>((std::log10(x[j]) - left) * static_cast<T>(bins) /
-                                       (right - left));
-      b = std::min<int64_t>(std::max<int64_t>(b, 0), bins - 1);
+      const T position = (std::log10(x[j]) - left) * static_cast<T>(bins) / (right - left);
+      // Clamped before the cast, which is undefined for NaN or out-of-range values (the bindings
+      // refuse non-positive and non-finite spectra; this keeps the core defined regardless).
+      const int64_t b = position >= static_cast<T>(bins - 1) ? bins - 1
+                        : position > 0                          ? static_cast<int64_t>(position)
+                                                                : 0;
       if (b != current_bin) {
         if (current_bin >= 0) flush();
         current_bin = b;
