@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def python_scalar(value: Any) -> Any:
@@ -12,3 +16,14 @@ def python_scalar(value: Any) -> Any:
     if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
         return value.item()
     return value
+
+
+def takes_numpy_scalars(function: F) -> F:
+    """`function` called with every numpy scalar argument as the Python number it holds (arrays, lists and
+    everything else as given): researchers pass np.int64 and np.float32 values all the time."""
+
+    @functools.wraps(function)
+    def with_python_numbers(*args, **kwargs):
+        return function(*map(python_scalar, args), **{name: python_scalar(value) for name, value in kwargs.items()})
+
+    return with_python_numbers  # type: ignore[return-value]

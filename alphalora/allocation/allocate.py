@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from alphalora._numbers import python_scalar
+from alphalora._numbers import takes_numpy_scalars
 from alphalora.spectral.report import SpectralReport, why_no_alpha
 from alphalora.spectral.roles import ROLE_ORDER
 
@@ -111,6 +111,7 @@ def _report_roles(report: SpectralReport) -> list[str]:
     return ordered + sorted(found - set(ordered))
 
 
+@takes_numpy_scalars
 def allocate(
     report: SpectralReport | str | Path | None = None,
     *,
@@ -151,8 +152,6 @@ def allocate(
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    # numpy scalars as the numbers they hold: the plan's checks and its JSON take Python numbers
-    rank, lora_alpha, lora_dropout = python_scalar(rank), python_scalar(lora_alpha), python_scalar(lora_dropout)
     if max_experts is not None and (method != "alphalora" or rounding not in (None, DEFAULT_ROUNDING)):
         where = f"--method {method}" if method != "alphalora" else f"--rounding {rounding}"
         raise AllocationError(f"--max-experts (max_experts) caps layers only for --method alphalora with --rounding "

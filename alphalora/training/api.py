@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import write_text_atomic
-from alphalora._numbers import python_scalar
+from alphalora._numbers import takes_numpy_scalars
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
 from alphalora.allocation.plan import Plan, PlanFormatError, is_number, is_positive_int
@@ -92,6 +92,7 @@ def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, m
     return model, tokenizer, train_set, label_names, max_length
 
 
+@takes_numpy_scalars
 def train(
     model_dir: str | Path,
     plan: Plan | dict[str, Any] | str | Path,
@@ -132,18 +133,14 @@ def train(
     written to out_dir. Under torchrun or accelerate every process calls this and trains data parallel;
     only the main one writes (`TrainResult.main_process`).
     """
+    arguments = dict(locals())  # as the caller gave them, before anything below binds or rebinds a name
     import torch
     from transformers import TrainingArguments, set_seed
 
     from .runs import check_out_folder, resume_point
     from .trainer import MoELoRATrainer
 
-    # as the caller gave them, before anything below rebinds a name; numpy scalars read as the numbers they hold
-    arguments = {name: python_scalar(value) for name, value in locals().items()}
     _check_arguments(arguments)
-    (epochs, max_steps, learning_rate, warmup_ratio, weight_decay, batch_size, gradient_accumulation_steps, seed,
-     max_length, bf16, gradient_checkpointing, save_steps, logging_steps, resume, progress, truncate) = (
-        arguments[name] for name in _SCALAR_ARGUMENTS)
     plan = _as_plan(plan)
     if gradient_checkpointing and plan.shortcuts:
         raise AdapterError("LoRA shortcut connections read activations across blocks, which gradient checkpointing "
@@ -261,11 +258,6 @@ def _restore_run(checkpoint: Path, settings: dict[str, Any], reallocation) -> No
     rounds = check_same_run(checkpoint, read_run_record(checkpoint), settings)
     if reallocation is not None:
         reallocation.history = list(rounds)
-
-
-_SCALAR_ARGUMENTS = ("epochs", "max_steps", "learning_rate", "warmup_ratio", "weight_decay", "batch_size",
-                     "gradient_accumulation_steps", "seed", "max_length", "bf16", "gradient_checkpointing",
-                     "save_steps", "logging_steps", "resume", "progress", "truncate")
 
 
 def _as_plan(plan: Any) -> Plan:
