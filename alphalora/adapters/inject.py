@@ -15,6 +15,7 @@ from torch import nn
 
 from alphalora.allocation.plan import Plan
 from alphalora.spectral.roles import block_index, role_of
+from alphalora.spectral.weights import unwrap_compiled
 
 from .layer import MoELoRALinear
 from .routing import BalanceStatistics, dense_gates, top_k_gates
@@ -182,14 +183,6 @@ def module_rank(plan: Plan, name: str) -> int:
     return next((r for target, r in plan.rank_pattern.items() if _matches(name, target)), plan.rank)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model itself under torch.compile's wrapper (an OptimizedModule, whose parameter and module names all
-    start with `_orig_mod.`): adapters are built into, named after, saved from and loaded into the model itself."""
-    while "_orig_mod" in getattr(model, "_modules", {}) and type(model).__name__ == "OptimizedModule":
-        model = model._modules["_orig_mod"]
-    return model
-
-
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")
 
@@ -250,7 +243,7 @@ def inject_adapters(model: nn.Module, plan: Plan) -> AdapterState:
     plan.top_k_per_layer[l]. Raises AdapterError if the plan does not fit the model, leaving
     the model as it was. A torch.compile'd model gets the adapter in the model it wraps.
     """
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     if getattr(model, ADAPTER_ATTRIBUTE, None) is not None:
         raise AdapterError("this model already has alphalora adapters; load a fresh base model")
     candidates = candidate_modules(model)
@@ -357,7 +350,7 @@ def modules_hidden(candidates: dict[str, tuple[int, nn.Module]]) -> int:
 
 def adapter_state(model: nn.Module) -> AdapterState:
     """The AdapterState of a model with injected adapters."""
-    state = getattr(unwrap_model(model), ADAPTER_ATTRIBUTE, None)
+    state = getattr(unwrap_compiled(model), ADAPTER_ATTRIBUTE, None)
     if state is None:
         raise AdapterError("this model has no alphalora adapters; call inject_adapters first")
     return state
@@ -366,7 +359,7 @@ def adapter_state(model: nn.Module) -> AdapterState:
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's parameters by name: experts, routers and any modules_to_save (not the base model's own
     parameters, whatever their names: GPT-OSS's or Llama 4's expert routers are `mlp.router`, `feed_forward.router`)."""
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     state = getattr(model, ADAPTER_ATTRIBUTE, None)
     heads = tuple(f"{name}." for name in state.plan.modules_to_save) if state is not None else ()
     own: set[int] = set()

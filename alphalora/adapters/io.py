@@ -15,6 +15,7 @@ from torch import nn
 
 from alphalora._io import atomic_path, check_format_version, file_sha256, read_json, write_text_atomic
 from alphalora.allocation.plan import Plan, PlanFormatError
+from alphalora.spectral.weights import unwrap_compiled
 
 from .inject import (
     AdapterError,
@@ -23,7 +24,6 @@ from .inject import (
     adapter_state,
     inject_adapters,
     unchanged_on_error,
-    unwrap_model,
 )
 
 FORMAT_VERSION = 1
@@ -69,7 +69,7 @@ def base_architecture(model: nn.Module) -> dict[str, Any] | None:
 
 def base_fingerprint(model: nn.Module) -> str:
     """A hash of the base model's architecture-defining config values (its parameter shapes without a config)."""
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     payload: Any = base_architecture(model)
     if payload is None:
         payload = {n: list(p.shape) for n, p in model.named_parameters() if "lora_" not in n and "router" not in n}
@@ -126,7 +126,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
     never mistaken for a complete adapter. `drop_disabled` leaves out switched-off modules
     (the final adapter of a dynamic HeteroLoRA run); checkpoints keep them. A torch.compile'd model saves the
     adapter of the model it wraps, under that model's names."""
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     state = adapter_state(model)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Loads saved adapter weights into a model that already has the same adapter injected."""
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     saved, state = Plan.from_dict(config["plan"]), adapter_state(model)
@@ -256,7 +256,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
     a missing or corrupt weights file, pickled weights, and missing or extra tensors, leaving the
     model as it was. A torch.compile'd model gets the adapter in the model it wraps.
     """
-    model = unwrap_model(model)
+    model = unwrap_compiled(model)
     folder = Path(adapter_dir)
     config = read_adapter_config(folder)
     if check_base and config["base_fingerprint"] != base_fingerprint(model):

@@ -55,17 +55,23 @@ def _detached(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 ADAPTER_ONLY_MODULES = {"alphalora_router", "alphalora_shortcuts"}  # a block's shared router, its shortcuts
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The model itself under torch.compile's wrapper (an OptimizedModule, whose parameter and module names all
+    start with `_orig_mod.`): weights are read, and adapters built, saved and loaded, under the model's own names."""
+    while "_orig_mod" in getattr(model, "_modules", {}) and type(model).__name__ == "OptimizedModule":
+        model = model._modules["_orig_mod"]
+    return model
+
+
 def _without_wrappers(model: nn.Module) -> nn.Module:
     """The transformers model under torch.compile's wrapper and a PEFT model's (PeftModel -> its tuner -> the
     model), whose module names add prefixes (`_orig_mod.`, `base_model.model.`) to the model's own."""
     while True:
-        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules:
-            model = model._modules["_orig_mod"]
-        elif type(model).__name__.startswith("PeftModel") and isinstance(
-                getattr(getattr(model, "base_model", None), "model", None), nn.Module):
-            model = model.base_model.model
-        else:
+        model = unwrap_compiled(model)
+        if not (type(model).__name__.startswith("PeftModel") and isinstance(
+                getattr(getattr(model, "base_model", None), "model", None), nn.Module)):
             return model
+        model = model.base_model.model
 
 
 def _wrapped_base(module: nn.Module) -> nn.Module | None:
