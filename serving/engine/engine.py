@@ -113,7 +113,7 @@ class Engine:
         self._failed: list[tuple[Sequence, Exception]] = []
         # EOS ends a sequence unless ignore_eos, and cannot be sampled before min_tokens.
         self.eos_token_ids = _eos_token_ids(tokenizer, self.model)
-        self._eos_is_tokenizers = getattr(tokenizer, "eos_token_id", None) is not None
+        self._tokenizer_eos = getattr(tokenizer, "eos_token_id", None)  # vLLM's "EOS"; the other ids are stop tokens
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
 
     @classmethod
@@ -271,7 +271,7 @@ class Engine:
         if token in self.eos_token_ids and not params.ignore_eos:
             # vLLM's stop_reason: None for the EOS, the id for any other stop token (the generation
             # config's further EOS ids are stop token ids to vLLM)
-            seq.stop_reason = None if token == self.eos_token_ids[0] and self._eos_is_tokenizers else token
+            seq.stop_reason = None if token == self._tokenizer_eos else token
             return "stop"
         if token in params.stop_token_ids:
             seq.stop_reason = token
