@@ -65,15 +65,19 @@ class OutputText:
     adds (a match may begin up to len(stop) - 1 characters before it, so one spanning tokens is found);
     where several match, the one that ends first wins. A token that ended the sequence as a stop token
     (EOS, stop_token_ids) adds no text.
+
+    With `include_stop` (vLLM's include_stop_str_in_output) the text is cut where the stop string ends
+    instead, and a stop token's text is kept (a special token's is empty).
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_tokens: int = 0):
+                 min_tokens: int = 0, include_stop: bool = False):
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = [s for s in stop or [] if s]
         self.min_tokens = min_tokens
+        self.include_stop = include_stop
         self.num_tokens = 0
-        self.end: int | None = None  # where the first stop string begins, once found
+        self.end: int | None = None  # where the text is cut once a stop string is found
         self.stop_string: str | None = None
 
     @property
@@ -92,14 +96,15 @@ class OutputText:
             return True
         self.num_tokens += 1
         searched = len(self._detokenizer.text)
-        if not stop_token:
+        if not stop_token or self.include_stop:
             self._detokenizer.add(token)
         if final:
             self._detokenizer.flush()
         if self.stop and self.num_tokens > self.min_tokens and len(self._detokenizer.text) > searched:
             found = find_stop(self._detokenizer.text, self.stop, searched)
             if found is not None:
-                self.end, self.stop_string = found
+                begin, self.stop_string = found
+                self.end = begin + len(self.stop_string) if self.include_stop else begin
         return self.stopped
 
 

@@ -102,7 +102,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting,
                                    self.max_model_len, max_adapters=cfg.max_loras)
-        self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size)
+        self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size, self.max_model_len)
         weight_dtype = next(self.model.parameters()).dtype
         fits = ServedModel.of(self.model, self.runner.swappable_heads())
         self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device, fits)
@@ -287,7 +287,9 @@ class Engine:
         """Whether the output's text (decoded a token at a time, after the prompt) now holds a stop
         string: `OutputText`'s rules, which the server's text follows too."""
         if seq.output_text is None:
-            seq.output_text = OutputText(self.tokenizer, seq.prompt_ids, seq.params.stop, seq.params.min_tokens)
+            params = seq.params
+            seq.output_text = OutputText(self.tokenizer, seq.prompt_ids, params.stop, params.min_tokens,
+                                         params.include_stop_str_in_output)
         return seq.output_text.add(token)
 
     # -- offline use -------------------------------------------------------------------------------

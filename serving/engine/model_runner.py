@@ -1,7 +1,8 @@
 """One forward step over a ragged batch: paged KV cache, per-sequence adapters, last-token logits.
 
-The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Gemma):
-its own modules (embeddings, norms, projections, MLP activation, rotary embedding) are reused;
+The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma,
+Phi-3): its own modules (embeddings, norms, projections - fused ones included -, the per-head
+query/key norms, MLP activation, rotary embedding and its own rotary function) are reused;
 attention is replaced by paged attention over the KV pool, and every adapted projection adds
 the adapters' deltas for the tokens that asked for them, through the routing kernels (block-level
 parts, shortcut connections and shared routers: `block_adapters`).
@@ -9,12 +10,12 @@ parts, shortcut connections and shared routers: `block_adapters`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from alphalora import ops
 from alphalora.adapters.routing import dense_gates
@@ -32,11 +33,32 @@ from .block_adapters import (
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+# Families whose every layer attends within `config.sliding_window` when it is set (others say so per layer,
+# in `config.layer_types`).
+EVERY_LAYER_SLIDING = ("mistral", "phi3")
+# Rotary embeddings whose frequencies `transformers` picks by the longest position in the call (LongRoPE: the
+# long factors past original_max_position_embeddings, re-encoding the whole cache when a sequence crosses it).
+# Served as vLLM serves them: fixed by max_model_len (long factors iff it exceeds the original context), so a
+# request's output does not depend on its neighbours in the batch nor on how long it has grown.
+FIXED_BY_MAX_MODEL_LEN_ROPE = ("longrope",)
+
+
+def attention_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as the model's own attention modules read it."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window if config.model_type in EVERY_LAYER_SLIDING else None] * config.num_hidden_layers
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"layer types {sorted(unknown)} (config.layer_types) are not served: only full and sliding "
+                         "window attention")
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 class PagedModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, max_model_len: int):
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model type {config.model_type!r} is not served; supported: {SUPPORTED_MODEL_TYPES}")
@@ -47,11 +69,19 @@ class PagedModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.sliding_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.windows = attention_windows(config)
+        # the model's own rotary function (Phi-3's rotates the first `partial_rotary_factor` of each head)
+        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         weight = self.decoder.embed_tokens.weight
         shape = (len(self.layers), num_blocks * block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        self.rope_table = None  # (cos, sin) [1, max_model_len, rotary dim] where fixed by max_model_len
+        if rope.get("rope_type", rope.get("type")) in FIXED_BY_MAX_MODEL_LEN_ROPE:
+            positions = torch.arange(max_model_len, device=weight.device)[None]
+            with torch.no_grad():
+                self.rope_table = self.decoder.rotary_emb(weight[:1], positions)
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.stacks = AdapterStacks()  # adapters' weights per module, each adapter at a fixed offset
         self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
@@ -174,13 +204,15 @@ class PagedModelRunner:
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
         logits for entries that asked (by entry index); writes the new KV."""
-        step = to_device(batch, self.k_cache.device, self.sliding_window)
+        device = self.k_cache.device
+        steps = {window: to_device(batch, device, window) for window in dict.fromkeys(self.windows)}
+        step = steps[self.windows[0]]  # (the steps differ only in which keys each query attends)
         entries = step.entries
         hidden = self._embed(step.input_ids, entries)
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
             # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
-        cos, sin = self.decoder.rotary_emb(hidden[None], step.positions[None])
+        cos, sin = self._rotary(hidden, step)
         adapters = step.adapter_rows
         self._step_layouts = {}
         uids = tuple(adapter.uid for adapter, _ in adapters)
@@ -195,14 +227,12 @@ class PagedModelRunner:
             self._block_gates = route_block(adapters, block_rows, index, hidden) if routes_blocks else []
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
-            q = self._project(attention.q_proj, hidden, adapters).view(-1, self.num_heads, self.head_dim)
-            k = self._project(attention.k_proj, hidden, adapters).view(-1, self.num_kv_heads, self.head_dim)
-            v = self._project(attention.v_proj, hidden, adapters).view(-1, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+            q, k, v = self._qkv(attention, hidden, adapters)
+            q, k = self.apply_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             self.k_cache[index].index_copy_(0, step.new_slots, k)
             self.v_cache[index].index_copy_(0, step.new_slots, v)
-            attended = self._attention(index, q, step, attention.scaling)
+            attended = self._attention(index, q, steps[self.windows[index]], attention.scaling)
             block_input = residual
             attention_sum = self._project(attention.o_proj, attended, adapters)
             if shortcuts:
@@ -210,10 +240,7 @@ class PagedModelRunner:
             hidden = residual + attention_sum
             residual = ffn_input = hidden
             hidden = layer.post_attention_layernorm(hidden)
-            mlp = layer.mlp
-            gate = self._project(mlp.gate_proj, hidden, adapters)
-            up = self._project(mlp.up_proj, hidden, adapters)
-            ffn_sum = self._project(mlp.down_proj, mlp.act_fn(gate) * up, adapters)
+            ffn_sum = self._mlp(layer.mlp, hidden, adapters)
             if shortcuts:
                 add_shortcuts(ffn_sum, shortcuts, index, residual2=ffn_input, shortcut1=block_input)
             hidden = residual + ffn_sum
@@ -222,6 +249,38 @@ class PagedModelRunner:
                                      [(e.adapter, 0, e.count)]).float()
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
+
+    def _rotary(self, hidden: torch.Tensor, step: DeviceStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's (cos, sin) [1, tokens, rotary dim] at the step's positions."""
+        if self.rope_table is None:
+            return self.decoder.rotary_emb(hidden[None], step.positions[None])
+        return tuple(table[:, step.positions] for table in self.rope_table)
+
+    def _qkv(self, attention, hidden: torch.Tensor, adapters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [tokens, heads, head_dim], keys and values [tokens, kv heads, head_dim] before rotation:
+        from q/k/v projections or one fused qkv projection (Phi-3), through per-head norms where the model
+        has them (Qwen3's q_norm and k_norm)."""
+        sizes = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+        if hasattr(attention, "qkv_proj"):
+            fused = self._project(attention.qkv_proj, hidden, adapters)
+            q, k, v = fused.split([heads * self.head_dim for heads in sizes], dim=-1)
+        else:
+            q, k, v = (self._project(projection, hidden, adapters)
+                       for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+        q, k, v = (states.view(-1, heads, self.head_dim) for states, heads in zip((q, k, v), sizes, strict=True))
+        if hasattr(attention, "q_norm"):
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        return q, k, v
+
+    def _mlp(self, mlp, hidden: torch.Tensor, adapters) -> torch.Tensor:
+        """The gated MLP: gate and up projections, or one fused gate_up projection (Phi-3, gate first)."""
+        if hasattr(mlp, "gate_up_proj"):
+            gate, up = self._project(mlp.gate_up_proj, hidden, adapters).chunk(2, dim=-1)
+            activation = mlp.activation_fn
+        else:
+            gate, up = self._project(mlp.gate_proj, hidden, adapters), self._project(mlp.up_proj, hidden, adapters)
+            activation = mlp.act_fn
+        return self._project(mlp.down_proj, activation(gate) * up, adapters)
 
     # -- modules an adapter replaces (modules_to_save) --------------------------------------------------
     def swappable_heads(self) -> dict[str, torch.nn.Module]:

@@ -25,6 +25,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # logprob of every prompt token given the ones before it
     min_p: float = 0.0  # vLLM's: drop tokens less probable than min_p x the most probable (after temperature)
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to a token's logit first
+    include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string (and a stop token's text)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

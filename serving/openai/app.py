@@ -22,6 +22,7 @@ from .protocol import (
     LoadLoraAdapterRequest,
     TokenizeRequest,
     UnloadLoraAdapterRequest,
+    model_permission,
     now,
 )
 from .state import APIError, ServerState
@@ -146,10 +147,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         created = now()
         data = [{"id": state.base_name, "object": "model", "created": created, "owned_by": "alphalora",
-                 "root": state.base_name, "parent": None, "max_model_len": state.max_model_len}]
+                 "root": state.base_name, "parent": None, "max_model_len": state.max_model_len,
+                 "permission": [model_permission()]}]
         for name, path in dict(state.engine.engine.adapters.paths).items():  # a copy: loads change it
             data.append({"id": name, "object": "model", "created": created, "owned_by": "alphalora",
-                         "root": str(path), "parent": state.base_name, "max_model_len": state.max_model_len})
+                         "root": str(path), "parent": state.base_name, "max_model_len": state.max_model_len,
+                         "permission": [model_permission()]})
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")

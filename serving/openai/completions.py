@@ -54,7 +54,8 @@ def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) ->
             stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, min_p=body.min_p,
-            logit_bias=_logit_bias(body.logit_bias), **extra)
+            logit_bias=_logit_bias(body.logit_bias), include_stop_str_in_output=body.include_stop_str_in_output,
+            **extra)
     except ValueError as error:
         raise APIError(400, str(error)) from error
 
@@ -98,7 +99,7 @@ async def _start(state: ServerState, prompts: list[list[int]], body: SamplingFie
         for i in range(body.n):
             index = p * body.n + i
             requests.append((prompt, _params(body, max_tokens[p], index, **extra)))
-            tracker = TextTracker(state.tokenizer, prompt, stop, body.min_tokens)
+            tracker = TextTracker(state.tokenizer, prompt, stop, body.min_tokens, body.include_stop_str_in_output)
             choices.append(Choice(index, prompt, tracker, prompt_texts[p] if prompt_texts else ""))
     try:
         admitted = await state.engine.add(requests, adapter, arrival)
@@ -168,7 +169,8 @@ async def _guarded(pairs):
 
 def _record(choice: Choice, out: StepOutput) -> str:
     """Adds a token to its choice; returns the text it adds. The engine ends a sequence on the token
-    whose text holds a stop string, so the choice's text and finish reason follow the engine's."""
+    whose text holds a stop string, so the choice's text and finish reason follow the engine's (with
+    include_stop_str_in_output a stop token's own text may hold one: vLLM then names the string)."""
     choice.tokens.append(out)
     stop_reason = out.seq.stop_reason if out.finished else None
     # EOS (stop_reason None, as vLLM's) and stop token ids end it adding no text; a stop string names itself
@@ -176,7 +178,7 @@ def _record(choice: Choice, out: StepOutput) -> str:
     delta = choice.tracker.add(out.token, out.finished, stop_token=stop_token)
     if choice.tracker.stopped or out.finished:
         choice.finish_reason = "stop" if choice.tracker.stopped else out.seq.finish_reason
-        choice.stop_reason = stop_reason
+        choice.stop_reason = choice.tracker.stop_string if choice.tracker.stopped else stop_reason
     if out.seq.prompt_logprobs and not choice.prompt_logprobs:
         choice.prompt_logprobs = list(out.seq.prompt_logprobs)
     return delta
@@ -218,29 +220,32 @@ def _sse(payload: dict) -> str:
 
 # -- /v1/completions ----------------------------------------------------------------------------------
 def _top_with(top: dict[int, float] | None, token: int, logprob: float | None) -> dict[int, float]:
-    """The top-k alternatives and the token itself: OpenAI's completions always list the chosen token's
-    logprob among the top ones, so there may be logprobs + 1 entries."""
-    entries = dict(top or {})
-    if logprob is not None:
-        entries.setdefault(token, logprob)
-    return entries
+    """The token itself, then the top-k alternatives (vLLM's order): OpenAI's completions always list the
+    chosen token's logprob among the top ones, so there may be logprobs + 1 entries."""
+    return ({} if logprob is None else {token: logprob}) | dict(top or {})
 
 
-def _completion_logprobs(tokenizer, choice: Choice, outs: list[StepOutput], with_prompt: bool) -> dict:
+def _token_name(tokenizer, token: int, as_id: bool | None) -> str:
+    """How logprobs name a token: its decoded piece, or "token_id:{id}" (vLLM's return_tokens_as_token_ids)."""
+    return f"token_id:{token}" if as_id else tokenizer.decode([token])
+
+
+def _completion_logprobs(tokenizer, choice: Choice, outs: list[StepOutput], with_prompt: bool,
+                         as_ids: bool | None = False) -> dict:
     """OpenAI's completions `logprobs` object for the echoed prompt (`with_prompt`) and then `outs`, with
-    text offsets that go on across a choice's chunks (each token's offset: the text before it, by its
-    decoded piece, as vLLM counts)."""
+    text offsets that go on across a choice's chunks (each token's offset: the text before it, by the
+    tokens' names, as vLLM counts: "token_id:{id}" ones too)."""
     body: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
     def add(token: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        piece = tokenizer.decode([token])
-        body["tokens"].append(piece)
+        name = _token_name(tokenizer, token, as_ids)
+        body["tokens"].append(name)
         body["token_logprobs"].append(logprob)
         alternatives = None if logprob is None else _top_with(top, token, logprob)
-        body["top_logprobs"].append(
-            None if alternatives is None else {tokenizer.decode([t]): lp for t, lp in alternatives.items()})
+        body["top_logprobs"].append(None if alternatives is None else
+                                    {_token_name(tokenizer, t, as_ids): lp for t, lp in alternatives.items()})
         body["text_offset"].append(choice.text_offset)
-        choice.text_offset += len(piece)
+        choice.text_offset += len(name)
 
     if with_prompt:
         entries = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
@@ -289,7 +294,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
     choices, streams = await _start(state, prompts, body, max_tokens, adapter, arrival,
                                     _prompt_texts(state, raw, prompts) if body.echo else None,
                                     logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
-    response_id, created = new_id("cmpl"), now()
+    response_id, created, as_ids = new_id("cmpl"), now(), body.return_tokens_as_token_ids
 
     def chunk_of(choice: Choice, out: StepOutput, first: bool) -> tuple[str, dict | None]:
         """A token's text and logprobs; a choice's first also carries the echoed prompt."""
@@ -300,7 +305,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
         echo = first and body.echo
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _completion_logprobs(state.tokenizer, choice, choice.tokens[-1:], echo)
+            logprobs = _completion_logprobs(state.tokenizer, choice, choice.tokens[-1:], echo, as_ids)
         return (choice.prompt_text if echo else "") + delta, logprobs
 
     if not body.stream:
@@ -312,7 +317,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
             text = (c.prompt_text if body.echo else "") + ("" if only_prompt else c.tracker.full_text())
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(state.tokenizer, c, c.tokens, body.echo)
+                logprobs = _completion_logprobs(state.tokenizer, c, c.tokens, body.echo, as_ids)
             payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
@@ -370,15 +375,20 @@ async def chat_prompt(state: ServerState, messages, add_generation_prompt: bool 
     return (await tokenize(state, [chat_text(state, messages, add_generation_prompt)], add_special_tokens=False))[0]
 
 
-def _chat_logprobs(state: ServerState, outs: list[StepOutput]) -> dict:
+def _chat_logprobs(state: ServerState, outs: list[StepOutput], as_ids: bool | None = False) -> dict:
+    """OpenAI's chat `logprobs`; with return_tokens_as_token_ids the tokens are named "token_id:{id}",
+    and, as vLLM's, a chosen token's `bytes` stay its decoded piece's while an alternative's are its name's."""
     entries = []
     for out in outs:
         piece = state.tokenizer.decode([out.token])
         top = []
-        for t, lp in (out.top_logprobs or {}).items():
-            text = state.tokenizer.decode([t])
+        # vLLM's: top_logprobs entries in all, the chosen token's first and then the most probable
+        wanted = len(out.top_logprobs or {})
+        for t, lp in list(_top_with(out.top_logprobs, out.token, out.logprob).items())[:wanted]:
+            text = _token_name(state.tokenizer, t, as_ids)
             top.append({"token": text, "logprob": lp, "bytes": list(text.encode())})
-        entries.append({"token": piece, "logprob": out.logprob, "bytes": list(piece.encode()), "top_logprobs": top})
+        entries.append({"token": _token_name(state.tokenizer, out.token, as_ids), "logprob": out.logprob,
+                        "bytes": list(piece.encode()), "top_logprobs": top})
     return {"content": entries}
 
 
@@ -393,13 +403,13 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     top = body.top_logprobs if body.logprobs else None
     choices, streams = await _start(state, [prompt], body, [max_tokens], adapter, arrival,
                                     logprobs=(top or 0) if body.logprobs else None)
-    response_id, created = new_id("chatcmpl"), now()
+    response_id, created, as_ids = new_id("chatcmpl"), now(), body.return_tokens_as_token_ids
     if not body.stream:
         await _collect(request, choices, streams)
         return JSONResponse({
             "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.full_text()},
-                         "logprobs": _chat_logprobs(state, c.tokens) if body.logprobs else None,
+                         "logprobs": _chat_logprobs(state, c.tokens, as_ids) if body.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
             "usage": _usage(choices, [prompt])})
 
@@ -418,8 +428,9 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
             if choice.finished:  # its finish chunk is sent: nothing follows it
                 continue
             delta = _record(choice, out)
+            logprobs = _chat_logprobs(state, [out], as_ids) if body.logprobs else None
             yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta},  # "" too, as vLLM
-                                             "logprobs": _chat_logprobs(state, [out]) if body.logprobs else None,
+                                             "logprobs": logprobs,
                                              "finish_reason": choice.finish_reason,
                                              "stop_reason": choice.stop_reason}]})
         if body.stream_options and body.stream_options.include_usage:

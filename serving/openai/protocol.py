@@ -37,6 +37,8 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
+    include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:{id}" (None: off)
 
     @model_validator(mode="after")
     def _stop_strings_not_empty(self):
@@ -106,6 +108,13 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
+
+
+def model_permission() -> dict:
+    """vLLM's ModelPermission with its defaults, as each /v1/models entry lists it."""
+    return {"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": now(),
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
+            "allow_view": True, "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
 
 
 def new_id(prefix: str) -> str:

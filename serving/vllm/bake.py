@@ -16,6 +16,7 @@ PLUGIN_ARCHITECTURES = {
     "llama": "AlphaLoRAMoELlamaForCausalLM",
     "mistral": "AlphaLoRAMoEMistralForCausalLM",
     "qwen2": "AlphaLoRAMoEQwen2ForCausalLM",
+    "qwen3": "AlphaLoRAMoEQwen3ForCausalLM",
 }
 PLUGIN_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 NATIVE = "serve it with the native engine (`alphalora serve --engine native`)"

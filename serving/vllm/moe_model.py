@@ -1,4 +1,4 @@
-"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral and Qwen2 (loaded by the plugin).
+"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2 and Qwen3 (loaded by the plugin).
 
 A baked model folder is the base model's folder plus `alphalora_adapter/` (our adapter folder) and
 a config.json whose `architectures` names one of these classes (see `bake.py`). The base model is
@@ -21,6 +21,7 @@ from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .bake import ADAPTER_SUBDIR
 from .mixture import build_mixtures
@@ -81,6 +82,14 @@ class MoELoRAMistralForCausalLM(MoELoRAMixin, MistralForCausalLM):
 
 class MoELoRAQwen2ForCausalLM(MoELoRAMixin, Qwen2ForCausalLM):
     """Qwen2 with a baked MoE-LoRA adapter."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_adapter(vllm_config)
+
+
+class MoELoRAQwen3ForCausalLM(MoELoRAMixin, Qwen3ForCausalLM):
+    """Qwen3 with a baked MoE-LoRA adapter (its per-head q/k norms are vLLM's own, after the hooked qkv_proj)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -7,6 +7,7 @@ ARCHITECTURES = {
     "AlphaLoRAMoELlamaForCausalLM": "MoELoRALlamaForCausalLM",
     "AlphaLoRAMoEMistralForCausalLM": "MoELoRAMistralForCausalLM",
     "AlphaLoRAMoEQwen2ForCausalLM": "MoELoRAQwen2ForCausalLM",
+    "AlphaLoRAMoEQwen3ForCausalLM": "MoELoRAQwen3ForCausalLM",
 }
 
 

@@ -40,6 +40,20 @@ def test_heterogeneous_rank_lora_exports_to_peft_with_identical_logits(tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family,targets", [("qwen3", ["q", "k", "v", "o", "gate", "up", "down"]),
+                                            ("phi3", ["qkv", "o", "gate_up", "down"])])  # fused projections
+def test_other_decoder_families_export_to_peft_with_identical_logits(tmp_path, family, targets):
+    plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=targets, rank=4, rank_pattern={targets[0]: 2}, lora_alpha=12.0, lora_dropout=0.0)
+    ours = with_random_adapter(build(family), plan, seed=4, std=0.2)
+    ids = torch.randint(0, 128, (2, 10))
+    save_adapter(ours, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(build(family), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(build(family)(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
 def test_classifier_head_travels_as_modules_to_save(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 

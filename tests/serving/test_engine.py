@@ -13,6 +13,7 @@ from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
+from alphalora.serving.engine.model_runner import attention_windows
 from tests.conftest import requires_cuda
 from tests.tiny_models import build, save_tiny, with_random_adapter
 
@@ -105,32 +106,100 @@ def test_a_batch_whose_every_token_routes_one_way_equals_generate(adapters, name
     assert dense == {"routed": {True, False}, "two GEMMs": {False}, "dense-masked": {True}}[path]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
+FAMILY_TARGETS = {"phi3": ("qkv", "o", "gate_up", "down")}  # fused projections
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "phi3"])
 def test_other_decoder_families_match_generate(family, tmp_path):
-    adapter = _adapter(tmp_path / "moe", family, (2, 3))
+    adapter = _adapter(tmp_path / "moe", family, (2, 3), **_targets(family))
     engine = Engine(_base(family), tokenizer=None, config=EngineConfig(
         max_num_seqs=4, block_size=8, adapters={"moe": str(adapter)}))
     torch.manual_seed(3)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (6, 11)]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), ["moe", None])
+    # min_tokens is generate's min_new_tokens (which `_hf_greedy` sets): no EOS before the last token
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, ["moe", None])
     assert seqs[0].output_ids == _hf_greedy(family, prompts[0], 5, adapter=adapter)
     assert seqs[1].output_ids == _hf_greedy(family, prompts[1], 5)
 
 
-def test_mistral_sliding_window_matches_generate():
-    """Decode steps of several sequences (the batched paged attention) keep only the window."""
-    def model():
-        return build("mistral", seed=0, sliding_window=5, **FAMILY_OVERRIDES)
+def test_a_peft_lora_folder_on_fused_projections_matches_peft_generate(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj adapted by PEFT LoRA as users train them, beside the base model."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                             rank_pattern={"qkv_proj": 2}, init_lora_weights=False)
+    peft.get_peft_model(_base("phi3"), config).save_pretrained(tmp_path / "peft")
+    engine = Engine(_base("phi3"), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=8, adapters={"peft": str(tmp_path / "peft")}))
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (6, 11)]
+    params = SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, ["peft", None])
+    assert seqs[0].output_ids == _hf_greedy("phi3", prompts[0], 5, peft_dir=tmp_path / "peft")
+    assert seqs[0].output_ids != _hf_greedy("phi3", prompts[0], 5)
+    assert seqs[1].output_ids == _hf_greedy("phi3", prompts[1], 5)
 
-    engine = Engine(model(), tokenizer=None, config=EngineConfig(max_num_seqs=4, block_size=4))
+
+def _targets(family):
+    return {"targets": FAMILY_TARGETS[family]} if family in FAMILY_TARGETS else {}
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", dict(sliding_window=5)),
+    ("phi3", dict(sliding_window=5)),  # every layer, like Mistral's
+    # only layers from max_window_layers on slide: layer 0 attends to everything, layer 1 to the last 5
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    # Phi-3's partial rotary embedding: Phi-4-mini's rotates 0.75 of each head
+    ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+], ids=["mistral window", "phi3 window", "qwen2 windowed layers", "phi3 partial rotary"])
+def test_attention_windows_and_rotary_variants_match_generate(family, overrides, tmp_path):
+    """Decode steps of several sequences (the batched paged attention) and prompt chunks keep only each
+    layer's window; rotary variants rotate what the model's own attention rotates."""
+    def model():
+        return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
+
+    adapter = _adapter(tmp_path / "moe", family, (2, 3), base=model(), **_targets(family))
+    engine = Engine(model(), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
     torch.manual_seed(5)
-    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14)]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
+    names = [None, "moe", None, "moe"]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, ignore_eos=True), names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        reference = model()
+        if name:
+            load_adapter(reference, adapter)
+        out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                        pad_token_id=0)
+        assert seq.output_ids == out[0, len(prompt):].tolist(), name
+
+
+@pytest.mark.parametrize("max_model_len", [32, 128], ids=["within the original context", "beyond it"])
+def test_long_context_rope_is_fixed_by_max_model_len_as_vllm_fixes_it(max_model_len):
+    """LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): vLLM uses the long factors for every token iff max_model_len
+    exceeds original_max_position_embeddings, and the short ones otherwise. `generate` switches by a sequence's
+    own length, so it is the oracle where that choice is the same for every length: sequences within the original
+    context of 32, or a model whose short factors are its long ones."""
+    def model(short_factor):
+        return build("phi3", seed=0, **FAMILY_OVERRIDES, original_max_position_embeddings=32, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 32, "short_factor": short_factor, "long_factor": [3.0, 5.0]})
+
+    engine = Engine(model([1.0, 1.5]), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, max_model_len=max_model_len))
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, ignore_eos=True))
+    reference = model([1.0, 1.5] if max_model_len <= 32 else [3.0, 5.0]).eval()
     for prompt, seq in zip(prompts, seqs, strict=True):
-        reference = model().eval()
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                  pad_token_id=0)
         assert seq.output_ids == out[0, len(prompt):].tolist()
+
+
+def test_attention_of_other_kinds_is_refused():
+    config = transformers.Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
+    with pytest.raises(ValueError, match=r"chunked_attention.*not served"):
+        attention_windows(config)
 
 
 def test_prompt_logprobs_equal_the_models_full_forward():

@@ -42,8 +42,13 @@ def require_vllm() -> str:
     return python
 
 
+def _tiny(family: str) -> dict:
+    """VLLM_TINY, with head_dim where the family's tiny config sets its own (Qwen3's configs name theirs)."""
+    return dict(VLLM_TINY, head_dim=64) if family == "qwen3" else VLLM_TINY
+
+
 def tiny_model(folder: Path, family: str = "llama") -> Path:
-    return save_tiny(family, folder, **VLLM_TINY)
+    return save_tiny(family, folder, **_tiny(family))
 
 
 def own_adapter(folder: Path, family: str, experts, rank_pattern=None, seed: int = 1, targets=ALL_TARGETS,
@@ -52,7 +57,7 @@ def own_adapter(folder: Path, family: str, experts, rank_pattern=None, seed: int
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
                 top_k_per_layer=[min(2, e) for e in experts], target_modules=list(targets), rank=4,
                 rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0, **plan_fields)
-    model = build(family, 0, **VLLM_TINY)
+    model = build(family, 0, **_tiny(family))
     save_adapter(with_random_adapter(model, plan, seed=seed, std=0.3), folder)
     return folder
 
