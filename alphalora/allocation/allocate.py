@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alphalora._numbers import takes_numpy_scalars
 from alphalora.spectral.report import SpectralReport, why_no_alpha
-from alphalora.spectral.roles import ROLE_ORDER
+from alphalora.spectral.roles import ROLE_ORDER, expert_index
 
 from .expert_counts import (
     AllocationError,
@@ -106,7 +106,18 @@ def _checked_counts(budget, max_experts, top_k, num_layers) -> tuple[int | None,
 
 
 def _report_roles(report: SpectralReport) -> list[str]:
-    found = {m.role for m in report.matrices if m.layer is not None}
+    """The default target modules for a report: the roles of its block matrices that adapter layers can wrap.
+
+    A mixture of experts' router (role "router": transformers' TopKRouter) and its experts' matrices (per-expert
+    names `...experts.<e>.<proj>`, slices of fused 3-D parameters) are no nn.Linear to wrap, so a role is kept
+    only where some matrix outside the experts has it: q, k, v, o for Mixtral; also gate, up, down for a
+    Qwen2-MoE or DeepSeek shared expert, or a dense MLP block beside the mixture ones."""
+    found = {m.role for m in report.matrices
+             if m.layer is not None and m.role != "router" and expert_index(m.name) is None}
+    if not found:
+        raise AllocationError(f"the blocks of {report.model} hold only a mixture of experts' routers and experts, "
+                              "which adapters cannot wrap; name the modules to adapt (--target-modules, "
+                              "target_modules=[...])")
     ordered = [role for role in ROLE_ORDER if role in found]
     return ordered + sorted(found - set(ordered))
 
@@ -148,7 +159,8 @@ def allocate(
     ``max_experts`` caps each layer's count for ``alphalora`` with largest-remainder rounding, and
     is refused elsewhere. The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
-    q, k, v, o, up, down for BERT), or to the Llama set without a report.
+    q, k, v, o, up, down for BERT) but a mixture of experts' router and the roles only its experts have (q, k, v,
+    o for Mixtral; see `_report_roles`), or to the Llama set without a report.
     """
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

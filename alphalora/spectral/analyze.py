@@ -121,6 +121,13 @@ def analyze(
     estimator is AlphaLoRA's (`xmin_peak`); `ww` reproduces WeightWatcher 0.7.7's `analyze()`.
     Layer scores are the `aggregation` of the block's matrix alphas (AlphaLoRA: the mean).
 
+    A mixture of experts' block counts every expert's matrices: fused 3-D expert parameters (transformers 5's
+    `mlp.experts.gate_up_proj`, `down_proj`) and per-expert checkpoint tensors alike give one matrix per expert
+    and projection, named `<experts>.<expert>.gate_proj|up_proj|down_proj` (a fused gate_up split into its gate
+    and up halves, as per-expert checkpoints hold them), and its router (role "router") is one more matrix.
+    So a layer's alpha is the mean over all of its matrices, each expert's included (AlphaLoRA's rule over
+    every matrix of a block), and a model analysed live and from its checkpoint gives the same numbers.
+
     `precision` is that of the Gram matrices and their eigensolve. An fp32 eigenvalue is off by
     up to M * eps32 * lambda_max (M eigenvalues), so in fp32 the matrices whose fit reads
     eigenvalues under that noise floor (see `refine.reads_fp32_noise`) are recomputed in fp64

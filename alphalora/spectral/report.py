@@ -79,6 +79,10 @@ class LayerReport:
     layer: int
     alpha: float | None
     n_matrices: int
+    # Each role's mean alpha over the block's fitted matrices of that role (those its `alpha` aggregates: failed
+    # and skipped fits left out), whatever the aggregation: one matrix per role in a dense block, every expert's
+    # in a mixture of experts (its `gate` is the mean over the experts' gate matrices). A role none of whose
+    # matrices was fitted is absent.
     alphas_by_role: dict[str, float] = field(default_factory=dict)
 
 
@@ -158,7 +162,7 @@ class SpectralReport:
 
 
 def layer_scores(matrices: list[MatrixReport], aggregation: str = "mean") -> list[LayerReport]:
-    """Aggregates the successful matrix alphas of each block into one layer score.
+    """Aggregates the successful matrix alphas of each block into one layer score, and per role into their mean.
 
     Every block a matrix belongs to gets an entry, so the layers keep their indices; one where no
     matrix succeeded has alpha None and n_matrices 0.
@@ -176,10 +180,18 @@ def layer_scores(matrices: list[MatrixReport], aggregation: str = "mean") -> lis
             layer=layer,
             alpha=float(AGGREGATIONS[aggregation]([m.alpha for m in members])) if members else None,
             n_matrices=len(members),
-            alphas_by_role={m.role: m.alpha for m in members},
+            alphas_by_role=_mean_by_role(members),
         )
         for layer, members in sorted(by_layer.items())
     ]
+
+
+def _mean_by_role(fitted: list[MatrixReport]) -> dict[str, float]:
+    """The mean alpha of each role among `fitted` (matrices with a usable fit), roles in the order first met."""
+    by_role: dict[str, list[float]] = {}
+    for m in fitted:
+        by_role.setdefault(m.role, []).append(m.alpha)
+    return {role: statistics.fmean(alphas) for role, alphas in by_role.items()}
 
 
 def why_no_alpha(matrices: list[MatrixReport], layer: int) -> str:

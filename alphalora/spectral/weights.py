@@ -1,4 +1,7 @@
-"""The 2-D weight matrices of a model, from a live `nn.Module` or tensor by tensor from disk."""
+"""The 2-D weight matrices of a model, from a live `nn.Module` or tensor by tensor from disk.
+
+A mixture of experts' fused 3-D expert parameters and tensors are found here and read, expert by expert, by
+`experts`; `WeightEntry` and `WeightSourceError` live in `entries` (imported here, where callers find them)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import json
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,37 +17,17 @@ from torch import nn
 
 from alphalora._io import first_line
 
-from .roles import CONV1D_LEAVES, block_index, is_embedding_name, role_of
-
-
-class WeightSourceError(ValueError):
-    """The model cannot be read: a missing path, no weights, an unsupported format or a damaged file."""
-
+from .entries import WeightEntry, WeightSourceError, named_entry
+from .experts import (
+    checkpoint_expert_entries,
+    fused_expert_params,
+    is_fused_expert_tensor,
+    live_expert_entries,
+    with_routers,
+)
+from .roles import CONV1D_LEAVES, is_embedding_name, is_router, moe_blocks
 
 REDOWNLOAD = "the checkpoint is damaged or incomplete: download or save it again"
-
-
-@dataclass(frozen=True)
-class WeightEntry:
-    """One weight matrix: its name, place in the model and a loader for its (out, in) tensor."""
-
-    name: str
-    layer: int | None
-    role: str
-    shape: tuple[int, int]  # (out_features, in_features)
-    kind: str  # "linear", "conv1d" or "embedding"
-    load: Callable[[], torch.Tensor]
-    floating: bool = True  # False for integer (quantized) weights, which have no meaningful spectrum
-
-    @property
-    def num_eigenvalues(self) -> int:
-        return min(self.shape)
-
-
-def _entry(
-    name: str, shape: tuple[int, int], kind: str, load: Callable[[], torch.Tensor], floating: bool = True
-) -> WeightEntry:
-    return WeightEntry(name, block_index(name), role_of(name), shape, kind, load, floating)
 
 
 def _detached(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -106,6 +88,10 @@ def _base_modules(model: nn.Module):
 def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[WeightEntry]:
     """Linear, Conv1D (GPT-2) and, if asked, embedding weights of a live model, in module order.
 
+    A mixture of experts' fused 3-D expert parameters give one entry per expert and matrix (`experts`),
+    and its router (a `gate` or `router` beside the experts, an nn.Linear or transformers' TopKRouter holding a
+    2-D weight) has role "router".
+
     A model with adapters (this project's, or PEFT's) is read as its base model: the frozen base weights under
     their own names, without the adapter's matrices. To analyse fine-tuned weights, merge the adapter first
     (PEFT's `merge_and_unload()`)."""
@@ -113,18 +99,27 @@ def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[W
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_embeddings is not None:  # (an adapted LM head: its base)
         output_embeddings = _wrapped_base(output_embeddings) or output_embeddings
+    modules = list(_base_modules(model))
+    expert_blocks = moe_blocks(name for name, _ in modules)
     entries: list[WeightEntry] = []
     seen: set[int] = set()
-    for name, module in _base_modules(model):
+    for name, module in modules:
+        fused = fused_expert_params(module)
+        if fused:
+            if not any(id(p) in seen for p in fused.values()):
+                seen.update(id(p) for p in fused.values())
+                entries.extend(live_expert_entries(name, module, fused))
+            continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or id(weight) in seen:
             continue
         type_name = type(module).__name__.lower()
+        router = is_router(name, expert_blocks)
         if isinstance(module, nn.Embedding) or module is output_embeddings:
             if not include_embeddings:
                 continue
             kind = "embedding"
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or router:  # a TopKRouter applies F.linear(x, weight)
             kind = "linear"
         elif type_name == "conv1d":  # transformers' GPT-2 Conv1D: weight is (in, out)
             kind = "conv1d"
@@ -134,7 +129,8 @@ def module_weights(model: nn.Module, include_embeddings: bool = False) -> list[W
         transposed = kind == "conv1d"
         shape = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
         entries.append(
-            _entry(name, shape, kind, functools.partial(_detached, weight, transposed), weight.is_floating_point())
+            named_entry(name, shape, kind, functools.partial(_detached, weight, transposed),
+                        weight.is_floating_point(), role="router" if router else None)
         )
     return entries
 
@@ -179,7 +175,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def _tensor_readers(file: Path):
-    """(key, shape, is floating point, load) for every tensor of a checkpoint file, without loading the tensors."""
+    """(key, shape, is floating point, load) for every tensor of a checkpoint file, without loading the tensors;
+    `load(index)` reads only `tensor[index]` (one expert of a fused 3-D tensor), `load()` the whole tensor."""
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -191,15 +188,17 @@ def _tensor_readers(file: Path):
         except (SafetensorError, OSError) as error:
             raise _unreadable(file, first_line(error)) from error
 
-        def load(key: str) -> torch.Tensor:
+        def load(key: str, index: tuple | None = None) -> torch.Tensor:
             try:
                 with safe_open(str(file), framework="pt") as handle:
-                    return handle.get_tensor(key)
+                    return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
             except (SafetensorError, OSError) as error:
                 raise _unreadable(file, f"tensor {key}: {first_line(error)}") from error
 
         # safetensors dtype codes: F16, BF16, F32, F8_E4M3, ... are floating point; I8, U8, I32, BOOL, ... are not.
-        return [(k, shapes[k], dtypes[k].startswith(("F", "BF")), (lambda k=k: load(k))) for k in keys]
+        return [
+            (k, shapes[k], dtypes[k].startswith(("F", "BF")), (lambda index=None, k=k: load(k, index))) for k in keys
+        ]
     # pytorch_model.bin: memory-mapped, weights only (no code runs on load).
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -216,11 +215,18 @@ def _tensor_readers(file: Path):
     if not isinstance(state, dict):
         raise _unreadable(file, f"expected a state dict, found {type(state).__name__}")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return [(k, tuple(v.shape), v.is_floating_point(), (lambda v=v: v)) for k, v in tensors.items()]
+    return [
+        (k, tuple(v.shape), v.is_floating_point(), (lambda index=None, v=v: v if index is None else v[index]))
+        for k, v in tensors.items()
+    ]
 
 
 def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> list[WeightEntry]:
-    """The 2-D `.weight` tensors of a Hugging Face model folder, read lazily shard by shard."""
+    """The 2-D `.weight` tensors of a Hugging Face model folder, read lazily shard by shard.
+
+    A mixture of experts' fused 3-D expert tensors are read as one entry per expert and matrix, each expert
+    alone from the file (`checkpoint_expert_entries`); its router (`mlp.gate`, `block_sparse_moe.gate`,
+    `mlp.router`) has role "router"."""
     folder = Path(path)
     if not folder.exists():
         raise WeightSourceError(f"model path {folder} does not exist; pass a Hugging Face model folder")
@@ -232,13 +238,16 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
             f"no weights in {folder}: expected *.safetensors (or pytorch_model*.bin) files, "
             "as written by `model.save_pretrained(folder)`"
         )
-    model_type = ""
-    config = folder / "config.json"
-    if config.exists():
-        model_type = _read_json(config).get("model_type", "")
+    config_file = folder / "config.json"
+    config = _read_json(config_file) if config_file.exists() else {}
+    model_type = config.get("model_type", "")
     entries: list[WeightEntry] = []
+    fused: list[tuple[str, tuple[int, ...], bool, Callable]] = []
     for file in files:
         for key, shape, floating, load in _tensor_readers(file):
+            if is_fused_expert_tensor(key, shape):
+                fused.append((key, shape, floating, load))
+                continue
             if not key.endswith(".weight") or len(shape) != 2:
                 continue
             name = key[: -len(".weight")]
@@ -252,8 +261,12 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
             else:
                 kind = "linear"
             if kind == "conv1d":
-                entries.append(_entry(name, (shape[1], shape[0]), kind, (lambda f=load: f().t()), floating))
+                entries.append(named_entry(name, (shape[1], shape[0]), kind, (lambda f=load: f().t()), floating))
             else:
-                entries.append(_entry(name, (shape[0], shape[1]), kind, load, floating))
+                entries.append(named_entry(name, (shape[0], shape[1]), kind, load, floating))
+    entries.extend(checkpoint_expert_entries(folder, fused, config))
+    entries = with_routers(entries, {key for key, *_ in fused})
     # Shards list keys alphabetically; order them as a person reads a model: block 2 before 10.
     return sorted(entries, key=lambda e: _natural_key(e.name))
+
+
