@@ -29,6 +29,16 @@ FAMILIES = {
                      num_attention_heads=4, max_position_embeddings=70)),
 }
 
+# Families whose blocks normalise each sub-block's output before the residual add (Gemma 2 and 3): served, but
+# without HeteroLoRA's shortcut connections, which add into those sums (so not in FAMILIES).
+NORMED_BLOCK_FAMILIES = {
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(COMMON_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=5)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(COMMON_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                    layer_types=["sliding_attention", "full_attention"])),
+}
+
 # The roles each family's blocks must expose.
 EXPECTED_ROLES = {
     "llama": {"q", "k", "v", "o", "gate", "up", "down"},
@@ -44,7 +54,7 @@ EXPECTED_ROLES = {
 
 
 def build(family: str, seed: int = 0, **overrides):
-    config_class, model_class, kwargs = FAMILIES[family]
+    config_class, model_class, kwargs = {**FAMILIES, **NORMED_BLOCK_FAMILIES}[family]
     torch.manual_seed(seed)
     return model_class(config_class(**{**kwargs, **overrides})).eval()
 

@@ -1,8 +1,9 @@
 """One forward step over a ragged batch: paged KV cache, per-sequence adapters, last-token logits.
 
-The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma,
-Phi-3): its own modules (embeddings, norms, projections - fused ones included -, the per-head
-query/key norms, MLP activation, rotary embedding and its own rotary function) are reused;
+The base model is a `transformers` decoder of the Llama family (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3,
+Phi-3): its own modules (embeddings, norms - sub-block output norms included -, projections - fused ones
+too -, the per-head query/key norms, MLP activation, rotary embeddings and its own rotary function) are
+reused (what differs between the families: `family`);
 attention is replaced by paged attention over the KV pool, and every adapted projection adds
 the adapters' deltas for the tokens that asked for them, through the routing kernels (block-level
 parts, shortcut connections and shared routers: `block_adapters`).
@@ -10,7 +11,6 @@ parts, shortcut connections and shared routers: `block_adapters`).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,38 +30,15 @@ from .block_adapters import (
     route_block,
     step_shortcuts,
 )
+from .family import RotaryEmbeddings, attention_windows, check_servable, rotary_function, softcapped_attention
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
-# Families whose every layer attends within `config.sliding_window` when it is set (others say so per layer,
-# in `config.layer_types`).
-EVERY_LAYER_SLIDING = ("mistral", "phi3")
-# Rotary embeddings whose frequencies `transformers` picks by the longest position in the call (LongRoPE: the
-# long factors past original_max_position_embeddings, re-encoding the whole cache when a sequence crosses it).
-# Served as vLLM serves them: fixed by max_model_len (long factors iff it exceeds the original context), so a
-# request's output does not depend on its neighbours in the batch nor on how long it has grown.
-FIXED_BY_MAX_MODEL_LEN_ROPE = ("longrope",)
-
-
-def attention_windows(config) -> list[int | None]:
-    """Each layer's sliding window (None: full attention), as the model's own attention modules read it."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        return [window if config.model_type in EVERY_LAYER_SLIDING else None] * config.num_hidden_layers
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ValueError(f"layer types {sorted(unknown)} (config.layer_types) are not served: only full and sliding "
-                         "window attention")
-    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 class PagedModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_model_len: int):
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {config.model_type!r} is not served; supported: {SUPPORTED_MODEL_TYPES}")
+        check_servable(config)
         self.model = model.eval()
         self.config = config
         self.decoder = model.model
@@ -70,18 +47,14 @@ class PagedModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.windows = attention_windows(config)
-        # the model's own rotary function (Phi-3's rotates the first `partial_rotary_factor` of each head)
-        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.apply_rotary = rotary_function(self.layers[0].self_attn)
+        self.attention_softcap = getattr(config, "attn_logit_softcapping", None)  # Gemma 2
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
         weight = self.decoder.embed_tokens.weight
         shape = (len(self.layers), num_blocks * block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        self.rope_table = None  # (cos, sin) [1, max_model_len, rotary dim] where fixed by max_model_len
-        if rope.get("rope_type", rope.get("type")) in FIXED_BY_MAX_MODEL_LEN_ROPE:
-            positions = torch.arange(max_model_len, device=weight.device)[None]
-            with torch.no_grad():
-                self.rope_table = self.decoder.rotary_emb(weight[:1], positions)
+        self.rotary = RotaryEmbeddings(self.decoder, config, max_model_len, weight)
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.stacks = AdapterStacks()  # adapters' weights per module, each adapter at a fixed offset
         self._step_layouts: dict[tuple, BucketLayout] = {}  # this step's routing layouts, by bucket
@@ -212,7 +185,7 @@ class PagedModelRunner:
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
             # Older transformers scale Gemma's embeddings in the model; newer ones in the embedding.
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
-        cos, sin = self._rotary(hidden, step)
+        rotations = self.rotary.step(hidden, step.positions)
         adapters = step.adapter_rows
         self._step_layouts = {}
         uids = tuple(adapter.uid for adapter, _ in adapters)
@@ -228,7 +201,7 @@ class PagedModelRunner:
             hidden = layer.input_layernorm(hidden)
             attention = layer.self_attn
             q, k, v = self._qkv(attention, hidden, adapters)
-            q, k = self.apply_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+            q, k = self.apply_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *rotations[index])
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             self.k_cache[index].index_copy_(0, step.new_slots, k)
             self.v_cache[index].index_copy_(0, step.new_slots, v)
@@ -237,24 +210,24 @@ class PagedModelRunner:
             attention_sum = self._project(attention.o_proj, attended, adapters)
             if shortcuts:
                 add_shortcuts(attention_sum, shortcuts, index, residual1=block_input, shortcut2=ffn_input)
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2 and 3 normalise each sub-block's output
+            if sandwich:
+                attention_sum = layer.post_attention_layernorm(attention_sum)
             hidden = residual + attention_sum
             residual = ffn_input = hidden
-            hidden = layer.post_attention_layernorm(hidden)
+            hidden = (layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)(hidden)
             ffn_sum = self._mlp(layer.mlp, hidden, adapters)
             if shortcuts:
                 add_shortcuts(ffn_sum, shortcuts, index, residual2=ffn_input, shortcut1=block_input)
+            if sandwich:
+                ffn_sum = layer.post_feedforward_layernorm(ffn_sum)
             hidden = residual + ffn_sum
         logits = self._logits(self.decoder.norm(hidden[step.last_rows]), [e.adapter for e in entries])
-        every = {i: self._with_heads(self.model.lm_head, self.decoder.norm(hidden[e.start:e.start + e.count]),
-                                     [(e.adapter, 0, e.count)]).float()
+        every = {i: self._capped(self._with_heads(self.model.lm_head,
+                                                  self.decoder.norm(hidden[e.start:e.start + e.count]),
+                                                  [(e.adapter, 0, e.count)]).float())
                  for i, e in enumerate(entries) if e.all_logits}
         return logits, every
-
-    def _rotary(self, hidden: torch.Tensor, step: DeviceStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary embedding's (cos, sin) [1, tokens, rotary dim] at the step's positions."""
-        if self.rope_table is None:
-            return self.decoder.rotary_emb(hidden[None], step.positions[None])
-        return tuple(table[:, step.positions] for table in self.rope_table)
 
     def _qkv(self, attention, hidden: torch.Tensor, adapters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [tokens, heads, head_dim], keys and values [tokens, kv heads, head_dim] before rotation:
@@ -310,22 +283,26 @@ class PagedModelRunner:
     def _logits(self, normed: torch.Tensor, adapters: list[LoadedAdapter | None]) -> torch.Tensor:
         """LM-head logits of `normed`, one row per entry of `adapters`."""
         spans = [(adapter, row, 1) for row, adapter in enumerate(adapters)]
-        return self._with_heads(self.model.lm_head, normed, spans).float()
+        return self._capped(self._with_heads(self.model.lm_head, normed, spans).float())
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final logit soft-capping, cap * tanh(logits / cap), as its LM head applies it."""
+        if self.final_softcap is None:
+            return logits
+        return torch.tanh(logits / self.final_softcap) * self.final_softcap
 
     def _attention(self, layer: int, q: torch.Tensor, step: DeviceStep, scaling: float) -> torch.Tensor:
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
-        gqa = self.num_heads != self.num_kv_heads
         decode = step.decode
         if decode is not None:
             query = q if decode.every_token else q[decode.rows]
-            if q.device.type == "cpu":
+            if q.device.type == "cpu" and self.attention_softcap is None:
                 # Every one-token sequence at once, keys and values read in place in the paged cache.
                 result = ops.paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer], decode.slots,
                                                     decode.lengths, decode.starts, scaling)
             else:  # on a GPU: one padded gather, then one attention call
                 keys, values = self._gather(layer, decode.slots)
-                result = F.scaled_dot_product_attention(query[:, :, None, :], keys, values, attn_mask=decode.mask,
-                                                        scale=scaling, enable_gqa=gqa)[:, :, 0, :]
+                result = self._attend(query[:, :, None, :], keys, values, decode.mask, scaling)[:, :, 0, :]
             result = result.reshape(result.shape[0], -1)
             if decode.every_token:
                 return result
@@ -334,10 +311,17 @@ class PagedModelRunner:
             # Sequences with several new tokens (prompt chunks): one padded attention call per group.
             keys, values = self._gather(layer, group.slots)
             query = q[group.query_rows.reshape(-1)].view(*group.query_rows.shape, self.num_heads, -1).transpose(1, 2)
-            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scaling,
-                                                    enable_gqa=gqa)
+            result = self._attend(query, keys, values, group.mask, scaling)
             out[group.kept_rows] = result.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)[group.kept]
         return out
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        """query [B, heads, Q, D] over keys and values [B, kv heads, W, D] where mask [B, 1, Q, W] allows."""
+        if self.attention_softcap is not None:
+            return softcapped_attention(query, keys, values, mask, scaling, self.attention_softcap)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
 
     def _gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, kv heads, W, head_dim] of the cache slots [B, W]."""

@@ -13,7 +13,7 @@ from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
 from alphalora.allocation import Plan
 from alphalora.serving.engine import Engine, EngineConfig, SamplingParams
-from alphalora.serving.engine.model_runner import attention_windows
+from alphalora.serving.engine.family import attention_windows
 from tests.conftest import requires_cuda
 from tests.tiny_models import build, save_tiny, with_random_adapter
 
@@ -196,17 +196,52 @@ def test_long_context_rope_is_fixed_by_max_model_len_as_vllm_fixes_it(max_model_
         assert seq.output_ids == out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("family,overrides", [
+    # soft-capped attention and final logits (small caps here, so that they change the tokens), sliding and full
+    # layers alternating, each sub-block's output normalised before the residual add
+    ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # per-head q/k norms, local and global rotary frequencies per layer type
+    ("gemma3", {}),
+])
+def test_gemma_2_and_3_match_generate(family, overrides, tmp_path):
+    def model():
+        return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
+
+    adapter = _adapter(tmp_path / "moe", family, (2, 3), base=model())
+    engine = Engine(model(), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
+    names = [None, "moe", None, "moe"]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, ignore_eos=True), names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        reference = model()
+        if name:
+            load_adapter(reference, adapter)
+        out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                        pad_token_id=0)
+        assert seq.output_ids == out[0, len(prompt):].tolist(), name
+
+
 def test_attention_of_other_kinds_is_refused():
     config = transformers.Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match=r"chunked_attention.*not served"):
         attention_windows(config)
 
 
-def test_prompt_logprobs_equal_the_models_full_forward():
-    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_num_batched_tokens=8, block_size=4))
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}),
+    # the logprobs of soft-capped final logits (greedy tokens alone cannot tell: the cap keeps the order)
+    ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+])
+def test_prompt_logprobs_equal_the_models_full_forward(family, overrides):
+    def model():
+        return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
+
+    engine = Engine(model(), tokenizer=None, config=EngineConfig(max_num_batched_tokens=8, block_size=4))
     prompt = torch.randint(1, 128, (21,), generator=torch.Generator().manual_seed(2)).tolist()
     (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True))
-    logits = _base("llama")(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    logits = model().eval()(torch.tensor([prompt])).logits[0].log_softmax(-1)
     expected = [None] + [float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
     assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
     for i, ((got, top), want) in enumerate(zip(seq.prompt_logprobs[1:], expected[1:], strict=True)):
