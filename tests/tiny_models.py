@@ -39,6 +39,17 @@ NORMED_BLOCK_FAMILIES = {
                     layer_types=["sliding_attention", "full_attention"])),
 }
 
+# Mixture-of-experts decoders (4 experts, 2 a token): served with adapters on their attention and dense MLPs.
+_MOE = dict(COMMON_DECODER, num_experts_per_tok=2)
+MOE_FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(_MOE, num_local_experts=4)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(_MOE, num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=24)),
+    # layer 0 a dense MLP (mlp_only_layers), layer 1 a mixture
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(_MOE, head_dim=8, num_experts=4, moe_intermediate_size=24, mlp_only_layers=[0])),
+}
+
 # The roles each family's blocks must expose.
 EXPECTED_ROLES = {
     "llama": {"q", "k", "v", "o", "gate", "up", "down"},
@@ -54,7 +65,7 @@ EXPECTED_ROLES = {
 
 
 def build(family: str, seed: int = 0, **overrides):
-    config_class, model_class, kwargs = {**FAMILIES, **NORMED_BLOCK_FAMILIES}[family]
+    config_class, model_class, kwargs = {**FAMILIES, **NORMED_BLOCK_FAMILIES, **MOE_FAMILIES}[family]
     torch.manual_seed(seed)
     return model_class(config_class(**{**kwargs, **overrides})).eval()
 

@@ -88,14 +88,16 @@ class ServedModel:
     heads: dict[str, dict[str, tuple[int, ...]]]
     hidden_size: int = 0  # of the residual stream, which shortcut connections map
     num_layers: int = 0
+    projected: frozenset[str] | None = None  # the linears the engine adds adapters to (None: every one)
 
     @classmethod
-    def of(cls, model: torch.nn.Module, swappable: dict[str, torch.nn.Module]) -> ServedModel:
+    def of(cls, model: torch.nn.Module, swappable: dict[str, torch.nn.Module],
+           projected: frozenset[str] | None = None) -> ServedModel:
         linears = {name: (module.in_features, module.out_features)
                    for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
         heads = {name: {p: tuple(t.shape) for p, t in module.named_parameters()} for name, module in swappable.items()}
         config = model.config
-        return cls(linears, heads, config.hidden_size, config.num_hidden_layers)
+        return cls(linears, heads, config.hidden_size, config.num_hidden_layers, projected)
 
     def check(self, adapter: LoadedAdapter) -> None:
         """AdapterError naming the first module of `adapter` that this base model cannot take."""
@@ -104,6 +106,10 @@ class ServedModel:
             if name not in self.linears:
                 raise AdapterError(f"{where} adapts {name!r}, which this base model does not have as a linear "
                                    "layer: it was trained for another model; serve it with its own base model")
+            if self.projected is not None and name not in self.projected:
+                raise AdapterError(f"{where} adapts {name!r}, a linear layer the engine runs without adapters: it adds "
+                                   "them to each block's attention and MLP projections only (not to the LM head, nor "
+                                   "inside a mixture-of-experts block); train the adapter on those")
             fan_in, fan_out = self.linears[name]
             reads = {module.A.shape[-1]} | (set() if module.router is None else {module.router.shape[-1]})
             if reads != {fan_in} or module.B.shape[1] != fan_out:

@@ -104,7 +104,7 @@ class Engine:
                                    self.max_model_len, max_adapters=cfg.max_loras)
         self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size, self.max_model_len)
         weight_dtype = next(self.model.parameters()).dtype
-        fits = ServedModel.of(self.model, self.runner.swappable_heads())
+        fits = ServedModel.of(self.model, self.runner.swappable_heads(), self.runner.projected_modules())
         self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device, fits)
         for name, path in cfg.adapters.items():
             self.adapters.register(name, path)

@@ -2,8 +2,9 @@
 
 The runner's step is the Llama block; the families differ in where a layer attends (sliding windows,
 per layer or for all), how positions rotate (one rotary embedding, one per layer type as in Gemma 3, or
-LongRoPE's length-dependent factors), whether attention logits are soft-capped (Gemma 2) and whether each
-sub-block's output is normalised before the residual add (Gemma 2 and 3).
+LongRoPE's length-dependent factors), whether attention logits are soft-capped (Gemma 2), whether each
+sub-block's output is normalised before the residual add (Gemma 2 and 3) and whether a block's MLP is a
+mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE: run as the model's own module, without adapters).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import sys
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                         "mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose every layer attends within `config.sliding_window` when it is set (others say so per layer,
 # in `config.layer_types`).
-EVERY_LAYER_SLIDING = ("mistral", "phi3")
+EVERY_LAYER_SLIDING = ("mistral", "phi3", "mixtral")
 # Rotary embeddings whose frequencies `transformers` picks by the longest position in the call (LongRoPE: the
 # long factors past original_max_position_embeddings, re-encoding the whole cache when a sequence crosses it).
 # Served as vLLM serves them: fixed by max_model_len (long factors iff it exceeds the original context), so a

@@ -245,8 +245,25 @@ class PagedModelRunner:
             q, k = attention.q_norm(q), attention.k_norm(k)
         return q, k, v
 
+    def projected_modules(self) -> frozenset[str]:
+        """The names of the linears `_project` runs, the only ones adapters are added to: each block's attention
+        projections and its dense MLP's (a mixture-of-experts block runs as the model's own module)."""
+        modules = []
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            fused = hasattr(attention, "qkv_proj")
+            modules += [attention.qkv_proj] if fused else [attention.q_proj, attention.k_proj, attention.v_proj]
+            modules.append(attention.o_proj)
+            if not _is_mixture(mlp):
+                modules += [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+                modules.append(mlp.down_proj)
+        return frozenset(self.module_names[id(module)] for module in modules)
+
     def _mlp(self, mlp, hidden: torch.Tensor, adapters) -> torch.Tensor:
-        """The gated MLP: gate and up projections, or one fused gate_up projection (Phi-3, gate first)."""
+        """The gated MLP: gate and up projections, or one fused gate_up projection (Phi-3, gate first). A
+        mixture-of-experts block (Mixtral, Qwen-MoE) is the model's own module, without adapters."""
+        if _is_mixture(mlp):
+            return mlp(hidden[None])[0]
         if hasattr(mlp, "gate_up_proj"):
             gate, up = self._project(mlp.gate_up_proj, hidden, adapters).chunk(2, dim=-1)
             activation = mlp.activation_fn
@@ -329,6 +346,11 @@ class PagedModelRunner:
         flat = slots.reshape(-1)
         return tuple(cache[layer].index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
                      for cache in (self.k_cache, self.v_cache))
+
+
+def _is_mixture(mlp: torch.nn.Module) -> bool:
+    """Whether a block's MLP is a mixture of experts (its experts are one module, routed by its own gate)."""
+    return isinstance(getattr(mlp, "experts", None), torch.nn.Module)
 
 
 @dataclass

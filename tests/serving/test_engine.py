@@ -223,6 +223,34 @@ def test_gemma_2_and_3_match_generate(family, overrides, tmp_path):
         assert seq.output_ids == out[0, len(prompt):].tolist(), name
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
+    """The base model's own experts run as its module; the adapters sit on attention (and on Qwen3-MoE's dense
+    layer 0 MLP, whose gate/up/down are the only ones `inject_adapters` finds as linears)."""
+    targets = ("q", "k", "v", "o", "gate", "up", "down") if family == "qwen3_moe" else ("q", "k", "v", "o")
+    adapter = _adapter(tmp_path / "moe", family, (2, 3), targets=targets)
+    engine = Engine(_base(family), tokenizer=None, config=EngineConfig(
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
+    names = [None, "moe", None, "moe"]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, ignore_eos=True), names)
+    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
+        assert seq.output_ids == _hf_greedy(family, prompt, 6, adapter=adapter if name else None), name
+
+
+@pytest.mark.parametrize("family,targets,needle", [
+    ("llama", ["q_proj", "lm_head"], "lm_head"),  # PEFT can put LoRA on the LM head
+    ("qwen2_moe", ["q_proj", "shared_expert.gate_proj"], "shared_expert"),  # inside a mixture-of-experts block
+])
+def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_path, family, targets, needle):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    peft.get_peft_model(_base(family), config).save_pretrained(tmp_path / "peft")
+    engine = Engine(_base(family), tokenizer=None, config=EngineConfig(max_num_seqs=2, block_size=4))
+    with pytest.raises(AdapterError, match=rf"{needle}.*runs without adapters"):
+        engine.adapters.register("peft", str(tmp_path / "peft"), load_now=True)
+
+
 def test_attention_of_other_kinds_is_refused():
     config = transformers.Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match=r"chunked_attention.*not served"):
