@@ -254,6 +254,9 @@ class PagedModelRunner:
             fused = hasattr(attention, "qkv_proj")
             modules += [attention.qkv_proj] if fused else [attention.q_proj, attention.k_proj, attention.v_proj]
             modules.append(attention.o_proj)
+            if _is_mixture(mlp) and hasattr(mlp, "shared_expert"):
+                mlp, gate = mlp.shared_expert, mlp.shared_expert_gate
+                modules.append(gate)
             if not _is_mixture(mlp):
                 modules += [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
                 modules.append(mlp.down_proj)
@@ -261,7 +264,13 @@ class PagedModelRunner:
 
     def _mlp(self, mlp, hidden: torch.Tensor, adapters) -> torch.Tensor:
         """The gated MLP: gate and up projections, or one fused gate_up projection (Phi-3, gate first). A
-        mixture-of-experts block (Mixtral, Qwen-MoE) is the model's own module, without adapters."""
+        mixture-of-experts block's routed experts are the model's own module, without adapters; Qwen2-MoE's
+        shared expert beside them, scaled by its sigmoid gate, is a gated MLP with adapters like any other."""
+        if _is_mixture(mlp) and hasattr(mlp, "shared_expert"):
+            _, weights, chosen = mlp.gate(hidden)
+            shared = self._mlp(mlp.shared_expert, hidden, adapters)
+            gate = torch.sigmoid(self._project(mlp.shared_expert_gate, hidden, adapters))
+            return mlp.experts(hidden, chosen, weights) + gate * shared
         if _is_mixture(mlp):
             return mlp(hidden[None])[0]
         if hasattr(mlp, "gate_up_proj"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from alphalora import allocate, analyze
 from alphalora.adapters.inject import AdapterError
 from alphalora.adapters.io import load_adapter, save_adapter
 from alphalora.adapters.peft_export import export_peft
@@ -225,9 +226,11 @@ def test_gemma_2_and_3_match_generate(family, overrides, tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
-    """The base model's own experts run as its module; the adapters sit on attention (and on Qwen3-MoE's dense
-    layer 0 MLP, whose gate/up/down are the only ones `inject_adapters` finds as linears)."""
-    targets = ("q", "k", "v", "o", "gate", "up", "down") if family == "qwen3_moe" else ("q", "k", "v", "o")
+    """The base model's own experts run as its module; the adapters sit where `allocate` puts them by default: on
+    attention, Qwen2-MoE's shared expert and its gate, and Qwen3-MoE's dense layer-0 MLP."""
+    model = _base(family)
+    targets = allocate(analyze(model), method="uniform", budget=2).target_modules
+    assert set(targets) >= {"q", "k", "v", "o"}
     adapter = _adapter(tmp_path / "moe", family, (2, 3), targets=targets)
     engine = Engine(_base(family), tokenizer=None, config=EngineConfig(
         max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
@@ -239,15 +242,12 @@ def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
         assert seq.output_ids == _hf_greedy(family, prompt, 6, adapter=adapter if name else None), name
 
 
-@pytest.mark.parametrize("family,targets,needle", [
-    ("llama", ["q_proj", "lm_head"], "lm_head"),  # PEFT can put LoRA on the LM head
-    ("qwen2_moe", ["q_proj", "shared_expert.gate_proj"], "shared_expert"),  # inside a mixture-of-experts block
-])
-def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_path, family, targets, needle):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(_base(family), config).save_pretrained(tmp_path / "peft")
-    engine = Engine(_base(family), tokenizer=None, config=EngineConfig(max_num_seqs=2, block_size=4))
-    with pytest.raises(AdapterError, match=rf"{needle}.*runs without adapters"):
+def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_path):
+    # PEFT can put LoRA on the LM head
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft.get_peft_model(_base("llama"), config).save_pretrained(tmp_path / "peft")
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_num_seqs=2, block_size=4))
+    with pytest.raises(AdapterError, match=r"lm_head.*runs without adapters"):
         engine.adapters.register("peft", str(tmp_path / "peft"), load_now=True)
 
 
