@@ -132,33 +132,75 @@ def _tokens(pairs: int, num_tokens: int, device) -> torch.Tensor:
     return torch.arange(pairs, device=device) // max(1, pairs // max(1, num_tokens))
 
 
+# The grouped ops sum in float32 for float32 and the 16-bit types and in float64 for float64, and round
+# each output to the input dtype once, as the kernels do (csrc/routing: the CPU pair loops and GEMMs, the
+# CUDA kernels). The one intermediate rounded to the input dtype is expand_backward's B^T grad_y (`back`
+# below), which the kernels store in the input dtype before they scale it by the gates; the shrink's
+# output h is an op output, so it is rounded before the expand reads it (as in PEFT and Punica).
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_order(order: torch.Tensor, offsets: torch.Tensor, pairs: int, op: str) -> None:
+    """Refuse what moe_permute never makes, as the CPU kernels do (these references read neither tensor).
+    One host synchronisation when all is well."""
+    entries_ok = ((order >= 0) & (order < pairs)).all()
+    offsets_ok = (offsets[0] == 0) & (offsets[-1] == pairs) & (offsets[1:] >= offsets[:-1]).all()
+    if bool(entries_ok & offsets_ok):
+        return
+    if not bool(entries_ok):
+        q = int(((order < 0) | (order >= pairs)).nonzero()[0, 0])
+        raise RuntimeError(f"{op}: order entry {int(order[q])} at position {q} is outside [0, {pairs}) "
+                           "(order must list the pairs, from moe_permute)")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0 or last != pairs:
+        raise RuntimeError(f"{op}: offsets must run from 0 to the number of pairs ({pairs}), got {first} to {last} "
+                           "(from moe_permute)")
+    raise RuntimeError(f"{op}: offsets must not decrease (from moe_permute)")
+
+
 def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
     """h[p] = A[e_p] @ x[t_p]."""
+    _check_order(order, offsets, expert_ids.numel(), "grouped_lora_shrink")
+    acc = _acc(x)
     tokens = _tokens(expert_ids.numel(), x.shape[0], x.device)
-    return torch.bmm(A[expert_ids], x[tokens].unsqueeze(2)).squeeze(2)
+    return torch.bmm(A[expert_ids].to(acc), x[tokens].to(acc).unsqueeze(2)).squeeze(2).to(x.dtype)
 
 
 def grouped_lora_expand(h, B, gates, expert_ids, order, offsets, num_tokens) -> torch.Tensor:
     """y[t] = sum over the token's pairs of gates[p] * B[e_p] @ h[p]."""
+    _check_order(order, offsets, expert_ids.numel(), "grouped_lora_expand")
+    acc = _acc(h)
     tokens = _tokens(expert_ids.numel(), num_tokens, h.device)
-    contributions = torch.bmm(B[expert_ids], h.unsqueeze(2)).squeeze(2) * gates.unsqueeze(1)
-    return torch.zeros(num_tokens, B.shape[1], dtype=h.dtype, device=h.device).index_add_(0, tokens, contributions)
+    contributions = torch.bmm(B[expert_ids].to(acc), h.to(acc).unsqueeze(2)).squeeze(2) * gates.to(acc).unsqueeze(1)
+    y = torch.zeros(num_tokens, B.shape[1], dtype=acc, device=h.device).index_add_(0, tokens, contributions)
+    return y.to(h.dtype)
 
 
 def grouped_lora_shrink_backward(grad_h, x, A, expert_ids, order, offsets):
+    _check_order(order, offsets, expert_ids.numel(), "grouped_lora_shrink_backward")
+    acc = _acc(x)
     tokens = _tokens(expert_ids.numel(), x.shape[0], x.device)
-    grad_x = torch.zeros_like(x).index_add_(
-        0, tokens, torch.bmm(A[expert_ids].transpose(1, 2), grad_h.unsqueeze(2)).squeeze(2))
-    grad_A = torch.zeros_like(A).index_add_(0, expert_ids, grad_h.unsqueeze(2) * x[tokens].unsqueeze(1))
-    return grad_x, grad_A
+    gh = grad_h.to(acc)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(
+        0, tokens, torch.bmm(A[expert_ids].to(acc).transpose(1, 2), gh.unsqueeze(2)).squeeze(2))
+    grad_A = torch.zeros(A.shape, dtype=acc, device=A.device).index_add_(
+        0, expert_ids, gh.unsqueeze(2) * x[tokens].to(acc).unsqueeze(1))
+    return grad_x.to(x.dtype), grad_A.to(A.dtype)
 
 
 def grouped_lora_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets):
+    _check_order(order, offsets, expert_ids.numel(), "grouped_lora_expand_backward")
+    acc = _acc(h)
     tokens = _tokens(expert_ids.numel(), grad_y.shape[0], grad_y.device)
-    gy = grad_y[tokens]
-    back = torch.bmm(B[expert_ids].transpose(1, 2), gy.unsqueeze(2)).squeeze(2)
-    grad_B = torch.zeros_like(B).index_add_(0, expert_ids, (gy * gates.unsqueeze(1)).unsqueeze(2) * h.unsqueeze(1))
-    return back * gates.unsqueeze(1), grad_B, (back * h).sum(1)
+    gy = grad_y[tokens].to(acc)
+    g = gates.to(acc).unsqueeze(1)
+    back = torch.bmm(B[expert_ids].to(acc).transpose(1, 2), gy.unsqueeze(2)).squeeze(2).to(h.dtype).to(acc)
+    grad_B = torch.zeros(B.shape, dtype=acc, device=B.device).index_add_(
+        0, expert_ids, (gy * g).unsqueeze(2) * h.to(acc).unsqueeze(1))
+    return (back * g).to(h.dtype), grad_B.to(B.dtype), (back * h.to(acc)).sum(1).to(h.dtype)
 
 
 def stable_top_k(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

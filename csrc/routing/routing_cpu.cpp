@@ -61,6 +61,34 @@ void check_ids_in_range(const at::Tensor& ids, int64_t experts, const char* op) 
   }
 }
 
+// order and offsets as moe_permute makes them, as far as the kernels rely on it: every order entry a pair
+// index in [0, pairs), and offsets rising from 0 to pairs, so that each expert's slice of order lies inside
+// it. (Checked on every path, the pair loops' included, which read neither: a call is refused or not
+// whatever the sizes.) The GPU does not synchronise to check: there a pair no valid entry names comes
+// out NaN, as does an expert's weight gradient whose range is broken or names a pair outside.
+void check_order_in_range(const at::Tensor& order_in, const at::Tensor& offsets_in, int64_t pairs, const char* op) {
+  const at::Tensor order = order_in.contiguous(), offsets = offsets_in.contiguous();
+  const int64_t* entry = order.data_ptr<int64_t>();
+  for (int64_t q = 0; q < order.size(0); ++q) {
+    TORCH_CHECK(entry[q] >= 0 && entry[q] < pairs, op, ": order entry ", entry[q], " at position ", q,
+                " is outside [0, ", pairs, ") (order must list the pairs, from moe_permute)");
+  }
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  const int64_t last = offsets.size(0) - 1;
+  TORCH_CHECK(offset[0] == 0 && offset[last] == pairs, op, ": offsets must run from 0 to the number of pairs (",
+              pairs, "), got ", offset[0], " to ", offset[last], " (from moe_permute)");
+  for (int64_t e = 0; e < last; ++e) {
+    TORCH_CHECK(offset[e] <= offset[e + 1], op, ": offsets must not decrease, got offsets[", e, "] = ", offset[e],
+                " > offsets[", e + 1, "] = ", offset[e + 1], " (from moe_permute)");
+  }
+}
+
+// The dtype the sums run in: float32 for the 16-bit types (each output rounded to them once, as on the
+// GPU), the tensor's own for float32 and float64.
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ? at::kFloat : t.scalar_type();
+}
+
 // h[p, i] = sum_c A[e_p, i, c] x[t_p, c], pairs in parallel, float (double for double) accumulation.
 template <typename T>
 void shrink_pairs(const T* x, const T* A, const int64_t* ids, int64_t pairs, int64_t k, int64_t rank, int64_t in,
@@ -155,6 +183,7 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
   check_shrink(x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   check_ids_in_range(expert_ids.contiguous(), A.size(0), "grouped_lora_shrink");
+  check_order_in_range(order, offsets, expert_ids.size(0), "grouped_lora_shrink");
   const ExpertUse use = expert_use(offsets, expert_ids.size(0));
   if (!use_gemm(expert_ids.size(0), use)) {
     if (in_float32_first(x, expert_ids.size(0), A.size(0))) {
@@ -184,6 +213,7 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
   check_expand(h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), num_tokens);
   check_ids_in_range(expert_ids.contiguous(), B.size(0), "grouped_lora_expand");
+  check_order_in_range(order, offsets, h.size(0), "grouped_lora_expand");
   const ExpertUse use = expert_use(offsets, h.size(0));
   if (!use_gemm(h.size(0), use)) {
     if (in_float32_first(h, h.size(0), B.size(0))) {
@@ -201,13 +231,26 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
     });
     return y;
   }
-  if (k == 1 && use.holds_every_pair >= 0) return at::mm(h * gates.unsqueeze(1), B[use.holds_every_pair].t());
-  at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options());
+  // The gate products, the GEMMs and the sum over a token's pairs in float32 for the 16-bit types (one
+  // expert's B at a time: a serving stack holds many idle experts), rounded once at the end. With one
+  // pair per token there is no sum over pairs: each expert's GEMM is rounded once into its tokens' rows.
+  const at::ScalarType acc = acc_type(h);
+  auto weighted_product = [&](const at::Tensor& hp, const at::Tensor& gp, int64_t e) {
+    return at::mm(hp.to(acc) * gp.to(acc).unsqueeze(1), B[e].to(acc).t());
+  };
+  if (k == 1 && use.holds_every_pair >= 0) {
+    return weighted_product(h, gates, use.holds_every_pair).to(h.scalar_type());
+  }
+  at::Tensor y = at::zeros({num_tokens, B.size(1)}, h.options().dtype(k == 1 ? h.scalar_type() : acc));
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
-    const at::Tensor weighted = h.index_select(0, pairs) * gates.index_select(0, pairs).unsqueeze(1);
-    y.index_add_(0, at::floor_divide(pairs, k), at::mm(weighted, B[e].t()));
+    const at::Tensor product = weighted_product(h.index_select(0, pairs), gates.index_select(0, pairs), e);
+    if (k == 1) {
+      y.index_copy_(0, pairs, product.to(h.scalar_type()));
+    } else {
+      y.index_add_(0, at::floor_divide(pairs, k), product);
+    }
   });
-  return y;
+  return y.to(h.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
@@ -215,15 +258,19 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
     const at::Tensor& order, const at::Tensor& offsets) {
   check_shrink_backward(grad_h, x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
-  at::Tensor grad_x = at::zeros_like(x);
+  check_order_in_range(order, offsets, expert_ids.size(0), "grouped_lora_shrink_backward");
+  // grad_A[e] is one GEMM (rounded once); grad_x sums a token's k pairs, in float32 for the 16-bit types
+  // (with one pair per token, each of its rows is one GEMM's, rounded once).
+  const at::ScalarType acc = k == 1 ? x.scalar_type() : acc_type(x);
+  at::Tensor grad_x = at::zeros(x.sizes(), x.options().dtype(acc));
   at::Tensor grad_A = at::zeros_like(A);
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor tokens = at::floor_divide(pairs, k);
     const at::Tensor g = grad_h.index_select(0, pairs);  // (n_e, r)
-    grad_A[e].add_(at::mm(g.t(), x.index_select(0, tokens)));
-    grad_x.index_add_(0, tokens, at::mm(g, A[e]));
+    grad_A[e].copy_(at::mm(g.t(), x.index_select(0, tokens)));
+    grad_x.index_add_(0, tokens, at::mm(g.to(acc), A[e].to(acc)));
   });
-  return {grad_x, grad_A};
+  return {grad_x.to(x.scalar_type()), grad_A};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cpu(
@@ -231,17 +278,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cpu(
     const at::Tensor& expert_ids, const at::Tensor& order, const at::Tensor& offsets) {
   check_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), grad_y.size(0));
+  check_order_in_range(order, offsets, h.size(0), "grouped_lora_expand_backward");
+  // As on the GPU: back = B_e^T grad_y is rounded to h's dtype once; the gate and h products and grad_B's
+  // sum run in float32 for the 16-bit types, each rounded once.
+  const at::ScalarType acc = acc_type(h);
   at::Tensor grad_h = at::zeros_like(h);
   at::Tensor grad_B = at::zeros_like(B);
   at::Tensor grad_gates = at::zeros_like(gates);
   for_each_expert(order, offsets, [&](int64_t e, const at::Tensor& pairs) {
     const at::Tensor gy = grad_y.index_select(0, at::floor_divide(pairs, k));  // (n_e, out)
-    const at::Tensor hp = h.index_select(0, pairs);                             // (n_e, r)
-    const at::Tensor gp = gates.index_select(0, pairs).unsqueeze(1);
-    const at::Tensor back = at::mm(gy, B[e]);                                  // (n_e, r) = B_e^T grad_y
-    grad_h.index_copy_(0, pairs, back * gp);
-    grad_gates.index_copy_(0, pairs, (back * hp).sum(1));
-    grad_B[e].add_(at::mm(gy.t(), hp * gp));
+    const at::Tensor hp = h.index_select(0, pairs).to(acc);                    // (n_e, r)
+    const at::Tensor gp = gates.index_select(0, pairs).to(acc).unsqueeze(1);
+    const at::Tensor back = at::mm(gy, B[e]).to(acc);                          // (n_e, r) = B_e^T grad_y
+    grad_h.index_copy_(0, pairs, (back * gp).to(h.scalar_type()));
+    grad_gates.index_copy_(0, pairs, (back * hp).sum(1).to(h.scalar_type()));
+    grad_B[e].copy_(at::mm(gy.t().to(acc), hp * gp));
   });
   return {grad_h, grad_B, grad_gates};
 }

@@ -91,6 +91,9 @@ __global__ void gathered_dot_kernel(const T* __restrict__ W, int64_t w_se, int64
   const int lane = threadIdx.x % 32;
   if (warp >= pairs * out_cols) return;
   const int64_t p = order[warp / out_cols];  // neighbouring warps share an expert's weights
+  // An entry moe_permute never makes names no pair: nothing to read or write (the launcher filled every
+  // row with NaN first, so a pair that no valid entry names comes out NaN; no host sync to say so).
+  if (p < 0 || p >= pairs) return;
   const int64_t i = warp % out_cols;
   const int64_t e = ids[p];
   if (e < 0 || e >= num_experts) {  // an id moe_permute would refuse: no weights to read (no host sync to say so)
@@ -135,16 +138,26 @@ template <typename T>
 __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, int64_t u_div,
                                      const T* __restrict__ V, int64_t v_cols, int64_t v_div,
                                      const T* __restrict__ weights, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ offsets, int64_t cell_blocks,
+                                     const int64_t* __restrict__ offsets, int64_t pairs, int64_t cell_blocks,
                                      T* __restrict__ G) {
   // A flat grid of experts x cell blocks (gridDim.y would cap the experts at 65535).
   const int64_t e = blockIdx.x / cell_blocks;
   const int64_t cell = (blockIdx.x % cell_blocks) * blockDim.x + threadIdx.x;
   if (cell >= u_cols * v_cols) return;
   const int64_t a = cell / v_cols, b = cell % v_cols;
+  const int64_t begin = offsets[e], end = offsets[e + 1];
+  // A range or an order entry moe_permute never makes: read nothing more, the expert's gradient is NaN.
+  if (begin < 0 || begin > end || end > pairs) {
+    G[e * u_cols * v_cols + cell] = from_acc<T>(acc_t<T>(NAN));
+    return;
+  }
   acc_t<T> acc = 0;
-  for (int64_t q = offsets[e]; q < offsets[e + 1]; ++q) {
+  for (int64_t q = begin; q < end; ++q) {
     const int64_t p = order[q];
+    if (p < 0 || p >= pairs) {
+      acc = acc_t<T>(NAN);
+      break;
+    }
     const acc_t<T> w = weights ? to_acc(weights[p]) : acc_t<T>(1);
     acc += w * to_acc(U[(p / u_div) * u_cols + a]) * to_acc(V[(p / v_div) * v_cols + b]);
   }
@@ -169,6 +182,9 @@ cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t 
                                 int64_t rows_div, const int64_t* expert_ids, const int64_t* order, int64_t pairs,
                                 int64_t out_cols, int64_t inner, int64_t num_experts, T* out, cudaStream_t stream) {
   if (pairs == 0 || out_cols == 0) return cudaSuccess;
+  // All bits set is NaN in each of the four types: the rows of pairs that no valid order entry names.
+  const cudaError_t filled = cudaMemsetAsync(out, 0xFF, sizeof(T) * pairs * out_cols, stream);
+  if (filled != cudaSuccess) return filled;
   gathered_dot_kernel<T><<<blocks_for(pairs * out_cols * 32), kThreads, 0, stream>>>(
       W, w_se, w_si, w_sc, X, x_cols, rows_div, expert_ids, order, pairs, out_cols, inner, num_experts, out);
   return cudaGetLastError();
@@ -188,11 +204,11 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
 template <typename T>
 cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, const T* V, int64_t v_cols,
                                  int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
-                                 int64_t num_experts, T* G, cudaStream_t stream) {
+                                 int64_t num_experts, int64_t pairs, T* G, cudaStream_t stream) {
   if (num_experts == 0 || u_cols * v_cols == 0) return cudaSuccess;
   const int64_t cell_blocks = blocks_for(u_cols * v_cols);
   grouped_outer_kernel<T><<<static_cast<unsigned>(num_experts * cell_blocks), kThreads, 0, stream>>>(
-      U, u_cols, u_div, V, v_cols, v_div, weights, order, offsets, cell_blocks, G);
+      U, u_cols, u_div, V, v_cols, v_div, weights, order, offsets, pairs, cell_blocks, G);
   return cudaGetLastError();
 }
 
@@ -204,7 +220,7 @@ cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, cons
                                               const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, T*,   \
                                               cudaStream_t);                                                      \
   template cudaError_t launch_grouped_outer<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, \
-                                               const int64_t*, const int64_t*, int64_t, T*, cudaStream_t);
+                                               const int64_t*, const int64_t*, int64_t, int64_t, T*, cudaStream_t);
 
 ALPHALORA_INSTANTIATE(double)
 ALPHALORA_INSTANTIATE(float)

@@ -14,7 +14,9 @@ cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num
 
 // out[p, i] = sum_c W[e_p, i, c] * X[row(p), c], row(p) = p / rows_div (tokens: k; pairs: 1).
 // W is addressed as W + e * w_se + i * w_si + c * w_sc. Accumulates in float (double for double).
-// A pair whose id is outside [0, num_experts) reads no weights: its row is NaN.
+// Pairs are visited in `order`. A pair whose id is outside [0, num_experts) reads no weights: its row is
+// NaN. An order entry outside [0, pairs) is skipped, and a pair no entry names keeps the NaN that every
+// row of `out` is filled with first (no host sync to check order).
 template <typename T>
 cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t w_sc, const T* X,
                                 int64_t x_cols, int64_t rows_div, const int64_t* expert_ids,
@@ -30,10 +32,11 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
                                 cudaStream_t stream);
 
 // G[e, a, b] = sum over expert e's pairs p of w[p] * U[urow(p), a] * V[vrow(p), b] (w may be null).
-// urow(p) = p / u_div, vrow(p) = p / v_div.
+// urow(p) = p / u_div, vrow(p) = p / v_div. Expert e's pairs are order[offsets[e]:offsets[e + 1]]; a range
+// outside [0, pairs) or decreasing, or an entry outside [0, pairs), reads no further: G[e] is NaN.
 template <typename T>
 cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, const T* V, int64_t v_cols,
                                  int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
-                                 int64_t num_experts, T* G, cudaStream_t stream);
+                                 int64_t num_experts, int64_t pairs, T* G, cudaStream_t stream);
 
 }  // namespace alphalora::routing::cuda

@@ -1,5 +1,6 @@
 """Edge cases found by differential fuzzing of the kernels against their references: no tokens, float64
-in the pair loops, ids out of range, NaN logits, constant spectral tails, spectra without a logarithm."""
+in the pair loops, ids, order entries and offsets out of range, NaN logits, constant spectral tails, spectra
+without a logarithm."""
 
 from __future__ import annotations
 
@@ -76,6 +77,109 @@ def test_cuda_shrink_and_expand_give_nan_for_ids_out_of_range_instead_of_reading
     y = ops.grouped_lora_expand(h.nan_to_num(), B, gates, ids, order, offsets, 2)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
 
+
+def _grouped_calls(library, x, A, B, gates, ids, order, offsets):
+    """Each grouped op once with the given order and offsets (inputs otherwise consistent)."""
+    tokens, pairs = x.shape[0], ids.numel()
+    h = torch.ones(pairs, A.shape[1], dtype=x.dtype, device=x.device)
+    grad_y = torch.ones(tokens, B.shape[1], dtype=x.dtype, device=x.device)
+    return {
+        "shrink": lambda: library.grouped_lora_shrink(x, A, ids, order, offsets),
+        "expand": lambda: library.grouped_lora_expand(h, B, gates, ids, order, offsets, tokens),
+        "shrink_backward": lambda: library.grouped_lora_shrink_backward(h, x, A, ids, order, offsets),
+        "expand_backward": lambda: library.grouped_lora_expand_backward(grad_y, h, B, gates, ids, order, offsets),
+    }
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "reference"])
+@pytest.mark.parametrize("tokens, experts", [(2, 3), (300, 2)])  # the CPU's pair loops (which read no order); GEMMs
+@pytest.mark.parametrize("bad", ["-1", "pairs", "2**40"])
+def test_grouped_ops_refuse_order_entries_out_of_range(implementation, tokens, experts, bad):
+    """order is moe_permute's, but the ops take it from anyone: on the CPU an entry outside [0, pairs) made
+    the per-expert GEMMs fail inside index_select (an IndexError naming no argument), and the pair loops,
+    which read no order, passed it silently. Every path refuses it now, the references alike."""
+    x, A, B, gates, ids = _routing(tokens, 2, experts)
+    order, offsets = ops.moe_permute(ids, experts)
+    order[order.numel() // 2] = {"-1": -1, "pairs": ids.numel(), "2**40": 1 << 40}[bad]
+    library = torch.ops.alphalora if implementation == "kernel" else reference
+    for name, call in _grouped_calls(library, x, A, B, gates, ids, order, offsets).items():
+        with pytest.raises(RuntimeError, match="order entry .* is outside"):
+            call()
+            pytest.fail(f"{name} took the order entry")
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "reference"])
+@pytest.mark.parametrize("broken", [[1, 2, 3, 4], [0, 2, 3, 5], [-1, 2, 3, 4], [0, 3, 2, 4]])
+def test_grouped_ops_refuse_offsets_moe_permute_never_makes(implementation, broken):
+    """offsets must rise from 0 to the number of pairs: the CPU sliced order with whatever it got (a negative
+    start counts from the end), so a broken range gave wrong sums with no error."""
+    x, A, B, gates, _ = _routing(2, 2, 3)
+    ids = torch.tensor([0, 1, 2, 2])
+    order, _ = ops.moe_permute(ids, 3)
+    library = torch.ops.alphalora if implementation == "kernel" else reference
+    for name, call in _grouped_calls(library, x, A, B, gates, ids, order, torch.tensor(broken)).items():
+        with pytest.raises(RuntimeError, match="offsets must"):
+            call()
+            pytest.fail(f"{name} took offsets {broken}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("bad", [-1, 4, 1 << 40])
+def test_cuda_grouped_ops_give_nan_for_order_entries_out_of_range_instead_of_reading_outside(bad):
+    """A GPU does not sync to check order: an entry outside [0, pairs) is read nowhere, the pair it should
+    have named comes out NaN (its h row; its grad_h and grad_gates), as does the weight gradient of the
+    expert whose range holds it; everything else has its value, and the expand, which reads no order, is exact."""
+    x, A, B, gates, _ = _routing(2, 2, 3, device="cuda")
+    ids = torch.tensor([0, 1, 2, 2], device="cuda")
+    order, offsets = ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
+    broken = order.clone()
+    broken[2] = bad  # pair 2 (expert 2's first) is named by no entry
+    fine = [0, 1, 3]
+    h = ops.grouped_lora_shrink(x, A, ids, broken, offsets)
+    want_h = reference.grouped_lora_shrink(x, A, ids, order, offsets)
+    assert torch.isnan(h[2]).all()
+    torch.testing.assert_close(h[fine], want_h[fine])
+    y = ops.grouped_lora_expand(want_h, B, gates, ids, broken, offsets, 2)
+    torch.testing.assert_close(y, reference.grouped_lora_expand(want_h, B, gates, ids, order, offsets, 2))
+    grad_h = torch.randn_like(want_h)
+    grad_x, grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(grad_h, x, A, ids, broken, offsets)
+    want_x, want_A = reference.grouped_lora_shrink_backward(grad_h, x, A, ids, order, offsets)
+    torch.testing.assert_close(grad_x, want_x)
+    assert torch.isnan(grad_A[2]).all()
+    torch.testing.assert_close(grad_A[:2], want_A[:2])
+    grad_y = torch.randn(2, 5, dtype=x.dtype, device="cuda")
+    got = torch.ops.alphalora.grouped_lora_expand_backward(grad_y, want_h, B, gates, ids, broken, offsets)
+    want = reference.grouped_lora_expand_backward(grad_y, want_h, B, gates, ids, order, offsets)
+    assert torch.isnan(got[0][2]).all() and torch.isnan(got[2][2]) and torch.isnan(got[1][2]).all()
+    torch.testing.assert_close(got[0][fine], want[0][fine])
+    torch.testing.assert_close(got[2][fine], want[2][fine])
+    torch.testing.assert_close(got[1][:2], want[1][:2])
+    torch.cuda.synchronize()  # an out-of-bounds access would surface here as an error
+
+
+@requires_cuda
+@pytest.mark.parametrize("broken", [[-5, 1, 2, 4], [0, 1, 9, 4], [0, 1, 0, 4]])
+def test_cuda_weight_gradients_are_nan_for_offsets_moe_permute_never_makes(broken):
+    """The weight gradients walk each expert's range of order: a range outside [0, pairs) or decreasing is
+    read nowhere and that expert's gradient is NaN; an expert whose range is untouched keeps its value."""
+    x, A, B, gates, _ = _routing(2, 2, 3, device="cuda")
+    ids = torch.tensor([0, 1, 2, 2], device="cuda")
+    order, offsets = ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
+    bad_offsets = torch.tensor(broken, device="cuda")
+    spoilt = [e for e in range(3) if not 0 <= broken[e] <= broken[e + 1] <= 4]
+    kept = [e for e in range(3) if broken[e:e + 2] == offsets.tolist()[e:e + 2]]
+    assert spoilt and kept
+    h = reference.grouped_lora_shrink(x, A, ids, order, offsets)
+    grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(torch.ones_like(h), x, A, ids, order, bad_offsets)[1]
+    grad_B = torch.ops.alphalora.grouped_lora_expand_backward(torch.ones(2, 5, dtype=x.dtype, device="cuda"), h, B,
+                                                              gates, ids, order, bad_offsets)[1]
+    want_A = reference.grouped_lora_shrink_backward(torch.ones_like(h), x, A, ids, order, offsets)[1]
+    want_B = reference.grouped_lora_expand_backward(torch.ones(2, 5, dtype=x.dtype, device="cuda"), h, B, gates, ids,
+                                                    order, offsets)[1]
+    for got, want in ((grad_A, want_A), (grad_B, want_B)):
+        assert torch.isnan(got[spoilt]).all()
+        torch.testing.assert_close(got[kept], want[kept])
+    torch.cuda.synchronize()
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
