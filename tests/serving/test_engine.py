@@ -151,7 +151,12 @@ def _targets(family):
     ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     # Phi-3's partial rotary embedding: Phi-4-mini's rotates 0.75 of each head
     ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
-], ids=["mistral window", "phi3 window", "qwen2 windowed layers", "phi3 partial rotary"])
+    # soft-capped attention and final logits (small caps here, so that they change the tokens), sliding and full
+    # layers alternating, each sub-block's output normalised before the residual add
+    ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # per-head q/k norms, local and global rotary frequencies per layer type
+    ("gemma3", {}),
+], ids=["mistral window", "phi3 window", "qwen2 windowed layers", "phi3 partial rotary", "gemma2", "gemma3"])
 def test_attention_windows_and_rotary_variants_match_generate(family, overrides, tmp_path):
     """Decode steps of several sequences (the batched paged attention) and prompt chunks keep only each
     layer's window; rotary variants rotate what the model's own attention rotates."""
@@ -159,18 +164,25 @@ def test_attention_windows_and_rotary_variants_match_generate(family, overrides,
         return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
 
     adapter = _adapter(tmp_path / "moe", family, (2, 3), base=model(), **_targets(family))
+    _assert_mixed_batch_matches_generate(model, adapter, max_tokens=8)
+
+
+def _assert_mixed_batch_matches_generate(model, adapter, max_tokens):
+    """Four prompts, two with `adapter`, in prompt chunks of 16 tokens and batched decode steps, against
+    `generate` on `model()` one request at a time."""
     engine = Engine(model(), tokenizer=None, config=EngineConfig(
         max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
     torch.manual_seed(5)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
     names = [None, "moe", None, "moe"]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, ignore_eos=True), names)
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    seqs = engine.generate(prompts, params, names)
     for prompt, name, seq in zip(prompts, names, seqs, strict=True):
         reference = model()
         if name:
             load_adapter(reference, adapter)
-        out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                        pad_token_id=0)
+        out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                        do_sample=False, pad_token_id=0)
         assert seq.output_ids == out[0, len(prompt):].tolist(), name
 
 
@@ -197,33 +209,6 @@ def test_long_context_rope_is_fixed_by_max_model_len_as_vllm_fixes_it(max_model_
         assert seq.output_ids == out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family,overrides", [
-    # soft-capped attention and final logits (small caps here, so that they change the tokens), sliding and full
-    # layers alternating, each sub-block's output normalised before the residual add
-    ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
-    # per-head q/k norms, local and global rotary frequencies per layer type
-    ("gemma3", {}),
-])
-def test_gemma_2_and_3_match_generate(family, overrides, tmp_path):
-    def model():
-        return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
-
-    adapter = _adapter(tmp_path / "moe", family, (2, 3), base=model())
-    engine = Engine(model(), tokenizer=None, config=EngineConfig(
-        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
-    torch.manual_seed(5)
-    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
-    names = [None, "moe", None, "moe"]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, ignore_eos=True), names)
-    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
-        reference = model()
-        if name:
-            load_adapter(reference, adapter)
-        out = reference.eval().generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                        pad_token_id=0)
-        assert seq.output_ids == out[0, len(prompt):].tolist(), name
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
     """The base model's own experts run as its module; the adapters sit where `allocate` puts them by default: on
@@ -232,14 +217,7 @@ def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
     targets = allocate(analyze(model), method="uniform", budget=2).target_modules
     assert set(targets) >= {"q", "k", "v", "o"}
     adapter = _adapter(tmp_path / "moe", family, (2, 3), targets=targets)
-    engine = Engine(_base(family), tokenizer=None, config=EngineConfig(
-        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
-    torch.manual_seed(5)
-    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
-    names = [None, "moe", None, "moe"]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0, ignore_eos=True), names)
-    for prompt, name, seq in zip(prompts, names, seqs, strict=True):
-        assert seq.output_ids == _hf_greedy(family, prompt, 6, adapter=adapter if name else None), name
+    _assert_mixed_batch_matches_generate(lambda: _base(family), adapter, max_tokens=6)
 
 
 def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_path):
