@@ -270,6 +270,7 @@ def _build(model: nn.Module, plan: Plan, candidates: dict[str, tuple[int, nn.Mod
            chosen: dict[str, tuple[int, nn.Module]], heads: list[nn.Module]) -> AdapterState:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    existing = set(model.modules())  # (the modules themselves: their ids could be reused by new ones)
     shared = plan.router.type == "shared"
     state = AdapterState(plan=plan, module_names=sorted(chosen, key=lambda n: (chosen[n][0], n)))
     by_block: dict[int, list[MoELoRALinear]] = defaultdict(list)
@@ -305,6 +306,11 @@ def _build(model: nn.Module, plan: Plan, candidates: dict[str, tuple[int, nn.Mod
         else:
             for module in modules:
                 module.balance = stats
+    # New modules start in training mode (nn.Module's default): each takes the mode of the model it joins, so an
+    # adapter built or loaded into a model in eval mode runs without dropout (as PEFT's from_pretrained does).
+    for module in model.modules():
+        if module not in existing:
+            module.training = model.training
     setattr(model, ADAPTER_ATTRIBUTE, state)
     model.register_forward_pre_hook(_reset_routing_statistics)
     return state

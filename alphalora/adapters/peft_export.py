@@ -15,7 +15,7 @@ from .io import _load_weights, read_adapter_config
 from .peft_format import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME
 
 
-def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def export_peft(adapter_dir: str | Path, out_dir: str | Path, for_peft: bool = True) -> Path:
     """Writes a PEFT LoRA folder computing exactly what the adapter computes.
 
     Each module's scale (lora_alpha / its rank) is folded into lora_B and the exported
@@ -44,6 +44,8 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     names = [name for name in config["module_names"] if name not in switched_off]
     if not names:
         raise AdapterError(f"{folder}: every adapted module is switched off (disabled_modules); nothing to export")
+    if for_peft:  # vLLM (`serve --engine vllm`) reads the folder with its own loader, not PEFT's
+        _refuse_peft_moe_retargeting(folder, config, names)
     weights: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name in names:
@@ -89,3 +91,30 @@ def _task_type(config: dict, heads: list[str]) -> str | None:
     if any(h.rpartition(".")[2] in CLASSIFIER_HEADS for h in heads):
         return "SEQ_CLS"
     return "CAUSAL_LM" if config.get("can_generate", True) else None
+
+
+def _peft_moe_leaves(model_type: str | None) -> set[str]:
+    """The module leaves PEFT (on transformers 5) re-targets onto the fused experts of a `model_type` model when it
+    loads a LoRA config (peft.utils.transformers_weight_conversion: `mixtral` w1/w2/w3/gate; Qwen3-MoE, OLMoE,
+    DeepSeek-V2/3, GLM-4-MoE, ... gate_proj/up_proj/down_proj/gate); empty where PEFT does not, or is not installed."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except Exception:  # noqa: BLE001 - no PEFT, or a PEFT without the conversion: nothing is re-targeted
+        return set()
+    return set(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+
+
+def _refuse_peft_moe_retargeting(folder: Path, config: dict, names: list[str]) -> None:
+    """PEFT maps every target named like a v4 expert projection (any `...down_proj` of a Qwen3-MoE, the dense MLP
+    of its `mlp_only_layers` and DeepSeek's shared experts included) onto the fused 3-D expert parameters, so such
+    an export would fail to load or put the LoRA on the experts: refused, naming the modules."""
+    model_type = (config.get("base_config") or {}).get("model_type")
+    leaves = _peft_moe_leaves(model_type)
+    clashing = [name for name in names if name.rpartition(".")[2] in leaves]
+    if clashing:
+        raise AdapterError(
+            f"{folder} adapts {clashing[:3]}{' ...' if len(clashing) > 3 else ''} of a {model_type} model, which PEFT "
+            f"on transformers 5 re-targets onto the fused experts' parameters ({sorted(leaves)}), so PEFT could not "
+            "load the export as trained; serve it with the native engine (`alphalora serve`), or allocate without "
+            "those modules (e.g. --target-modules q,k,v,o)"
+        )

@@ -92,9 +92,14 @@ def block_layout(block: nn.Module) -> BlockLayout:
         return BlockLayout(block.attn.resid_dropout, block.mlp.dropout, block.ln_2)
     if has("attention", "output", "dropout") and has("output", "dropout") and has("intermediate"):
         return BlockLayout(block.attention.output.dropout, block.output.dropout, block.intermediate)
+    why = ""
+    if any(has(norm) for norm in other_norms):
+        why = " (it normalises its sub-blocks' outputs, so there is no residual sum to add a shortcut to)"
+    elif has("mlp", "experts") or has("block_sparse_moe"):
+        why = " (its MLP is a mixture of experts, whose output has no down projection to add a shortcut to)"
     raise ShortcutError(
-        f"shortcut connections support Llama/Mistral/Qwen2/Gemma, GPT-2 and BERT/RoBERTa blocks, not "
-        f"{type(block).__name__}; allocate without --shortcuts for this model"
+        f"shortcut connections support Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3, GPT-2 and BERT/RoBERTa blocks, not "
+        f"{type(block).__name__}{why}; allocate without --shortcuts for this model"
     )
 
 

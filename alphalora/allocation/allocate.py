@@ -113,7 +113,8 @@ def _report_roles(report: SpectralReport) -> list[str]:
     only where some matrix outside the experts has it: q, k, v, o for Mixtral; also gate, up, down for a
     Qwen2-MoE or DeepSeek shared expert, or a dense MLP block beside the mixture ones."""
     found = {m.role for m in report.matrices
-             if m.layer is not None and m.role != "router" and expert_index(m.name) is None}
+             if m.layer is not None and m.role != "router" and expert_index(m.name) is None
+             and min(m.shape) > 1}  # a scalar gate (Qwen2-MoE's shared_expert_gate, 1 x hidden) is no projection
     if not found:
         raise AllocationError(f"the blocks of {report.model} hold only a mixture of experts' routers and experts, "
                               "which adapters cannot wrap; name the modules to adapt (--target-modules, "

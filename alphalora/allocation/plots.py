@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alphalora._io import atomic_path
+from alphalora.spectral.plots import integer_ticks
 
 from .plan import Plan
 
@@ -37,6 +38,7 @@ def plot_allocation(plan: Plan, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * plan.num_layers + 3), 4))
     ax.bar(layers, plan.experts_per_layer, color="C0", alpha=0.7, label="experts")
     ax.set_xlabel("layer")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("LoRA experts")
     title = f"{plan.method} allocation: {plan.total_experts} experts"
     if plan.method == "mola":

@@ -13,6 +13,13 @@ from alphalora._io import atomic_path
 from .report import SpectralReport
 
 
+def integer_ticks(axis) -> None:
+    """Ticks at whole numbers only (layers: 0, 1 for two of them, not steps of 0.2)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _pyplot():
     import matplotlib
 
@@ -45,6 +52,7 @@ def plot_layer_alphas(report: SpectralReport, path: str | Path) -> Path:
     ax.axhline(2.0, color="C3", linestyle=":", linewidth=1, label="alpha = 2 (over-trained below)")
     ax.axhline(6.0, color="C2", linestyle=":", linewidth=1, label="alpha = 6 (under-trained above)")
     ax.set_xlabel("layer")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("power-law alpha")
     ax.set_title(f"{_short_model_name(report.model)}: {report.estimator} alpha per layer")
     ax.legend(fontsize=8)

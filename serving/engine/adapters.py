@@ -89,6 +89,7 @@ class ServedModel:
     hidden_size: int = 0  # of the residual stream, which shortcut connections map
     num_layers: int = 0
     projected: frozenset[str] | None = None  # the linears the engine adds adapters to (None: every one)
+    model_type: str | None = None  # the base model's family: our adapters name the one they were trained on
 
     @classmethod
     def of(cls, model: torch.nn.Module, swappable: dict[str, torch.nn.Module],
@@ -97,10 +98,11 @@ class ServedModel:
                    for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
         heads = {name: {p: tuple(t.shape) for p, t in module.named_parameters()} for name, module in swappable.items()}
         config = model.config
-        return cls(linears, heads, config.hidden_size, config.num_hidden_layers, projected)
+        return cls(linears, heads, config.hidden_size, config.num_hidden_layers, projected, config.model_type)
 
-    def check(self, adapter: LoadedAdapter) -> None:
-        """AdapterError naming the first module of `adapter` that this base model cannot take."""
+    def check(self, adapter: LoadedAdapter, trained_on: dict | None = None) -> None:
+        """AdapterError naming the first module of `adapter` that this base model cannot take, or else (with
+        `trained_on`, our adapter's config) the other model family it was trained on."""
         where = f"adapter {adapter.name!r} ({adapter.path})"
         for name, module in adapter.modules.items():
             if name not in self.linears:
@@ -138,6 +140,13 @@ class ServedModel:
             if got != expected:
                 raise AdapterError(f"{where}: its {name!r} has parameters {got} but the base model's are {expected}; "
                                    "adapters that resize the vocabulary are not served")
+        # Same shapes, another family (a Gemma 2 adapter on a Gemma 3 of the same sizes): its modules would fit and
+        # compute nonsense. (Other config values may differ, as a longer context does: served as they are.)
+        trained_type = ((trained_on or {}).get("base_config") or {}).get("model_type")
+        if trained_type is not None and self.model_type is not None and trained_type != self.model_type:
+            raise AdapterError(f"{where} was trained on a {trained_type!r} model ({trained_on['base_model']!r}), "
+                               f"not a {self.model_type!r} one like this base model; serve it with the base model "
+                               "it was trained with")
 
 
 @dataclass
@@ -148,6 +157,7 @@ class _AdapterParts:
     heads: dict[str, dict[str, torch.Tensor]]
     shortcuts: dict[tuple[int, str], ModuleAdapter] = field(default_factory=dict)
     layer_routers: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    config: dict | None = None  # our adapter's config (PEFT's carry none that names the base architecture)
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str, folder: Path) -> torch.Tensor:
@@ -190,7 +200,7 @@ def _load_own(folder: Path) -> _AdapterParts:
     layer_routers = _load_layer_routers(folder, plan, tensors) if plan.get("router", {}).get("type") == "shared" else {}
     for name, module in modules.items():
         module.shared_router = block_index(name) in layer_routers
-    return _AdapterParts(modules, heads, _load_shortcuts(folder, plan, tensors, switched_off), layer_routers)
+    return _AdapterParts(modules, heads, _load_shortcuts(folder, plan, tensors, switched_off), layer_routers, config)
 
 
 def _load_layer_routers(folder: Path, plan: dict,
@@ -270,7 +280,7 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
     modules, heads, shortcuts = parts.modules, parts.heads, parts.shortcuts
     adapter = LoadedAdapter(name, folder, modules, heads, shortcuts, parts.layer_routers)
     if fits is not None:
-        fits.check(adapter)  # before any copy to the device
+        fits.check(adapter, parts.config)  # before any copy to the device
     adapter.layer_routers = {layer: (router.to(device, dtype), top_k)
                              for layer, (router, top_k) in parts.layer_routers.items()}
     for module in [*modules.values(), *shortcuts.values()]:

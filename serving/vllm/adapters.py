@@ -140,7 +140,7 @@ def prepare(model_dir: str | Path, adapters: dict[str, str], reads_patterns: boo
             if plan.get("modules_to_save"):
                 raise AdapterError(f"adapter {name!r} trains {plan['modules_to_save']} as well (modules_to_save), "
                                    f"which vLLM cannot serve; {NATIVE}")
-            loras[name] = _cached("peft", [folder], lambda out, f=folder: export_peft(f, out))
+            loras[name] = _cached("peft", [folder], lambda out, f=folder: export_peft(f, out, for_peft=False))
         elif (folder / PEFT_CONFIG_NAME).exists():
             config = check_peft(folder, name)
             patterned = bool(config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"))

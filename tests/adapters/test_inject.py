@@ -193,3 +193,25 @@ def test_a_tied_head_in_modules_to_save_is_refused():
     untied = build("llama")
     inject_adapters(untied, dataclasses.replace(_plan(), modules_to_save=["lm_head"]))
     assert untied.lm_head.weight.requires_grad and not untied.model.embed_tokens.weight.requires_grad
+
+
+@pytest.mark.parametrize("fields", [
+    dict(method="uniform", experts_per_layer=[2, 3], top_k_per_layer=[2, 2]),
+    dict(method="uniform", experts_per_layer=[2, 3], top_k_per_layer=[2, 2], router=RouterSettings(type="shared")),
+    dict(method="hetero", experts_per_layer=[1, 1], top_k_per_layer=[1, 1], shortcuts={"layer0.residual1": 2}),
+], ids=["per-module routers", "shared router", "shortcuts"])
+def test_an_adapter_takes_the_mode_of_the_model_it_joins(tmp_path, fields):
+    """New modules start in training mode; built or loaded into a model in eval mode (as PEFT's from_pretrained
+    leaves it), an adapter with dropout must not drop anything: two forwards agree."""
+    from alphalora.adapters.io import load_adapter, save_adapter
+
+    plan = Plan(base_model="tiny", rank=4, lora_dropout=0.5, **fields)
+    trained = build("llama")
+    inject_adapters(trained.train(), plan)
+    assert all(module.training for module in trained.modules())
+    save_adapter(trained, tmp_path / "adapter")
+    model = build("llama").eval()
+    load_adapter(model, tmp_path / "adapter")
+    assert not any(module.training for module in model.modules())
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -131,3 +131,23 @@ def test_a_checkpoint_whose_shortcuts_are_all_switched_off_exports(tmp_path):
     save_adapter(ours, tmp_path / "one_on")
     with pytest.raises(AdapterError, match=r"shortcut connections \(1 switched on\)"):
         export_peft(tmp_path / "one_on", tmp_path / "peft2")
+
+
+def test_modules_peft_would_move_onto_fused_experts_are_refused_and_attention_exports(tmp_path):
+    """PEFT on transformers 5 maps every `gate_proj`/`up_proj`/`down_proj` target of a Qwen3-MoE onto the fused
+    expert parameters, its dense MLP layers' (mlp_only_layers) included: such an export could not load as
+    trained, so it is refused by name; attention alone exports and loads with our logits."""
+    def adapted(targets):
+        plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                    target_modules=targets, rank=4, lora_alpha=8.0, lora_dropout=0.0)
+        return with_random_adapter(build("qwen3_moe"), plan, seed=4, std=0.2)
+
+    save_adapter(adapted(["q", "k", "v", "o", "gate", "up", "down"]), tmp_path / "dense_mlp")
+    with pytest.raises(AdapterError, match=r"layers\.0\.mlp\.down_proj.*re-targets onto the fused experts"):
+        export_peft(tmp_path / "dense_mlp", tmp_path / "peft_dense")
+    ours = adapted(["q", "k", "v", "o"])
+    save_adapter(ours, tmp_path / "attention")
+    export_peft(tmp_path / "attention", tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(build("qwen3_moe"), tmp_path / "peft").eval()
+    ids = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

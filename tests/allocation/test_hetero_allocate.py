@@ -36,6 +36,16 @@ def data(tmp_path_factory):
     return path
 
 
+def test_a_scalar_gate_is_no_candidate(data, tmp_path):
+    """Qwen2-MoE's shared_expert_gate is an nn.Linear hidden -> 1 (a scalar gate on the shared expert): no rank
+    fits it, so it is not a candidate role (it used to stop the search with "rank 8 is larger than ... allows")."""
+    folder = save_tiny("qwen2_moe", tmp_path / "qwen2_moe", **OVERRIDES)
+    plan = alphalora.allocate(method="hetero", model_dir=folder, data=data, proxy="grad-norm", budget=3000,
+                              ranks=[4, 8], proxy_batches=2, proxy_batch_size=4, progress=False)
+    assert not any("shared_expert_gate" in name for name in plan.target_modules)
+    assert any(name.endswith("shared_expert.gate_proj") for name in plan.target_modules)  # its projections are
+
+
 def _cost(plan: Plan, model) -> int:
     candidates = []
     for name, rank in hetero_ranks(plan).items():

@@ -32,16 +32,17 @@ FAMILIES = {
                   dict(num_experts=4, moe_intermediate_size=40)),
 }
 ATTENTION = ["q", "k", "v", "o"]
-# Qwen2-MoE's shared expert is a plain MLP of nn.Linear (and its scalar gate, `shared_expert_gate`, one too).
+# Qwen2-MoE's shared expert is a plain MLP of nn.Linear; its scalar gate (`shared_expert_gate`, hidden -> 1) is an
+# nn.Linear too, but no projection a rank fits: left out.
 EXPECTED_TARGETS = {
     "mixtral": ATTENTION,
-    "qwen2_moe": [*ATTENTION, "gate", "up", "down", "shared_expert_gate"],
+    "qwen2_moe": [*ATTENTION, "gate", "up", "down"],
     "qwen3_moe": ATTENTION,
 }
 EXPECTED_LEAVES = {
     "mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},
     "qwen2_moe": {"q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
-                  "shared_expert.down_proj", "shared_expert_gate"},
+                  "shared_expert.down_proj"},
     "qwen3_moe": {"q_proj", "k_proj", "v_proj", "o_proj"},
 }
 

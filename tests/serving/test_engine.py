@@ -212,7 +212,7 @@ def test_long_context_rope_is_fixed_by_max_model_len_as_vllm_fixes_it(max_model_
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
     """The base model's own experts run as its module; the adapters sit where `allocate` puts them by default: on
-    attention, Qwen2-MoE's shared expert and its gate, and Qwen3-MoE's dense layer-0 MLP."""
+    attention, Qwen2-MoE's shared expert, and Qwen3-MoE's dense layer-0 MLP."""
     model = _base(family)
     targets = allocate(analyze(model), method="uniform", budget=2).target_modules
     assert set(targets) >= {"q", "k", "v", "o"}
@@ -227,6 +227,16 @@ def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(max_num_seqs=2, block_size=4))
     with pytest.raises(AdapterError, match=r"lm_head.*runs without adapters"):
         engine.adapters.register("peft", str(tmp_path / "peft"), load_now=True)
+
+
+def test_an_adapter_of_another_family_is_refused_though_its_shapes_fit(tmp_path):
+    """Gemma 2 and Gemma 3 models of one size have the same linears: a Gemma 2 adapter would load onto the Gemma 3
+    and compute nonsense (load_adapter refuses it by the base model's fingerprint; vLLM's bake too)."""
+    folder = _adapter(tmp_path / "gemma2", "gemma2", (2, 2))
+    engine = Engine(_base("gemma3"), tokenizer=None, config=EngineConfig(max_num_seqs=2, block_size=4))
+    with pytest.raises(AdapterError, match=r"trained on a 'gemma2' model .*not a 'gemma3_text' one"):
+        engine.adapters.register("other", str(folder), load_now=True)
+    engine.adapters.register("own", str(_adapter(tmp_path / "gemma3", "gemma3", (2, 2))), load_now=True)
 
 
 def test_attention_of_other_kinds_is_refused():
