@@ -112,15 +112,30 @@ def _report_roles(report: SpectralReport) -> list[str]:
     names `...experts.<e>.<proj>`, slices of fused 3-D parameters) are no nn.Linear to wrap, so a role is kept
     only where some matrix outside the experts has it: q, k, v, o for Mixtral; also gate, up, down for a
     Qwen2-MoE or DeepSeek shared expert, or a dense MLP block beside the mixture ones."""
-    found = {m.role for m in report.matrices
-             if m.layer is not None and m.role != "router" and expert_index(m.name) is None
-             and min(m.shape) > 1}  # a scalar gate (Qwen2-MoE's shared_expert_gate, 1 x hidden) is no projection
+    found = _wrappable_roles(report)
     if not found:
         raise AllocationError(f"the blocks of {report.model} hold only a mixture of experts' routers and experts, "
                               "which adapters cannot wrap; name the modules to adapt (--target-modules, "
                               "target_modules=[...])")
     ordered = [role for role in ROLE_ORDER if role in found]
     return ordered + sorted(found - set(ordered))
+
+
+def _wrappable_roles(report: SpectralReport) -> set[str]:
+    return {m.role for m in report.matrices
+            if m.layer is not None and m.role != "router" and expert_index(m.name) is None
+            and min(m.shape) > 1}  # a scalar gate (Qwen2-MoE's shared_expert_gate, 1 x hidden) is no projection
+
+
+def _check_targets(report: SpectralReport, targets: Sequence[str]) -> None:
+    """AllocationError for a target role the report's blocks have only on a mixture of experts' router or fused
+    experts, which `train` would find nothing to wrap for."""
+    unwrappable = {m.role for m in report.matrices if m.layer is not None} - _wrappable_roles(report)
+    named = [target for target in targets if target in unwrappable]
+    if named:
+        raise AllocationError(f"target modules {named} are, in {report.model}, only a mixture of experts' router or "
+                              "fused experts (or a scalar gate), which adapters cannot wrap; leave them out (the "
+                              f"default targets are {_report_roles(report)})")
 
 
 @takes_numpy_scalars
@@ -218,6 +233,8 @@ def allocate(
         source.update(report_model=loaded.model, estimator=loaded.estimator)
     if target_modules is None:
         target_modules = _report_roles(loaded) if loaded is not None else DEFAULT_TARGET_MODULES
+    elif loaded is not None:
+        _check_targets(loaded, target_modules)
     return Plan(
         method=method,
         base_model=base_model or (loaded.model if loaded is not None else ""),

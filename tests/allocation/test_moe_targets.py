@@ -121,3 +121,16 @@ def test_a_report_of_routers_and_experts_alone_asks_for_the_targets(analysed):
         alphalora.allocate(SpectralReport.from_dict(data), budget=4)
     plan = alphalora.allocate(SpectralReport.from_dict(data), budget=4, target_modules=["q"])
     assert plan.target_modules == ["q"]
+
+
+def test_a_target_that_names_only_experts_or_the_router_is_refused_at_allocation(analysed):
+    """Not later, by `train`'s "match nothing": Mixtral's gate, up, down and router are its fused experts' and
+    router's alone; Qwen2-MoE's gate is also its shared expert's, a linear adapters wrap."""
+    family, report = analysed
+    if family == "qwen2_moe":
+        assert alphalora.allocate(report, budget=4, target_modules=["q", "gate"]).target_modules == ["q", "gate"]
+    else:
+        for extra in ("gate", "router"):
+            with pytest.raises(AllocationError, match=rf"\['{extra}'\] are, in .* only a mixture of experts'"):
+                alphalora.allocate(report, budget=4, target_modules=["q", extra])
+    assert alphalora.allocate(report, budget=4, target_modules=["q", "k"]).target_modules == ["q", "k"]
