@@ -110,8 +110,8 @@ class ServedModel:
                                    "layer: it was trained for another model; serve it with its own base model")
             if self.projected is not None and name not in self.projected:
                 raise AdapterError(f"{where} adapts {name!r}, a linear layer the engine runs without adapters: it adds "
-                                   "them to each block's attention and MLP projections only (not to the LM head, nor "
-                                   "inside a mixture-of-experts block); train the adapter on those")
+                                   "them to each block's attention and MLP projections only (a shared expert's too, not "
+                                   "the LM head nor a mixture's routed experts); train the adapter on those")
             fan_in, fan_out = self.linears[name]
             reads = {module.A.shape[-1]} | (set() if module.router is None else {module.router.shape[-1]})
             if reads != {fan_in} or module.B.shape[1] != fan_out:
