@@ -109,9 +109,9 @@ class ServedModel:
                 raise AdapterError(f"{where} adapts {name!r}, which this base model does not have as a linear "
                                    "layer: it was trained for another model; serve it with its own base model")
             if self.projected is not None and name not in self.projected:
-                raise AdapterError(f"{where} adapts {name!r}, a linear layer the engine runs without adapters: it adds "
-                                   "them to each block's attention and MLP projections only (a shared expert's too, not "
-                                   "the LM head nor a mixture's routed experts); train the adapter on those")
+                raise AdapterError(f"{where} adapts {name!r}, a linear layer the engine runs without adapters: it "
+                                   "adds them to each block's attention and MLP projections only (a shared expert's "
+                                   "too, not the LM head nor a mixture's routed experts); train the adapter on those")
             fan_in, fan_out = self.linears[name]
             reads = {module.A.shape[-1]} | (set() if module.router is None else {module.router.shape[-1]})
             if reads != {fan_in} or module.B.shape[1] != fan_out:
