@@ -234,12 +234,11 @@ class PagedModelRunner:
         from q/k/v projections or one fused qkv projection (Phi-3), through per-head norms where the model
         has them (Qwen3's q_norm and k_norm)."""
         sizes = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
-        if hasattr(attention, "qkv_proj"):
-            fused = self._project(attention.qkv_proj, hidden, adapters)
-            q, k, v = fused.split([heads * self.head_dim for heads in sizes], dim=-1)
+        projected = [self._project(projection, hidden, adapters) for projection in _qkv_projections(attention)]
+        if len(projected) == 1:  # fused
+            q, k, v = projected[0].split([heads * self.head_dim for heads in sizes], dim=-1)
         else:
-            q, k, v = (self._project(projection, hidden, adapters)
-                       for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+            q, k, v = projected
         q, k, v = (states.view(-1, heads, self.head_dim) for states, heads in zip((q, k, v), sizes, strict=True))
         if hasattr(attention, "q_norm"):
             q, k = attention.q_norm(q), attention.k_norm(k)
@@ -251,15 +250,12 @@ class PagedModelRunner:
         modules = []
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            fused = hasattr(attention, "qkv_proj")
-            modules += [attention.qkv_proj] if fused else [attention.q_proj, attention.k_proj, attention.v_proj]
-            modules.append(attention.o_proj)
+            modules += [*_qkv_projections(attention), attention.o_proj]
             if _is_mixture(mlp) and hasattr(mlp, "shared_expert"):
                 mlp, gate = mlp.shared_expert, mlp.shared_expert_gate
                 modules.append(gate)
             if not _is_mixture(mlp):
-                modules += [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
-                modules.append(mlp.down_proj)
+                modules += [*_gate_up_projections(mlp), mlp.down_proj]
         return frozenset(self.module_names[id(module)] for module in modules)
 
     def _mlp(self, mlp, hidden: torch.Tensor, adapters) -> torch.Tensor:
@@ -273,12 +269,11 @@ class PagedModelRunner:
             return mlp.experts(hidden, chosen, weights) + gate * shared
         if _is_mixture(mlp):
             return mlp(hidden[None])[0]
-        if hasattr(mlp, "gate_up_proj"):
-            gate, up = self._project(mlp.gate_up_proj, hidden, adapters).chunk(2, dim=-1)
-            activation = mlp.activation_fn
+        projected = [self._project(projection, hidden, adapters) for projection in _gate_up_projections(mlp)]
+        if len(projected) == 1:  # fused
+            (gate, up), activation = projected[0].chunk(2, dim=-1), mlp.activation_fn
         else:
-            gate, up = self._project(mlp.gate_proj, hidden, adapters), self._project(mlp.up_proj, hidden, adapters)
-            activation = mlp.act_fn
+            (gate, up), activation = projected, mlp.act_fn
         return self._project(mlp.down_proj, activation(gate) * up, adapters)
 
     # -- modules an adapter replaces (modules_to_save) --------------------------------------------------
@@ -355,6 +350,18 @@ class PagedModelRunner:
         flat = slots.reshape(-1)
         return tuple(cache[layer].index_select(0, flat).view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
                      for cache in (self.k_cache, self.v_cache))
+
+
+def _qkv_projections(attention: torch.nn.Module) -> list[torch.nn.Module]:
+    """The projections making queries, keys and values: one fused qkv_proj (Phi-3), or q_proj, k_proj, v_proj."""
+    if hasattr(attention, "qkv_proj"):
+        return [attention.qkv_proj]
+    return [attention.q_proj, attention.k_proj, attention.v_proj]
+
+
+def _gate_up_projections(mlp: torch.nn.Module) -> list[torch.nn.Module]:
+    """A gated MLP's input projections: one fused gate_up_proj (Phi-3, gate first), or gate_proj and up_proj."""
+    return [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
 
 
 def _is_mixture(mlp: torch.nn.Module) -> bool:
