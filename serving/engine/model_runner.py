@@ -178,8 +178,7 @@ class PagedModelRunner:
         """Logits [num_sequences, vocab] of each sequence's last new token, and all new tokens'
         logits for entries that asked (by entry index); writes the new KV."""
         device = self.k_cache.device
-        steps = {window: to_device(batch, device, window) for window in dict.fromkeys(self.windows)}
-        step = steps[self.windows[0]]  # (the steps differ only in which keys each query attends)
+        step = to_device(batch, device, self.windows)
         entries = step.entries
         hidden = self._embed(step.input_ids, entries)
         if self.config.model_type == "gemma" and not hasattr(self.decoder.embed_tokens, "embed_scale"):
@@ -205,7 +204,7 @@ class PagedModelRunner:
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             self.k_cache[index].index_copy_(0, step.new_slots, k)
             self.v_cache[index].index_copy_(0, step.new_slots, v)
-            attended = self._attention(index, q, steps[self.windows[index]], attention.scaling)
+            attended = self._attention(index, q, step, self.windows[index], attention.scaling)
             block_input = residual
             attention_sum = self._project(attention.o_proj, attended, adapters)
             if shortcuts:
@@ -312,7 +311,8 @@ class PagedModelRunner:
             return logits
         return torch.tanh(logits / self.final_softcap) * self.final_softcap
 
-    def _attention(self, layer: int, q: torch.Tensor, step: DeviceStep, scaling: float) -> torch.Tensor:
+    def _attention(self, layer: int, q: torch.Tensor, step: DeviceStep, window: int | None,
+                   scaling: float) -> torch.Tensor:
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         decode = step.decode
         if decode is not None:
@@ -320,10 +320,10 @@ class PagedModelRunner:
             if q.device.type == "cpu" and self.attention_softcap is None:
                 # Every one-token sequence at once, keys and values read in place in the paged cache.
                 result = ops.paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer], decode.slots,
-                                                    decode.lengths, decode.starts, scaling)
+                                                    decode.lengths, decode.starts[window], scaling)
             else:  # on a GPU: one padded gather, then one attention call
                 keys, values = self._gather(layer, decode.slots)
-                result = self._attend(query[:, :, None, :], keys, values, decode.mask, scaling)[:, :, 0, :]
+                result = self._attend(query[:, :, None, :], keys, values, decode.mask(window), scaling)[:, :, 0, :]
             result = result.reshape(result.shape[0], -1)
             if decode.every_token:
                 return result
@@ -332,7 +332,7 @@ class PagedModelRunner:
             # Sequences with several new tokens (prompt chunks): one padded attention call per group.
             keys, values = self._gather(layer, group.slots)
             query = q[group.query_rows.reshape(-1)].view(*group.query_rows.shape, self.num_heads, -1).transpose(1, 2)
-            result = self._attend(query, keys, values, group.mask, scaling)
+            result = self._attend(query, keys, values, group.mask(window), scaling)
             out[group.kept_rows] = result.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)[group.kept]
         return out
 

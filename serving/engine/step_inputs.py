@@ -7,12 +7,14 @@ arrays for the whole batch, and `to_device` moves everything the step reads - to
 positions, slots, each entry's last row, the padded slots and queries of the decode sequences and
 of the prompt chunks - in one host-to-device copy, each a view of it. The adapters' rows stay on
 the host: each bucket's routing layout is built from them there and copied once (`routing_layout`).
+A model whose layers attend over different sliding windows (Gemma 2 and 3, Qwen2 with
+`max_window_layers`) gets each window's first attended positions in the same copy.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +70,9 @@ def build_step_batch(token_ids: list[int], firsts: list[int], counts: list[int],
     return StepBatch(np.asarray(token_ids, dtype=np.int64), position[new], context_slots[new], context_slots, entries)
 
 
+Window = int | None  # a layer's sliding window (None: the whole context)
+
+
 @dataclass
 class DecodeBatch:
     """The step's one-token (decode) sequences, attended to together over padded slot rows."""
@@ -76,14 +81,17 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] batch rows of the decode tokens
     slots: torch.Tensor  # [B, max context] KV slots, padded with each row's last slot
     lengths: torch.Tensor  # [B] context lengths (the new token included)
-    starts: torch.Tensor  # [B] first attended position (after a sliding window; else 0)
+    starts: dict[Window, torch.Tensor]  # per window: [B] first attended position (0 without a window)
     every_token: bool  # the batch is all decode tokens, in row order: rows is arange(B)
+    _masks: dict[Window, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
+    def mask(self, window: Window) -> torch.Tensor:
         """[B, 1, 1, max context]: the attended positions, starts[b] <= j < lengths[b] (built once a step)."""
-        positions = torch.arange(self.slots.shape[1], device=self.slots.device)
-        return ((positions >= self.starts[:, None]) & (positions < self.lengths[:, None]))[:, None, None, :]
+        if window not in self._masks:
+            positions = torch.arange(self.slots.shape[1], device=self.slots.device)
+            self._masks[window] = ((positions >= self.starts[window][:, None])
+                                   & (positions < self.lengths[:, None]))[:, None, None, :]
+        return self._masks[window]
 
 
 @dataclass
@@ -94,15 +102,18 @@ class PrefillGroup:
     query_rows: torch.Tensor  # [N, max new] batch rows of each sequence's new tokens (padding: its last)
     slots: torch.Tensor  # [N, max context] KV slots (padding: the sequence's last slot)
     query_positions: torch.Tensor  # [N, max new] positions of the new tokens (padding: 0)
-    first_attended: torch.Tensor  # [N, max new] first position each query sees (a sliding window; else 0)
     kept: torch.Tensor  # indices into the flattened [N * max new] queries that are real tokens
     kept_rows: torch.Tensor  # their batch rows
+    first_attended: dict[Window, torch.Tensor]  # per window: [N, max new] first position each query sees
+    _masks: dict[Window, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
+    def mask(self, window: Window) -> torch.Tensor:
         """[N, 1, max new, max context]: first_attended <= j <= query position (causal, windowed)."""
-        j = torch.arange(self.slots.shape[1], device=self.slots.device)
-        return ((j <= self.query_positions[:, :, None]) & (j >= self.first_attended[:, :, None]))[:, None]
+        if window not in self._masks:
+            j = torch.arange(self.slots.shape[1], device=self.slots.device)
+            self._masks[window] = ((j <= self.query_positions[:, :, None])
+                                   & (j >= self.first_attended[window][:, :, None]))[:, None]
+        return self._masks[window]
 
 
 @dataclass
@@ -121,7 +132,9 @@ class DeviceStep:
     entries: list[SequenceBatchEntry]
 
 
-def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceStep:
+def to_device(batch: StepBatch, device, windows: Sequence[Window] = (None,)) -> DeviceStep:
+    """The step on `device`, with first attended positions for each of the model's `windows`."""
+    windows = list(dict.fromkeys(windows))
     entries = batch.entries
     arrays = {"input_ids": batch.input_ids, "positions": batch.positions, "new_slots": batch.new_slots,
               "context_slots": batch.context_slots,
@@ -133,21 +146,23 @@ def to_device(batch: StepBatch, device, sliding_window: int | None) -> DeviceSte
                 np.arange(entry.start, entry.start + entry.count, dtype=np.int64))
     decoding = [i for i, e in enumerate(entries) if e.count == 1]
     if len(decoding) >= 2:
-        arrays.update(_decode_arrays(batch, decoding, sliding_window))
+        arrays.update(_decode_arrays(batch, decoding, windows))
     else:
         decoding = []
     taken = set(decoding)
     groups = _prefill_groups([e for i, e in enumerate(entries) if i not in taken])
     for g, group in enumerate(groups):
-        arrays.update({f"prefill{g}_{k}": v for k, v in _prefill_arrays(batch, group, sliding_window).items()})
+        arrays.update({f"prefill{g}_{k}": v for k, v in _prefill_arrays(batch, group, windows).items()})
     views = upload(arrays, device)
     decode = None
     if decoding:
-        decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"],
-                             views["decode_lengths"], views["decode_starts"],
+        decode = DecodeBatch(set(decoding), views["decode_rows"], views["decode_slots"], views["decode_lengths"],
+                             {w: views[f"decode_starts_{w}"] for w in windows},
                              every_token=len(decoding) == batch.input_ids.size)
-    fields = ("query_rows", "slots", "query_positions", "first_attended", "kept", "kept_rows")
-    prefills = [PrefillGroup(*(views[f"prefill{g}_{field}"] for field in fields)) for g in range(len(groups))]
+    fields = ("query_rows", "slots", "query_positions", "kept", "kept_rows")
+    prefills = [PrefillGroup(*(views[f"prefill{g}_{name}"] for name in fields),
+                             {w: views[f"prefill{g}_first_attended_{w}"] for w in windows})
+                for g in range(len(groups))]
     adapter_rows = [(adapter, np.concatenate(spans)) for _, (adapter, spans) in sorted(adapters.items())]
     return DeviceStep(views["input_ids"], views["positions"], views["new_slots"], views["context_slots"],
                       views["last_rows"], adapter_rows, decode, prefills, entries)
@@ -169,7 +184,7 @@ def _prefill_groups(entries: list[SequenceBatchEntry]) -> list[list[SequenceBatc
 
 
 def _prefill_arrays(batch: StepBatch, group: list[SequenceBatchEntry],
-                    sliding_window: int | None) -> dict[str, np.ndarray]:
+                    windows: list[Window]) -> dict[str, np.ndarray]:
     counts = np.asarray([e.count for e in group], dtype=np.int64)
     lengths = np.asarray([e.context_len for e in group], dtype=np.int64)
     starts = np.asarray([e.start for e in group], dtype=np.int64)
@@ -178,23 +193,27 @@ def _prefill_arrays(batch: StepBatch, group: list[SequenceBatchEntry],
     query_rows = starts[:, None] + np.minimum(column[None, :], counts[:, None] - 1)
     # Query i of a sequence is its context position length - count + i; padding attends position 0 only.
     query_positions = np.where(real, (lengths - counts)[:, None] + column[None, :], 0)
-    first = np.maximum(0, query_positions - sliding_window + 1) if sliding_window else np.zeros_like(query_positions)
     context_starts = np.asarray([e.context_start for e in group], dtype=np.int64)
     key_column = np.arange(lengths.max(), dtype=np.int64)
     slots = batch.context_slots[context_starts[:, None] + np.minimum(key_column[None, :], lengths[:, None] - 1)]
     kept = np.flatnonzero(real.ravel())
-    return {"query_rows": query_rows, "slots": slots, "query_positions": query_positions,
-            "first_attended": np.where(real, first, 0), "kept": kept, "kept_rows": query_rows.ravel()[kept]}
+    arrays = {"query_rows": query_rows, "slots": slots, "query_positions": query_positions, "kept": kept,
+              "kept_rows": query_rows.ravel()[kept]}
+    for window in windows:
+        first = np.maximum(0, query_positions - window + 1) if window else np.zeros_like(query_positions)
+        arrays[f"first_attended_{window}"] = np.where(real, first, 0)
+    return arrays
 
 
-def _decode_arrays(batch: StepBatch, decoding: list[int], sliding_window: int | None) -> dict[str, np.ndarray]:
+def _decode_arrays(batch: StepBatch, decoding: list[int], windows: list[Window]) -> dict[str, np.ndarray]:
     """Each decode sequence's context slots padded to the longest (with its own last slot: masked)."""
     chosen = [batch.entries[i] for i in decoding]
     lengths = np.asarray([e.context_len for e in chosen], dtype=np.int64)
     starts = np.asarray([e.context_start for e in chosen], dtype=np.int64)
     column = np.arange(lengths.max(), dtype=np.int64)
     slots = batch.context_slots[starts[:, None] + np.minimum(column[None, :], lengths[:, None] - 1)]
-    # The one new token sits at position n - 1; a sliding window keeps the last `window` positions.
-    first = np.maximum(0, lengths - sliding_window) if sliding_window else np.zeros_like(lengths)
-    return {"decode_rows": np.asarray([e.start for e in chosen], dtype=np.int64), "decode_slots": slots,
-            "decode_lengths": lengths, "decode_starts": first}
+    arrays = {"decode_rows": np.asarray([e.start for e in chosen], dtype=np.int64), "decode_slots": slots,
+              "decode_lengths": lengths}
+    for window in windows:  # the one new token sits at position n - 1; a window keeps the last `window` positions
+        arrays[f"decode_starts_{window}"] = np.maximum(0, lengths - window) if window else np.zeros_like(lengths)
+    return arrays

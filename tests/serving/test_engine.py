@@ -157,21 +157,22 @@ def _targets(family):
     # per-head q/k norms, local and global rotary frequencies per layer type
     ("gemma3", {}),
 ], ids=["mistral window", "phi3 window", "qwen2 windowed layers", "phi3 partial rotary", "gemma2", "gemma3"])
-def test_attention_windows_and_rotary_variants_match_generate(family, overrides, tmp_path):
-    """Decode steps of several sequences (the batched paged attention) and prompt chunks keep only each
-    layer's window; rotary variants rotate what the model's own attention rotates."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_attention_windows_and_rotary_variants_match_generate(family, overrides, device, tmp_path):
+    """Decode steps of several sequences (the batched paged attention; on a GPU the padded gather) and prompt
+    chunks keep only each layer's window; rotary variants rotate what the model's own attention rotates."""
     def model():
         return build(family, seed=0, **FAMILY_OVERRIDES, **overrides)
 
     adapter = _adapter(tmp_path / "moe", family, (2, 3), base=model(), **_targets(family))
-    _assert_mixed_batch_matches_generate(model, adapter, max_tokens=8)
+    _assert_mixed_batch_matches_generate(model, adapter, max_tokens=8, device=device)
 
 
-def _assert_mixed_batch_matches_generate(model, adapter, max_tokens):
+def _assert_mixed_batch_matches_generate(model, adapter, max_tokens, device="cpu"):
     """Four prompts, two with `adapter`, in prompt chunks of 16 tokens and batched decode steps, against
-    `generate` on `model()` one request at a time."""
+    `generate` on `model()` (on the CPU) one request at a time."""
     engine = Engine(model(), tokenizer=None, config=EngineConfig(
-        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}))
+        max_num_seqs=4, block_size=4, max_num_batched_tokens=16, adapters={"moe": str(adapter)}, device=device))
     torch.manual_seed(5)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (9, 3, 14, 10)]
     names = [None, "moe", None, "moe"]
@@ -210,14 +211,15 @@ def test_long_context_rope_is_fixed_by_max_model_len_as_vllm_fixes_it(max_model_
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_mixture_of_experts_base_models_match_generate(family, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_mixture_of_experts_base_models_match_generate(family, device, tmp_path):
     """The base model's own experts run as its module; the adapters sit where `allocate` puts them by default: on
     attention, Qwen2-MoE's shared expert, and Qwen3-MoE's dense layer-0 MLP."""
     model = _base(family)
     targets = allocate(analyze(model), method="uniform", budget=2).target_modules
     assert set(targets) >= {"q", "k", "v", "o"}
     adapter = _adapter(tmp_path / "moe", family, (2, 3), targets=targets)
-    _assert_mixed_batch_matches_generate(lambda: _base(family), adapter, max_tokens=6)
+    _assert_mixed_batch_matches_generate(lambda: _base(family), adapter, max_tokens=6, device=device)
 
 
 def test_lora_on_linears_the_engine_does_not_project_is_refused_not_ignored(tmp_path):

@@ -53,7 +53,8 @@ def test_every_token_gets_the_block_managers_slot_and_position(seed):
 @pytest.mark.parametrize("seed,window", [(0, None), (1, None), (2, 5), (3, 7)])
 def test_the_device_step_pads_decode_contexts_and_groups_adapter_rows(seed, window):
     batch, blocks, chunks, _ = _random_step(seed)
-    step = to_device(batch, "cpu", window)
+    windows = [window, None]  # a model mixing windowed and full layers gets both in one copy
+    step = to_device(batch, "cpu", windows)
     decoding = [i for i, c in enumerate(chunks) if c[2] == 1]
     if len(decoding) < 2:
         assert step.decode is None
@@ -65,9 +66,10 @@ def test_the_device_step_pads_decode_contexts_and_groups_adapter_rows(seed, wind
             n = first + 1
             assert decode.rows[b] == entry.start and decode.lengths[b] == n
             assert decode.slots[b, :n].tolist() == [blocks.slot(seq_id, p) for p in range(n)]
-            assert decode.starts[b] == (max(0, n - window) if window else 0)
-            allowed = decode.mask[b, 0, 0].nonzero().flatten().tolist()
-            assert allowed == list(range(int(decode.starts[b]), n))
+            for w in windows:
+                assert decode.starts[w][b] == (max(0, n - w) if w else 0)
+                allowed = decode.mask(w)[b, 0, 0].nonzero().flatten().tolist()
+                assert allowed == list(range(int(decode.starts[w][b]), n))
     rows_by_adapter = {}
     for entry in batch.entries:
         if entry.adapter is not None:
@@ -79,14 +81,15 @@ def test_the_device_step_pads_decode_contexts_and_groups_adapter_rows(seed, wind
 
 def test_an_all_decode_batch_is_attended_in_row_order():
     batch, _, _, _ = _random_step(4, decode_only=True)
-    step = to_device(batch, "cpu", None)
+    step = to_device(batch, "cpu")
     assert step.decode.every_token and step.decode.rows.tolist() == list(range(len(batch.entries)))
 
 
 @pytest.mark.parametrize("seed,window", [(0, None), (1, 6), (5, None), (7, 3)])
 def test_prefill_groups_cover_every_other_token_with_its_causal_window(seed, window):
     batch, blocks, chunks, _ = _random_step(seed)
-    step = to_device(batch, "cpu", window)
+    windows = [None, window]
+    step = to_device(batch, "cpu", windows)
     decoded = step.decode.entry_indices if step.decode is not None else set()
     expected_rows = sorted(row for i, e in enumerate(batch.entries) if i not in decoded
                            for row in range(e.start, e.start + e.count))
@@ -105,6 +108,7 @@ def test_prefill_groups_cover_every_other_token_with_its_causal_window(seed, win
             b, i = divmod(flat, group.query_rows.shape[1])
             assert flat_rows[flat] == row
             seq_id, position, _ = by_row[row]
-            lo = max(0, position - window + 1) if window else 0
-            assert group.mask[b, 0, i].nonzero().flatten().tolist() == list(range(lo, position + 1))
+            for w in windows:
+                lo = max(0, position - w + 1) if w else 0
+                assert group.mask(w)[b, 0, i].nonzero().flatten().tolist() == list(range(lo, position + 1))
             assert group.slots[b, :position + 1].tolist() == [blocks.slot(seq_id, p) for p in range(position + 1)]
