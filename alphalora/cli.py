@@ -32,10 +32,9 @@ def _format(value: float | None, digits: int = 3) -> str:
 def print_layer_table(report, file=None) -> None:
     """The per-layer scores, with each role's alpha, as an aligned text table."""
     file = file or sys.stdout
-    from alphalora.spectral.roles import ROLE_ORDER
+    from alphalora.spectral.roles import ordered_roles
 
-    found = {r for layer in report.layers for r in layer.alphas_by_role}
-    roles = [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
+    roles = ordered_roles(r for layer in report.layers for r in layer.alphas_by_role)
     header = ["layer", f"alpha ({report.aggregation})", "matrices", *roles]
     rows = [
         [str(layer.layer), _format(layer.alpha), str(layer.n_matrices),

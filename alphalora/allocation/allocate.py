@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alphalora._numbers import takes_numpy_scalars
 from alphalora.spectral.report import SpectralReport, why_no_alpha
-from alphalora.spectral.roles import ROLE_ORDER, expert_index
+from alphalora.spectral.roles import expert_index, is_projection, ordered_roles
 
 from .expert_counts import (
     AllocationError,
@@ -117,14 +117,13 @@ def _report_roles(report: SpectralReport) -> list[str]:
         raise AllocationError(f"the blocks of {report.model} hold only a mixture of experts' routers and experts, "
                               "which adapters cannot wrap; name the modules to adapt (--target-modules, "
                               "target_modules=[...])")
-    ordered = [role for role in ROLE_ORDER if role in found]
-    return ordered + sorted(found - set(ordered))
+    return ordered_roles(found)
 
 
 def _wrappable_roles(report: SpectralReport) -> set[str]:
     return {m.role for m in report.matrices
             if m.layer is not None and m.role != "router" and expert_index(m.name) is None
-            and min(m.shape) > 1}  # a scalar gate (Qwen2-MoE's shared_expert_gate, 1 x hidden) is no projection
+            and is_projection(m.shape)}
 
 
 def _check_targets(report: SpectralReport, targets: Sequence[str]) -> None:

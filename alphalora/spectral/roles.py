@@ -8,6 +8,17 @@ from collections.abc import Iterable
 # The order roles are listed in tables and plans: attention, then MLP (a mixture of experts' router first).
 ROLE_ORDER = ("q", "k", "v", "qkv", "o", "router", "gate", "up", "gate_up", "down")
 
+
+def ordered_roles(roles: Iterable[str]) -> list[str]:
+    """`roles` once each, in ROLE_ORDER, then any others alphabetically."""
+    found = set(roles)
+    return [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
+
+
+def is_projection(shape: Iterable[int]) -> bool:
+    """False for a scalar gate (Qwen2-MoE's shared_expert_gate, hidden -> 1): no rank fits it, no adapter wraps it."""
+    return min(shape) > 1
+
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 # Name suffixes (module path, without ".weight") -> role; the first match wins, so longer,

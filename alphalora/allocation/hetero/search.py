@@ -241,9 +241,7 @@ def _fields(plan: Plan) -> dict:
 
 
 def _block_roles(blocks: dict[str, tuple[int, nn.Module]]) -> list[str]:
-    from alphalora.spectral.roles import ROLE_ORDER, role_of
+    from alphalora.spectral.roles import is_projection, ordered_roles, role_of
 
-    # a scalar gate (Qwen2-MoE's shared_expert_gate, hidden -> 1) is no projection: no rank fits it
-    found = {role_of(name) for name, (_, module) in blocks.items() if min(module.weight.shape) > 1}
-    return [r for r in ROLE_ORDER if r in found] + sorted(found - set(ROLE_ORDER))
+    return ordered_roles(role_of(name) for name, (_, module) in blocks.items() if is_projection(module.weight.shape))
 
