@@ -1,4 +1,5 @@
-"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2 and Qwen3 (loaded by the plugin).
+"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2, Qwen3 and Gemma 1 to 3 (loaded by the
+plugin).
 
 A baked model folder is the base model's folder plus `alphalora_adapter/` (our adapter folder) and
 a config.json whose `architectures` names one of these classes (see `bake.py`). The base model is
@@ -18,6 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.models.gemma import GemmaForCausalLM
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -28,7 +32,12 @@ from .mixture import build_mixtures
 
 
 class MoELoRAMixin:
-    """Adds the adapter in `<model>/alphalora_adapter` to a vLLM causal LM of the Llama family."""
+    """Adds the adapter in `<model>/alphalora_adapter` to a vLLM causal LM of the Llama family (the class
+    after the mixin among the bases), whose linears are qkv_proj, o_proj, gate_up_proj and down_proj."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_adapter(vllm_config)
 
     def _attach_adapter(self, vllm_config) -> None:
         self._alphalora_dir = Path(vllm_config.model_config.model) / ADAPTER_SUBDIR
@@ -67,30 +76,26 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 class MoELoRALlamaForCausalLM(MoELoRAMixin, LlamaForCausalLM):
     """Llama with a baked MoE-LoRA adapter."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_adapter(vllm_config)
-
 
 class MoELoRAMistralForCausalLM(MoELoRAMixin, MistralForCausalLM):
     """Mistral with a baked MoE-LoRA adapter."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_adapter(vllm_config)
 
 
 class MoELoRAQwen2ForCausalLM(MoELoRAMixin, Qwen2ForCausalLM):
     """Qwen2 with a baked MoE-LoRA adapter."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_adapter(vllm_config)
-
 
 class MoELoRAQwen3ForCausalLM(MoELoRAMixin, Qwen3ForCausalLM):
     """Qwen3 with a baked MoE-LoRA adapter (its per-head q/k norms are vLLM's own, after the hooked qkv_proj)."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_adapter(vllm_config)
+
+class MoELoRAGemmaForCausalLM(MoELoRAMixin, GemmaForCausalLM):
+    """Gemma with a baked MoE-LoRA adapter."""
+
+
+class MoELoRAGemma2ForCausalLM(MoELoRAMixin, Gemma2ForCausalLM):
+    """Gemma 2 with a baked MoE-LoRA adapter (soft-capping and the sandwich norms are vLLM's own)."""
+
+
+class MoELoRAGemma3ForCausalLM(MoELoRAMixin, Gemma3ForCausalLM):
+    """Gemma 3 (text) with a baked MoE-LoRA adapter."""

@@ -8,6 +8,9 @@ ARCHITECTURES = {
     "AlphaLoRAMoEMistralForCausalLM": "MoELoRAMistralForCausalLM",
     "AlphaLoRAMoEQwen2ForCausalLM": "MoELoRAQwen2ForCausalLM",
     "AlphaLoRAMoEQwen3ForCausalLM": "MoELoRAQwen3ForCausalLM",
+    "AlphaLoRAMoEGemmaForCausalLM": "MoELoRAGemmaForCausalLM",
+    "AlphaLoRAMoEGemma2ForCausalLM": "MoELoRAGemma2ForCausalLM",
+    "AlphaLoRAMoEGemma3ForCausalLM": "MoELoRAGemma3ForCausalLM",
 }
 
 

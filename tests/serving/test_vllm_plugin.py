@@ -1,4 +1,5 @@
-"""MoE-LoRA adapters (Llama, Mistral, Qwen2, Qwen3) on real vLLM through the alphalora plugin equal the native engine.
+"""MoE-LoRA adapters (Llama, Mistral, Qwen2, Qwen3, Gemma 1 to 3) on real vLLM through the alphalora plugin
+equal the native engine.
 
 `alphalora serve --engine vllm --adapter moe=DIR` bakes the adapter into a model folder whose
 architecture is the plugin's class; vLLM fuses q/k/v and gate/up, and the plugin adds each
@@ -26,7 +27,8 @@ def _two_cpus() -> list[int] | None:
 
 # Llama runs tensor-parallel over 2 CPU workers: q heads split, the one KV head replicated, o_proj and
 # down_proj all-reduced, so the plugin's sharding is checked on real vLLM too.
-@pytest.mark.parametrize("family,tensor_parallel", [("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1)])
+@pytest.mark.parametrize("family,tensor_parallel", [("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
+                                                    ("gemma", 1), ("gemma2", 1), ("gemma3", 1)])
 def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, family, tensor_parallel):
     python = require_vllm()
     # A vLLM environment was named (or vLLM imports here, where this package is installed): without the

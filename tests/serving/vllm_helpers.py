@@ -43,8 +43,13 @@ def require_vllm() -> str:
 
 
 def _tiny(family: str) -> dict:
-    """VLLM_TINY, with head_dim where the family's tiny config sets its own (Qwen3's configs name theirs)."""
-    return dict(VLLM_TINY, head_dim=64) if family == "qwen3" else VLLM_TINY
+    """VLLM_TINY, with head_dim where the family's tiny config sets its own (Qwen3's and Gemma's configs name
+    theirs; Gemma 2 and 3 scale queries by their own query_pre_attn_scalar). Gemma 2 and 3 normalise each
+    sub-block's output, so at VLLM_TINY's initializer range the embeddings (scaled by sqrt(hidden), tied to the
+    head) outweigh every block and each greedy step repeats the last token, adapter or not: they get a smaller one."""
+    if family in ("gemma2", "gemma3"):
+        return dict(VLLM_TINY, head_dim=64, query_pre_attn_scalar=64, initializer_range=0.02)
+    return dict(VLLM_TINY, head_dim=64) if family in ("qwen3", "gemma") else VLLM_TINY
 
 
 def tiny_model(folder: Path, family: str = "llama") -> Path:
