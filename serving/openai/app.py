@@ -11,7 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alphalora import __version__
 from alphalora.adapters.inject import AdapterError
+from alphalora.serving.engine.adapters import load_serving_adapter
 
 from . import completions
 from .metrics import metrics_registry, render_metrics
@@ -89,12 +91,13 @@ class RequireApiKey:
 
     def __init__(self, app, key: str | None):
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope, receive, send):
         if self.expected is not None and scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # the scheme's case is free (RFC 9110); the key is compared in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
                 message = "missing or wrong API key: send `Authorization: Bearer <key>`"
                 await _error(401, message, "authentication_error")(scope, receive, send)
                 return
@@ -118,7 +121,8 @@ def build_app(state: ServerState) -> FastAPI:
             return _error(400, f"the request body is not valid JSON: {reason} (at character {offset})",
                           "invalid_request_error")
         location = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{first.get('msg', 'invalid request')}" + (f" (at {location})" if location else "")
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own message
+        message += f" (at {location})" if location else ""
         return _error(400, message, "invalid_request_error", location)
 
     @app.exception_handler(StarletteHTTPException)
@@ -136,7 +140,15 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         return PlainTextResponse("")
 
-    registry = metrics_registry(state.engine)
+    @app.get("/ping")  # SageMaker's health route, as vLLM serves it
+    async def ping():
+        return PlainTextResponse("")
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    registry = metrics_registry(state.engine, state.base_name)
 
     @app.get("/metrics")
     async def metrics():
@@ -177,8 +189,19 @@ def build_app(state: ServerState) -> FastAPI:
         registry = state.engine.engine.adapters
 
         def load() -> None:  # between engine steps, in a worker thread: the event loop keeps serving
-            if body.lora_name in registry.paths or body.lora_name == state.base_name:
-                raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded", param="lora_name")
+            if body.lora_name == state.base_name:
+                raise APIError(400, f"{body.lora_name!r} is the base model's name; name the adapter otherwise",
+                               param="lora_name")
+            replaced = registry.paths.get(body.lora_name)
+            if replaced is not None and not body.load_inplace:
+                raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first, or set "
+                               "load_inplace to replace it", param="lora_name")
+            if replaced is not None:
+                try:  # read before the old one goes: a bad replacement leaves the loaded adapter serving
+                    load_serving_adapter(body.lora_name, path, registry.dtype, registry.device, registry.fits)
+                except AdapterError as error:
+                    raise APIError(400, str(error), param="lora_path") from error
+                state.engine.engine.remove_adapter(body.lora_name)  # running requests finish with the old one
             try:
                 registry.register(body.lora_name, path, True)
             except AdapterError as error:
@@ -207,12 +230,13 @@ def build_app(state: ServerState) -> FastAPI:
         if body.model is not None:
             state.resolve_adapter(body.model)  # a 404 for an unknown model, as vLLM
         if body.messages is not None:
-            tokens = await completions.chat_prompt(state, body.messages, body.add_generation_prompt)
+            tokens = await completions.chat_prompt(state, body.messages, body)
         elif body.prompt is not None:
             tokens = (await completions.tokenize(state, [body.prompt], body.add_special_tokens))[0]
         else:
             raise APIError(400, "give `prompt` or `messages`")
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+        strings = state.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len, "token_strs": strings}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -15,7 +16,7 @@ from alphalora.adapters.inject import AdapterError
 from alphalora.serving.engine import QueueFullError, SamplingParams, StepOutput
 from alphalora.serving.engine.async_engine import EngineFailure
 
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now
+from .protocol import ChatCompletionRequest, ChatTemplateFields, CompletionRequest, SamplingFields, new_id, now
 from .state import APIError, ServerState
 from .text import TextTracker
 
@@ -61,9 +62,9 @@ def _params(body: SamplingFields, max_tokens: int, seed_offset: int, **extra) ->
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's logit_bias: keys are token ids written as strings."""
+    """OpenAI's logit_bias: keys are token ids written as strings; biases clamped to [-100, 100] (as vLLM)."""
     try:
-        return {int(token): float(value) for token, value in (bias or {}).items()}
+        return {int(token): min(100.0, max(-100.0, float(value))) for token, value in (bias or {}).items()}
     except ValueError as error:
         raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:3]}", param="logit_bias") from error
 
@@ -218,6 +219,24 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def _running_usage(body: SamplingFields, choices: list[Choice], prompts: list[list[int]]) -> dict:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    if body.stream_options and body.stream_options.continuous_usage_stats:
+        return {"usage": _usage(choices, prompts)}
+    return {}
+
+
+def _truncated(prompt: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the last max_model_len)."""
+    if keep is None:
+        return prompt
+    if keep > max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens ({keep}) cannot be greater than max_model_len ({max_model_len}); "
+                       "send a smaller value, or -1 for all the context holds", param="truncate_prompt_tokens")
+    keep = max_model_len if keep == -1 else keep
+    return prompt[-keep:] if keep else []
+
+
 # -- /v1/completions ----------------------------------------------------------------------------------
 def _top_with(top: dict[int, float] | None, token: int, logprob: float | None) -> dict[int, float]:
     """The token itself, then the top-k alternatives (vLLM's order): OpenAI's completions always list the
@@ -277,7 +296,8 @@ async def tokenize(state: ServerState, texts: list[str], add_special_tokens: boo
 
 async def create_completion(request: Request, body: CompletionRequest, state: ServerState):
     arrival = time.monotonic()  # TTFT counts from here, tokenization included (as vLLM's)
-    adapter = state.resolve_adapter(body.model)
+    model = body.model or state.base_name
+    adapter = state.resolve_adapter(model)
     raw = body.prompt
     if isinstance(raw, str):
         raw = [raw]
@@ -287,7 +307,8 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
         raise APIError(400, "the prompt is empty", param="prompt")
     texts = [p for p in raw if isinstance(p, str)]
     encoded = iter(await tokenize(state, texts))
-    prompts = [next(encoded) if isinstance(p, str) else list(p) for p in raw]
+    prompts = [_truncated(next(encoded) if isinstance(p, str) else list(p), body.truncate_prompt_tokens,
+                          state.max_model_len) for p in raw]
     only_prompt = body.max_tokens == 0  # echo's prompt (and its logprobs) alone: lm-eval's loglikelihood
     max_tokens = [_max_tokens(state, prompt, body.max_tokens, 16) for prompt in prompts]
     want_prompt_logprobs = body.echo and body.logprobs is not None
@@ -320,7 +341,7 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
                 logprobs = _completion_logprobs(state.tokenizer, c, c.tokens, body.echo, as_ids)
             payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+        return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": model,
                              "choices": payload_choices, "usage": _usage(choices, prompts)})
 
     async def events():
@@ -333,11 +354,12 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
             if choice.finished:  # its finish chunk is sent: nothing follows it
                 continue
             delta, logprobs = chunk_of(choice, out, not choice.tokens)
-            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": model,
                         "choices": [{"index": choice.index, "text": delta, "logprobs": logprobs,
-                                     "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}]})
+                                     "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}],
+                        **_running_usage(body, choices, prompts)})
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+            yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": model,
                         "choices": [], "usage": _usage(choices, prompts)})
         yield "data: [DONE]\n\n"
 
@@ -345,14 +367,21 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
 
 
 # -- /v1/chat/completions -----------------------------------------------------------------------------
-def chat_text(state: ServerState, messages, add_generation_prompt: bool = True) -> str:
-    """The conversation through the tokenizer's chat template."""
+def chat_text(state: ServerState, messages, template: ChatTemplateFields) -> str:
+    """The conversation through the tokenizer's chat template, with the request's tools and template variables;
+    a template that refuses the conversation (roles that do not alternate, say) is the client's error."""
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: start the server with --chat-template "
                        "FILE, or use /v1/completions")
     plain = [{"role": m.role, "content": _message_text(m.content, i)} for i, m in enumerate(messages)]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = dict(template.chat_template_kwargs or {})
+    try:
+        return tokenizer.apply_chat_template(plain, tokenize=False, tools=template.tools,
+                                             add_generation_prompt=template.add_generation_prompt,
+                                             continue_final_message=template.continue_final_message, **extra)
+    except (jinja2.TemplateError, ValueError, TypeError) as error:
+        raise APIError(400, f"the chat template refused the request: {error}", param="messages") from error
 
 
 def _message_text(content, index: int) -> str:
@@ -370,9 +399,9 @@ def _message_text(content, index: int) -> str:
     return "".join(texts)
 
 
-async def chat_prompt(state: ServerState, messages, add_generation_prompt: bool = True) -> list[int]:
+async def chat_prompt(state: ServerState, messages, template: ChatTemplateFields) -> list[int]:
     """The conversation's token ids (the template writes the special tokens itself)."""
-    return (await tokenize(state, [chat_text(state, messages, add_generation_prompt)], add_special_tokens=False))[0]
+    return (await tokenize(state, [chat_text(state, messages, template)], add_special_tokens=False))[0]
 
 
 def _chat_logprobs(state: ServerState, outs: list[StepOutput], as_ids: bool | None = False) -> dict:
@@ -394,8 +423,10 @@ def _chat_logprobs(state: ServerState, outs: list[StepOutput], as_ids: bool | No
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest, state: ServerState):
     arrival = time.monotonic()
-    adapter = state.resolve_adapter(body.model)
-    prompt = await chat_prompt(state, body.messages, body.add_generation_prompt)
+    model = body.model or state.base_name
+    adapter = state.resolve_adapter(model)
+    prompt = _truncated(await chat_prompt(state, body.messages, body), body.truncate_prompt_tokens,
+                        state.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens == 0:
         raise APIError(400, "max_tokens must be at least 1 for a chat completion", param="max_tokens")
@@ -407,14 +438,14 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     if not body.stream:
         await _collect(request, choices, streams)
         return JSONResponse({
-            "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
+            "id": response_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.full_text()},
                          "logprobs": _chat_logprobs(state, c.tokens, as_ids) if body.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
             "usage": _usage(choices, [prompt])})
 
     async def events():
-        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
         announced = False
         async for choice, out in _guarded(_merged(choices, streams)):
             if isinstance(choice, dict):
@@ -424,7 +455,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
                 announced = True
                 for c in choices:
                     yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}]})
+                                                     "logprobs": None, "finish_reason": None}],
+                                **_running_usage(body, [], [prompt])})
             if choice.finished:  # its finish chunk is sent: nothing follows it
                 continue
             delta = _record(choice, out)
@@ -432,7 +464,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
             yield _sse({**base, "choices": [{"index": choice.index, "delta": {"content": delta},  # "" too, as vLLM
                                              "logprobs": logprobs,
                                              "finish_reason": choice.finish_reason,
-                                             "stop_reason": choice.stop_reason}]})
+                                             "stop_reason": choice.stop_reason}],
+                        **_running_usage(body, choices, [prompt])})
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(choices, [prompt])})
         yield "data: [DONE]\n\n"

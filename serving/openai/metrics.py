@@ -2,10 +2,14 @@
 
 The engine keeps plain counters (it knows nothing of HTTP); this collector turns them into metric families
 at scrape time, and `prometheus_client` writes the text, escaping label values (adapter names are the
-user's) as the format requires.
+user's) as the format requires. Besides its own `alphalora_*` names it writes the `vllm:` gauges that
+LoRA-aware routers read (the Kubernetes Gateway API Inference Extension's model server protocol): queue
+sizes, KV-cache usage and `vllm:lora_requests_info`, so the server drops in where vLLM was.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -22,8 +26,9 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetr
 class EngineCollector:
     """Reads an AsyncEngine's counters when Prometheus scrapes."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine = engine
+        self.model_name = model_name
 
     def collect(self):
         engine, stats = self.engine, self.engine.stats
@@ -50,12 +55,37 @@ class EngineCollector:
         yield requests
         yield _histogram("alphalora_time_to_first_token_seconds", "Time to first token.", stats.ttft_seconds)
         yield _histogram("alphalora_time_per_output_token_seconds", "Time between output tokens.", stats.tpot_seconds)
+        yield from self._vllm_gauges()
+
+    def _vllm_gauges(self):
+        """vLLM's names, labels and meanings for the gauges routers read."""
+        engine, labels = self.engine, ["model_name"]
+        scheduler, blocks = engine.engine.scheduler, engine.engine.blocks
+        for name, help_text, value in [
+                ("vllm:num_requests_running", "Number of requests in model execution batches.", engine.num_running),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.num_waiting),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                 1 - blocks.num_free_blocks / blocks.num_blocks)]:
+            gauge = GaugeMetricFamily(name, help_text, labels=labels)
+            gauge.add_metric([self.model_name], value)
+            yield gauge
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                 labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+        info.add_metric([str(engine.engine.config.max_loras), _adapter_names(list(scheduler.waiting)),
+                         _adapter_names(list(scheduler.running))], time.time())
+        yield info
 
 
-def metrics_registry(engine: AsyncEngine) -> CollectorRegistry:
+def _adapter_names(sequences) -> str:
+    """The adapters in use, comma-joined (an unloaded adapter's sequences under its own name)."""
+    names = {seq.adapter.partition("#retired")[0] for seq in sequences if seq.adapter}
+    return ",".join(sorted(names))
+
+
+def metrics_registry(engine: AsyncEngine, model_name: str) -> CollectorRegistry:
     """A registry of this server's own (not the process-wide default one, so that several apps can coexist)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine))
+    registry.register(EngineCollector(engine, model_name))
     return registry
 
 

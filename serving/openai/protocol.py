@@ -17,9 +17,13 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk as well
 
 
 class SamplingFields(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN and infinities: refused (as vLLM's)
+
+    model: str | None = None  # the base model or an adapter by name; unset: the base model (as vLLM)
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -34,11 +38,14 @@ class SamplingFields(_Request):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias, clamped to [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:{id}" (None: off)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: keep the last k prompt tokens (-1: all
+    # the context holds)
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: this server has no guided decoding
 
     @model_validator(mode="after")
     def _stop_strings_not_empty(self):
@@ -52,13 +59,43 @@ class SamplingFields(_Request):
             raise ValueError("stream_options can only be set when stream is true")
         return self
 
+    @model_validator(mode="after")
+    def _greedy_is_one_sample(self):
+        if self.n > 1 and self.temperature < 1e-5:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}: greedy samples are all alike; "
+                             "set a temperature above 0 for several samples")
+        return self
+
+    @model_validator(mode="after")
+    def _no_guided_decoding(self):
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format {kind!r} is not supported: this server has no guided decoding; "
+                             "leave response_format out (or {\"type\": \"text\"}) and ask for the format in "
+                             "the prompt")
+        return self
+
 
 class CompletionRequest(SamplingFields):
-    model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _no_suffix(self):
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported: the models served here do not fill in the middle; "
+                             "leave suffix out")
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_or_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1, got 0 (0 is for echo=true: the prompt's logprobs "
+                             "alone)")
+        return self
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -73,13 +110,28 @@ class ChatMessage(_Request):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
-    model: str
+class ChatTemplateFields(_Request):
+    """What the chat template renders besides the messages (vLLM's fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
+    tools: list[dict[str, Any]] | None = None  # rendered by templates that know tools
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables (enable_thinking, ...)
+
+    @model_validator(mode="after")
+    def _open_or_new_message(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to true: set "
+                             "add_generation_prompt to false to continue the last message")
+        return self
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    add_generation_prompt: bool = True
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -87,22 +139,34 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
+    @model_validator(mode="after")
+    def _no_tool_calls(self):
+        # OpenAI's default with tools is "auto"; none of the choices that parse calls is served (as vLLM
+        # without a tool-call parser)
+        choice = self.tool_choice if self.tool_choice is not None or not self.tools else "auto"
+        if choice not in (None, "none"):
+            raise ValueError(f"tool_choice {choice!r} is not supported: this server renders `tools` into the prompt "
+                             "but parses no tool calls from the output; send tool_choice \"none\" with the tools "
+                             "and read calls from the text")
+        return self
+
 
 class LoadLoraAdapterRequest(_Request):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    load_inplace: bool = False  # replace an adapter of that name (vLLM's)
 
 
 class UnloadLoraAdapterRequest(_Request):
     lora_name: str = Field(min_length=1)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # through the chat template (vLLM's)
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True  # with `messages`, as vLLM's
+    return_token_strs: bool = False  # vLLM's: each token's string as well
 
 
 class DetokenizeRequest(_Request):

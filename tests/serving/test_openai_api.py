@@ -160,7 +160,7 @@ def test_openai_client_completions_chat_and_streaming(served):
     ({"model": "BASE", "prompt": [999999]}, 400),
     ({"model": "BASE"}, 400),
     ({"model": "BASE", "prompt": "x", "logit_bias": {"seven": 1.0}}, 400),
-    ({"model": "BASE", "prompt": "x", "logit_bias": {"5": 500.0}}, 400),
+    ({"model": "BASE", "prompt": "x", "repetition_penalty": "Infinity"}, 400),  # (a number: not finite)
     ({"model": "BASE", "prompt": "x", "logit_bias": {"999999": 1.0}}, 400),
     ({"model": "BASE", "prompt": "x", "min_p": 2.0}, 400),
     ({"model": "BASE", "prompt": "x", "stop": [""]}, 400),

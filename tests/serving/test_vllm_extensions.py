@@ -184,6 +184,27 @@ LIVE = [(route, fields) for route, fields, _, _ in STOPS] + [
     (COMPLETIONS, {"max_tokens": 3, "logprobs": 1, "echo": True, "return_tokens_as_token_ids": True}),
     (COMPLETIONS, {"logit_bias": {"3": 100}, "include_stop_str_in_output": True}),  # EOS: no text either way
     (CHAT, {"max_tokens": 3, "logprobs": True, "top_logprobs": 2, "return_tokens_as_token_ids": True}),
+    (COMPLETIONS, {"max_tokens": 4, "truncate_prompt_tokens": 2}),
+    (COMPLETIONS, {"max_tokens": 4, "logit_bias": {**WORDS, "9": 500}}),  # clamped to 100
+    (CHAT, {"max_tokens": 3, "chat_template_kwargs": {"unused": 1}, "tool_choice": "none", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]}),
+]
+# requests both servers must answer with the same status (and, for a 200, the same prompt length)
+STATUSES = [
+    (COMPLETIONS, {"max_tokens": 0}),
+    (COMPLETIONS, {"n": 2}),  # greedy
+    (CHAT, {"n": 2}),
+    (COMPLETIONS, {"suffix": "x"}),
+    (COMPLETIONS, {"response_format": {"type": "bogus"}}),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}),  # "auto" unless told
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}),
+    (CHAT, {"continue_final_message": True}),
+    (CHAT, {"continue_final_message": True, "add_generation_prompt": False}),
+    (COMPLETIONS, {"model": None}),
+    (COMPLETIONS, {"truncate_prompt_tokens": 3}),
+    (COMPLETIONS, {"repetition_penalty": "Infinity"}),
+    (COMPLETIONS, {"truncate_prompt_tokens": 100000}),
 ]
 _UNCOMPARED = {"id", "created", "usage", "system_fingerprint", "owned_by", "root", "prompt_logprobs"}  # vLLM's own
 
@@ -229,6 +250,13 @@ def test_the_native_server_streams_as_vllm(served, tmp_path):
                             if line.startswith("data: ") and line != "data: [DONE]"]
             ours = _joined(_events(client, route, body))
             assert _comparable(ours) == _comparable(_joined(streamed), True), (route, fields)
+        for route, fields in STATUSES:
+            body = {k: v for k, v in _body(route, **{"max_tokens": 2, **fields}).items() if v is not None}
+            theirs = httpx.post(f"{server.url}{route}", json=body, timeout=120)
+            ours = client.post(route, json=body)
+            assert ours.status_code == theirs.status_code, (route, fields, ours.text, theirs.text)
+            if ours.status_code == 200:
+                assert ours.json()["usage"]["prompt_tokens"] == theirs.json()["usage"]["prompt_tokens"], fields
         cards = [client.get("/v1/models").json()["data"], httpx.get(f"{server.url}/v1/models").json()["data"]]
         ours, theirs = ([{**m["permission"][0], "id": None, "created": None} for m in c] for c in cards)
         assert ours == theirs
