@@ -16,7 +16,7 @@ from .detokenizer import OutputText
 from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import PromptLogprob, Sequence
 from .step_inputs import StepBatch, build_step_batch
 
 
@@ -143,7 +143,7 @@ class Engine:
         seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
         if self.config.enable_prefix_caching:
             seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""
-            seq.reuse_cached_prefix = not params.prompt_logprobs  # cached tokens have no logits
+            seq.reuse_cached_prefix = params.prompt_logprobs is None  # cached tokens have no logits
         self.scheduler.add(seq)
         if params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)
@@ -238,7 +238,8 @@ class Engine:
             ids, [chunk.start for chunk in chunks], [chunk.num_tokens for chunk in chunks],
             [self.blocks.block_table(seq.seq_id) for seq in seqs], self.blocks.block_size,
             [self.adapters.get(seq.adapter) if seq.adapter else None for seq in seqs],
-            [bool(chunk.seq.params.prompt_logprobs) and chunk.start < len(chunk.seq.prompt_ids) for chunk in chunks])
+            [chunk.seq.params.prompt_logprobs is not None and chunk.start < len(chunk.seq.prompt_ids)
+             for chunk in chunks])
 
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, SampleResult]:
         """The next token of every sequence whose prompt is complete after this step, by sequence id."""
@@ -253,18 +254,21 @@ class Engine:
 
     @staticmethod
     def _record_prompt_logprobs(chunk, chunk_logits: torch.Tensor) -> None:
-        """logprob of prompt token p given tokens < p, for the prompt positions this chunk covers."""
+        """Each prompt token's logprob given tokens < it, for the prompt positions this chunk covers."""
         seq = chunk.seq
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first token has no context
-        logprobs = torch.log_softmax(chunk_logits, dim=-1)
-        k = 1 if seq.params.logprobs is None else seq.params.logprobs  # 0: the token's own logprob alone (vLLM's)
-        top_values, top_ids = torch.topk(logprobs, max(1, k), dim=-1)
-        for offset in range(chunk.num_tokens):
-            target = chunk.start + offset + 1
-            if target < len(seq.prompt_ids):
-                top = dict(zip(top_ids[offset, :k].tolist(), top_values[offset, :k].tolist(), strict=True))
-                seq.prompt_logprobs.append((float(logprobs[offset, seq.prompt_ids[target]]), top))
+        targets = seq.prompt_ids[chunk.start + 1: chunk.start + chunk.num_tokens + 1]
+        if not targets:
+            return
+        logprobs = torch.log_softmax(chunk_logits[:len(targets)].float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])
+        ranks = (logprobs >= chosen).sum(dim=1)  # vLLM's rank: the tokens at least as probable, itself included
+        k = seq.params.prompt_logprobs
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1) if k else (None, None)
+        for row, (logprob, rank) in enumerate(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True)):
+            top = dict(zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True)) if k else {}
+            seq.prompt_logprobs.append(PromptLogprob(logprob, top, rank))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params

@@ -22,7 +22,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many top logprobs to return per token (0: only the chosen)
-    prompt_logprobs: bool = False  # logprob of every prompt token given the ones before it
+    # each prompt token's logprob (and rank) given the ones before it, with its top-k alternatives (vLLM's
+    # prompt_logprobs: k of them, 0 for none; None: not computed)
+    prompt_logprobs: int | None = None
     min_p: float = 0.0  # vLLM's: drop tokens less probable than min_p x the most probable (after temperature)
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to a token's logit first
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string (and a stop token's text)
@@ -42,6 +44,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise ValueError(f"prompt_logprobs must be a count between 0 and 20, got {self.prompt_logprobs!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         for token, bias in self.logit_bias.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class SequenceStatus(enum.Enum):
@@ -13,6 +13,15 @@ class SequenceStatus(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+
+
+class PromptLogprob(NamedTuple):
+    """A prompt token's logprob given the tokens before it, its rank in that distribution (1: the most
+    probable; tokens as probable count ahead of it, as vLLM ranks) and the top-k {token: logprob}."""
+
+    logprob: float
+    top: dict[int, float]
+    rank: int
 
 
 @dataclass
@@ -29,8 +38,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys and values are in the cache
     arrival: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None
-    # Filled when params ask: per prompt token, (its logprob, the top-k {token: logprob}); None first.
-    prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
+    # Filled when params ask: per prompt token, its PromptLogprob; None first (it has no context).
+    prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)
     # Prefix caching: the adapter's cache key (None: this sequence neither shares nor reuses blocks),
     # whether it may start from cached blocks (not when every prompt token's logits are wanted), its
     # full blocks' content hashes so far and how many of its blocks are registered in the cache.

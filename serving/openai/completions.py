@@ -34,7 +34,7 @@ class Choice:
     tokens: list[StepOutput] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token or stop string that ended it (vLLM's field)
-    prompt_logprobs: list = field(default_factory=list)  # the sequence's (logprob, top-k) per prompt token
+    prompt_logprobs: list = field(default_factory=list)  # the sequence's PromptLogprob per prompt token
     text_offset: int = 0  # streamed logprobs: where the next token's text starts in the choice's text
 
     @property
@@ -269,10 +269,28 @@ def _completion_logprobs(tokenizer, choice: Choice, outs: list[StepOutput], with
     if with_prompt:
         entries = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
         for token, entry in zip(choice.prompt_ids, entries, strict=False):
-            add(token, None if entry is None else entry[0], None if entry is None else entry[1])
+            add(token, None if entry is None else entry.logprob, None if entry is None else entry.top)
     for out in outs:
         add(out.token, out.logprob, out.top_logprobs)
     return body
+
+
+def _vllm_prompt_logprobs(state: ServerState, choice: Choice, wanted: int | None) -> list | None:
+    """vLLM's `prompt_logprobs`: None for the first token, then per prompt token {id: {logprob, rank,
+    decoded_token}}, the token itself first and then its top alternatives (-inf written as -9999.0, as vLLM)."""
+    if wanted is None:
+        return None
+
+    def entry(token: int, logprob: float, rank: int) -> dict:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": state.tokenizer.decode([token])}
+
+    listed: list = [None]
+    for token, logprob in zip(choice.prompt_ids[1:], choice.prompt_logprobs[1:], strict=True):
+        alternatives = {token: entry(token, logprob.logprob, logprob.rank)}
+        for rank, (other, value) in enumerate(logprob.top.items(), start=1):
+            alternatives[other] = entry(other, value, rank)
+        listed.append(alternatives)
+    return listed
 
 
 def _as_prompt_only(choice: Choice) -> None:
@@ -311,10 +329,12 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
                           state.max_model_len) for p in raw]
     only_prompt = body.max_tokens == 0  # echo's prompt (and its logprobs) alone: lm-eval's loglikelihood
     max_tokens = [_max_tokens(state, prompt, body.max_tokens, 16) for prompt in prompts]
-    want_prompt_logprobs = body.echo and body.logprobs is not None
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is None and body.echo and body.logprobs is not None:  # the echoed prompt's (as vLLM)
+        prompt_logprobs = body.logprobs
     choices, streams = await _start(state, prompts, body, max_tokens, adapter, arrival,
                                     _prompt_texts(state, raw, prompts) if body.echo else None,
-                                    logprobs=body.logprobs, prompt_logprobs=want_prompt_logprobs)
+                                    logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
     response_id, created, as_ids = new_id("cmpl"), now(), body.return_tokens_as_token_ids
 
     def chunk_of(choice: Choice, out: StepOutput, first: bool) -> tuple[str, dict | None]:
@@ -340,7 +360,8 @@ async def create_completion(request: Request, body: CompletionRequest, state: Se
             if body.logprobs is not None:
                 logprobs = _completion_logprobs(state.tokenizer, c, c.tokens, body.echo, as_ids)
             payload_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                    "prompt_logprobs": _vllm_prompt_logprobs(state, c, prompt_logprobs)})
         return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": model,
                              "choices": payload_choices, "usage": _usage(choices, prompts)})
 
@@ -433,7 +454,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
     max_tokens = _max_tokens(state, prompt, max_tokens, None, "messages")  # unset: whatever the context leaves
     top = body.top_logprobs if body.logprobs else None
     choices, streams = await _start(state, [prompt], body, [max_tokens], adapter, arrival,
-                                    logprobs=(top or 0) if body.logprobs else None)
+                                    logprobs=(top or 0) if body.logprobs else None,
+                                    prompt_logprobs=body.prompt_logprobs)
     response_id, created, as_ids = new_id("chatcmpl"), now(), body.return_tokens_as_token_ids
     if not body.stream:
         await _collect(request, choices, streams)
@@ -442,7 +464,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest, 
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.tracker.full_text()},
                          "logprobs": _chat_logprobs(state, c.tokens, as_ids) if body.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
-            "usage": _usage(choices, [prompt])})
+            "usage": _usage(choices, [prompt]),
+            "prompt_logprobs": _vllm_prompt_logprobs(state, choices[0], body.prompt_logprobs)})
 
     async def events():
         base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}

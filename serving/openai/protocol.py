@@ -46,6 +46,7 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: keep the last k prompt tokens (-1: all
     # the context holds)
     response_format: dict[str, Any] | None = None  # only {"type": "text"}: this server has no guided decoding
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's, with k more
 
     @model_validator(mode="after")
     def _stop_strings_not_empty(self):
@@ -57,6 +58,13 @@ class SamplingFields(_Request):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_are_whole(self):
+        if self.stream and self.prompt_logprobs:
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`: ask for them without "
+                             "streaming (or set prompt_logprobs to 0)")
         return self
 
     @model_validator(mode="after")

@@ -258,13 +258,14 @@ def test_prompt_logprobs_equal_the_models_full_forward(family, overrides):
 
     engine = Engine(model(), tokenizer=None, config=EngineConfig(max_num_batched_tokens=8, block_size=4))
     prompt = torch.randint(1, 128, (21,), generator=torch.Generator().manual_seed(2)).tolist()
-    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True))
+    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2))
     logits = model().eval()(torch.tensor([prompt])).logits[0].log_softmax(-1)
     expected = [None] + [float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
     assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
-    for i, ((got, top), want) in enumerate(zip(seq.prompt_logprobs[1:], expected[1:], strict=True)):
+    for i, ((got, top, rank), want) in enumerate(zip(seq.prompt_logprobs[1:], expected[1:], strict=True)):
         assert abs(got - want) < 1e-4
-        assert list(top) == [int(logits[i].argmax())]  # the model's own top-1 at that position
+        assert list(top) == logits[i].topk(2).indices.tolist()  # the model's own top 2 at that position
+        assert rank == int((logits[i] > logits[i, prompt[i + 1]]).sum()) + 1  # 1 + the more probable tokens
 
 
 HEADS = ["lm_head", "model.embed_tokens"]  # modules_to_save: trained in full, swapped in per adapter
@@ -296,12 +297,12 @@ def test_prompt_logprobs_use_the_adapters_own_lm_head(tmp_path):
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(
         max_num_batched_tokens=8, block_size=4, adapters={"heads": str(folder)}))
     prompt = torch.randint(1, 128, (15,), generator=torch.Generator().manual_seed(3)).tolist()
-    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True), ["heads"])
+    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), ["heads"])
     model = _base("llama")
     load_adapter(model, folder)
     logits = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
-    for i, (got, _) in enumerate(seq.prompt_logprobs[1:]):
-        assert abs(got - float(logits[i, prompt[i + 1]])) < 1e-4
+    for i, entry in enumerate(seq.prompt_logprobs[1:]):
+        assert abs(entry.logprob - float(logits[i, prompt[i + 1]])) < 1e-4 and entry.top == {}
 
 
 @pytest.mark.parametrize("case,needle", [
@@ -412,10 +413,10 @@ def test_half_precision_is_as_close_to_fp32_as_transformers_in_that_precision(ad
     for seed in (2, 3):
         (prompt,) = _prompts(seed, lengths=(29,))
         engine = _engine_on(adapters, dtype=dtype, device=device)
-        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True),
+        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                  [name])
         exact = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, "cpu", torch.float32)
-        ours = torch.tensor([logprob for logprob, _ in seq.prompt_logprobs[1:]])
+        ours = torch.tensor([entry.logprob for entry in seq.prompt_logprobs[1:]])
         theirs = _prompt_logprobs_by_transformers(prompt, adapters[name] if name else None, device, dtype)
         errors.append(((ours - exact).abs().mean(), (theirs - exact).abs().mean()))
     ours_error = sum(e for e, _ in errors) / 2

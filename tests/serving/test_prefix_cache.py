@@ -165,12 +165,12 @@ def test_prompt_logprobs_are_computed_not_read_from_the_cache(adapters):
     engine = _engine(adapters)
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     engine.generate([prompt], greedy)  # fills the cache
-    wanted = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=True, logprobs=1)
+    wanted = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=1, logprobs=1)
     (seq,) = engine.generate([prompt], wanted)
     (fresh,) = _engine(adapters, caching=False).generate([prompt], wanted)
     assert len(seq.prompt_logprobs) == len(prompt)
-    assert [p if p is None else p[0] for p in seq.prompt_logprobs] == pytest.approx(
-        [p if p is None else p[0] for p in fresh.prompt_logprobs])
+    assert [p if p is None else p.logprob for p in seq.prompt_logprobs] == pytest.approx(
+        [p if p is None else p.logprob for p in fresh.prompt_logprobs])
 
 
 def test_an_adapter_registered_again_does_not_read_its_predecessors_blocks(adapters, tmp_path):

@@ -72,8 +72,8 @@ def test_bf16_engine_runs_and_stays_close_to_fp32():
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4, dtype=dtype))
-        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=True))
-        results[dtype] = [entry[0] for entry in seq.prompt_logprobs[1:]]
+        (seq,) = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0))
+        results[dtype] = [entry.logprob for entry in seq.prompt_logprobs[1:]]
         assert engine.runner.k_cache.dtype == dtype
     torch.testing.assert_close(torch.tensor(results[torch.bfloat16]), torch.tensor(results[torch.float32]),
                                atol=0.15, rtol=0.05)

@@ -165,6 +165,37 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(served, rout
     assert {e["usage"]["prompt_tokens"] for e in events} == {final["usage"]["prompt_tokens"]}
 
 
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_prompt_logprobs_list_each_prompt_tokens_logprob_rank_and_top_alternatives(served, route):
+    """vLLM's prompt_logprobs, against the model's own forward pass over the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    client, state, adapters = served
+    if route == COMPLETIONS:
+        prompt = state.tokenizer("the cat sat on the red tree")["input_ids"]
+        body = _ok(client, route, prompt=prompt, max_tokens=1, prompt_logprobs=2)
+        listed = body["choices"][0]["prompt_logprobs"]
+    else:
+        prompt = _template_ids(state, USER)
+        body = _ok(client, route, messages=USER, max_tokens=1, prompt_logprobs=2)
+        listed = body["prompt_logprobs"]
+    model = AutoModelForCausalLM.from_pretrained(adapters.parent / "words").eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert listed[0] is None and len(listed) == len(prompt)
+    for position, entry in enumerate(listed[1:]):
+        row, token = logprobs[position], prompt[position + 1]
+        top = row.topk(2).indices.tolist()
+        assert list(entry) == list(dict.fromkeys(map(str, [token, *top])))  # the token first, then the top 2
+        assert entry[str(token)]["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+        assert [entry[str(t)]["rank"] for t in top if t != token] == [r for r, t in enumerate(top, 1) if t != token]
+        assert entry[str(token)]["decoded_token"] == state.tokenizer.decode([token])
+    assert client.post(route, json={"prompt": "x", "messages": USER, "prompt_logprobs": 1,
+                                    "stream": True}).status_code == 400
+
+
 # -- what this server cannot do: a 400 naming the field, as vLLM's -----------------------------------------
 @pytest.mark.parametrize("route, fields, fragment", [
     (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens must be at least 1"),
