@@ -22,8 +22,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The file gets the mode open() would give `path` (0o666 less the umask), even where the writer
     replaced the temporary file with one of its own (safetensors writes 0o600 files); tempfile.mkstemp's
     0o600 used to leave every plan, report and adapter readable by its owner only.
+
+    A symbolic link is written through (the file it names is replaced, the link stays); a path that holds
+    something other than a regular file (a device such as /dev/null, a pipe) is refused: the rename would
+    replace it with a file.
     """
-    target = Path(path)
+    target = _regular_file_target(Path(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     with _naming(target):
         tmp = _create_beside(target)
@@ -42,6 +46,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_folder(target.parent)
 
 
+def _regular_file_target(path: Path) -> Path:
+    """The file a write to `path` replaces: a link's target; OSError where that is no regular file."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.exists() and not target.is_file() and not target.is_dir():
+        raise OSError(errno.EINVAL, "Not a regular file (a device or pipe): give the path of a file to write",
+                      str(path))
+    return target
+
+
 @contextlib.contextmanager
 def _naming(target: Path) -> Iterator[None]:
     """An OSError about the hidden temporary file is reported as one about `target`, the path the user gave."""
@@ -58,6 +71,8 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
     not be written there later: the path is a folder where a file is wanted (or the other way round), or its
     nearest existing parent folder is not writable."""
     target = Path(path)
+    if not folder:
+        target = _regular_file_target(target)
     if target.exists() and target.is_dir() != folder:
         errno_, reason = (errno.ENOTDIR, "Not a directory") if folder else (errno.EISDIR, "Is a directory")
         raise OSError(errno_, reason, str(target))
@@ -129,9 +144,12 @@ def first_line(error: BaseException) -> str:
 def read_json(path: str | os.PathLike, what: str, how_to_create: str, error: type[Exception]) -> Any:
     """Parses a JSON file, raising `error` with a message that says what is wrong and how to fix it."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))  # (a byte-order mark, as editors write)
     except FileNotFoundError as missing:
         raise error(f"{what} {path} does not exist; create it with {how_to_create}") from missing
+    except UnicodeDecodeError as bad:
+        raise error(f"{what} {path} is not UTF-8 text (byte {bad.start} cannot be decoded): save it as UTF-8, or "
+                    f"create it again with {how_to_create}") from bad
     except json.JSONDecodeError as bad:
         raise error(f"{what} {path} is not valid JSON: {bad}") from bad
 

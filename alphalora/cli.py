@@ -121,10 +121,14 @@ def _check_outputs(*outputs: tuple[str | None, bool]) -> None:
 
 
 def _float_list(text: str) -> list[float]:
+    values = text.split(",")
+    if text.endswith(",") and len(values) > 1:  # a trailing comma: "3.1,2.8,"
+        values.pop()
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in values]
     except ValueError as error:
-        raise CliError(f"--alphas must be comma-separated numbers, e.g. 3.1,2.8,4.0: {error}") from error
+        reason = "an empty value (two commas in a row?)" if not all(v.strip() for v in values) else str(error)
+        raise CliError(f"--alphas must be comma-separated numbers, e.g. 3.1,2.8,4.0: {reason}") from error
 
 
 def _allocate(args: argparse.Namespace) -> int:
@@ -151,7 +155,7 @@ def _allocate(args: argparse.Namespace) -> int:
         budget = 160
     try:
         plan = allocate(
-            args.report, alphas=_float_list(args.alphas) if args.alphas else None, method=args.method,
+            args.report, alphas=_float_list(args.alphas) if args.alphas is not None else None, method=args.method,
             preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
             base_model=args.base_model, rank=args.rank,
@@ -179,6 +183,14 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise CliError(f"{flag} must be comma-separated integers, e.g. 2,4,8,16: {error}") from error
 
 
+def _quiet_transformers(args: argparse.Namespace) -> None:
+    """--no-progress silences transformers' own bars too (loading weights, writing shards)."""
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def _allocate_hetero(args: argparse.Namespace) -> int:
     from alphalora.allocation import AllocationError, PlanFormatError, RouterSettings, allocate
     from alphalora.allocation.plots import hetero_ranks, plot_allocation
@@ -189,9 +201,10 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
         raise CliError(f"--method hetero needs {', '.join(missing)} (a model folder, training data to score on, and "
                        "a budget in trainable parameters)")
     _check_outputs((args.out, False), (args.plot, False))
+    _quiet_transformers(args)
     try:
         plan = allocate(  # the other methods' options go along too, so that allocate refuses them, not ignores them
-            args.report, alphas=_float_list(args.alphas) if args.alphas else None, preset=args.preset,
+            args.report, alphas=_float_list(args.alphas) if args.alphas is not None else None, preset=args.preset,
             beta=args.beta, rounding=args.rounding, max_experts=args.max_experts, top_k=args.top_k,
             num_layers=args.num_layers, base_model=args.base_model, rank=args.rank,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
@@ -226,10 +239,7 @@ def _train(args: argparse.Namespace) -> int:
     from alphalora.allocation import AllocationError, PlanFormatError
     from alphalora.training import CheckpointError, DataError, train
 
-    if args.no_progress:  # transformers' own bars too (loading weights, writing shards)
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    _quiet_transformers(args)
     try:
         result = train(
             args.model, args.plan, args.data, args.out, task=args.task, eval_data=args.eval_data,

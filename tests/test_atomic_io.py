@@ -96,3 +96,41 @@ def test_a_read_only_output_folder_is_a_one_line_error(tmp_path, capsys):
         locked.chmod(0o700)
     err = capsys.readouterr().err
     assert code == 2 and "Permission denied" in err and "Traceback" not in err
+
+
+def test_a_device_or_pipe_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """A rename over /dev/null (as root) or a pipe would replace it with a plain file."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for target in (pipe, "/dev/null"):
+        code = main(["allocate", "--method", "uniform", "--num-layers", "2", "--budget", "4", "--out", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and "Not a regular file" in err and "Traceback" not in err, err
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    with pytest.raises(OSError, match="Not a regular file"):
+        write_text_atomic(pipe, "x")
+
+
+def test_a_symbolic_link_is_written_through(tmp_path):
+    """The file the link names gets the new content; the link stays a link."""
+    real = tmp_path / "real" / "plan.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    _plan().save(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert Plan.load(real) == _plan() and Plan.load(link) == _plan()
+
+
+def test_export_into_an_adapter_folder_is_refused_and_the_adapter_kept(tmp_path, capsys):
+    """PEFT's weights file has our adapter's name: exporting into the adapter (or another one) would replace it."""
+    adapter = save_adapter(with_random_adapter(build("llama"), _plan()), tmp_path / "adapter")
+    other = save_adapter(with_random_adapter(build("llama"), _plan(), seed=2), tmp_path / "other")
+    before = {p: p.read_bytes() for p in (*adapter.iterdir(), *other.iterdir())}
+    for out in (adapter, other):
+        assert main(["export", str(adapter), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "holds an alphalora adapter" in err and "new folder" in err, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["export", str(adapter), "--out", str(tmp_path / "peft")]) == 0

@@ -98,6 +98,25 @@ def test_allocate_refuses_another_methods_options_instead_of_ignoring_them(tmp_p
     assert json.loads(out.read_text())["experts_per_layer"] == [3, 4]  # 7 in the ratio 3:4 (beta 1), by hand
 
 
+@pytest.mark.parametrize("alphas, fragment", [("2,3,,4", "empty value"), ("", "empty value"), ("2,x", "'x'")])
+def test_malformed_alphas_are_refused_not_read_as_fewer_layers(tmp_path, capsys, alphas, fragment):
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--alphas", alphas, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--alphas must be comma-separated numbers" in err and fragment in err and not out.exists()
+    assert main(["allocate", "--alphas", "3,4,", "--beta", "1", "--budget", "7", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["experts_per_layer"] == [3, 4]  # a trailing comma ends the list
+
+
+def test_a_plan_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_bytes('{"method": "caf\u00e9"}'.encode("latin-1"))
+    assert main(["train", "--model", str(tmp_path), "--plan", str(plan), "--data", str(plan),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text (byte 15" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_allocate_into_a_closed_pipe_saves_the_plan_without_a_traceback(tmp_path, unbuffered, monkeypatch):
     """`| head` closes the pipe early; `true` closes it before the command (seconds to import) prints a line."""

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from alphalora._io import atomic_path, write_text_atomic
 
 from .inject import CLASSIFIER_HEADS, AdapterError
-from .io import _load_weights, read_adapter_config
+from .io import CONFIG_NAME, _load_weights, read_adapter_config
 from .peft_format import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME
 
 
@@ -26,6 +26,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, for_peft: bool = T
     """
     folder, out = Path(adapter_dir), Path(out_dir)
     config = read_adapter_config(folder)
+    _refuse_overwriting_an_adapter(folder, out)
     plan = config["plan"]
     if any(n != 1 for n in plan["experts_per_layer"]):
         raise AdapterError(
@@ -82,6 +83,14 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, for_peft: bool = T
         save_file(weights, str(tmp), metadata={"format": "pt"})
     write_text_atomic(out / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return out
+
+
+def _refuse_overwriting_an_adapter(folder: Path, out: Path) -> None:
+    """PEFT's weights file has our adapter's file name: an export into an alphalora adapter folder (the source
+    itself, say) would replace that adapter's weights and leave a folder neither loader reads."""
+    if out.resolve() == folder.resolve() or (out / CONFIG_NAME).exists():
+        raise AdapterError(f"{out} holds an alphalora adapter, whose {PEFT_WEIGHTS_NAME} the export would overwrite; "
+                           "export into a new folder (--out DIR)")
 
 
 def _task_type(config: dict, heads: list[str]) -> str | None:

@@ -175,8 +175,11 @@ def allocate(
     is refused elsewhere. The layer count comes from the report, the alphas, or ``num_layers``. ``target_modules``
     defaults to every role the report found in the blocks (q, k, v, o, gate, up, down for Llama;
     q, k, v, o, up, down for BERT) but a mixture of experts' router and the roles only its experts have (q, k, v,
-    o for Mixtral; see `_report_roles`), or to the Llama set without a report.
+    o for Mixtral; see `_report_roles`), or to the Llama set without a report; a string is read as the CLI reads
+    it, comma-separated ("q,v", or one role "q_proj"), not as its characters.
     """
+    if isinstance(target_modules, str):
+        target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
     if method not in METHODS:
         raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if max_experts is not None and (method != "alphalora" or rounding not in (None, DEFAULT_ROUNDING)):

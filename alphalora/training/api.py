@@ -152,7 +152,6 @@ def train(
     set_seed(seed)  # a new task head (classification) is initialised while loading: same seed, same head
     model, tokenizer, train_set, label_names, max_length = load_model_and_data(
         model_dir, data, task, max_length=max_length, bf16=bf16, truncate=truncate)
-    warn_if_plan_for_another_model(plan, model_dir, model)
     num_labels = model.config.num_labels if task == "classification" else None
     eval_set = _tokenize(eval_data, task, tokenizer, max_length, label_names, truncate, num_labels, EVAL_SPLITS) \
         if eval_data else None
@@ -162,6 +161,7 @@ def train(
         plan = dataclasses.replace(plan, modules_to_save=sorted(set(plan.modules_to_save) | set(heads)))
     set_seed(seed)  # adapter initialisation is part of the run: the same seed, the same adapter
     inject_adapters(model, plan)  # raises AdapterError if the plan does not fit this model
+    warn_if_plan_for_another_model(plan, model_dir, model)  # (it fits: a warning, not a contradiction)
     reallocation = _reallocation_callback(model, plan, train_set.examples, tokenizer.pad_token_id)
     if last is not None:
         _restore_run(last, settings, reallocation)

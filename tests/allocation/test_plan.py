@@ -137,6 +137,11 @@ def test_default_targets_are_the_roles_the_report_found():
         "q", "k", "v", "o", "gate", "up", "down"]
 
 
+def test_a_string_of_targets_is_read_as_the_cli_reads_it_not_as_characters():
+    assert alphalora.allocate(alphas=[2.0, 3.0], budget=4, target_modules="q_proj").target_modules == ["q_proj"]
+    assert alphalora.allocate(alphas=[2.0, 3.0], budget=4, target_modules="q, v").target_modules == ["q", "v"]
+
+
 def test_hetero_fields_are_validated_with_the_field_named():
     base = dict(method="hetero", base_model="m", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
                 target_modules=["q"])

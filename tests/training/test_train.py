@@ -395,6 +395,11 @@ def test_a_plan_made_for_another_model_trains_with_one_warning(llama_dir, lm_dat
                                            source={"base_fingerprint": base_fingerprint(build("llama"))})
         assert warn_if_plan_for_another_model(other_config, qwen, model)
     assert len(caplog.records) == 1
+    caplog.clear()
+    deeper = dataclasses.replace(llama_plan, experts_per_layer=[1, 1, 1], top_k_per_layer=[1, 1, 1])
+    with caplog.at_level("WARNING", logger="alphalora.training"), pytest.raises(AdapterError, match="3 layers"):
+        train(qwen, deeper, lm_data, tmp_path / "b", max_steps=1, progress=False)
+    assert not caplog.records  # no "it trains because it fits" before the error saying it does not
     assert same_model_name("Qwen/Qwen2-0.5B", "/models/Qwen2-0.5B")
     assert same_model_name("Qwen/Qwen2-0.5B", "/cache/hub/models--Qwen--Qwen2-0.5B/snapshots/0123abc")
     assert not same_model_name("meta-llama/Llama-3.2-1B", "Qwen/Qwen2-0.5B")
