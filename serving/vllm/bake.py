@@ -17,11 +17,13 @@ PLUGIN_ARCHITECTURES = {
     "mistral": "AlphaLoRAMoEMistralForCausalLM",
     "qwen2": "AlphaLoRAMoEQwen2ForCausalLM",
     "qwen3": "AlphaLoRAMoEQwen3ForCausalLM",
+    "phi3": "AlphaLoRAMoEPhi3ForCausalLM",
     "gemma": "AlphaLoRAMoEGemmaForCausalLM",
     "gemma2": "AlphaLoRAMoEGemma2ForCausalLM",
     "gemma3_text": "AlphaLoRAMoEGemma3ForCausalLM",
 }
-PLUGIN_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+PLUGIN_MODULES = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                  "down_proj"}
 NATIVE = "serve it with the native engine (`alphalora serve --engine native`)"
 
 

@@ -15,9 +15,11 @@ from torch import nn
 from alphalora.adapters.routing import dense_gates, top_k_gates
 from alphalora.spectral.roles import block_index
 
-# Hugging Face module -> (the vLLM linear it is fused into, its slice index; None: the whole linear)
+WHOLE = "whole"  # a Hugging Face module that is itself fused as vLLM fuses it (Phi-3's qkv_proj, gate_up_proj)
+# Hugging Face module -> (the vLLM linear it is fused into, its slice index; None: the whole linear, row-parallel)
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+         "qkv_proj": ("qkv_proj", WHOLE), "gate_up_proj": ("gate_up_proj", WHOLE),
          "o_proj": ("o_proj", None), "down_proj": ("down_proj", None)}
 
 
@@ -28,7 +30,9 @@ class SliceSpec:
     name: str  # the Hugging Face module name, e.g. model.layers.0.self_attn.k_proj
     offset: int  # first output column of the slice in this rank's output
     size: int  # output columns of the slice on this rank
-    rows: tuple[int, int]  # [start, stop) of the module's full output rows held by this rank (lora_B rows)
+    # the [start, stop) ranges of the module's full output rows this rank holds (lora_B rows), in output order:
+    # one, or one per fused part where the module is a whole fused one (q, k, v of Phi-3's qkv_proj)
+    rows: tuple[tuple[int, int], ...]
     cols: tuple[int, int] | None = None  # [start, stop) of its input columns on this rank (row-parallel only)
 
 
@@ -47,15 +51,29 @@ def column_slices(linear) -> list[tuple[int, int, int]]:
     return [(sum(sizes[:i]), size, rank * size) for i, size in enumerate(sizes)]
 
 
-def slice_spec(hf_name: str, linear, index: int | None) -> SliceSpec:
-    """Where module `hf_name` sits in `linear`: slice `index` of a fused column-parallel linear, or
-    (index None) the whole of a row-parallel one, whose input this rank holds only a share of."""
+def full_sizes(linear) -> list[int]:
+    """The full (all ranks') output width of each part of a fused column-parallel linear: q, k, v or gate, up."""
+    if hasattr(linear, "num_kv_heads"):
+        kv = linear.total_num_kv_heads * linear.head_size
+        return [linear.total_num_heads * linear.head_size, kv, kv]
+    return list(linear.output_sizes)
+
+
+def slice_spec(hf_name: str, linear, index: int | str | None) -> SliceSpec:
+    """Where module `hf_name` sits in `linear`: slice `index` of a fused column-parallel linear, all of its
+    slices (index WHOLE: a module fused as vLLM fuses it, whose rows run q, k, v or gate, up), or (index
+    None) the whole of a row-parallel one, whose input this rank holds only a share of."""
+    if index == WHOLE:
+        slices = column_slices(linear)
+        bases = [sum(full_sizes(linear)[:i]) for i in range(len(slices))]  # where each part starts in the module
+        rows = tuple((base + start, base + start + size) for base, (_, size, start) in zip(bases, slices, strict=True))
+        return SliceSpec(hf_name, 0, sum(size for _, size, _ in slices), rows)
     if index is not None:
         offset, size, start = column_slices(linear)[index]
-        return SliceSpec(hf_name, offset, size, (start, start + size))
+        return SliceSpec(hf_name, offset, size, ((start, start + size),))
     out, cols = linear.output_size, linear.input_size_per_partition
     start = linear.tp_rank * cols
-    return SliceSpec(hf_name, 0, out, (0, out), (start, start + cols))
+    return SliceSpec(hf_name, 0, out, ((0, out),), (start, start + cols))
 
 
 class ModuleMixture(nn.Module):
@@ -80,7 +98,7 @@ class ModuleMixture(nn.Module):
         if spec.cols is not None:
             lora_A = lora_A[:, :, spec.cols[0]: spec.cols[1]]
             router = router[:, spec.cols[0]: spec.cols[1]] if router is not None else None
-        lora_B = lora_B[:, spec.rows[0]: spec.rows[1], :]
+        lora_B = torch.cat([lora_B[:, start:stop, :] for start, stop in spec.rows], dim=1)
         self.lora_A.copy_(lora_A.reshape(-1, lora_A.shape[-1]))
         self.lora_B.copy_(lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1))
         if self.router is not None:
@@ -165,7 +183,7 @@ def build_mixtures(module_names: list[str], shapes: dict[str, tuple[int, ...]], 
         experts, rank, in_features = shapes[f"{hf_name}.lora_A"]
         width = spec.cols[1] - spec.cols[0] if spec.cols else in_features
         layer = block_index(hf_name)
-        mixture = ModuleMixture(experts, plan["top_k_per_layer"][layer], rank, width, spec.rows[1] - spec.rows[0],
+        mixture = ModuleMixture(experts, plan["top_k_per_layer"][layer], rank, width, spec.size,
                                 plan["lora_alpha"] / rank, dtype)
         grouped.setdefault(f"{parent}.{target}", []).append((spec, mixture))
     built = {}

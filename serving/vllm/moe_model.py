@@ -1,5 +1,5 @@
-"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2, Qwen3 and Gemma 1 to 3 (loaded by the
-plugin).
+"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 1 to 3 (loaded
+by the plugin).
 
 A baked model folder is the base model's folder plus `alphalora_adapter/` (our adapter folder) and
 a config.json whose `architectures` names one of these classes (see `bake.py`). The base model is
@@ -24,6 +24,7 @@ from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.phi3 import Phi3ForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
@@ -87,6 +88,10 @@ class MoELoRAQwen2ForCausalLM(MoELoRAMixin, Qwen2ForCausalLM):
 
 class MoELoRAQwen3ForCausalLM(MoELoRAMixin, Qwen3ForCausalLM):
     """Qwen3 with a baked MoE-LoRA adapter (its per-head q/k norms are vLLM's own, after the hooked qkv_proj)."""
+
+
+class MoELoRAPhi3ForCausalLM(MoELoRAMixin, Phi3ForCausalLM):
+    """Phi-3 with a baked MoE-LoRA adapter: its own fused qkv_proj and gate_up_proj are vLLM's, one mixture each."""
 
 
 class MoELoRAGemmaForCausalLM(MoELoRAMixin, GemmaForCausalLM):

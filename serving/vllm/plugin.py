@@ -8,6 +8,7 @@ ARCHITECTURES = {
     "AlphaLoRAMoEMistralForCausalLM": "MoELoRAMistralForCausalLM",
     "AlphaLoRAMoEQwen2ForCausalLM": "MoELoRAQwen2ForCausalLM",
     "AlphaLoRAMoEQwen3ForCausalLM": "MoELoRAQwen3ForCausalLM",
+    "AlphaLoRAMoEPhi3ForCausalLM": "MoELoRAPhi3ForCausalLM",
     "AlphaLoRAMoEGemmaForCausalLM": "MoELoRAGemmaForCausalLM",
     "AlphaLoRAMoEGemma2ForCausalLM": "MoELoRAGemma2ForCausalLM",
     "AlphaLoRAMoEGemma3ForCausalLM": "MoELoRAGemma3ForCausalLM",

@@ -26,6 +26,7 @@ def _linears(tp: int, rank: int, prefix: str = "model.layers.0") -> dict:
     return {
         f"{prefix}.self_attn.qkv_proj": SimpleNamespace(tp_rank=rank, tp_size=tp, num_heads=HEADS // tp, head_size=HEAD,
                                                         num_kv_heads=kv, num_kv_head_replicas=max(1, tp // KV_HEADS),
+                                                        total_num_heads=HEADS, total_num_kv_heads=KV_HEADS,
                                                         output_size_per_partition=qkv_width),
         f"{prefix}.mlp.gate_up_proj": SimpleNamespace(tp_rank=rank, tp_size=tp, output_sizes=[INTER, INTER],
                                                       output_size_per_partition=2 * INTER // tp),
@@ -57,6 +58,18 @@ def _mixtures(adapter, tp: int, rank: int, all_reduce=None, dtype=torch.float32)
     return built
 
 
+@pytest.fixture(scope="module")
+def phi3_adapter(tmp_path_factory):
+    """Phi-3's own fused qkv_proj and gate_up_proj adapted as wholes (one router each), as vLLM fuses them."""
+    folder = own_adapter(tmp_path_factory.mktemp("mix") / "phi3", "phi3", (3, 2), rank_pattern={"qkv": 2},
+                         targets=("qkv", "o", "gate_up", "down"))
+    from alphalora.adapters.io import load_adapter, read_adapter_config
+
+    model = build("phi3", 0, **VLLM_TINY)
+    load_adapter(model, folder)
+    return read_adapter_config(folder), load_file(str(folder / "adapter_model.safetensors")), model
+
+
 def _native_delta(model, name: str, x: torch.Tensor) -> torch.Tensor:
     layer = model.get_submodule(f"model.layers.0.{name}")
     with torch.no_grad():
@@ -77,6 +90,27 @@ def test_fused_qkv_and_gate_up_slices_each_get_their_own_modules_mixture(adapter
         rows = slice(rank * INTER // tp, (rank + 1) * INTER // tp)
         expected = torch.cat([gate[:, rows], up[:, rows]], dim=1)
         torch.testing.assert_close(built["model.layers.0.mlp.gate_up_proj"].delta(x), expected)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_module_fused_as_vllm_fuses_it_keeps_one_mixture_across_its_slices(phi3_adapter, tp):
+    """Phi-3's qkv_proj (rows q, k, v) and gate_up_proj (gate, up): each rank holds its share of every part, all
+    gated by the module's one router."""
+    model = phi3_adapter[2]
+    x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(0))
+    qkv = _native_delta(model, "self_attn.qkv_proj", x)
+    q, k, v = qkv.split([HEADS * HEAD, KV_HEADS * HEAD, KV_HEADS * HEAD], dim=1)
+    gate, up = _native_delta(model, "mlp.gate_up_proj", x).split([INTER, INTER], dim=1)
+    for rank in range(tp):
+        built = _mixtures(phi3_adapter, tp, rank)
+        assert [len(m.mixtures) for m in built.values()] == [1, 1, 1, 1]
+        q_rows = slice(rank * HEADS // tp * HEAD, (rank + 1) * HEADS // tp * HEAD)  # one KV head: replicated
+        # (float32 sums in another order: deltas of order 1 agree to 1e-5 relative)
+        torch.testing.assert_close(built["model.layers.0.self_attn.qkv_proj"].delta(x),
+                                   torch.cat([q[:, q_rows], k, v], dim=1), rtol=1e-4, atol=1e-5)
+        rows = slice(rank * INTER // tp, (rank + 1) * INTER // tp)
+        torch.testing.assert_close(built["model.layers.0.mlp.gate_up_proj"].delta(x),
+                                   torch.cat([gate[:, rows], up[:, rows]], dim=1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,width", [("self_attn.o_proj", HIDDEN), ("mlp.down_proj", INTER)])

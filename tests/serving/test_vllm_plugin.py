@@ -1,5 +1,5 @@
-"""MoE-LoRA adapters (Llama, Mistral, Qwen2, Qwen3, Gemma 1 to 3) on real vLLM through the alphalora plugin
-equal the native engine.
+"""MoE-LoRA adapters (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 to 3) on real vLLM through the alphalora
+plugin equal the native engine.
 
 `alphalora serve --engine vllm --adapter moe=DIR` bakes the adapter into a model folder whose
 architecture is the plugin's class; vLLM fuses q/k/v and gate/up, and the plugin adds each
@@ -28,7 +28,7 @@ def _two_cpus() -> list[int] | None:
 # Llama runs tensor-parallel over 2 CPU workers: q heads split, the one KV head replicated, o_proj and
 # down_proj all-reduced, so the plugin's sharding is checked on real vLLM too.
 @pytest.mark.parametrize("family,tensor_parallel", [("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
-                                                    ("gemma", 1), ("gemma2", 1), ("gemma3", 1)])
+                                                    ("phi3", 1), ("gemma", 1), ("gemma2", 1), ("gemma3", 1)])
 def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, family, tensor_parallel):
     python = require_vllm()
     # A vLLM environment was named (or vLLM imports here, where this package is installed): without the
@@ -43,7 +43,10 @@ def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, fami
         extra = ["--tensor-parallel-size", str(tensor_parallel)]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, cpus))}  # one core per worker
     model = tiny_model(tmp_path / f"tiny-{family}", family)
-    adapters = {"moe": own_adapter(tmp_path / "moe", family, (3, 2), rank_pattern={"v": 2, "up": 8}, seed=7)}
+    # Phi-3's own fused qkv_proj and gate_up_proj are adapted as wholes
+    fields = dict(targets=("qkv", "o", "gate_up", "down"), rank_pattern={"qkv": 2}) if family == "phi3" else \
+        dict(rank_pattern={"v": 2, "up": 8})
+    adapters = {"moe": own_adapter(tmp_path / "moe", family, (3, 2), seed=7, **fields)}
     native = native_greedy(model, adapters, "moe")
     assert native != native_greedy(model, adapters, None)
     server = VLLMServer(model, adapters, tmp_path, extra, env)
