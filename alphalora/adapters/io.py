@@ -18,6 +18,7 @@ from alphalora.allocation.plan import Plan, PlanFormatError
 from alphalora.spectral.weights import unwrap_compiled
 
 from .inject import (
+    CLASSIFIER_HEADS,
     AdapterError,
     AdapterState,
     adapter_parameters,
@@ -121,13 +122,19 @@ def _shortcut_path(model: nn.Module, state: AdapterState, name: str) -> str:
     return next(path for path, m in model.named_modules() if m is module)
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = False) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = False,
+                 label_names: list[str] | None = None) -> Path:
     """Writes the adapter weights and config; the config goes last, so a folder without it is
     never mistaken for a complete adapter. `drop_disabled` leaves out switched-off modules
     (the final adapter of a dynamic HeteroLoRA run); checkpoints keep them. A torch.compile'd model saves the
-    adapter of the model it wraps, under that model's names."""
+    adapter of the model it wraps, under that model's names.
+
+    An adapter that saves a classification head records its classes (`num_labels`, `id2label`): the base
+    model must be loaded with that many labels to take the head. `label_names` names them by index (the
+    training data's class names); without it the model config's id2label does."""
     model = unwrap_compiled(model)
     state = adapter_state(model)
+    labels = _recorded_labels(model, state.plan, label_names)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(model).items()}
@@ -146,6 +153,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "weights_sha256": digest,  # checked at load: a flipped bit in the weights is refused, not served
     }
+    config.update(labels)
     can_generate = getattr(model, "can_generate", None)  # transformers' models: a causal LM generates, BERT does not
     if callable(can_generate):
         config["can_generate"] = bool(can_generate())  # the PEFT export's task_type follows it
@@ -154,6 +162,25 @@ def save_adapter(model: nn.Module, out_dir: str | Path, drop_disabled: bool = Fa
         config["base_config"] = architecture  # what the fingerprint hashes, so a refusal can name the difference
     write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _classifier_heads(plan: Plan) -> list[str]:
+    """The sequence-classification heads (BERT's `classifier`, a decoder's `score`) the adapter saves."""
+    return [name for name in plan.modules_to_save if name.rpartition(".")[2] in CLASSIFIER_HEADS]
+
+
+def _recorded_labels(model: nn.Module, plan: Plan, label_names: list[str] | None) -> dict[str, Any]:
+    """{"num_labels", "id2label"} of a model whose classification head the adapter saves, else {}."""
+    config = getattr(model, "config", None)
+    if not _classifier_heads(plan) or getattr(config, "num_labels", None) is None:
+        return {}
+    num_labels = config.num_labels
+    names = list(label_names) if label_names is not None else [
+        str(config.id2label.get(index, index)) for index in range(num_labels)]
+    if len(names) != num_labels:
+        raise AdapterError(f"{len(names)} label names {names[:5]} for a model with {num_labels} labels; pass one "
+                           "name per class of the model's head")
+    return {"num_labels": num_labels, "id2label": {str(index): str(name) for index, name in enumerate(names)}}
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
@@ -176,7 +203,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 
 # Required fields of an adapter config and their types; then the optional ones (older configs lack them).
 _CONFIG_FIELDS = {"base_model": str, "base_fingerprint": str, "plan": dict, "module_names": list}
-_OPTIONAL_CONFIG_FIELDS = {"weights_sha256": str, "base_config": dict, "num_parameters": int, "can_generate": bool}
+_OPTIONAL_CONFIG_FIELDS = {"weights_sha256": str, "base_config": dict, "num_parameters": int, "can_generate": bool,
+                           "num_labels": int, "id2label": dict}
 
 
 def _check_config_fields(config: dict[str, Any], path: Path) -> None:
@@ -190,6 +218,21 @@ def _check_config_fields(config: dict[str, Any], path: Path) -> None:
                                f"got {type(config[name]).__name__} {config[name]!r:.60}")
     if not all(isinstance(name, str) for name in config["module_names"]):
         raise AdapterError(f"adapter config {path}: module_names must be a list of module names")
+    _check_labels(config, path)
+
+
+def _check_labels(config: dict[str, Any], path: Path) -> None:
+    """num_labels (a positive count) and id2label ("0" .. "num_labels - 1" -> class name) agree, where recorded."""
+    num_labels, id2label = config.get("num_labels"), config.get("id2label")
+    if num_labels is not None and (isinstance(num_labels, bool) or num_labels < 1):
+        raise AdapterError(f"adapter config {path}: num_labels must be a positive integer, got {num_labels!r}")
+    if id2label is None:
+        return
+    count = len(id2label) if num_labels is None else num_labels
+    if set(id2label) != {str(index) for index in range(count)} or \
+            not all(isinstance(name, str) for name in id2label.values()):
+        raise AdapterError(f"adapter config {path}: id2label must map each class index \"0\" .. \"{count - 1}\" "
+                           f"(num_labels {count}) to its name, got {id2label!r:.80}; re-train or fix the config")
 
 
 def check_weights_file(folder: Path, config: dict[str, Any]) -> Path:
@@ -219,18 +262,41 @@ def _load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tenso
         raise AdapterError(f"{weights} is corrupt or truncated ({error}); re-save or re-download it") from error
 
 
-def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, config: dict[str, Any]) -> None:
     params = adapter_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise AdapterError(f"{folder / WEIGHTS_NAME} does not match its plan: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
+    heads = tuple(f"{name}." for name in _classifier_heads(Plan.from_dict(config["plan"])))
     for name, param in params.items():  # every shape before any copy: a refused file changes no weight
-        if tensors[name].shape != param.shape:
-            raise AdapterError(f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
+        saved = tensors[name]
+        if saved.shape != param.shape:
+            problem = f"{name}: saved shape {tuple(saved.shape)} != {tuple(param.shape)}"
+            if name.startswith(heads) and saved.shape[:1] != param.shape[:1]:  # a head's rows: its classes
+                problem += _other_label_count(model, saved, config, folder)
+            raise AdapterError(problem)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
+
+
+def _other_label_count(model: nn.Module, saved: torch.Tensor, config: dict[str, Any], folder: Path) -> str:
+    """Why a classification head does not fit (the model was loaded with another num_labels), and the fix."""
+    trained = config.get("num_labels", saved.shape[0])  # older adapters record no num_labels: the head's rows tell
+    has = getattr(getattr(model, "config", None), "num_labels", "another number of")
+    return (f": the adapter was trained with {trained} labels and this model has {has}; load the base model with "
+            f"AutoModelForSequenceClassification.from_pretrained(base, num_labels={trained}"
+            f"{_id2label_argument(config, folder)})")
+
+
+def _id2label_argument(config: dict[str, Any], folder: Path, shown: int = 12) -> str:
+    id2label = config.get("id2label")
+    if id2label is None:
+        return ""
+    if len(id2label) > shown:
+        return f", id2label=<the id2label in {folder / CONFIG_NAME}>"
+    return f", id2label={dict(sorted((int(index), name) for index, name in id2label.items()))}"
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
@@ -245,7 +311,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
 
     if shape(saved) != shape(state.plan):
         raise AdapterError(f"{folder} was saved with a different plan than the model's adapter")
-    _copy_weights(model, _load_weights(folder, config), folder)
+    _copy_weights(model, _load_weights(folder, config), folder, config)
     state.set_disabled(model, saved.disabled_modules)  # a dynamic HeteroLoRA checkpoint's selection
 
 
@@ -271,5 +337,5 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, check_base: bool = T
     tensors = _load_weights(folder, config)
     with unchanged_on_error(model):
         state = inject_adapters(model, Plan.from_dict(config["plan"]))
-        _copy_weights(model, tensors, folder)
+        _copy_weights(model, tensors, folder, config)
     return state

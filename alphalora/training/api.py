@@ -84,6 +84,9 @@ def load_model_and_data(model_dir: str | Path, data: str | Path, task: str, *, m
         label_names = probe.label_names
         num_labels = count_classes(probe, str(data))
     model, tokenizer = load_base(model_dir, task, num_labels, torch.bfloat16 if bf16 else torch.float32)
+    if label_names:  # the classes by name in the model's config, which checkpoints and the adapter record
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: index for index, name in enumerate(label_names)}
     limit = _context_length(model, tokenizer)
     if max_length is not None and max_length > limit:
         raise DataError(f"--max-length {max_length} exceeds the model's context of {limit}")
@@ -190,7 +193,7 @@ def train(
     rounds = reallocation.history if reallocation is not None else []
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes
     if main_process:
-        save_adapter(model, out, drop_disabled=True)
+        save_adapter(model, out, drop_disabled=True, label_names=label_names)
         tokenizer.save_pretrained(out)
         write_text_atomic(out / "trainer_log.json", json.dumps(
             {"log_history": trainer.state.log_history, "label_names": label_names, "reallocations": rounds},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def read_rows(path: str | Path, splits: tuple[str, ...] = TRAIN_SPLITS) -> list[
 
 def _read_jsonl(source: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    # JSON Lines separates rows by "\n" alone: str.splitlines() would also split inside a string holding
+    # U+2028, U+2029 or U+0085, which JSON leaves unescaped. A "\r" before the "\n" is JSON whitespace.
+    for number, line in enumerate(_jsonl_text(source).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -56,6 +59,18 @@ def _read_jsonl(source: Path) -> list[dict[str, Any]]:
             raise DataError(f"{source}:{number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _jsonl_text(source: Path) -> str:
+    """The file's text, read as UTF-8 (a leading byte order mark, which some Windows editors write, dropped)."""
+    data = source.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{source}:{line} is not UTF-8 (byte {error.start}, 0x{data[error.start]:02x}: "
+                        f"{error.reason}); save the file as UTF-8") from error
+    return text.removeprefix("\ufeff")
 
 
 def _read_dataset_folder(source: Path, splits: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -130,20 +145,39 @@ def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
+def _text(row: dict[str, Any], field: str, where: str) -> str:
+    """A row's text field; any other JSON value is refused (str() of it would train on '5' or "['a']")."""
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {field} is {_json_kind(value)} ({value!r:.40}), not a string; write it as a "
+                        "JSON string (in quotes)")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "an object" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+
 def prompt_and_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
     """The (prompt, completion) of a causal-LM row in any of the accepted shapes (null fields count as absent)."""
     if _given(row, "prompt") and _given(row, "completion"):
-        return str(row["prompt"]), str(row["completion"])
+        return _text(row, "prompt", where), _text(row, "completion", where)
     if _given(row, "instruction") and _given(row, "output"):
-        extra = str(row.get("input") or "")
+        extra = _text(row, "input", where) if _given(row, "input") else ""
         prompt = INSTRUCTION_TEMPLATE.format(
             context=", paired with an input that provides further context" if extra else "",
-            instruction=row["instruction"],
+            instruction=_text(row, "instruction", where),
             input_block=f"### Input:\n{extra}\n\n" if extra else "",
         )
-        return prompt, str(row["output"])
+        return prompt, _text(row, "output", where)
     if _given(row, "text"):
-        return "", str(row["text"])
+        return "", _text(row, "text", where)
     raise _null_field_error(row, where)
 
 
@@ -161,8 +195,9 @@ def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str, truncate: 
 
     A row longer than `max_length` is an error, or with `truncate` loses tokens from its start: the
     leading BOS token is kept and then the last max_length - 1 tokens, so the completion and its EOS
-    (the tokens the loss is on) survive and the prompt's beginning is cut first."""
-    examples = []
+    (the tokens the loss is on) survive and the prompt's beginning is cut first. A cut that leaves a row
+    nothing to train on (max_length 1) is an error, not a row that adds nothing to the loss."""
+    examples, emptied = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for number, row in enumerate(rows, start=1):
         prompt, completion = prompt_and_completion(row, f"{source} row {number}")
@@ -175,9 +210,29 @@ def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str, truncate: 
             if not truncate:
                 raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
                                 f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
+            trained_before = _trains_on_a_token(labels)
             ids, labels = keep_end(ids, labels, max_length, tokenizer.bos_token_id)
+            if trained_before and not _trains_on_a_token(labels):
+                emptied.append(number)
         examples.append({"input_ids": ids, "labels": labels})
+    if emptied:
+        raise DataError(f"{source}: --max-length {max_length} with --truncate leaves {len(emptied)} of "
+                        f"{len(examples)} rows ({_listed_rows(emptied)}) no completion token to train on (a "
+                        "sequence's first token is never predicted); pass a larger --max-length")
     return TokenizedData(examples)
+
+
+def _trains_on_a_token(labels: list[int]) -> bool:
+    """Whether a causal-LM example has a token in the loss: a label other than -100 after the first token (a
+    causal LM predicts token i from the tokens before it, so the first token's label is never used)."""
+    return any(label != -100 for label in labels[1:])
+
+
+def _listed_rows(numbers: list[int], shown: int = 5) -> str:
+    """'row 3', 'rows 1, 2 and 4', 'rows 1, 2, 3, 4, 5 and 7 more'."""
+    if len(numbers) <= shown:
+        return f"row{'s' if len(numbers) > 1 else ''} {_listed([str(n) for n in numbers])}"
+    return f"rows {', '.join(str(n) for n in numbers[:shown])} and {len(numbers) - shown} more"
 
 
 def keep_end(ids: list[int], labels: list[int], max_length: int, bos: int | None) -> tuple[list[int], list[int]]:
@@ -196,7 +251,7 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
     labels = [r["label"] for r in rows if _given(r, "label")]
     if len({isinstance(label, int) for label in labels}) > 1:
         raise DataError(f"{source} mixes class indices and class names as labels; use one or the other")
-    names = label_names or sorted({str(label) for label in labels if not isinstance(label, int)}) or None
+    names = label_names or _ordered_names({str(label) for label in labels if not isinstance(label, int)}) or None
     examples = []
     for number, row in enumerate(rows, start=1):
         text, label = _classification_fields(row, f"{source} row {number}")
@@ -208,7 +263,7 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
             raise DataError(f"{source} row {number}: label {label} is negative; labels are class indices 0, 1, ... "
                             "or class names")
         cut = {"truncation": True, "max_length": max_length} if truncate else {}
-        ids = tokenizer(str(text), add_special_tokens=True, **cut)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True, **cut)["input_ids"]
         if len(ids) > max_length:
             raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
                             f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
@@ -216,12 +271,23 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
     return TokenizedData(examples, names)
 
 
-def _classification_fields(row: dict[str, Any], where: str) -> tuple[Any, Any]:
+_INTEGER_NAME = re.compile(r"[+-]?[0-9]+")
+
+
+def _ordered_names(names: set[str]) -> list[str]:
+    """Class names in index order: numerically where every name is an integer ("2" before "10", so "0".."11"
+    keep their own numbers as indices), else sorted as strings."""
+    if names and all(_INTEGER_NAME.fullmatch(name) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
+
+def _classification_fields(row: dict[str, Any], where: str) -> tuple[str, Any]:
     """(text, label) of a classification row (text from `text`, else `sentence`); null counts as absent."""
-    text = row["text"] if _given(row, "text") else row.get("sentence")
-    label = row.get("label")
+    text_field = "text" if _given(row, "text") else "sentence"
+    text, label = row.get(text_field), row.get("label")
     if text is not None and label is not None:
-        return text, label
+        return _text(row, text_field, where), label
     missing = [name for name, value in (("text", text), ("label", label)) if value is None]
     null = [name for name in missing if name in row or (name == "text" and "sentence" in row)]
     if null == missing:

@@ -1,5 +1,6 @@
-"""Training data checks: --truncate cuts long rows the documented way; classification labels are class indices
-or names, with at least two classes."""
+"""Training data checks: JSONL is UTF-8 JSON Lines (a byte order mark allowed), text fields are strings, --truncate
+cuts long rows the documented way and never to nothing; classification labels are class indices or names (integer
+names in numeric order), with at least two classes."""
 
 from __future__ import annotations
 
@@ -200,3 +201,100 @@ def test_an_empty_or_corrupt_datasets_folder_is_a_clear_error(tmp_path):
         with pytest.raises(DataError, match=f"{name} is not a readable `datasets` folder \\({problem}.*save the "
                                             "dataset again with `save_to_disk`"):
             read_rows(tmp_path / name)
+
+
+def _write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_that_is_not_utf8_is_a_data_error_naming_the_line_byte_and_fix(tmp_path):
+    """A Latin-1 'café' used to escape as a raw UnicodeDecodeError traceback."""
+    from alphalora.training.data import read_rows
+
+    data = b'{"text": "the cat"}\n{"text": "caf\xe9"}\n'
+    path = _write_bytes(tmp_path / "latin1.jsonl", data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin1.jsonl:2 is not UTF-8 \(byte {offset}, 0xe9: .*\); save the file as "
+                                        "UTF-8"):
+        read_rows(path)
+
+
+def test_rows_split_on_newlines_alone(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped inside strings; str.splitlines() cut rows there."""
+    from alphalora.training.data import read_rows
+
+    tok = tiny_tokenizer("llama")
+    rows = [{"prompt": "the cat\u2028sat on", "completion": "the\u2029mat"}, {"text": "red\x85green blue"}]
+    path = _write_bytes(tmp_path / "d.jsonl", "\n".join(json.dumps(row, ensure_ascii=False) for row in rows).encode())
+    assert read_rows(path) == rows
+    spaced = [{"prompt": "the cat sat on", "completion": "the mat"}, {"text": "red green blue"}]
+    assert tokenize_causal_lm(read_rows(path), tok, 64, "d").examples == \
+        tokenize_causal_lm(spaced, tok, 64, "d").examples  # the tokenizer splits words at those separators too
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_the_plain_file(tmp_path):
+    """Windows editors save UTF-8 with a byte order mark, which used to fail as invalid JSON on line 1."""
+    from alphalora.training.data import read_rows
+
+    tok = tiny_tokenizer("llama")
+    lines = [json.dumps({"prompt": "the cat sat on", "completion": "the mat"}), json.dumps({"text": "red green"})]
+    plain = _write_bytes(tmp_path / "plain.jsonl", "\n".join(lines).encode())
+    windows = _write_bytes(tmp_path / "windows.jsonl", b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert read_rows(windows) == read_rows(plain)
+    assert tokenize_causal_lm(read_rows(windows), tok, 64, "d").examples == \
+        tokenize_causal_lm(read_rows(plain), tok, 64, "d").examples
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": 5, "completion": "the mat"}, r"d row 2: prompt is a number \(5\), not a string"),
+    ({"prompt": "the cat", "completion": ["the mat"]}, r"d row 2: completion is a list \(\['the mat'\]\), not a"),
+    ({"instruction": "count", "input": {"n": 2}, "output": "three"}, r"d row 2: input is an object \(\{'n': 2\}\)"),
+    ({"instruction": "count", "input": 0, "output": "three"}, r"d row 2: input is a number \(0\)"),
+    ({"instruction": 7, "output": "three"}, "d row 2: instruction is a number"),
+    ({"text": True}, r"d row 2: text is a boolean \(True\), not a string; write it as a JSON string \(in quotes\)"),
+])
+def test_a_causal_lm_text_field_that_is_not_a_string_is_refused(row, message):
+    """These used to train on str() of the value: '5', "['the mat']", 'True'."""
+    tok = tiny_tokenizer("llama")
+    with pytest.raises(DataError, match=message):
+        tokenize_causal_lm([{"text": "the cat"}, row], tok, 64, "d")
+
+
+def test_a_classification_text_that_is_not_a_string_is_refused(tmp_path):
+    tok = tiny_tokenizer("bert")
+    with pytest.raises(DataError, match=r"d row 2: sentence is a list \(\['red'\]\), not a string"):
+        tokenize_classification([{"text": "the cat", "label": 0}, {"sentence": ["red"], "label": 1}], tok, 64, "d")
+    from alphalora.allocation import Plan
+
+    model_dir = save_tiny("bert", tmp_path / "model")
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("\n".join(json.dumps({"text": text, "label": n % 2}) for n, text in enumerate(["the cat", 12])))
+    plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
+                target_modules=["q"], rank=2)
+    with pytest.raises(DataError, match=r"numbers.jsonl row 2: text is a number \(12\), not a string"):
+        train(model_dir, plan, data, tmp_path / "a", task="classification", max_steps=1, progress=False)
+
+
+def test_truncation_that_leaves_no_completion_token_is_refused():
+    """Cut to one token a row keeps only its EOS, which a causal LM never predicts (nothing before it): the run
+    trained on nothing, with a train loss of 0. Two tokens keep BOS and EOS, and EOS is trained."""
+    tok = tiny_tokenizer("llama")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    rows = [{"text": "one two three"}, {"prompt": "the cat sat", "completion": "on"}, {"text": "red"}]
+    with pytest.raises(DataError, match=r"d: --max-length 1 with --truncate leaves 3 of 3 rows \(rows 1, 2 and 3\) no "
+                                        r"completion token to train on .*; pass a larger --max-length"):
+        tokenize_causal_lm(rows, tok, 1, "d", truncate=True)
+    assert tokenize_causal_lm(rows[:1], tok, 2, "d", truncate=True).examples == [
+        {"input_ids": [bos, eos], "labels": [-100, eos]}]
+
+
+def test_integer_class_names_are_ordered_numerically():
+    """Labels "0" .. "11" used to be indexed in string order ("10" before "2"), so row label "2" trained class 3."""
+    tok = tiny_tokenizer("bert")
+    rows = [{"text": "the cat", "label": str(n)} for n in (11, 2, 0, 10, 1, 3, 4, 5, 6, 7, 8, 9)]
+    got = tokenize_classification(rows, tok, 64, "d")
+    assert got.label_names == [str(n) for n in range(12)]
+    assert [e["labels"] for e in got.examples] == [int(r["label"]) for r in rows]
+    words = tokenize_classification([{"text": "a", "label": name} for name in ("b", "10", "a", "2")], tok, 64, "d")
+    assert words.label_names == ["10", "2", "a", "b"]  # not all integers: string order, as before
