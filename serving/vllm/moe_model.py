@@ -1,5 +1,5 @@
-"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 1 to 3 (loaded
-by the plugin).
+"""vLLM models with one MoE-LoRA adapter baked in: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 to 3 and the
+mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE (loaded by the plugin).
 
 A baked model folder is the base model's folder plus `alphalora_adapter/` (our adapter folder) and
 a config.json whose `architectures` names one of these classes (see `bake.py`). The base model is
@@ -24,9 +24,12 @@ from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.phi3 import Phi3ForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from .bake import ADAPTER_SUBDIR
 from .mixture import build_mixtures
@@ -92,6 +95,18 @@ class MoELoRAQwen3ForCausalLM(MoELoRAMixin, Qwen3ForCausalLM):
 
 class MoELoRAPhi3ForCausalLM(MoELoRAMixin, Phi3ForCausalLM):
     """Phi-3 with a baked MoE-LoRA adapter: its own fused qkv_proj and gate_up_proj are vLLM's, one mixture each."""
+
+
+class MoELoRAMixtralForCausalLM(MoELoRAMixin, MixtralForCausalLM):
+    """Mixtral with a baked MoE-LoRA adapter on its attention (its experts are vLLM's fused MoE, unadapted)."""
+
+
+class MoELoRAQwen2MoeForCausalLM(MoELoRAMixin, Qwen2MoeForCausalLM):
+    """Qwen2-MoE with a baked MoE-LoRA adapter on its attention and shared expert."""
+
+
+class MoELoRAQwen3MoeForCausalLM(MoELoRAMixin, Qwen3MoeForCausalLM):
+    """Qwen3-MoE with a baked MoE-LoRA adapter on its attention and dense MLP blocks (mlp_only_layers)."""
 
 
 class MoELoRAGemmaForCausalLM(MoELoRAMixin, GemmaForCausalLM):

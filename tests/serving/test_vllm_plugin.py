@@ -14,8 +14,10 @@ import os
 import httpx
 import pytest
 
+from alphalora import allocate, analyze
 from alphalora.serving.vllm.launch import find_vllm
-from tests.serving.vllm_helpers import VLLMServer, native_greedy, own_adapter, require_vllm, tiny_model
+from tests.serving.vllm_helpers import VLLMServer, native_greedy, own_adapter, require_vllm, tiny_model, tiny_overrides
+from tests.tiny_models import MOE_FAMILIES, build
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,8 @@ def _two_cpus() -> list[int] | None:
 # Llama runs tensor-parallel over 2 CPU workers: q heads split, the one KV head replicated, o_proj and
 # down_proj all-reduced, so the plugin's sharding is checked on real vLLM too.
 @pytest.mark.parametrize("family,tensor_parallel", [("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
-                                                    ("phi3", 1), ("gemma", 1), ("gemma2", 1), ("gemma3", 1)])
+                                                    ("phi3", 1), ("gemma", 1), ("gemma2", 1), ("gemma3", 1),
+                                                    ("mixtral", 1), ("qwen2_moe", 1), ("qwen3_moe", 1)])
 def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, family, tensor_parallel):
     python = require_vllm()
     # A vLLM environment was named (or vLLM imports here, where this package is installed): without the
@@ -46,6 +49,9 @@ def test_moe_lora_adapter_through_the_plugin_equals_native_engine(tmp_path, fami
     # Phi-3's own fused qkv_proj and gate_up_proj are adapted as wholes
     fields = dict(targets=("qkv", "o", "gate_up", "down"), rank_pattern={"qkv": 2}) if family == "phi3" else \
         dict(rank_pattern={"v": 2, "up": 8})
+    if family in MOE_FAMILIES:  # where `allocate` puts adapters on a mixture-of-experts base: not on its experts
+        base = build(family, 0, **tiny_overrides(family))
+        fields["targets"] = allocate(analyze(base), method="uniform", budget=2).target_modules
     adapters = {"moe": own_adapter(tmp_path / "moe", family, (3, 2), seed=7, **fields)}
     native = native_greedy(model, adapters, "moe")
     assert native != native_greedy(model, adapters, None)

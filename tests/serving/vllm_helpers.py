@@ -42,18 +42,18 @@ def require_vllm() -> str:
     return python
 
 
-def _tiny(family: str) -> dict:
+def tiny_overrides(family: str) -> dict:
     """VLLM_TINY, with head_dim where the family's tiny config sets its own (Qwen3's and Gemma's configs name
     theirs; Gemma 2 and 3 scale queries by their own query_pre_attn_scalar). Gemma 2 and 3 normalise each
     sub-block's output, so at VLLM_TINY's initializer range the embeddings (scaled by sqrt(hidden), tied to the
     head) outweigh every block and each greedy step repeats the last token, adapter or not: they get a smaller one."""
     if family in ("gemma2", "gemma3"):
         return dict(VLLM_TINY, head_dim=64, query_pre_attn_scalar=64, initializer_range=0.02)
-    return dict(VLLM_TINY, head_dim=64) if family in ("qwen3", "gemma") else VLLM_TINY
+    return dict(VLLM_TINY, head_dim=64) if family in ("qwen3", "qwen3_moe", "gemma") else VLLM_TINY
 
 
 def tiny_model(folder: Path, family: str = "llama") -> Path:
-    return save_tiny(family, folder, **_tiny(family))
+    return save_tiny(family, folder, **tiny_overrides(family))
 
 
 def own_adapter(folder: Path, family: str, experts, rank_pattern=None, seed: int = 1, targets=ALL_TARGETS,
@@ -62,7 +62,7 @@ def own_adapter(folder: Path, family: str, experts, rank_pattern=None, seed: int
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=list(experts),
                 top_k_per_layer=[min(2, e) for e in experts], target_modules=list(targets), rank=4,
                 rank_pattern=rank_pattern or {}, lora_alpha=8.0, lora_dropout=0.0, **plan_fields)
-    model = build(family, 0, **_tiny(family))
+    model = build(family, 0, **tiny_overrides(family))
     save_adapter(with_random_adapter(model, plan, seed=seed, std=0.3), folder)
     return folder
 
