@@ -117,3 +117,16 @@ def with_random_adapter(model, plan, seed: int = 0, std: float = 0.1):
         for parameter in adapter_parameters(model).values():
             parameter.normal_(0, std)
     return model.eval()
+
+
+def save_word_model(folder, chat_template: str | None = None):
+    """A tiny Llama whose vocabulary is the tiny tokenizer's, so every token has text (the HTTP tests'
+    model), saved with `chat_template` as its tokenizer's template."""
+    from transformers import AutoTokenizer
+
+    save_tiny("llama", folder, initializer_range=0.2, max_position_embeddings=128, vocab_size=len(tiny_tokenizer()))
+    if chat_template is not None:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -14,21 +14,14 @@ from alphalora.serving.engine import SamplingParams
 from alphalora.serving.openai import build_app
 from alphalora.serving.openai.server import make_state
 from tests.serving.test_openai_api import CHAT_TEMPLATE
-from tests.tiny_models import save_tiny, tiny_tokenizer
+from tests.tiny_models import save_tiny, save_word_model
 
 PROMPT = "the cat sat on"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conventions")
-    model_dir = save_tiny("llama", root / "words", initializer_range=0.2, max_position_embeddings=128,
-                          vocab_size=len(tiny_tokenizer()))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_word_model(tmp_path_factory.mktemp("conventions") / "words", CHAT_TEMPLATE)
     state = make_state(model_dir, {}, max_num_seqs=8)
     yield TestClient(build_app(state)), state, model_dir
     state.engine.close()

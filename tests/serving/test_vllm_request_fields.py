@@ -18,7 +18,7 @@ from alphalora.allocation import Plan
 from alphalora.serving.engine import SamplingParams
 from alphalora.serving.openai import build_app
 from alphalora.serving.openai.server import make_state
-from tests.tiny_models import save_tiny, tiny_tokenizer, with_random_adapter
+from tests.tiny_models import save_tiny, save_word_model, with_random_adapter
 
 # Roles must alternate (as Llama 2's, Mistral's and Gemma's templates demand); tools and a thinking switch
 # are rendered when given.
@@ -38,13 +38,7 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("fields")
-    model_dir = save_tiny("llama", root / "words", initializer_range=0.2, max_position_embeddings=128,
-                          vocab_size=len(tiny_tokenizer()))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_word_model(root / "words", TEMPLATE)
     adapters = root / "adapters"
     for seed in (1, 2):
         _random_adapter(model_dir, adapters / f"moe{seed}", seed)
