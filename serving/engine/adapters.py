@@ -297,7 +297,8 @@ class AdapterRegistry:
 
     An adapter unloaded while sequences still use it is retired: its name is free at once (new requests
     for it are refused, or reach a new adapter of that name), and its weights stay, under a name of
-    their own, until the engine drops them after its last sequence.
+    their own and outside the LRU (never evicted, so never read again from a folder that may have changed
+    since: a load_inplace replacement, say), until the engine drops them after its last sequence.
     """
 
     def __init__(self, max_loras: int, dtype: torch.dtype, device, fits: ServedModel | None = None):
@@ -307,6 +308,7 @@ class AdapterRegistry:
         self.paths: dict[str, Path] = {}  # what the server lists: registered and not unloaded
         self.retired: dict[str, Path] = {}  # unloaded but still in use, by their retired names
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._retired_weights: dict[str, LoadedAdapter] = {}  # the retired ones' weights, pinned
         self._registrations = itertools.count()
         self._cache_keys: dict[str, str] = {}
 
@@ -321,17 +323,23 @@ class AdapterRegistry:
         self.paths.pop(name, None)
         self.retired.pop(name, None)
         self._resident.pop(name, None)
+        self._retired_weights.pop(name, None)
         self._cache_keys.pop(name, None)
 
     def retire(self, name: str) -> str:
         """Takes `name` off the list, keeping its weights under a new name (returned) for the sequences
-        that use them."""
+        that use them: pinned now (read from its folder first where the LRU had evicted them)."""
         retired = f"{name}#retired{next(self._registrations)}"
+        adapter = self._resident.pop(name, None)
+        if adapter is None:
+            try:
+                adapter = load_serving_adapter(retired, self.paths[name], self.dtype, self.device, self.fits)
+            except AdapterError:
+                adapter = None  # its folder is gone or broken: its sequences fail when they next run, as before
         self.retired[retired] = self.paths.pop(name)
         self._cache_keys[retired] = self._cache_keys.pop(name)
-        if name in self._resident:
-            self._resident = OrderedDict((retired if key == name else key, adapter)
-                                         for key, adapter in self._resident.items())
+        if adapter is not None:
+            self._retired_weights[retired] = adapter
         return retired
 
     def cache_key(self, name: str) -> str:
@@ -342,7 +350,7 @@ class AdapterRegistry:
     def check(self, name: str) -> None:
         """AdapterError unless `name` can be served: it is registered, and loads (tried now where that
         evicts no resident adapter; each was loaded once when registered at run time or start-up)."""
-        if name in self._resident:
+        if name in self._resident or name in self._retired_weights:
             return
         if name not in self.paths and name not in self.retired:
             raise AdapterError(f"unknown adapter {name!r}")
@@ -351,6 +359,8 @@ class AdapterRegistry:
 
     def get(self, name: str) -> LoadedAdapter:
         """The adapter's weights, loading it (and evicting the least recently used) if needed."""
+        if name in self._retired_weights:
+            return self._retired_weights[name]
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from alphalora.adapters.inject import AdapterError
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
 from .detokenizer import OutputText
+from .kv_pool import default_num_blocks
 from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
 from .scheduler import Scheduler
@@ -37,7 +39,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     block_size: int = 16
-    num_blocks: int | None = None  # default: max_num_seqs full-length sequences
+    num_blocks: int | None = None  # default: max_num_seqs full-length sequences, as many as free memory holds
     max_loras: int = 4
     max_waiting: int = 1024
     dtype: torch.dtype | None = None
@@ -98,12 +100,13 @@ class Engine:
             raise ValueError(f"max_model_len {cfg.max_model_len} is longer than the model's context of {context} "
                              f"tokens (max_position_embeddings): pass {context} or less, or leave it unset")
         self.max_model_len = cfg.max_model_len or context
-        num_blocks = cfg.num_blocks or -(-self.max_model_len // cfg.block_size) * max(1, cfg.max_num_seqs)
+        weight_dtype = next(self.model.parameters()).dtype
+        num_blocks = cfg.num_blocks or default_num_blocks(self.model.config, self.max_model_len, cfg.block_size,
+                                                          cfg.max_num_seqs, weight_dtype, cfg.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting,
                                    self.max_model_len, max_adapters=cfg.max_loras)
         self.runner = PagedModelRunner(self.model, num_blocks, cfg.block_size, self.max_model_len)
-        weight_dtype = next(self.model.parameters()).dtype
         fits = ServedModel.of(self.model, self.runner.swappable_heads(), self.runner.projected_modules())
         self.adapters = AdapterRegistry(cfg.max_loras, weight_dtype, cfg.device, fits)
         for name, path in cfg.adapters.items():
@@ -131,7 +134,13 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
-        """Queues a request; raises QueueFullError, ValueError (too long) or AdapterError (unknown adapter)."""
+        """Queues a request; raises QueueFullError, ValueError (empty, too long, a token outside the vocabulary) or
+        AdapterError (unknown adapter)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: a request needs at least one prompt token")
+        outside = [t for t in prompt_ids if not (isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size)]
+        if outside:  # an id past the embedding would fail every step of every request in the batch
+            raise ValueError(f"the prompt holds token ids outside the vocabulary of {self.vocab_size}: {outside[:5]}")
         if adapter is not None:
             self.adapters.check(adapter)  # fail now, not mid-batch, if it cannot be loaded
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
@@ -256,8 +265,8 @@ class Engine:
     def _record_prompt_logprobs(chunk, chunk_logits: torch.Tensor) -> None:
         """Each prompt token's logprob given tokens < it, for the prompt positions this chunk covers."""
         seq = chunk.seq
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)  # the first token has no context
+        if chunk.start == 0:  # (again, after a preemption: the prompt is recomputed from its start)
+            seq.prompt_logprobs = [None]  # the first token has no context
         targets = seq.prompt_ids[chunk.start + 1: chunk.start + chunk.num_tokens + 1]
         if not targets:
             return

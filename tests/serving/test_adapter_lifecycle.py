@@ -63,6 +63,35 @@ def test_a_name_loaded_again_while_its_old_weights_finish_serves_the_new_weights
     assert not engine.adapters.retired
 
 
+@pytest.mark.parametrize("then", ["replace its folder and load it again", "delete its folder, load another"])
+def test_an_unloaded_adapters_running_requests_keep_its_weights_when_the_lru_has_room_for_one(adapters, tmp_path,
+                                                                                              then):
+    """max_loras 1: what comes after the unload (a load_inplace of new weights into the same folder, or another
+    adapter once the old folder is deleted) must not evict the retired weights, to be read again from disk."""
+    import shutil
+
+    folder = shutil.copytree(adapters["moe_a"], tmp_path / "served")
+    engine = _engine({"a": folder}, max_loras=1)
+    prompt = _prompts(9, (6,))[0]
+    seq = engine.add_request(prompt, GREEDY, "a")
+    for _ in range(3):
+        engine.step()
+    engine.remove_adapter("a")
+    shutil.rmtree(folder)
+    if then.startswith("replace"):
+        shutil.copytree(adapters["moe_b"], folder)
+        engine.adapters.register("a", folder, load_now=True)
+    else:
+        engine.adapters.register("b", adapters["moe_b"], load_now=True)
+    failed = []
+    while engine.has_work():
+        engine.step()
+        failed += engine.take_failed()
+    assert not failed and seq.finish_reason == "length"
+    assert seq.output_ids == _hf_greedy("llama", prompt, 6, adapter=adapters["moe_a"])
+    assert not engine.adapters.retired
+
+
 def test_an_unused_adapter_is_unloaded_at_once_and_a_cancelled_last_user_frees_a_retired_one(adapters):
     engine = _engine(adapters)
     engine.adapters.get("lora")

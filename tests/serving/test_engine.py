@@ -268,6 +268,42 @@ def test_prompt_logprobs_equal_the_models_full_forward(family, overrides):
         assert rank == int((logits[i] > logits[i, prompt[i + 1]]).sum()) + 1  # 1 + the more probable tokens
 
 
+def test_prompt_logprobs_of_a_preempted_prompt_are_recomputed_not_appended():
+    """A pool of 4 blocks of 4 tokens: b's 10-token prompt, prefilled 2 tokens a step beside a growing a, is
+    preempted mid-prefill and recomputed from its start; its prompt logprobs are still one per prompt token,
+    the model's own."""
+    model = _base("llama")
+    engine = Engine(model, tokenizer=None, config=EngineConfig(
+        max_num_seqs=2, block_size=4, num_blocks=4, max_model_len=16, max_num_batched_tokens=3,
+        enable_prefix_caching=False))
+    engine.add_request(list(range(10, 13)), SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True))
+    prompt = list(range(20, 30))
+    b = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0))
+    preempted = False
+    while engine.has_work():
+        was_running = b in engine.scheduler.running
+        engine.step()
+        preempted |= was_running and b in engine.scheduler.waiting
+    assert preempted
+    logits = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert b.prompt_logprobs[0] is None and len(b.prompt_logprobs) == len(prompt)
+    assert [e.logprob for e in b.prompt_logprobs[1:]] == pytest.approx(
+        [float(logits[i, prompt[i + 1]]) for i in range(len(prompt) - 1)], abs=1e-4)
+
+
+@pytest.mark.parametrize("prompt, fragment", [([], "the prompt is empty"), ([5, 128], r"outside the vocabulary of 128"),
+                                              ([5, -1], "outside the vocabulary")])
+def test_a_prompt_the_model_cannot_read_is_refused_and_the_batch_runs_on(prompt, fragment):
+    """An empty prompt would sample another sequence's row; an id past the embedding would fail every step."""
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4))
+    other = engine.add_request([5, 9, 17], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    with pytest.raises(ValueError, match=fragment):
+        engine.add_request(prompt, SamplingParams(max_tokens=2))
+    while engine.has_work():
+        engine.step()
+    assert other.output_ids == _hf_greedy("llama", [5, 9, 17], 4)
+
+
 HEADS = ["lm_head", "model.embed_tokens"]  # modules_to_save: trained in full, swapped in per adapter
 
 
