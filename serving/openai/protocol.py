@@ -43,8 +43,8 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string that ended it
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:{id}" (None: off)
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: keep the last k prompt tokens (-1: all
-    # the context holds)
+    # vLLM's: keep the prompt's last k tokens (-1: as many as the context holds)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     response_format: dict[str, Any] | None = None  # only {"type": "text"}: this server has no guided decoding
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's, with k more
 
