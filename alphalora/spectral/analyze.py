@@ -18,6 +18,7 @@ from alphalora.model_source import model_folder
 from .eigenvalues import PRECISIONS, eigenvalues
 from .estimators import ESTIMATORS, fit_spectra
 from .metrics import spectrum_metrics
+from .rank_deficient import svd_spectra, unresolved_by_gram
 from .refine import refine_in_fp64
 from .report import AGGREGATIONS, MatrixReport, SpectralReport, layer_scores
 from .roles import block_stack
@@ -131,7 +132,11 @@ def analyze(
     `precision` is that of the Gram matrices and their eigensolve. An fp32 eigenvalue is off by
     up to M * eps32 * lambda_max (M eigenvalues), so in fp32 the matrices whose fit reads
     eigenvalues under that noise floor (see `refine.reads_fp32_noise`) are recomputed in fp64
-    and refitted; their reports say `refined_fp64`.
+    and refitted; their reports say `refined_fp64`. A matrix rank-deficient to working precision (its
+    fp64 Gram spectrum's smallest eigenvalues are noise: see `rank_deficient`) gets the squared singular
+    values of an fp64 SVD, as WeightWatcher's, so its rank, entropy and fits read no eigensolver noise. In
+    fp32, matrix_rank and entropy are read off the fp32 spectrum where no fit needed fp64: a singular value
+    under about 3e-4 of the largest is then noise, and the rank may count it either way.
     """
     if estimator not in ESTIMATORS:
         raise AnalysisError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -169,6 +174,11 @@ def analyze(
             )
             by_entry.update(refined)
             fits.update(refits)
+        in_fp64 = fittable if precision == "fp64" else list(refined)
+        by_svd = svd_spectra(entries, [i for i in in_fp64 if unresolved_by_gram(by_entry[i])], device)
+        if by_svd:
+            by_entry.update(by_svd)
+            fits.update(zip(by_svd, fit(list(by_svd.values())), strict=True))
 
     matrices = []
     for i, entry in enumerate(entries):

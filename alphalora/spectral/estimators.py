@@ -68,9 +68,10 @@ def filter_threshold(estimator: str, evals_threshold: float | None = None) -> fl
     return WW_EVALS_THRESH if estimator == "ww" else 0.0
 
 
-def _candidates(estimator: str, data: torch.Tensor, n: torch.Tensor, precision: str, device, *,
-                log_lower_bound: bool, bins: int):
-    """Per-row candidate window [lo, hi), minimum tail and bias correction of each estimator."""
+def _candidates(estimator: str, data: torch.Tensor, n: torch.Tensor, median_at: torch.Tensor, precision: str,
+                device, *, log_lower_bound: bool, bins: int):
+    """Per-row candidate window [lo, hi), minimum tail and bias correction of each estimator (`median_at`: the
+    median's index among the `n` values read)."""
     zeros = torch.zeros_like(n)
     if estimator == "ww":
         standard = n >= WW_SMALL_N_CUTOFF
@@ -81,8 +82,10 @@ def _candidates(estimator: str, data: torch.Tensor, n: torch.Tensor, precision: 
         min_tail = torch.where(small, WW_SMALL_N_MIN_TAIL, 1)
         return zeros, hi, min_tail, ~standard
     if estimator == "median":
-        return n // 2, n // 2 + 1, torch.ones_like(n), zeros.bool()
+        return median_at, median_at + 1, torch.ones_like(n), zeros.bool()
     dtype = torch.float32 if precision == "fp32" else torch.float64
+    if dtype == torch.float32 and bool(((data > 0) & (data.float() == 0)).any()):
+        dtype = torch.float64  # a value under float32's range (an fp64 spectrum's noise) would become a zero
     lo, hi = ops.xmin_peak_window(data.to(device=device, dtype=dtype), n.to(device), bins, log_lower_bound)
     return lo.cpu(), hi.cpu(), torch.ones_like(n), zeros.bool()
 
@@ -107,8 +110,10 @@ def fit_spectra(
     - ``median``: TempBalance's PL_Alpha_Hill, xmin at the median eigenvalue.
 
     ``evals_threshold`` overrides the eigenvalue filter (ww: 1e-5; others: none, only
-    non-positive values, which have no logarithm, are dropped). The fit runs in float64;
-    ``precision`` is the arithmetic of the xmin_peak histogram.
+    non-positive values, which have no logarithm, are dropped). Without one, ``median`` is that of every
+    eigenvalue, as TempBalance's (an eigensolver's zero eigenvalues of a rank-deficient matrix, which come
+    out of it as +-noise, counted). The fit runs in float64; ``precision`` is the arithmetic of the
+    xmin_peak histogram.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -124,9 +129,10 @@ def fit_spectra(
     columns = torch.arange(everything.shape[1])
     data = everything.gather(1, (start[:, None] + columns).clamp(max=everything.shape[1] - 1))
     data = torch.where(columns < n[:, None], data, torch.ones_like(data))
-    fittable = n >= 2
+    median_at = (total // 2 - start) if evals_threshold is None else n // 2
+    fittable = (n >= 2) & (median_at >= 0 if estimator == "median" else True)
     lo, hi, min_tail, bias_corrected = _candidates(
-        estimator, data, n, precision, device, log_lower_bound=log_lower_bound, bins=bins
+        estimator, data, n, median_at.clamp(min=0), precision, device, log_lower_bound=log_lower_bound, bins=bins
     )
 
     alpha = torch.full((len(spectra),), math.nan, dtype=torch.float64)
@@ -147,13 +153,20 @@ def fit_spectra(
     xmin = data.gather(1, index.clamp(min=0)[:, None]).squeeze(1)
     spikes = total - torch.searchsorted(everything, xmin[:, None], right=False).squeeze(1)
     sigma = (alpha - 1.0) / (n - index).clamp(min=1).double().sqrt()
+    if estimator == "ww":
+        # WeightWatcher's small-N branch takes its sigmas before it falls back to the whole spectrum (no
+        # candidate with 8 tail values): the fallback reports sigma (0 - 1) / sqrt(N)
+        sigma = torch.where(n < WW_SMALL_N_MIN_TAIL, -1.0 / n.clamp(min=1).double().sqrt(), sigma)
     largest = data.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1)
     outcomes = []
     rows = zip(n.tolist(), found.tolist(), alpha.tolist(), distance.tolist(), xmin.tolist(), sigma.tolist(),
-               spikes.tolist(), largest.tolist(), strict=True)
-    for num_fit, ok, a, d, x, sg, spike, top in rows:
+               spikes.tolist(), largest.tolist(), median_at.tolist(), strict=True)
+    for num_fit, ok, a, d, x, sg, spike, top, at in rows:
         if num_fit < 2:
             outcomes.append(_failed(f"fewer than 2 eigenvalues above {threshold:g}", num_fit))
+        elif estimator == "median" and at < 0:
+            outcomes.append(_failed("the median eigenvalue is zero: fewer than half the eigenvalues are positive "
+                                    "(the matrix is rank-deficient)", num_fit))
         elif not ok:
             outcomes.append(_failed("empty xmin window" if estimator == "xmin_peak" else "no valid xmin candidate",
                                     num_fit))

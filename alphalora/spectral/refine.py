@@ -35,8 +35,8 @@ def reads_fp32_noise(
 
     - ``xmin_peak`` histograms every eigenvalue it reads, from the smallest up: noisy if that one is
       under the noise floor, or if any eigenvalue is within the floor of the filter (the set read moves).
-    - ``median``: the median eigenvalue read (the smallest it could be, where eigenvalues near the
-      filter make the number read uncertain) is under the floor.
+    - ``median``: the median eigenvalue (of every eigenvalue; with a filter, of those read, the smallest it
+      could be where eigenvalues near the filter make the number read uncertain) is under the floor.
     - ``ww``: the chosen xmin is under the floor, or eigenvalues within the floor of the 1e-5 filter
       could move the kept count across 2, 8 or 20, where WeightWatcher's fit changes course.
     """
@@ -51,6 +51,8 @@ def reads_fp32_noise(
     if estimator == "xmin_peak":
         return surely_read != maybe_read or (read.numel() > 0 and float(read[0]) < band)
     if estimator == "median":
+        if evals_threshold is None:  # the median of every eigenvalue: its index is fixed
+            return float(spectrum[spectrum.numel() // 2]) < band
         # The tail is the largest ceil(N/2) eigenvalues read, N anywhere from surely_read to maybe_read.
         return maybe_read > 0 and float(spectrum[spectrum.numel() - (maybe_read + 1) // 2]) < band
     return fit.xmin is not None and fit.xmin < band

@@ -153,9 +153,13 @@ def _read_json(file: Path) -> dict:
     return data
 
 
+ADAPTER_FILE_PREFIXES = ("adapter_model",)  # PEFT's and this project's adapter weights, often saved beside a base
+
+
 def checkpoint_files(path: Path) -> list[Path]:
-    """The weight files of a model folder: the shards its index names (each checked to exist), else its
-    *.safetensors or pytorch_model*.bin files; WeightSourceError naming the file where one is missing."""
+    """The weight files of a model folder: the shards its index names (each checked to exist), else the one
+    file transformers would load (model.safetensors, pytorch_model.bin), else its *.safetensors or
+    pytorch_model*.bin files bar an adapter's; WeightSourceError naming the file where one is missing."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
@@ -167,8 +171,12 @@ def checkpoint_files(path: Path) -> list[Path]:
                 if not file.is_file():
                     raise _unreadable(file, f"the shard named in {index_name} is missing")
             return files
+    for single in ("model.safetensors", "pytorch_model.bin"):  # what transformers loads without an index
+        if (path / single).is_file():
+            return [path / single]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
-        files = sorted(path.glob(pattern))
+        # No standard name: every weight file but an adapter's (PEFT's or this project's, beside its base)
+        files = sorted(f for f in path.glob(pattern) if not f.name.startswith(ADAPTER_FILE_PREFIXES))
         if files:
             return files
     return []

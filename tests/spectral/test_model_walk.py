@@ -184,3 +184,19 @@ def test_a_model_with_adapters_is_analysed_as_its_base(adapter):
     adapted = alphalora.analyze(model, include_embeddings=True, progress=False)
     assert _fits(adapted) == _fits(plain)
     assert adapted.layer_alphas() == plain.layer_alphas()
+
+
+def test_an_adapter_saved_beside_the_base_weights_is_not_analysed_as_the_model(tmp_path):
+    """PEFT's (and this project's) adapter_model.safetensors often sits in the base model's folder: transformers
+    loads model.safetensors alone, and so does the analysis."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "m", initializer_range=0.2)
+    alone = alphalora.analyze(folder, estimator="median", progress=False)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.randn(4, 32), f"{prefix}.lora_B.weight": torch.randn(32, 4)},
+              str(folder / "adapter_model.safetensors"))
+    beside = alphalora.analyze(folder, estimator="median", progress=False)
+    assert [(m.name, m.alpha) for m in beside.matrices] == [(m.name, m.alpha) for m in alone.matrices]
