@@ -153,6 +153,8 @@ def _read_json(file: Path) -> dict:
     return data
 
 
+# transformers' families whose projections are Conv1D, weight (in, out): GPT-2 and the models built on it
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 ADAPTER_FILE_PREFIXES = ("adapter_model",)  # PEFT's and this project's adapter weights, often saved beside a base
 
 
@@ -264,8 +266,8 @@ def checkpoint_weights(path: str | Path, include_embeddings: bool = False) -> li
                 if not include_embeddings:
                     continue
                 kind = "embedding"
-            elif model_type == "gpt2" and leaf in CONV1D_LEAVES:
-                kind = "conv1d"
+            elif leaf in CONV1D_LEAVES and (model_type in CONV1D_MODEL_TYPES or not model_type):
+                kind = "conv1d"  # (without a config.json, GPT-2's names: Qwen-1's Linear c_attn ships one)
             else:
                 kind = "linear"
             if kind == "conv1d":

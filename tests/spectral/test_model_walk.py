@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -46,13 +48,17 @@ def test_reading_the_saved_folder_equals_the_live_model(family, tmp_path):
 def test_gpt2_conv1d_is_read_as_out_by_in(tmp_path):
     model = build("gpt2")
     model.save_pretrained(tmp_path)
-    for source in (model, tmp_path):
+    bare = tmp_path / "weights-only"  # a checkpoint without its config.json: GPT-2's names say Conv1D
+    bare.mkdir()
+    shutil.copy(tmp_path / "model.safetensors", bare / "model.safetensors")
+    for source in (model, tmp_path, bare):
         report = alphalora.analyze(source, precision="fp64", progress=False)
         shapes = {m.name.split(".", 1)[-1] if m.name.startswith("transformer.") else m.name: m.shape
                   for m in report.matrices}
         assert shapes["h.0.attn.c_attn"] == [96, 32]  # (out = 3 * hidden, in = hidden)
         assert shapes["h.0.mlp.c_fc"] == [128, 32]
         assert shapes["h.0.mlp.c_proj"] == [32, 128]
+        assert {m.kind for m in report.matrices} == {"conv1d"}
 
 
 def test_embeddings_only_on_request():
