@@ -186,6 +186,8 @@ def _recorded_labels(model: nn.Module, plan: Plan, label_names: list[str] | None
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     """The validated config of an adapter folder (raises AdapterError naming the problem)."""
     folder = Path(adapter_dir)
+    if folder.is_file():
+        raise AdapterError(f"{folder} is a file; pass the adapter's folder (the one holding {CONFIG_NAME})")
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     config_path = folder / CONFIG_NAME

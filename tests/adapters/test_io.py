@@ -56,6 +56,8 @@ def test_missing_corrupt_and_pickled_files_are_refused(tmp_path):
     folder = save_adapter(_trained(), tmp_path / "a")
     with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(build("llama"), tmp_path / "nope")
+    with pytest.raises(AdapterError, match="is a file; pass the adapter's folder"):
+        load_adapter(build("llama"), folder / WEIGHTS_NAME)
     data = (folder / WEIGHTS_NAME).read_bytes()
     (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterError, match="corrupt or truncated"):
