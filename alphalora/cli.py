@@ -120,7 +120,10 @@ def _check_outputs(*outputs: tuple[str | None, bool]) -> None:
             check_writable(path, folder)
 
 
-def _float_list(text: str) -> list[float]:
+def _alphas(text: str | None) -> list[float] | None:
+    """--alphas as numbers (None where not given)."""
+    if text is None:
+        return None
     values = text.split(",")
     if text.endswith(",") and len(values) > 1:  # a trailing comma: "3.1,2.8,"
         values.pop()
@@ -155,7 +158,7 @@ def _allocate(args: argparse.Namespace) -> int:
         budget = 160
     try:
         plan = allocate(
-            args.report, alphas=_float_list(args.alphas) if args.alphas is not None else None, method=args.method,
+            args.report, alphas=_alphas(args.alphas), method=args.method,
             preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
             base_model=args.base_model, rank=args.rank,
@@ -204,7 +207,7 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
     _quiet_transformers(args)
     try:
         plan = allocate(  # the other methods' options go along too, so that allocate refuses them, not ignores them
-            args.report, alphas=_float_list(args.alphas) if args.alphas is not None else None, preset=args.preset,
+            args.report, alphas=_alphas(args.alphas), preset=args.preset,
             beta=args.beta, rounding=args.rounding, max_experts=args.max_experts, top_k=args.top_k,
             num_layers=args.num_layers, base_model=args.base_model, rank=args.rank,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),

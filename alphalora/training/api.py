@@ -193,7 +193,7 @@ def train(
     rounds = reallocation.history if reallocation is not None else []
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes
     if main_process:
-        save_adapter(model, out, drop_disabled=True, label_names=label_names)
+        save_adapter(model, out, drop_disabled=True)  # (the classes' names: in the model's config since loading)
         tokenizer.save_pretrained(out)
         write_text_atomic(out / "trainer_log.json", json.dumps(
             {"log_history": trainer.state.log_history, "label_names": label_names, "reallocations": rounds},

@@ -292,6 +292,14 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
     return adapter
 
 
+RETIRED_MARK = "#retired"  # an unloaded adapter's weights go on under "<name>#retired<n>" for its sequences
+
+
+def registered_name(name: str) -> str:
+    """The name an adapter was registered under, a retired one's included."""
+    return name.partition(RETIRED_MARK)[0]
+
+
 class AdapterRegistry:
     """Known adapters by name; at most `max_loras` resident, least recently used evicted.
 
@@ -312,11 +320,16 @@ class AdapterRegistry:
         self._registrations = itertools.count()
         self._cache_keys: dict[str, str] = {}
 
-    def register(self, name: str, path: str | Path, load_now: bool = False) -> None:
+    def register(self, name: str, path: str | Path, load_now: bool = False,
+                 loaded: LoadedAdapter | None = None) -> None:
+        """Registers the adapter folder at `path` under `name`; `load_now` loads it at once, unless `loaded`
+        holds its weights already (read by the caller, e.g. to check a replacement before the old one goes)."""
         self.paths[name] = Path(path)
         self._resident.pop(name, None)  # registered again: the new folder from now on
         self._cache_keys[name] = f"{name}#{next(self._registrations)}"
-        if load_now:
+        if loaded is not None:
+            self._make_resident(name, loaded)
+        elif load_now:
             self.get(name)
 
     def unregister(self, name: str) -> None:
@@ -329,11 +342,11 @@ class AdapterRegistry:
     def retire(self, name: str) -> str:
         """Takes `name` off the list, keeping its weights under a new name (returned) for the sequences
         that use them: pinned now (read from its folder first where the LRU had evicted them)."""
-        retired = f"{name}#retired{next(self._registrations)}"
+        retired = f"{name}{RETIRED_MARK}{next(self._registrations)}"
         adapter = self._resident.pop(name, None)
         if adapter is None:
             try:
-                adapter = load_serving_adapter(retired, self.paths[name], self.dtype, self.device, self.fits)
+                adapter = self.load(retired, self.paths[name])
             except AdapterError:
                 adapter = None  # its folder is gone or broken: its sequences fail when they next run, as before
         self.retired[retired] = self.paths.pop(name)
@@ -367,11 +380,19 @@ class AdapterRegistry:
         path = self.paths.get(name) or self.retired.get(name)
         if path is None:
             raise AdapterError(f"unknown adapter {name!r}")
-        adapter = load_serving_adapter(name, path, self.dtype, self.device, self.fits)
+        adapter = self.load(name, path)
+        self._make_resident(name, adapter)
+        return adapter
+
+    def load(self, name: str, path: str | Path) -> LoadedAdapter:
+        """The weights of the adapter folder at `path`, read and checked against the served model, as `name`
+        would be served (not registered)."""
+        return load_serving_adapter(name, path, self.dtype, self.device, self.fits)
+
+    def _make_resident(self, name: str, adapter: LoadedAdapter) -> None:
         self._resident[name] = adapter
         while len(self._resident) > self.max_loras:
             self._resident.popitem(last=False)
-        return adapter
 
     @property
     def resident(self) -> list[str]:

@@ -48,6 +48,11 @@ class BlockManager:
         return len(self._free) + len(self._evictable)
 
     @property
+    def usage(self) -> float:
+        """The share of the pool held by sequences (cached blocks no sequence holds count as free)."""
+        return 1 - self.num_free_blocks / self.num_blocks
+
+    @property
     def num_cached_blocks(self) -> int:
         return len(self._block_of)
 

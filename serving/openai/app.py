@@ -13,7 +13,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alphalora import __version__
 from alphalora.adapters.inject import AdapterError
-from alphalora.serving.engine.adapters import load_serving_adapter
 
 from . import completions
 from .metrics import metrics_registry, render_metrics
@@ -137,11 +136,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(RequireApiKey, key=state.api_key)  # added last: runs first, before any body is read
 
     @app.get("/health")
-    async def health():
-        return PlainTextResponse("")
-
     @app.get("/ping")  # SageMaker's health route, as vLLM serves it
-    async def ping():
+    async def health():
         return PlainTextResponse("")
 
     @app.get("/version")
@@ -196,14 +192,15 @@ def build_app(state: ServerState) -> FastAPI:
             if replaced is not None and not body.load_inplace:
                 raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first, or set "
                                "load_inplace to replace it", param="lora_name")
+            replacement = None
             if replaced is not None:
                 try:  # read before the old one goes: a bad replacement leaves the loaded adapter serving
-                    load_serving_adapter(body.lora_name, path, registry.dtype, registry.device, registry.fits)
+                    replacement = registry.load(body.lora_name, path)
                 except AdapterError as error:
                     raise APIError(400, str(error), param="lora_path") from error
                 state.engine.engine.remove_adapter(body.lora_name)  # running requests finish with the old one
             try:
-                registry.register(body.lora_name, path, True)
+                registry.register(body.lora_name, path, True, loaded=replacement)
             except AdapterError as error:
                 registry.unregister(body.lora_name)
                 raise APIError(400, str(error), param="lora_path") from error

@@ -14,6 +14,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from alphalora.serving.engine.adapters import registered_name
 from alphalora.serving.engine.async_engine import AsyncEngine, Histogram
 
 
@@ -42,7 +43,7 @@ class EngineCollector:
                                   value=stats.generation_tokens_total)
         yield GaugeMetricFamily("alphalora_kv_cache_usage", "KV-cache blocks held by sequences, as a share of the "
                                 "pool (cached blocks no sequence holds count as free).",
-                                value=1 - blocks.num_free_blocks / blocks.num_blocks)
+                                value=blocks.usage)
         yield GaugeMetricFamily("alphalora_prefix_cache_blocks", "KV-cache blocks registered in the prefix cache.",
                                 value=blocks.num_cached_blocks)
         yield CounterMetricFamily("alphalora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -64,8 +65,7 @@ class EngineCollector:
         for name, help_text, value in [
                 ("vllm:num_requests_running", "Number of requests in model execution batches.", engine.num_running),
                 ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.num_waiting),
-                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                 1 - blocks.num_free_blocks / blocks.num_blocks)]:
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", blocks.usage)]:
             gauge = GaugeMetricFamily(name, help_text, labels=labels)
             gauge.add_metric([self.model_name], value)
             yield gauge
@@ -78,7 +78,7 @@ class EngineCollector:
 
 def _adapter_names(sequences) -> str:
     """The adapters in use, comma-joined (an unloaded adapter's sequences under its own name)."""
-    names = {seq.adapter.partition("#retired")[0] for seq in sequences if seq.adapter}
+    names = {registered_name(seq.adapter) for seq in sequences if seq.adapter}
     return ",".join(sorted(names))
 
 

@@ -64,8 +64,8 @@ def slice_spec(hf_name: str, linear, index: int | str | None) -> SliceSpec:
     slices (index WHOLE: a module fused as vLLM fuses it, whose rows run q, k, v or gate, up), or (index
     None) the whole of a row-parallel one, whose input this rank holds only a share of."""
     if index == WHOLE:
-        slices = column_slices(linear)
-        bases = [sum(full_sizes(linear)[:i]) for i in range(len(slices))]  # where each part starts in the module
+        slices, sizes = column_slices(linear), full_sizes(linear)
+        bases = [sum(sizes[:i]) for i in range(len(slices))]  # where each part starts in the module
         rows = tuple((base + start, base + start + size) for base, (_, size, start) in zip(bases, slices, strict=True))
         return SliceSpec(hf_name, 0, sum(size for _, size, _ in slices), rows)
     if index is not None:
