@@ -269,3 +269,13 @@ def test_baking_refuses_gates_no_engine_computes_and_damaged_weights(folders, tm
         (adapter / "adapter_model.safetensors").write_bytes(bytes(data))
     with pytest.raises(AdapterError, match=needle):
         bake_moe_model(folders["model"], adapter, tmp_path / "baked")
+
+
+def test_every_baked_architecture_is_one_the_plugin_registers():
+    """The families are listed twice (bake: model type -> architecture; plugin: architecture -> class, kept
+    free of the package's imports): a family added to one list only would bake a model vLLM cannot load."""
+    from alphalora.serving.vllm.plugin import ARCHITECTURES
+
+    assert set(PLUGIN_ARCHITECTURES.values()) == set(ARCHITECTURES)
+    assert all(cls.startswith("MoELoRA") and arch == f"AlphaLoRAMoE{cls.removeprefix('MoELoRA')}"
+               for arch, cls in ARCHITECTURES.items())
