@@ -48,10 +48,22 @@ def real_numbers(values: Iterable[Any], what: str, *, zero_allowed: bool = False
     return [float(v) for v in items]
 
 
+# Shares of the budget are floats, exact for whole numbers up to 2**53; beyond that a split would sum to a
+# total a few experts off the budget (and no adapter has 9e15 experts: such a budget is a typo).
+LARGEST_BUDGET = 2**53
+
+
+def _check_budget_size(budget: int) -> None:
+    whole_number(budget, "the expert budget")
+    if budget > LARGEST_BUDGET:
+        raise AllocationError(f"the expert budget {budget} is beyond {LARGEST_BUDGET} (2**53), past which experts "
+                              "cannot be counted exactly in floating point; use a smaller --budget (budget)")
+
+
 def _check_budget(budget: int, num_layers: int, min_experts: int, max_experts: int | None) -> None:
     if num_layers < 1:
         raise AllocationError("no layers to allocate experts to")
-    whole_number(budget, "the expert budget")
+    _check_budget_size(budget)
     if max_experts is not None:
         whole_number(max_experts, "the per-layer maximum (--max-experts, max_experts)")
     if budget < num_layers * min_experts:
@@ -98,15 +110,23 @@ def largest_remainder(
     high = math.inf if max_experts is None else float(max_experts)
     shares = _bounded_shares(weights, budget, min_experts, high)
     counts = [min(max(math.floor(share), min_experts), int(min(high, budget))) for share in shares]
+    _settle(counts, shares, budget, min_experts, high)
+    return counts
+
+
+def _settle(counts: list[int], shares: list[float], budget: int, low: int, high: float) -> None:
+    """Brings the floored counts to the budget: the leftover experts go one each to the largest fractional
+    remainders (lower layer first on ties). Shares of a budget near 2**53 carry float rounding, so the floors
+    can also sum past the budget, or short of it by more than one per layer: the surplus is taken from the
+    smallest remainders, and either pass repeats until the counts sum to the budget."""
     by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
     leftover = budget - sum(counts)
-    for i in by_remainder:
-        if leftover == 0:
-            break
-        if counts[i] < high:
-            counts[i] += 1
-            leftover -= 1
-    return counts
+    step, order = (1, by_remainder) if leftover > 0 else (-1, by_remainder[::-1])
+    while leftover:
+        movable = [i for i in order if low <= counts[i] + step <= high]
+        for i in movable[:abs(leftover)]:
+            counts[i] += step
+            leftover -= step
 
 
 def authors_rounding(weights: Sequence[float], budget: int) -> list[int]:
@@ -121,7 +141,7 @@ def authors_rounding(weights: Sequence[float], budget: int) -> list[int]:
         raise AllocationError("no layers to allocate experts to")
     if not np.isfinite(values.sum()):
         raise AllocationError(f"the weights' sum overflows the floating-point range (largest {values.max():g})")
-    whole_number(budget, "the expert budget")
+    _check_budget_size(budget)
     counts = np.round((values / values.sum()) * budget).astype(int)
     while counts.sum() != budget:
         if budget - counts.sum() > 0:
@@ -181,7 +201,7 @@ def alpha_powers(layer_alphas: list[float], beta: float) -> list[float]:
 def parse_pattern(pattern: str) -> list[int]:
     """'2468' -> [2, 4, 6, 8]; dashes allow counts above 9: '10-2-2-2' -> [10, 2, 2, 2]."""
     text = str(pattern).strip()
-    if not re.fullmatch(r"\d+(-\d+)*", text):
+    if not re.fullmatch(r"[0-9]+(-[0-9]+)*", text):  # ASCII digits: \d would take "٢٤٦٨" too
         raise AllocationError(f"MoLA preset {pattern!r} is not a digit pattern like 2468 or 10-2-2-2")
     counts = [int(p) for p in text.split("-")] if "-" in text else [int(c) for c in text]
     if min(counts) < 1:

@@ -30,6 +30,22 @@ EVAL_SPLITS = ("validation", "test")  # evaluation data never falls back on a fo
 CAUSAL_LM_SHAPES = (("prompt", "completion"), ("instruction", "output"), ("text",))
 
 
+class JsonlRows(list):
+    """A JSONL file's rows with the file line each was read from (blank lines are skipped, so row n is not
+    always line n), for errors that point where an editor can jump to."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_place(rows: list[dict[str, Any]], index: int, source: str) -> str:
+    """Where rows[index] is, for messages: `FILE:LINE` for a JSONL file, else `SOURCE row N` (1-based)."""
+    if isinstance(rows, JsonlRows):
+        return f"{source}:{rows.lines[index]}"
+    return f"{source} row {index + 1}"
+
+
 def read_rows(path: str | Path, splits: tuple[str, ...] = TRAIN_SPLITS) -> list[dict[str, Any]]:
     """Rows of a JSONL file, or of a `datasets` folder saved with save_to_disk: a Dataset, or the first of
     `splits` a DatasetDict has (training data: "train"; evaluation data: EVAL_SPLITS)."""
@@ -42,8 +58,8 @@ def read_rows(path: str | Path, splits: tuple[str, ...] = TRAIN_SPLITS) -> list[
     return rows
 
 
-def _read_jsonl(source: Path) -> list[dict[str, Any]]:
-    rows = []
+def _read_jsonl(source: Path) -> JsonlRows:
+    rows, lines = [], []
     # JSON Lines separates rows by "\n" alone: str.splitlines() would also split inside a string holding
     # U+2028, U+2029 or U+0085, which JSON leaves unescaped. A "\r" before the "\n" is JSON whitespace.
     for number, line in enumerate(_jsonl_text(source).split("\n"), start=1):
@@ -58,7 +74,8 @@ def _read_jsonl(source: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{source}:{number} is not a JSON object")
         rows.append(row)
-    return rows
+        lines.append(number)
+    return JsonlRows(rows, lines)
 
 
 def _jsonl_text(source: Path) -> str:
@@ -199,8 +216,9 @@ def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str, truncate: 
     nothing to train on (max_length 1) is an error, not a row that adds nothing to the loss."""
     examples, emptied = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for number, row in enumerate(rows, start=1):
-        prompt, completion = prompt_and_completion(row, f"{source} row {number}")
+    for index, row in enumerate(rows):
+        where = row_place(rows, index, source)
+        prompt, completion = prompt_and_completion(row, where)
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else (
             [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
@@ -208,16 +226,16 @@ def tokenize_causal_lm(rows, tokenizer, max_length: int, source: str, truncate: 
         labels = [-100] * len(prompt_ids) + completion_ids
         if len(ids) > max_length:
             if not truncate:
-                raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
+                raise DataError(f"{where} is {len(ids)} tokens, longer than the {max_length} allowed "
                                 f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
             trained_before = _trains_on_a_token(labels)
             ids, labels = keep_end(ids, labels, max_length, tokenizer.bos_token_id)
             if trained_before and not _trains_on_a_token(labels):
-                emptied.append(number)
+                emptied.append(index)
         examples.append({"input_ids": ids, "labels": labels})
     if emptied:
         raise DataError(f"{source}: --max-length {max_length} with --truncate leaves {len(emptied)} of "
-                        f"{len(examples)} rows ({_listed_rows(emptied)}) no completion token to train on (a "
+                        f"{len(examples)} rows ({_listed_rows(rows, emptied)}) no completion token to train on (a "
                         "sequence's first token is never predicted); pass a larger --max-length")
     return TokenizedData(examples)
 
@@ -228,11 +246,13 @@ def _trains_on_a_token(labels: list[int]) -> bool:
     return any(label != -100 for label in labels[1:])
 
 
-def _listed_rows(numbers: list[int], shown: int = 5) -> str:
-    """'row 3', 'rows 1, 2 and 4', 'rows 1, 2, 3, 4, 5 and 7 more'."""
+def _listed_rows(rows: list[dict[str, Any]], indices: list[int], shown: int = 5) -> str:
+    """'row 3', 'rows 1, 2 and 4', 'rows 1, 2, 3, 4, 5 and 7 more'; 'line 3', 'lines ...' for a JSONL file."""
+    noun, numbers = ("line", [rows.lines[i] for i in indices]) if isinstance(rows, JsonlRows) else (
+        "row", [i + 1 for i in indices])
     if len(numbers) <= shown:
-        return f"row{'s' if len(numbers) > 1 else ''} {_listed([str(n) for n in numbers])}"
-    return f"rows {', '.join(str(n) for n in numbers[:shown])} and {len(numbers) - shown} more"
+        return f"{noun}{'s' if len(numbers) > 1 else ''} {_listed([str(n) for n in numbers])}"
+    return f"{noun}s {', '.join(str(n) for n in numbers[:shown])} and {len(numbers) - shown} more"
 
 
 def keep_end(ids: list[int], labels: list[int], max_length: int, bos: int | None) -> tuple[list[int], list[int]]:
@@ -253,19 +273,20 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
         raise DataError(f"{source} mixes class indices and class names as labels; use one or the other")
     names = label_names or _ordered_names({str(label) for label in labels if not isinstance(label, int)}) or None
     examples = []
-    for number, row in enumerate(rows, start=1):
-        text, label = _classification_fields(row, f"{source} row {number}")
+    for index, row in enumerate(rows):
+        where = row_place(rows, index, source)
+        text, label = _classification_fields(row, where)
         if not isinstance(label, int):
             if names is None or str(label) not in names:
-                raise DataError(f"{source} row {number}: label {label!r} is not one of {names}")
+                raise DataError(f"{where}: label {label!r} is not one of {names}")
             label = names.index(str(label))
         elif label < 0:
-            raise DataError(f"{source} row {number}: label {label} is negative; labels are class indices 0, 1, ... "
+            raise DataError(f"{where}: label {label} is negative; labels are class indices 0, 1, ... "
                             "or class names")
         cut = {"truncation": True, "max_length": max_length} if truncate else {}
         ids = tokenizer(text, add_special_tokens=True, **cut)["input_ids"]
         if len(ids) > max_length:
-            raise DataError(f"{source} row {number} is {len(ids)} tokens, longer than the {max_length} allowed "
+            raise DataError(f"{where} is {len(ids)} tokens, longer than the {max_length} allowed "
                             f"(--max-length, default: the model's context); shorten it, or {TRUNCATE_HINT}")
         examples.append({"input_ids": ids, "labels": label})
     return TokenizedData(examples, names)

@@ -114,6 +114,9 @@ def test_uniform_and_top_k():
         (lambda: alpha_power_counts([3.0, 4.0], 10, rounding="banker"), "unknown rounding"),
         (lambda: group_counts("24x8", 32), "digit pattern"),
         (lambda: group_counts("2068", 32), "0 experts"),
+        (lambda: group_counts("\u0662\u0664\u0666\u0668", 32), "digit pattern"),  # Arabic-Indic 2468
+        (lambda: largest_remainder([1, 1], 2**53 + 1), r"beyond 9007199254740992 \(2\*\*53\)"),
+        (lambda: alpha_power_counts([3.0, 4.0], 10**20, rounding="compat"), r"beyond .* use a smaller --budget"),
         (lambda: group_counts("2468", 3), "4 groups"),
         (lambda: largest_remainder([1, 1], 10, max_experts=3), "raise the maximum"),
         (lambda: alpha_power_counts([3.0, 4.0], 10, rounding="compat", max_experts=6), "no per-layer maximum"),
@@ -122,3 +125,13 @@ def test_uniform_and_top_k():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(AllocationError, match=message):
         call()
+
+
+def test_budgets_near_two_to_the_53_still_sum_exactly():
+    """The shares' float rounding made the floors of this split sum 4 experts past the budget, which the
+    leftover loop (it only adds) left in place; the surplus now comes off the smallest remainders."""
+    budget = 8603841967968662
+    counts = largest_remainder([1.548, 6.269, 5.636], budget)
+    assert sum(counts) == budget
+    shares = [budget * w / (1.548 + 6.269 + 5.636) for w in (1.548, 6.269, 5.636)]
+    assert all(abs(count - share) < 8 for count, share in zip(counts, shares, strict=True))  # ulp 1 here

@@ -67,7 +67,7 @@ def test_truncate_trains_from_python_and_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("labels, message", [
-    ([0, -1], "row 2: label -1 is negative"),
+    ([0, -1], "d.jsonl:2: label -1 is negative"),
     ([0, 0], r"has labels \[0\]: classification needs at least 2 classes"),
     (["spam", "spam"], r"has labels \['spam'\]: classification needs at least 2 classes"),
     ([0, "spam"], "mixes class indices and class names"),
@@ -272,7 +272,7 @@ def test_a_classification_text_that_is_not_a_string_is_refused(tmp_path):
     data.write_text("\n".join(json.dumps({"text": text, "label": n % 2}) for n, text in enumerate(["the cat", 12])))
     plan = Plan(method="uniform", base_model="tiny", experts_per_layer=[1, 1], top_k_per_layer=[1, 1],
                 target_modules=["q"], rank=2)
-    with pytest.raises(DataError, match=r"numbers.jsonl row 2: text is a number \(12\), not a string"):
+    with pytest.raises(DataError, match=r"numbers.jsonl:2: text is a number \(12\), not a string"):
         train(model_dir, plan, data, tmp_path / "a", task="classification", max_steps=1, progress=False)
 
 
@@ -298,3 +298,23 @@ def test_integer_class_names_are_ordered_numerically():
     assert [e["labels"] for e in got.examples] == [int(r["label"]) for r in rows]
     words = tokenize_classification([{"text": "a", "label": name} for name in ("b", "10", "a", "2")], tok, 64, "d")
     assert words.label_names == ["10", "2", "a", "b"]  # not all integers: string order, as before
+
+
+def test_jsonl_errors_name_the_file_line_not_the_row_count(tmp_path):
+    """Blank lines are skipped, so the 2nd row of this file is on line 4: an error about it names line 4 (where an
+    editor jumps with FILE:LINE), as the JSON syntax errors always did; it used to say "row 2"."""
+    from alphalora.training.data import read_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "the cat"}\n\n\n{"text": 7}\n\n{"text": "red"}\n{"text": "blue"}\n')
+    tok = tiny_tokenizer("llama")
+    with pytest.raises(DataError, match=r"d.jsonl:4: text is a number \(7\)"):
+        tokenize_causal_lm(read_rows(path), tok, 64, str(path))
+    path.write_text('{"text": "red"}\n\n{"text": "one two three four"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3 is \d+ tokens, longer than the 3 allowed"):
+        tokenize_causal_lm(read_rows(path), tok, 3, str(path))
+    with pytest.raises(DataError, match=r"leaves 2 of 2 rows \(lines 1 and 3\) no completion token"):
+        tokenize_causal_lm(read_rows(path), tok, 1, str(path), truncate=True)
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": -1}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: label -1 is negative"):
+        tokenize_classification(read_rows(path), tok, 64, str(path))
