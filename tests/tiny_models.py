@@ -27,6 +27,10 @@ FAMILIES = {
     "roberta": (transformers.RobertaConfig, transformers.RobertaModel,
                 dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=70)),
+    # pre-LN, as OPT-125m and 1.3B+; do_layer_norm_before=False builds the post-LN OPT-350M (HeteroLoRA's model)
+    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM,
+            dict(vocab_size=128, hidden_size=32, ffn_dim=48, word_embed_proj_dim=32, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64)),
 }
 
 # Families whose blocks normalise each sub-block's output before the residual add (Gemma 2 and 3): served, but
@@ -61,6 +65,7 @@ EXPECTED_ROLES = {
     "gpt2": {"qkv", "o", "up", "down"},
     "bert": {"q", "k", "v", "o", "up", "down"},
     "roberta": {"q", "k", "v", "o", "up", "down"},
+    "opt": {"q", "k", "v", "o", "up", "down"},
 }
 
 

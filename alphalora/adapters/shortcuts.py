@@ -64,15 +64,22 @@ class BlockLayout:
     attention_sum: nn.Module  # its output is added to the residual to form h_l
     ffn_sum: nn.Module  # its output is added to h_l to form the block output
     ffn_input: nn.Module  # its (first) input is h_l
+    # Where the two modules above *take* the sums as their first input instead (a post-LN OPT block's LayerNorms:
+    # its residual dropout is functional, so no module sits between a sub-block's dropout and the add).
+    sums_are_inputs: bool = False
 
 
 def block_layout(block: nn.Module) -> BlockLayout:
-    """The sums of a Llama/Mistral/Qwen2/Gemma, GPT-2 or BERT/RoBERTa block.
+    """The sums of a Llama/Mistral/Qwen2/Gemma, GPT-2, BERT/RoBERTa or OPT block.
 
     A term joins a sum at the last module before the residual add: a pre-LN decoder's output
     projection (the module at that path, which is the LoRA wrapper where the projection is adapted,
     so the term joins base plus LoRA output whatever kernel the wrapper runs), and GPT-2's and BERT's
     residual dropout, so that the shortcut, a path beside the sub-block, is not dropped with it.
+    OPT applies its residual dropout as a function, after out_proj and fc2: a post-LN OPT block (OPT-350M,
+    HeteroLoRA's model) takes the terms at its LayerNorms' inputs, which are the sums themselves; a pre-LN one
+    (the other OPT sizes) at its output for the FFN sum, and at out_proj for the attention sum, whose term is
+    therefore dropped with the attention output in training (nothing else sees that sum before it is used).
     """
     def has(*path: str) -> bool:
         module = block
@@ -92,15 +99,24 @@ def block_layout(block: nn.Module) -> BlockLayout:
         return BlockLayout(block.attn.resid_dropout, block.mlp.dropout, block.ln_2)
     if has("attention", "output", "dropout") and has("output", "dropout") and has("intermediate"):
         return BlockLayout(block.attention.output.dropout, block.output.dropout, block.intermediate)
+    if has("self_attn", "out_proj") and has("fc1") and has("fc2") and has("final_layer_norm"):
+        return _opt_layout(block)
     why = ""
     if any(has(norm) for norm in other_norms):
         why = " (it normalises its sub-blocks' outputs, so there is no residual sum to add a shortcut to)"
     elif has("mlp", "experts") or has("block_sparse_moe"):
         why = " (its MLP is a mixture of experts, whose output has no down projection to add a shortcut to)"
     raise ShortcutError(
-        f"shortcut connections support Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3, GPT-2 and BERT/RoBERTa blocks, not "
+        f"shortcut connections support Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3, GPT-2, BERT/RoBERTa and OPT blocks, not "
         f"{type(block).__name__}{why}; allocate without --shortcuts for this model"
     )
+
+
+def _opt_layout(block: nn.Module) -> BlockLayout:
+    """OPT's sums (see `block_layout`); its blocks flatten h_l to (tokens, hidden) for the FFN."""
+    if getattr(block, "do_layer_norm_before", True):
+        return BlockLayout(block.self_attn.out_proj, block, block.final_layer_norm)
+    return BlockLayout(block.self_attn_layer_norm, block.final_layer_norm, block.fc1, sums_are_inputs=True)
 
 
 @dataclass
@@ -120,8 +136,9 @@ class _Taps:
 
 
 def _added(output: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    """output + terms, each term in the output's dtype and shape (OPT reads h_l flattened to (tokens, hidden))."""
     for term in terms:
-        output = output + term.to(output.dtype)
+        output = output + term.to(output.dtype).reshape(output.shape)
     return output
 
 
@@ -160,10 +177,15 @@ def _wire_block(block: nn.Module, layout: BlockLayout, layer: int, own: dict[str
                 taps: _Taps) -> None:
     block.register_forward_pre_hook(functools.partial(_keep_input, taps, layer), with_kwargs=True)
     layout.ffn_input.register_forward_pre_hook(functools.partial(_keep_ffn_input, taps, layer), with_kwargs=True)
-    if "residual1" in own or "shortcut2" in own:
-        layout.attention_sum.register_forward_hook(functools.partial(_into_attention_sum, taps, block, layer))
-    if "residual2" in own or "shortcut1" in own:
-        layout.ffn_sum.register_forward_hook(functools.partial(_into_ffn_sum, taps, block, layer))
+    for kinds, module, terms in ((("residual1", "shortcut2"), layout.attention_sum, _attention_terms),
+                                 (("residual2", "shortcut1"), layout.ffn_sum, _ffn_terms)):
+        if not any(kind in own for kind in kinds):
+            continue
+        terms = functools.partial(terms, taps, block, layer)
+        if layout.sums_are_inputs:
+            module.register_forward_pre_hook(functools.partial(_into_input, terms), with_kwargs=True)
+        else:
+            module.register_forward_hook(functools.partial(_into_output, terms))
 
 
 def _forget(taps: _Taps, _model: nn.Module, _args, _output) -> None:
@@ -185,19 +207,37 @@ def _active(block: nn.Module, kind: str) -> ShortcutLoRA | None:
     return module if module is not None and module.enabled else None
 
 
-def _into_attention_sum(taps: _Taps, block: nn.Module, layer: int, _module: nn.Module, _args, output):
+def _attention_terms(taps: _Taps, block: nn.Module, layer: int) -> list[torch.Tensor]:
+    """The switched-on terms of the attention sum: dW x_l (residual1) and dW h_{l-1} (shortcut2)."""
     terms = []
     if (residual := _active(block, "residual1")) is not None:
         terms.append(residual(taps.inputs[layer]))
     if (skip := _active(block, "shortcut2")) is not None:
         terms.append(skip(taps.ffn_inputs[layer - 1]))
-    return _added(output, terms) if terms else output
+    return terms
 
 
-def _into_ffn_sum(taps: _Taps, block: nn.Module, layer: int, _module: nn.Module, _args, output):
+def _ffn_terms(taps: _Taps, block: nn.Module, layer: int) -> list[torch.Tensor]:
+    """The switched-on terms of the FFN sum: dW h_l (residual2) and dW x_l (shortcut1)."""
     terms = []
     if (residual := _active(block, "residual2")) is not None:
         terms.append(residual(taps.ffn_inputs[layer]))
     if (skip := _active(block, "shortcut1")) is not None:
         terms.append(skip(taps.inputs[layer]))
-    return _added(output, terms) if terms else output
+    return terms
+
+
+def _into_output(terms, _module: nn.Module, _args, output):
+    """A forward hook: the terms join the module's output (the first item of a block's tuple output)."""
+    found = terms()
+    if not found:
+        return output
+    if isinstance(output, tuple):
+        return (_added(output[0], found), *output[1:])
+    return _added(output, found)
+
+
+def _into_input(terms, _module: nn.Module, args, kwargs):
+    """A forward pre-hook: the terms join the module's first input (the sum a post-LN LayerNorm normalises)."""
+    found = terms()
+    return ((_added(args[0], found), *args[1:]), kwargs) if found else None  # (LayerNorms are called positionally)

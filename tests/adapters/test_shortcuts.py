@@ -172,3 +172,85 @@ def test_shortcut_modules_live_in_their_blocks():
     model = build("gpt2")
     inject_adapters(model, _plan(shortcuts={"layer1.residual1": 2}, targets=("o",)))
     assert "residual1" in getattr(model.transformer.h[1], SHORTCUTS_ATTRIBUTE)
+
+
+def _opt_layer_inputs(model, ids):
+    """What each OPT decoder layer is called with (x_0 and the masks), captured from one base forward."""
+    captured = []
+    handles = [layer.register_forward_pre_hook(lambda _m, a, k: captured.append((a, k)), with_kwargs=True)
+               for layer in model.model.decoder.layers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def test_post_ln_opt_shortcuts_join_the_sums_its_layernorms_normalise_beside_the_dropout():
+    """OPT-350M (HeteroLoRA's model) is post-LN with a functional residual dropout. With dropout 1 every sub-block
+    output is dropped, so each block reduces to its shortcut terms: h_l = LN1(x_l + dW1 x_l + dS2 h_{l-1}),
+    out_l = LN2(h_l + dW2 h_l + dS1 x_l), written out here with the blocks' own LayerNorms."""
+    model = build("opt", do_layer_norm_before=False, dropout=1.0).train()
+    state = inject_adapters(model, _plan(targets=("q",)))
+    _fill(state.shortcuts.values())
+    ids = torch.randint(3, 100, (2, 7))
+    shortcuts = state.shortcuts
+    with torch.no_grad():
+        x = _opt_layer_inputs(model, ids)[0][0][0]
+        out = model.model.decoder(input_ids=ids).last_hidden_state
+        for module in shortcuts.values():
+            module.enabled = False  # the hooks stay quiet (they sit on the LayerNorms used below)
+        previous_h = None
+        for index, layer in enumerate(model.model.decoder.layers):
+            total = x + shortcuts[f"layer{index}.residual1"](x)
+            if previous_h is not None:
+                total = total + shortcuts[f"layer{index}.shortcut2"](previous_h)
+            h = layer.self_attn_layer_norm(total)
+            x, previous_h = layer.final_layer_norm(
+                h + shortcuts[f"layer{index}.residual2"](h) + shortcuts[f"layer{index}.shortcut1"](x)), h
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_opt_shortcuts_add_exactly_the_documented_terms(pre_ln):
+    """Both OPT layouts, dropout off, every shortcut on, against the sums composed by hand from the block's own
+    sub-modules: pre-LN h = x + Attn(LN1 x) + terms, out = h + FFN(LN2 h) + terms; post-LN with the LayerNorms
+    around the sums instead."""
+    model = build("opt", do_layer_norm_before=pre_ln, dropout=0.0)
+    base = build("opt", do_layer_norm_before=pre_ln, dropout=0.0)
+    state = inject_adapters(model, _plan(targets=("q",)))
+    _fill([model.get_submodule(name) for name in state.module_names], seed=5, std=0.05)
+    _fill(state.shortcuts.values())
+    ids = torch.randint(3, 100, (2, 7))
+    calls = _opt_layer_inputs(model, ids)
+
+    def delta(name, h):
+        module = state.shortcuts.get(name)
+        return 0 if module is None else module(h)
+
+    with torch.no_grad():
+        ours = model.model.decoder(input_ids=ids).last_hidden_state
+        for module in state.shortcuts.values():
+            module.enabled = False  # the hooks stay quiet: every term below is added by hand
+        x, previous_h = calls[0][0][0], None
+        for index, layer in enumerate(model.model.decoder.layers):
+            kwargs = {k: v for k, v in calls[index][1].items() if k != "hidden_states"}
+            attention_in = layer.self_attn_layer_norm(x) if pre_ln else x
+            attention, _ = layer.self_attn(hidden_states=attention_in, **kwargs)
+            total = x + attention + delta(f"layer{index}.residual1", x) + delta(f"layer{index}.shortcut2", previous_h)
+            h = total if pre_ln else layer.self_attn_layer_norm(total)
+            ffn = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h) if pre_ln else h)))
+            out = h + ffn + delta(f"layer{index}.residual2", h) + delta(f"layer{index}.shortcut1", x)
+            x, previous_h = (out if pre_ln else layer.final_layer_norm(out)), h
+        if pre_ln:
+            x = model.model.decoder.final_layer_norm(x)
+        assert not torch.allclose(ours, base.model.decoder(input_ids=ids).last_hidden_state, atol=1e-3)
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+def test_post_ln_opt_with_every_shortcut_on_at_initialisation_is_the_base_function():
+    ids = torch.randint(3, 100, (2, 9))
+    expected = _output(build("opt", do_layer_norm_before=False), ids)
+    model = build("opt", do_layer_norm_before=False)
+    inject_adapters(model, _plan(targets=("o",)))
+    assert torch.equal(_output(model, ids), expected)
