@@ -30,7 +30,10 @@ TORCH_LIBRARY(alphalora, m) {
   // naming a (virtual) expert: with several adapters in one batch, ids are offset per adapter.
   // moe_permute counting-sorts pairs by expert: order (pairs grouped by expert) and offsets.
   // validate=False skips the range check of the ids on a GPU (a host sync per call) for callers
-  // whose ids are in range by construction (top-k over their own experts); the CPU always checks.
+  // whose ids are in range by construction (top-k over their own experts); the CPU always checks. (Unchecked,
+  // such pairs are listed after every expert's range: order is always a permutation of the pairs.)
+  // The grouped ops take order and offsets as moe_permute makes them for their expert_ids: the CPU refuses
+  // anything else (an O(pairs) pass); a GPU does not check (a host sync) and leaves NaN where it cannot compute.
   m.def("moe_permute(Tensor expert_ids, int num_experts, bool validate=True) -> (Tensor, Tensor)");
   // h[p] = A[e_p] x[t_p]: every pair's down-projection, (P, r).
   m.def(

@@ -88,12 +88,17 @@ def moe_permute(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tru
     """(order, offsets): pair indices grouped by expert, and expert e's range offsets[e]:offsets[e+1].
 
     Ids outside [0, num_experts) are an error; `validate=False` lets a caller whose ids are in range
-    by construction skip the check's host synchronisation on a GPU (the CPU checks anyway)."""
+    by construction skip the check's host synchronisation on a GPU (the CPU checks anyway). order is
+    always a permutation of the pairs: unchecked pairs with such ids come after every expert's range."""
     return torch.ops.alphalora.moe_permute(expert_ids, num_experts, validate)
 
 
 def grouped_lora_shrink(x, A, expert_ids, order, offsets) -> torch.Tensor:
-    """h[p] = A[e_p] x[t_p] for every pair: (T, in) x (E, r, in) -> (P, r)."""
+    """h[p] = A[e_p] x[t_p] for every pair: (T, in) x (E, r, in) -> (P, r).
+
+    order and offsets must be moe_permute's for these expert_ids (every pair once, grouped by expert),
+    as for every grouped op: the CPU refuses any other; a GPU does not check (it would cost a host
+    synchronisation per call) and gives NaN rows or weight gradients instead."""
     return torch.ops.alphalora.grouped_lora_shrink(x, A, expert_ids, order, offsets)
 
 

@@ -65,14 +65,18 @@ __global__ void offsets_kernel(const int64_t* __restrict__ counts, int64_t num_e
   for (int64_t e = 0; e < num_experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
 }
 
-// One block per expert scans all pairs in chunks; pairs keep their order within an expert.
-__global__ void place_kernel(const int64_t* __restrict__ ids, int64_t pairs, const int64_t* __restrict__ offsets,
-                             int64_t* __restrict__ order) {
+// One block per expert scans all pairs in chunks; pairs keep their order within an expert. One more block
+// (e == num_experts) puts the pairs whose ids are outside [0, num_experts) after every expert's range, so
+// that order lists every pair once even then: with validate=False nothing refuses such ids, and without
+// this block the end of order kept whatever the allocation held (a pair named twice, another never).
+__global__ void place_kernel(const int64_t* __restrict__ ids, int64_t pairs, int64_t num_experts,
+                             const int64_t* __restrict__ offsets, int64_t* __restrict__ order) {
   const int64_t e = blockIdx.x;
+  const bool outside = e == num_experts;
   int64_t next = offsets[e];
   for (int64_t base = 0; base < pairs; base += blockDim.x) {
     const int64_t p = base + threadIdx.x;
-    const int flag = p < pairs && ids[p] == e;
+    const int flag = p < pairs && (outside ? ids[p] < 0 || ids[p] >= num_experts : ids[p] == e);
     int total = 0;
     const int rank = block_exclusive_scan(flag, &total);
     if (flag) order[next + rank] = p;
@@ -137,16 +141,18 @@ __global__ void token_expand_kernel(const T* __restrict__ W, int64_t w_se, int64
 template <typename T>
 __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, int64_t u_div,
                                      const T* __restrict__ V, int64_t v_cols, int64_t v_div,
-                                     const T* __restrict__ weights, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ offsets, int64_t pairs, int64_t cell_blocks,
-                                     T* __restrict__ G) {
+                                     const T* __restrict__ weights, const int64_t* __restrict__ ids,
+                                     const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                                     int64_t pairs, int64_t cell_blocks, T* __restrict__ G) {
   // A flat grid of experts x cell blocks (gridDim.y would cap the experts at 65535).
   const int64_t e = blockIdx.x / cell_blocks;
   const int64_t cell = (blockIdx.x % cell_blocks) * blockDim.x + threadIdx.x;
   if (cell >= u_cols * v_cols) return;
   const int64_t a = cell / v_cols, b = cell % v_cols;
   const int64_t begin = offsets[e], end = offsets[e + 1];
-  // A range or an order entry moe_permute never makes: read nothing more, the expert's gradient is NaN.
+  // A range or an order entry moe_permute never makes: read nothing more, the expert's gradient is NaN. So
+  // also for a pair of another expert in e's range (order not made for these ids): its gradient would be
+  // silently wrong, where the CPU refuses the call (the same id for every thread: one broadcast load).
   if (begin < 0 || begin > end || end > pairs) {
     G[e * u_cols * v_cols + cell] = from_acc<T>(acc_t<T>(NAN));
     return;
@@ -154,7 +160,7 @@ __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, in
   acc_t<T> acc = 0;
   for (int64_t q = begin; q < end; ++q) {
     const int64_t p = order[q];
-    if (p < 0 || p >= pairs) {
+    if (p < 0 || p >= pairs || ids[p] != e) {
       acc = acc_t<T>(NAN);
       break;
     }
@@ -164,16 +170,21 @@ __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, in
   G[e * u_cols * v_cols + cell] = from_acc<T>(acc);
 }
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
+// gridDim.x takes up to 2^31 - 1 blocks; a larger count cast to unsigned would wrap to a smaller grid that
+// silently leaves rows unwritten.
+constexpr int64_t kMaxBlocks = 2147483647;
 
 }  // namespace
 
 cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num_experts, int64_t* counts,
                            int64_t* offsets, int64_t* order, cudaStream_t stream) {
+  if (num_experts < 1 || num_experts >= kMaxBlocks) return cudaErrorInvalidConfiguration;
   const unsigned experts = static_cast<unsigned>(num_experts);
   count_kernel<<<experts, kThreads, 0, stream>>>(expert_ids, pairs, counts);
   offsets_kernel<<<1, 32, 0, stream>>>(counts, num_experts, offsets);
-  if (pairs > 0) place_kernel<<<experts, kThreads, 0, stream>>>(expert_ids, pairs, offsets, order);
+  if (pairs > 0) place_kernel<<<experts + 1, kThreads, 0, stream>>>(expert_ids, pairs, num_experts, offsets, order);
   return cudaGetLastError();
 }
 
@@ -182,10 +193,12 @@ cudaError_t launch_gathered_dot(const T* W, int64_t w_se, int64_t w_si, int64_t 
                                 int64_t rows_div, const int64_t* expert_ids, const int64_t* order, int64_t pairs,
                                 int64_t out_cols, int64_t inner, int64_t num_experts, T* out, cudaStream_t stream) {
   if (pairs == 0 || out_cols == 0) return cudaSuccess;
+  const int64_t blocks = blocks_for(pairs * out_cols * 32);
+  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
   // All bits set is NaN in each of the four types: the rows of pairs that no valid order entry names.
   const cudaError_t filled = cudaMemsetAsync(out, 0xFF, sizeof(T) * pairs * out_cols, stream);
   if (filled != cudaSuccess) return filled;
-  gathered_dot_kernel<T><<<blocks_for(pairs * out_cols * 32), kThreads, 0, stream>>>(
+  gathered_dot_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       W, w_se, w_si, w_sc, X, x_cols, rows_div, expert_ids, order, pairs, out_cols, inner, num_experts, out);
   return cudaGetLastError();
 }
@@ -196,6 +209,7 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
                                 int64_t num_experts, T* out, cudaStream_t stream) {
   if (tokens == 0 || out_cols == 0) return cudaSuccess;
   const int64_t col_blocks = blocks_for(out_cols);
+  if (tokens > kMaxBlocks / col_blocks) return cudaErrorInvalidConfiguration;
   token_expand_kernel<T><<<static_cast<unsigned>(tokens * col_blocks), kThreads, 0, stream>>>(
       W, w_se, w_so, w_si, H, weights, expert_ids, k, out_cols, inner, num_experts, col_blocks, out);
   return cudaGetLastError();
@@ -203,12 +217,14 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
 
 template <typename T>
 cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, const T* V, int64_t v_cols,
-                                 int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
-                                 int64_t num_experts, int64_t pairs, T* G, cudaStream_t stream) {
+                                 int64_t v_div, const T* weights, const int64_t* expert_ids, const int64_t* order,
+                                 const int64_t* offsets, int64_t num_experts, int64_t pairs, T* G,
+                                 cudaStream_t stream) {
   if (num_experts == 0 || u_cols * v_cols == 0) return cudaSuccess;
   const int64_t cell_blocks = blocks_for(u_cols * v_cols);
+  if (num_experts > kMaxBlocks / cell_blocks) return cudaErrorInvalidConfiguration;
   grouped_outer_kernel<T><<<static_cast<unsigned>(num_experts * cell_blocks), kThreads, 0, stream>>>(
-      U, u_cols, u_div, V, v_cols, v_div, weights, order, offsets, pairs, cell_blocks, G);
+      U, u_cols, u_div, V, v_cols, v_div, weights, expert_ids, order, offsets, pairs, cell_blocks, G);
   return cudaGetLastError();
 }
 
@@ -220,7 +236,8 @@ cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, cons
                                               const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, T*,   \
                                               cudaStream_t);                                                      \
   template cudaError_t launch_grouped_outer<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t, const T*, \
-                                               const int64_t*, const int64_t*, int64_t, int64_t, T*, cudaStream_t);
+                                               const int64_t*, const int64_t*, const int64_t*, int64_t, int64_t, T*, \
+                                               cudaStream_t);
 
 ALPHALORA_INSTANTIATE(double)
 ALPHALORA_INSTANTIATE(float)

@@ -8,7 +8,9 @@
 
 namespace alphalora::routing::cuda {
 
-// Stable counting sort of pairs by expert id: counts/offsets (num_experts + 1) and order (pairs).
+// Stable counting sort of pairs by expert id: counts/offsets (num_experts + 1) and order (pairs). Pairs whose
+// ids are outside [0, num_experts) are counted in no expert (offsets[num_experts] < pairs tells them) and
+// listed after every expert's range, so order is a permutation of the pairs whatever the ids.
 cudaError_t launch_permute(const int64_t* expert_ids, int64_t pairs, int64_t num_experts, int64_t* counts,
                            int64_t* offsets, int64_t* order, cudaStream_t stream);
 
@@ -33,10 +35,16 @@ cudaError_t launch_token_expand(const T* W, int64_t w_se, int64_t w_so, int64_t 
 
 // G[e, a, b] = sum over expert e's pairs p of w[p] * U[urow(p), a] * V[vrow(p), b] (w may be null).
 // urow(p) = p / u_div, vrow(p) = p / v_div. Expert e's pairs are order[offsets[e]:offsets[e + 1]]; a range
-// outside [0, pairs) or decreasing, or an entry outside [0, pairs), reads no further: G[e] is NaN.
+// outside [0, pairs) or decreasing, an entry outside [0, pairs), or a pair whose expert_ids entry is not e
+// reads no further: G[e] is NaN. (A pair listed twice in its own expert's range counts twice; order then
+// misses another pair, whose row the order-reading kernels leave NaN, so the step is NaN either way.)
 template <typename T>
 cudaError_t launch_grouped_outer(const T* U, int64_t u_cols, int64_t u_div, const T* V, int64_t v_cols,
-                                 int64_t v_div, const T* weights, const int64_t* order, const int64_t* offsets,
-                                 int64_t num_experts, int64_t pairs, T* G, cudaStream_t stream);
+                                 int64_t v_div, const T* weights, const int64_t* expert_ids, const int64_t* order,
+                                 const int64_t* offsets, int64_t num_experts, int64_t pairs, T* G,
+                                 cudaStream_t stream);
+
+// Each launcher returns cudaErrorInvalidConfiguration, launching nothing, where its grid would need more
+// than 2^31 - 1 blocks.
 
 }  // namespace alphalora::routing::cuda

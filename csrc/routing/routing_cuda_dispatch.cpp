@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
                                        ids.data_ptr<int64_t>(), tokens, k, in, rank, experts, ptr<T>(grad_x), stream()),
           "grouped_lora_shrink_backward (x)");
     // grad_A[e, i, c] = sum over e's pairs of grad_h[p, i] x[t, c].
-    check(cuda::launch_grouped_outer<T>(ptr<T>(grad_h), rank, 1, ptr<T>(x), in, k, nullptr,
+    check(cuda::launch_grouped_outer<T>(ptr<T>(grad_h), rank, 1, ptr<T>(x), in, k, nullptr, ids.data_ptr<int64_t>(),
                                         order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), experts,
                                         ids.size(0), ptr<T>(grad_A), stream()),
           "grouped_lora_shrink_backward (A)");
@@ -126,8 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda
           "grouped_lora_expand_backward (h)");
     // grad_B[e, o, i] = sum over e's pairs of gates[p] grad_y[t, o] h[p, i].
     check(cuda::launch_grouped_outer<T>(ptr<T>(grad_y), out, k, ptr<T>(h), rank, 1, ptr<T>(gates),
-                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), experts,
-                                        pairs, ptr<T>(grad_B), stream()),
+                                        ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                                        offsets.data_ptr<int64_t>(), experts, pairs, ptr<T>(grad_B), stream()),
           "grouped_lora_expand_backward (B)");
   });
   const at::ScalarType accumulate = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

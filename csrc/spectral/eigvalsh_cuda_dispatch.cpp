@@ -54,6 +54,8 @@ int64_t stream_count() {
 at::Tensor eigvalsh_batched_cuda(const at::Tensor& grams) {
   TORCH_CHECK(grams.dim() == 3 && grams.size(1) == grams.size(2),
               "eigvalsh_batched takes (batch, n, n) symmetric matrices, got ", grams.sizes());
+  // As on the CPU: a complex batch would otherwise pass, its real eigenvalues copied into a complex `values`.
+  TORCH_CHECK(at::isFloatingType(grams.scalar_type()), "eigvalsh_batched takes float32 or float64");
   const int64_t batch = grams.size(0);
   const int64_t streams = std::min(stream_count(), batch);
   if (streams <= 1) return at::linalg_eigvalsh(grams);
