@@ -288,7 +288,8 @@ def _serve(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
     from alphalora.serving.openai.server import make_state, parse_adapters, serve
 
-    device = args.device or default_device()
+    device = _serve_device(args.device) if args.device else default_device()
+    _check_local_model(args.model_dir)
     try:
         adapters = parse_adapters(args.adapter)
         state = make_state(args.model_dir, adapters, api_key=args.api_key, adapter_dir=args.adapter_dir,
@@ -307,6 +308,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_DEVICES = "cpu, cuda or cuda:N"
+
+
+def _serve_device(device: str) -> str:
+    """--device checked before the model loads: a CPU, or a CUDA GPU that torch sees."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise CliError(f"unknown device {device!r}; choose {SERVE_DEVICES}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise CliError(f"device {device!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return str(parsed)
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def _check_local_model(model_dir: str | Path, resolved: bool = False) -> None:
+    """A local model path that cannot be a model is named now, not in a library's traceback. A Hub id passes
+    unless `resolved` (model_folder has fetched it already: its folder must exist)."""
+    from alphalora.model_source import is_hub_id
+
+    folder = Path(model_dir).expanduser()
+    if not folder.exists():
+        if resolved or not is_hub_id(model_dir):
+            raise CliError(f"model folder {model_dir} does not exist; pass a Hugging Face model folder or a Hub id "
+                           "such as org/name")
+        return
+    if not folder.is_dir():
+        raise CliError(f"{model_dir} is a file; pass the model folder (the one that holds config.json)")
+    if not (folder / "config.json").exists():
+        raise CliError(f"{model_dir} is not a model folder (no config.json); pass the folder "
+                       "`model.save_pretrained(folder)` wrote, or a Hub id")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise CliError(f"no weights in {model_dir}: expected *.safetensors (or pytorch_model*.bin) files, as written "
+                       "by `model.save_pretrained(folder)`")
+
+
 def _serve_vllm(args: argparse.Namespace) -> int:
     from alphalora.adapters import AdapterError
     from alphalora.model_source import default_served_name, model_folder
@@ -316,8 +362,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
     try:
         adapters = parse_adapters(args.adapter)
         model_dir = model_folder(args.model_dir)
-        if not (model_dir / "config.json").exists():
-            raise ValueError(f"{args.model_dir} is not a model folder (no config.json)")
+        _check_local_model(model_dir, resolved=True)
         options = ServeOptions(
             str(model_dir), adapters, host=args.host, port=args.port, api_key=args.api_key,
             adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
@@ -332,6 +377,16 @@ def _serve_vllm(args: argparse.Namespace) -> int:
 
 VERBS = {"analyze": _analyze, "allocate": _allocate, "train": _train, "export": _export, "serve": _serve}
 WRITE_THEN_REPORT = ("analyze", "allocate", "export")  # verbs that print only once their files are written
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted verb leaves: for a training run with checkpoints, how to go on from them."""
+    if args.verb != "train":
+        return ""
+    checkpoints = Path(args.out) / "checkpoints"
+    if not any(checkpoints.glob("checkpoint-*")):
+        return f"; no checkpoint was written yet (every --save-steps {args.save_steps} steps)"
+    return f"; run the same command with --resume to continue from the newest checkpoint in {checkpoints}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (Python would report the pipe again when it flushes at exit)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is left, not the traceback of wherever it landed
+        print(f"alphalora {args.verb}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+        return 130
     except CliError as error:
         print(f"alphalora {args.verb}: error: {error}", file=sys.stderr)
         return 2

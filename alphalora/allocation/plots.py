@@ -9,6 +9,8 @@ from alphalora.spectral.plots import integer_ticks
 
 from .plan import Plan
 
+LEGEND_ROOM = 1.3  # the axes reach 1.3 x the data's top, so that the legend covers no bar or point
+
 
 def _pyplot():
     import matplotlib
@@ -37,9 +39,13 @@ def plot_allocation(plan: Plan, path: str | Path) -> Path:
     layers = list(range(plan.num_layers))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * plan.num_layers + 3), 4))
     ax.bar(layers, plan.experts_per_layer, color="C0", alpha=0.7, label="experts")
+    ax.plot(layers, plan.top_k_per_layer, linestyle="none", marker="_", markersize=14, markeredgewidth=2,
+            color="black", label="top-k (experts per token)")
     ax.set_xlabel("layer")
     integer_ticks(ax.xaxis)
+    integer_ticks(ax.yaxis)
     ax.set_ylabel("LoRA experts")
+    ax.set_ylim(0, LEGEND_ROOM * max(plan.experts_per_layer))
     title = f"{plan.method} allocation: {plan.total_experts} experts"
     if plan.method == "mola":
         title += f" (preset {plan.source.get('preset')})"
@@ -52,9 +58,11 @@ def plot_allocation(plan: Plan, path: str | Path) -> Path:
         twin = ax.twinx()
         twin.plot(layers, alphas, color="C3", marker="o", label="layer alpha")
         twin.set_ylabel("layer alpha")
+        low, high = min(alphas), max(alphas)
+        twin.set_ylim(low - 0.05 * (high - low or 1), low + LEGEND_ROOM * (high - low or 1))
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, fontsize=8, loc="upper left")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", ncol=len(labels))
     return _save(fig, path)
 
 
@@ -81,6 +89,8 @@ def plot_hetero(plan: Plan, path: str | Path) -> Path:
                   f"{plan.source.get('parameters', '?')} / {plan.source.get('budget', '?')} parameters")
     bottom.bar(range(len(names)), [ranks.get(n, 0) for n in names], color=colours)
     bottom.set_ylabel("rank (0 = off)")
+    integer_ticks(bottom.yaxis)
+    bottom.set_xlabel("candidate (block.module, or layer shortcut)")
     short = [n.split("layers.")[-1].split("layer.")[-1].split(".h.")[-1] for n in names]
     bottom.set_xticks(range(len(names)), short, rotation=90, fontsize=6)
     return _save(fig, path)

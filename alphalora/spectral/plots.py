@@ -78,8 +78,7 @@ def plot_esd(report: SpectralReport, name: str, path: str | Path) -> Path:
     evals = evals[evals > 0]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.logspace(np.log10(evals.min()), np.log10(evals.max()), 80)
-    density, edges, _ = ax.hist(evals, bins=bins, density=True, color="C0", alpha=0.6, label="ESD")
+    ax.hist(evals, bins=log_bins(evals), density=True, color="C0", alpha=0.6, label="ESD")
     if matrix.alpha is not None and matrix.xmin is not None:
         a, xmin = matrix.alpha, matrix.xmin
         tail_fraction = (evals >= xmin).mean()
@@ -97,6 +96,14 @@ def plot_esd(report: SpectralReport, name: str, path: str | Path) -> Path:
     _save(fig, out)
     plt.close(fig)
     return out
+
+
+def log_bins(values: np.ndarray, count: int = 80) -> np.ndarray:
+    """`count` - 1 log-spaced bins from the smallest value to the largest, both ends exactly: 10**log10(x) can
+    land beside x, and a histogram drops what falls outside its edges (lambda_max, the tail's top, among them)."""
+    edges = np.logspace(np.log10(values.min()), np.log10(values.max()), count)
+    edges[0], edges[-1] = values.min(), values.max()
+    return edges
 
 
 def default_esd_matrices(report: SpectralReport, count: int = 2) -> list[str]:
