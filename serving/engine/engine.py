@@ -14,6 +14,7 @@ from alphalora.adapters.inject import AdapterError
 from .adapters import AdapterRegistry, ServedModel
 from .block_manager import BlockManager
 from .detokenizer import OutputText
+from .family import check_servable
 from .kv_pool import default_num_blocks
 from .model_runner import PagedModelRunner
 from .sampling import SampleResult, SamplingParams, sample_rows
@@ -92,6 +93,7 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         cfg = self.config
+        check_servable(model.config)  # before the pool is sized from attention fields an encoder lacks
         self.tokenizer = tokenizer
         self.model = model.to(cfg.device, cfg.dtype) if cfg.dtype else model.to(cfg.device)
         context = getattr(model.config, "max_position_embeddings", 2048)
@@ -124,8 +126,9 @@ class Engine:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = config or EngineConfig()
+        model_config = AutoConfig.from_pretrained(model_dir)
+        check_servable(model_config)  # before the weights load
         if config.dtype is None:
-            model_config = AutoConfig.from_pretrained(model_dir)
             stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
             stored = getattr(torch, stored) if isinstance(stored, str) else stored
             config = replace(config, dtype=auto_dtype(stored, config.device))

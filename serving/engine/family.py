@@ -29,7 +29,9 @@ FIXED_BY_MAX_MODEL_LEN_ROPE = ("longrope",)
 def check_servable(config) -> None:
     """A clear error for a model the runner would compute wrongly."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not served; supported: {SUPPORTED_MODEL_TYPES}")
+        raise ValueError(f"model type {config.model_type!r} is not served: the engine generates with the decoder "
+                         f"families {', '.join(SUPPORTED_MODEL_TYPES)}; serve a model of one of them (an encoder "
+                         "such as BERT is analysed and trained for classification, not served)")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("this model attends bidirectionally (use_bidirectional_attention: an embedding model), "
                          "which a generating server does not run")

@@ -241,6 +241,24 @@ def test_an_adapter_of_another_family_is_refused_though_its_shapes_fit(tmp_path)
     engine.adapters.register("own", str(_adapter(tmp_path / "gemma3", "gemma3", (2, 2))), load_now=True)
 
 
+@pytest.mark.parametrize("family", ["bert", "opt"])
+def test_a_model_of_a_family_the_engine_does_not_run_is_refused_before_its_weights_load(family, tmp_path,
+                                                                                         monkeypatch):
+    """An encoder (all-MiniLM-L6-v2 is a BERT) used to fail sizing the KV pool, with an AttributeError on
+    num_key_value_heads; the family is now checked first, from the config alone."""
+    folder = save_tiny(family, tmp_path / family)
+    with pytest.raises(ValueError, match=rf"model type '{family}' is not served: the engine generates with the "
+                                         r"decoder families llama, mistral"):
+        Engine(build(family), tokenizer=None)
+
+    def no_weights(*_args, **_kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=rf"model type '{family}' is not served"):
+        Engine.from_pretrained(folder)
+
+
 def test_attention_of_other_kinds_is_refused():
     config = transformers.Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match=r"chunked_attention.*not served"):
