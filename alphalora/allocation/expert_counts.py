@@ -73,7 +73,9 @@ def _check_budget(budget: int, num_layers: int, min_experts: int, max_experts: i
         )
     if max_experts is not None and budget > num_layers * max_experts:
         raise AllocationError(
-            f"budget {budget} exceeds {num_layers} layers x max {max_experts} experts; raise the maximum"
+            f"budget {budget} exceeds {num_layers} layers x max {max_experts} experts; raise the maximum "
+            f"(--max-experts, max_experts) to at least {-(-budget // num_layers)} or lower the budget (--budget, "
+            f"budget) to {num_layers * max_experts} or less"
         )
 
 

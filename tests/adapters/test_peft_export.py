@@ -87,6 +87,9 @@ def test_cli_export(tmp_path, capsys):
     save_adapter(_adapted(build("llama"), experts=(3, 1)), tmp_path / "moe")
     assert main(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "x")]) == 2
     assert "native engine" in capsys.readouterr().err
+    # exporting the export again: it is named as what it is, not as "not an alphalora adapter"
+    assert main(["export", str(tmp_path / "peft"), "--out", str(tmp_path / "y")]) == 2
+    assert "is a PEFT adapter (adapter_config.json), not an alphalora one" in capsys.readouterr().err
 
 
 def test_switched_off_modules_are_left_out_of_the_export(tmp_path):

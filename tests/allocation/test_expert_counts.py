@@ -118,7 +118,9 @@ def test_uniform_and_top_k():
         (lambda: largest_remainder([1, 1], 2**53 + 1), r"beyond 9007199254740992 \(2\*\*53\)"),
         (lambda: alpha_power_counts([3.0, 4.0], 10**20, rounding="compat"), r"beyond .* use a smaller --budget"),
         (lambda: group_counts("2468", 3), "4 groups"),
-        (lambda: largest_remainder([1, 1], 10, max_experts=3), "raise the maximum"),
+        (lambda: largest_remainder([1, 1], 10, max_experts=3),
+         r"raise the maximum \(--max-experts, max_experts\) to at least 5 or lower the budget \(--budget, budget\) "
+         "to 6 or less"),
         (lambda: alpha_power_counts([3.0, 4.0], 10, rounding="compat", max_experts=6), "no per-layer maximum"),
     ],
 )
