@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from alphalora._io import check_format_version, read_json, write_text_atomic
+from alphalora.spectral.report import ENTRIES as REPORT_ENTRIES
 
 FORMAT_VERSION = 1
 METHODS = ("alphalora", "mola", "uniform", "hetero")
@@ -18,6 +20,10 @@ SHORTCUT_KINDS = ("residual1", "residual2", "shortcut1", "shortcut2")
 PROXY_NAMES = ("constant", "grad-norm", "snip", "synflow", "fisher", "alpha")
 POOLS = ("joint", "separate")
 UNCHANGING_PROXIES = ("constant", "alpha")  # the same scores every round: nothing for dynamic re-selection to do
+# The field that marks a plan: the analysis report's reader refuses a file with it as "an adapter plan, not an
+# analysis report", and a file without it is checked here for the other JSON files people pass for a plan.
+PLAN_MARK = "experts_per_layer"
+ADAPTER_CONFIG_NAME = "alphalora_config.json"  # (alphalora.adapters.io.CONFIG_NAME, which imports this module)
 
 
 def shortcut_name(layer: int, kind: str) -> str:
@@ -234,7 +240,11 @@ class Plan:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> Plan:
+        """A plan from its JSON form; `source`, the file it was read from, is named where it is some other file."""
+        mix_up = not_a_plan(data, source)
+        if mix_up:
+            raise PlanFormatError(mix_up)
         check_format_version(data, FORMAT_VERSION, "plan", "`alphalora allocate`", PlanFormatError)
         values = {k: v for k, v in data.items() if k != "format_version"}
         try:
@@ -244,4 +254,41 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(read_json(path, "plan", "`alphalora allocate`", PlanFormatError))
+        if Path(path).is_dir():
+            raise PlanFormatError(_folder_passed_for_a_plan(Path(path)))
+        return cls.from_dict(read_json(path, "plan", "`alphalora allocate`", PlanFormatError), source=path)
+
+
+def not_a_plan(data: Any, source: str | Path | None = None) -> str | None:
+    """What other known JSON file `data` is (an analysis report, an adapter's config, a PEFT adapter config, a
+    model config), said with what to pass instead; None where it may be a plan (validation names its problems).
+
+    `source` is the file's path, named in the message ("this" without one)."""
+    if not isinstance(data, dict) or PLAN_MARK in data:
+        return None
+    this = str(source) if source is not None else "this"
+    if all(key in data for key in REPORT_ENTRIES):
+        report = shlex.quote(str(source)) if source is not None else "REPORT.json"
+        return (f"{this} is an analysis report (from `alphalora analyze`), not an adapter plan; make a plan from it "
+                f"with `alphalora allocate --report {report} --out plan.json` and pass that")
+    if isinstance(data.get("plan"), dict) and "module_names" in data:
+        return (f"{this} is a trained adapter's config (written by `alphalora train`), not an adapter plan; pass the "
+                "plan it was trained from (the config keeps a copy under \"plan\"), or make one with "
+                "`alphalora allocate`")
+    if "peft_type" in data:
+        rank = data.get("r") if is_positive_int(data.get("r")) else "R"
+        return (f"{this} is a PEFT adapter's config, not an alphalora adapter plan; make a plan "
+                f"with `alphalora allocate`, e.g. `alphalora allocate --method uniform --num-layers N --budget N "
+                f"--rank {rank}` for one LoRA expert per layer of an N-layer model (plain LoRA)")
+    if "model_type" in data or "architectures" in data:
+        return (f"{this} is a transformers model's config, not an adapter plan; pass its folder as the model to "
+                "train and a plan from `alphalora allocate` as the plan")
+    return None
+
+
+def _folder_passed_for_a_plan(folder: Path) -> str:
+    if (folder / ADAPTER_CONFIG_NAME).exists():
+        return (f"{folder} is a trained adapter's folder (from `alphalora train`), not an adapter plan; pass the plan "
+                f"JSON it was trained from (its {ADAPTER_CONFIG_NAME} keeps a copy under \"plan\"), or make one with "
+                "`alphalora allocate`")
+    return f"plan {folder} is a folder; pass the plan JSON file `alphalora allocate` wrote (--out, default plan.json)"

@@ -27,6 +27,7 @@ from .data import (
     read_rows,
     tokenize_causal_lm,
     tokenize_classification,
+    warn_if_classification_rows,
 )
 from .model import load_base, warn_if_plan_for_another_model
 
@@ -54,6 +55,7 @@ def _tokenize(path, task, tokenizer, max_length, label_names=None, truncate=Fals
               splits=TRAIN_SPLITS):
     rows = read_rows(path, splits)
     if task == "causal-lm":
+        warn_if_classification_rows(rows, str(path))
         return tokenize_causal_lm(rows, tokenizer, max_length, str(path), truncate)
     tokenized = tokenize_classification(rows, tokenizer, max_length, str(path), label_names, truncate)
     beyond = sorted({e["labels"] for e in tokenized.examples if num_labels is not None and e["labels"] >= num_labels})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ INSTRUCTION_TEMPLATE = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
+
+
+logger = logging.getLogger(__name__)
+CLASSIFICATION_HINT = 'pass --task classification (task="classification" in Python)'
 
 
 class DataError(ValueError):
@@ -153,8 +158,23 @@ def _null_field_error(row: dict[str, Any], where: str) -> DataError:
         return DataError(f"{where}: {_listed(nulls)} {'is' if len(nulls) == 1 else 'are'} null; give the row "
                          "values or remove it")
     given = sorted(field for field in row if _given(row, field))
+    labelled = f"; for classification data (text or sentence, with label), {CLASSIFICATION_HINT}" \
+        if _given(row, "label") else ""
     return DataError(f"{where}: a causal-LM row needs prompt/completion, instruction/input/output or text (not "
-                     f"null); got values for {given}")
+                     f"null); got values for {given}{labelled}")
+
+
+def warn_if_classification_rows(rows: list[dict[str, Any]], source: str) -> bool:
+    """Logs one warning (and returns True) when most rows are classification rows (a text and a label): causal-LM
+    training reads their text and drops the label, which is what a labelled corpus is for only sometimes (a
+    language model adapted to its texts), so it is said, not refused."""
+    labelled = sum(1 for row in rows if _given(row, "label") and _given(row, "text"))
+    if labelled * 2 <= len(rows):
+        return False
+    logger.warning("%s: %d of %d rows have a label beside their text; causal-LM training (--task causal-lm, the "
+                   "default) ignores labels and trains on the text alone; if this is classification data, %s", source,
+                   labelled, len(rows), CLASSIFICATION_HINT)
+    return True
 
 
 def _listed(names: list[str]) -> str:

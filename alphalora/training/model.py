@@ -9,7 +9,7 @@ from alphalora._io import first_line
 from alphalora.allocation.plan import Plan
 from alphalora.model_source import is_hub_id, model_folder
 
-from .data import DataError
+from .data import CLASSIFICATION_HINT, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +28,81 @@ def load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
     check_weight_files(folder)
     # A Hub id is loaded by its id (now cached), so the model and the adapters trained on it carry that name
     source = str(model_dir) if is_hub_id(model_dir) else folder
+    if task == "causal-lm":
+        refuse_encoder_as_causal_lm(folder)  # from its config alone, before the weights load
     tokenizer = _load_tokenizer(source, folder)
+    missing: list[str] = []
     try:
         if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+            missing = sorted(loading["missing_keys"])
         else:
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError, _safetensor_error()) as error:
         raise DataError(f"could not load the model in {folder} ({first_line(error)}); check that its config.json "
                         f"and weight files are complete and belong together, or {REDOWNLOAD}") from error
+    if task == "causal-lm":
+        refuse_new_output_head(model, missing, folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+CLASSIFY_INSTEAD = f"to fine-tune it as a classifier, {CLASSIFICATION_HINT}"
+
+
+def refuse_encoder_as_causal_lm(folder: Path) -> None:
+    """DataError for an encoder (BERT, RoBERTa, MiniLM, ...) not configured as a decoder: it reads every token of
+    a text at once, so as a causal LM it would see each token it is to predict, and transformers gives it a new,
+    random LM head. (A config transformers cannot read is left to the model's loading, which names the problem.)"""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        return
+    if is_encoder(config):
+        raise DataError(f"{folder} holds a {config.model_type} model, an encoder (its config does not set is_decoder): "
+                        "it reads every token of a text at once, so it cannot be trained as a causal LM (--task "
+                        f"causal-lm, the default), which predicts each token from those before it; {CLASSIFY_INSTEAD}"
+                        ", or train a decoder model (Llama, Qwen, Mistral, GPT-2, ...) as a causal LM")
+
+
+def is_encoder(config) -> bool:
+    """Whether a model config is an encoder's: a family with a masked-LM head (BERT and its kin) that is neither
+    set up as a decoder (is_decoder, XLM's causal) nor an encoder-decoder (BART's causal LM is its decoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    decoder = any(getattr(config, name, False) for name in ("is_decoder", "is_encoder_decoder", "causal"))
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not decoder
+
+
+def refuse_new_output_head(model, missing: list[str], folder: Path) -> None:
+    """DataError where the causal LM's output head was not in the checkpoint, so transformers initialised it at
+    random: the head stays frozen while adapters train, and no adapter can make a random head predict text."""
+    new = new_output_head_weights(model, missing)
+    if new:
+        shown = ", ".join(new[:3]) + (f" and {len(new) - 3} more" if len(new) > 3 else "")
+        raise DataError(f"the checkpoint in {folder} has no output head for causal-LM training: {shown} "
+                        f"{'is' if len(new) == 1 else 'are'} not in it (nor tied to its input embeddings), so "
+                        "transformers initialised the head at random, and adapters cannot train through a frozen "
+                        "random head; pass a checkpoint saved with its LM head (a ...ForCausalLM model, not the base "
+                        f"...Model), or {CLASSIFY_INSTEAD}")
+
+
+def new_output_head_weights(model, missing: list[str]) -> list[str]:
+    """The weights among `missing` (the checkpoint's missing keys, which transformers initialised at random) that
+    belong to the output head: those outside the base model (a decoder's lm_head, BERT's cls.predictions). A head
+    tied to the input embeddings is never missing: it is the embedding matrix, loaded."""
+    names = {id(module): name for name, module in model.named_modules()}
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        inside = f"{names[id(base)]}."
+        return [key for key in missing if not key.startswith(inside)]
+    head = model.get_output_embeddings()  # no separate base model: the output embeddings are the head
+    outside = names.get(id(head)) if head is not None else None
+    return [key for key in missing if outside and key.startswith(f"{outside}.")]
 
 
 def _load_tokenizer(source: str | Path, folder: Path):

@@ -200,3 +200,70 @@ def test_hetero_plans_with_wrong_types_or_misplaced_fields_are_refused_on_load(c
         (data[section] if section else data)[field_name] = value
     with pytest.raises(PlanFormatError, match=message):
         Plan.from_dict(data)
+
+
+def _other_json_files(report, tmp_path) -> dict[str, tuple[str, str]]:
+    """JSON files people pass for a plan by mistake: name -> (path, what its message must say)."""
+    from alphalora.adapters.inject import inject_adapters
+    from alphalora.adapters.io import save_adapter
+
+    report.to_json(tmp_path / "report.json")
+    model = build("llama")
+    model.save_pretrained(tmp_path / "model")
+    inject_adapters(model, Plan(method="uniform", base_model="tiny", experts_per_layer=[1, 1],
+                                top_k_per_layer=[1, 1], target_modules=["o"], rank=2))
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    return {
+        "report": (tmp_path / "report.json", "is an analysis report (from `alphalora analyze`), not an adapter plan; "
+                   f"make a plan from it with `alphalora allocate --report {tmp_path / 'report.json'} --out "
+                   "plan.json` and pass that"),
+        "adapter config": (tmp_path / "adapter" / "alphalora_config.json",
+                           "is a trained adapter's config (written by `alphalora train`), not an adapter plan; pass "
+                           "the plan it was trained from"),
+        "adapter folder": (tmp_path / "adapter", "is a trained adapter's folder (from `alphalora train`), not an "
+                           "adapter plan; pass the plan JSON it was trained from"),
+        "PEFT config": (tmp_path / "adapter_config.json", "is a PEFT adapter's config, not an alphalora adapter plan; "
+                        "make a plan with `alphalora allocate`, e.g. `alphalora allocate --method uniform "
+                        "--num-layers N --budget N --rank 16`"),
+        "model config": (tmp_path / "model" / "config.json", "is a transformers model's config, not an adapter plan; "
+                         "pass its folder as the model to train"),
+    }
+
+
+def test_other_json_files_passed_for_a_plan_say_what_they_are_and_what_to_pass(report, tmp_path, capsys):
+    """A report, an adapter (its config or folder), a PEFT adapter config or a model config given as the plan is
+    named as what it is, with the fix, not "Plan.__init__() got an unexpected keyword argument 'model'"; in
+    Python, from the CLI's train, and as a dict (named "this")."""
+    files = _other_json_files(report, tmp_path)
+    capsys.readouterr()
+    for kind, (path, message) in files.items():
+        with pytest.raises(PlanFormatError) as refused:
+            Plan.load(path)
+        assert str(refused.value).startswith(f"{path} {message}"), kind
+        assert main(["train", "--model", str(tmp_path / "model"), "--plan", str(path), "--data", str(path),
+                     "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        assert capsys.readouterr().err.startswith(f"alphalora train: error: {path} {message}"), kind
+        if path.is_file():
+            with pytest.raises(PlanFormatError, match=r"^this is an? "):
+                Plan.from_dict(json.loads(path.read_text()))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_report_given_as_a_dict_names_the_command_that_makes_a_plan(report):
+    with pytest.raises(PlanFormatError, match=r"^this is an analysis report .*`alphalora allocate --report "
+                                              r"REPORT\.json --out plan\.json`"):
+        Plan.from_dict(report.to_dict())
+
+
+def test_a_plan_is_told_from_the_other_files_by_its_experts_per_layer(report, tmp_path):
+    """A plan with a stray field named like another file's is still read as a plan: the field is refused by name."""
+    data = {**Plan(method="uniform", base_model="m", experts_per_layer=[2], top_k_per_layer=[1]).to_dict(),
+            "matrices": [], "layers": []}
+    with pytest.raises(PlanFormatError, match="unexpected keyword argument 'matrices'"):
+        Plan.from_dict(data)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(PlanFormatError, match=r"is a folder; pass the plan JSON file `alphalora allocate` wrote"):
+        Plan.load(folder)
