@@ -329,9 +329,6 @@ def _serve_device(device: str) -> str:
     return str(parsed)
 
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-
-
 def _check_local_model(model_dir: str | Path, resolved: bool = False) -> None:
     """A local model path that cannot be a model is named now, not in a library's traceback. A Hub id passes
     unless `resolved` (model_folder has fetched it already: its folder must exist)."""
@@ -348,7 +345,13 @@ def _check_local_model(model_dir: str | Path, resolved: bool = False) -> None:
     if not (folder / "config.json").exists():
         raise CliError(f"{model_dir} is not a model folder (no config.json); pass the folder "
                        "`model.save_pretrained(folder)` wrote, or a Hub id")
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+    from alphalora.spectral.weights import WeightSourceError, checkpoint_files
+
+    try:
+        weights = checkpoint_files(folder)  # the files transformers loads (an adapter's beside them are not)
+    except WeightSourceError as error:
+        raise CliError(str(error)) from error
+    if not weights:
         raise CliError(f"no weights in {model_dir}: expected *.safetensors (or pytorch_model*.bin) files, as written "
                        "by `model.save_pretrained(folder)`")
 
@@ -383,10 +386,15 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     """What an interrupted verb leaves: for a training run with checkpoints, how to go on from them."""
     if args.verb != "train":
         return ""
-    checkpoints = Path(args.out) / "checkpoints"
-    if not any(checkpoints.glob("checkpoint-*")):
-        return f"; no checkpoint was written yet (every --save-steps {args.save_steps} steps)"
-    return f"; run the same command with --resume to continue from the newest checkpoint in {checkpoints}"
+    checkpoints, newest = Path(args.out) / "checkpoints", None
+    if checkpoints.is_dir():  # (else nothing to look at: not even transformers to import, if stopped before it)
+        from alphalora.training.trainer import last_complete_checkpoint
+
+        # One that Trainer was writing when stopped is partial: --resume skips it (or has nothing to resume from)
+        newest, _ = last_complete_checkpoint(checkpoints)
+    if newest is None:
+        return f"; no complete checkpoint was written yet (every --save-steps {args.save_steps} steps)"
+    return f"; run the same command with --resume to continue from the newest complete checkpoint, {newest}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 `FakeTensorMode` computes every op's output device, dtype and shape without computing values, and
 refuses ops that mix devices; so a step of the engine, a layer's forward and backward or a spectral
 batch run here on "GPU" tensors show every tensor that would land on the wrong device or in the
-wrong dtype on a real GPU. Three things a CPU-only build of torch lacks are filled in for the
+wrong dtype on a real GPU. Four things a CPU-only build of torch lacks are filled in for the
 duration of `fake_cuda()`:
 
 - a CUDA device guard (Python indexing of a CUDA tensor opens one): the no-op guard of the meta

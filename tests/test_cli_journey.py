@@ -38,16 +38,24 @@ def _main_catching_ctrl_c(argv: list[str]) -> int:
         pytest.fail("Ctrl-C escaped the command as a traceback")
 
 
-def _interrupted_training(out_dir, checkpoint: bool):
+def _interrupted_training(out_dir, checkpoint: str):
+    """A training run that Ctrl-C stops: after writing a complete checkpoint-5, a partial one (stopped while
+    Trainer wrote it: no trainer_state.json, which it writes last) or none."""
+    from alphalora.training.trainer import CHECKPOINT_FILES
+
     def train(*args, **kwargs):
-        if checkpoint:
-            (out_dir / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+        if checkpoint != "none":
+            folder = out_dir / "checkpoints" / "checkpoint-5"
+            folder.mkdir(parents=True)
+            written = CHECKPOINT_FILES if checkpoint == "complete" else CHECKPOINT_FILES[:-1]
+            for name in (*written, "rng_state.pth"):
+                (folder / name).write_text("{}")
         raise KeyboardInterrupt
 
     return train
 
 
-@pytest.mark.parametrize("checkpoint", [True, False])
+@pytest.mark.parametrize("checkpoint", ["complete", "partial", "none"])
 def test_ctrl_c_during_training_is_one_line_saying_how_to_go_on(tmp_path, monkeypatch, capsys, checkpoint):
     import alphalora.training
 
@@ -57,10 +65,10 @@ def test_ctrl_c_during_training_is_one_line_saying_how_to_go_on(tmp_path, monkey
                                   "--save-steps", "5"])
     err = capsys.readouterr().err
     assert code == 130 and err.startswith("alphalora train: interrupted") and err.count("\n") == 1, err
-    if checkpoint:
-        assert "--resume" in err and str(out / "checkpoints") in err
-    else:
-        assert "no checkpoint was written yet (every --save-steps 5 steps)" in err
+    if checkpoint == "complete":
+        assert "--resume" in err and str(out / "checkpoints" / "checkpoint-5") in err
+    else:  # a partial checkpoint is none to resume from (--resume would refuse it)
+        assert "no complete checkpoint was written yet (every --save-steps 5 steps)" in err and "--resume" not in err
 
 
 def test_ctrl_c_during_an_analysis_is_one_line(tmp_path, monkeypatch, capsys):
@@ -92,6 +100,7 @@ def test_serve_names_a_path_that_is_no_model(tmp_path, llama_dir, no_server, cap
     empty.mkdir()
     no_weights.mkdir()
     (no_weights / "config.json").write_text((llama_dir / "config.json").read_text())
+    (no_weights / "training_args.bin").write_bytes(b"")  # a Trainer's output folder: a .bin, but no weights
     a_file.write_text("{}\n")
     monkeypatch.chdir(tmp_path)
     expected = {

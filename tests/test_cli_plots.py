@@ -74,3 +74,16 @@ def test_the_hetero_plot_gives_whole_ranks_and_names_its_axis(tmp_path, drawn):
     ticks = [tick for tick in ranks_axes.get_yticks() if ranks_axes.get_ylim()[0] <= tick <= ranks_axes.get_ylim()[1]]
     assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
     assert ranks_axes.get_xlabel().startswith("candidate")
+
+
+def test_esd_bins_of_a_single_distinct_eigenvalue_hold_it():
+    """Every eigenvalue equal (a multiple of an orthogonal matrix): the edges were all that value, which a
+    histogram refuses; one bin around it now."""
+    import numpy as np
+
+    from alphalora.spectral.plots import log_bins
+
+    edges = log_bins(np.full(16, 2.5))
+    assert len(edges) == 2 and edges[0] < 2.5 < edges[1]
+    edges = log_bins(np.array([1.0, 3.0, 9.0]), count=5)
+    assert edges[0] == 1.0 and edges[-1] == 9.0 and np.all(np.diff(edges) > 0)

@@ -99,7 +99,10 @@ def block_layout(block: nn.Module) -> BlockLayout:
         return BlockLayout(block.attn.resid_dropout, block.mlp.dropout, block.ln_2)
     if has("attention", "output", "dropout") and has("output", "dropout") and has("intermediate"):
         return BlockLayout(block.attention.output.dropout, block.output.dropout, block.intermediate)
-    if has("self_attn", "out_proj") and has("fc1") and has("fc2") and has("final_layer_norm"):
+    # do_layer_norm_before is OPT's own: BART's and Marian's decoder blocks have the same modules, but post-LN
+    # with no such flag (their final_layer_norm normalises the FFN sum), and are not to be wired as a pre-LN OPT's.
+    if has("self_attn", "out_proj") and has("fc1") and has("fc2") and has("final_layer_norm") \
+            and has("do_layer_norm_before"):
         return _opt_layout(block)
     why = ""
     if any(has(norm) for norm in other_norms):
@@ -114,7 +117,7 @@ def block_layout(block: nn.Module) -> BlockLayout:
 
 def _opt_layout(block: nn.Module) -> BlockLayout:
     """OPT's sums (see `block_layout`); its blocks flatten h_l to (tokens, hidden) for the FFN."""
-    if getattr(block, "do_layer_norm_before", True):
+    if block.do_layer_norm_before:
         return BlockLayout(block.self_attn.out_proj, block, block.final_layer_norm)
     return BlockLayout(block.self_attn_layer_norm, block.final_layer_norm, block.fc1, sums_are_inputs=True)
 

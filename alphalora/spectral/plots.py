@@ -101,8 +101,11 @@ def plot_esd(report: SpectralReport, name: str, path: str | Path) -> Path:
 def log_bins(values: np.ndarray, count: int = 80) -> np.ndarray:
     """`count` - 1 log-spaced bins from the smallest value to the largest, both ends exactly: 10**log10(x) can
     land beside x, and a histogram drops what falls outside its edges (lambda_max, the tail's top, among them)."""
-    edges = np.logspace(np.log10(values.min()), np.log10(values.max()), count)
-    edges[0], edges[-1] = values.min(), values.max()
+    low, high = values.min(), values.max()
+    if low == high:  # one distinct value (a multiple of an orthogonal matrix): one bin around it
+        return np.array([low / 1.5, high * 1.5])
+    edges = np.logspace(np.log10(low), np.log10(high), count)
+    edges[0], edges[-1] = low, high
     return edges
 
 

@@ -66,7 +66,8 @@ def refuse_encoder_as_causal_lm(folder: Path) -> None:
         raise DataError(f"{folder} holds a {config.model_type} model, an encoder (its config does not set is_decoder): "
                         "it reads every token of a text at once, so it cannot be trained as a causal LM (--task "
                         f"causal-lm, the default), which predicts each token from those before it; {CLASSIFY_INSTEAD}"
-                        ", or train a decoder model (Llama, Qwen, Mistral, GPT-2, ...) as a causal LM")
+                        ", or train a decoder model (Llama, Qwen, Mistral, GPT-2, ...) as a causal LM (a checkpoint "
+                        "trained as a decoder says so with \"is_decoder\": true in its config.json)")
 
 
 def is_encoder(config) -> bool:
@@ -94,7 +95,10 @@ def refuse_new_output_head(model, missing: list[str], folder: Path) -> None:
 def new_output_head_weights(model, missing: list[str]) -> list[str]:
     """The weights among `missing` (the checkpoint's missing keys, which transformers initialised at random) that
     belong to the output head: those outside the base model (a decoder's lm_head, BERT's cls.predictions). A head
-    tied to the input embeddings is never missing: it is the embedding matrix, loaded."""
+    tied to the input embeddings is never missing: it is the embedding matrix, loaded. Only parameters count:
+    transformers also lists persistent buffers (tables it computes, not learns) among the missing keys."""
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = [key for key in missing if key in parameters]
     names = {id(module): name for name, module in model.named_modules()}
     base = getattr(model, "base_model", model)
     if base is not model:

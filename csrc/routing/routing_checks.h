@@ -6,7 +6,6 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
-#include <vector>
 
 namespace alphalora::routing {
 
@@ -42,60 +41,12 @@ inline void check_experts(const at::Tensor& weights, const at::Tensor& offsets, 
               " entries for ", weights.size(0), " experts; it must have num_experts + 1 (from moe_permute)");
 }
 
-// Whether order's entries and offsets' ranges lie inside [0, pairs), so that the pass below may index with
-// them. The CPU kernels refuse anything else themselves, each with its own message (routing_cpu.cpp).
-inline bool order_and_offsets_in_range(const int64_t* entry, const int64_t* offset, int64_t pairs, int64_t experts) {
-  for (int64_t q = 0; q < pairs; ++q) {
-    if (entry[q] < 0 || entry[q] >= pairs) return false;
-  }
-  if (offset[0] != 0 || offset[experts] != pairs) return false;
-  for (int64_t e = 0; e < experts; ++e) {
-    if (offset[e] > offset[e + 1]) return false;
-  }
-  return true;
-}
-
-// On the CPU, order must be what moe_permute makes of these ids: every pair exactly once, each in its own
-// expert's range [offsets[e], offsets[e + 1]). Entries in range are not enough: a pair listed twice (and so
-// another never) or under another expert made the per-expert GEMMs compute with the wrong expert's weights,
-// or leave a row zero, while the pair loops, which read ids and not order, were right: the same call gave
-// different results depending on its size. One O(pairs + experts) pass.
-// On a GPU this would cost a host sync per call, so nothing is checked there: a pair that order misses
-// comes out NaN from the kernels that read order (shrink, expand_backward's grad_h and grad_gates), and
-// an expert whose range names a pair of another expert gets a NaN weight gradient (routing_cuda.h).
-inline void check_order_groups_pairs_by_expert(const at::Tensor& ids_in, const at::Tensor& order_in,
-                                               const at::Tensor& offsets_in, const char* op) {
-  if (!ids_in.is_cpu() || !order_in.is_cpu() || !offsets_in.is_cpu()) return;
-  const at::Tensor ids = ids_in.contiguous(), order = order_in.contiguous(), offsets = offsets_in.contiguous();
-  const int64_t pairs = ids.size(0), experts = offsets.size(0) - 1;
-  const int64_t *id = ids.data_ptr<int64_t>(), *entry = order.data_ptr<int64_t>();
-  const int64_t* offset = offsets.data_ptr<int64_t>();
-  if (!order_and_offsets_in_range(entry, offset, pairs, experts)) return;
-  std::vector<int64_t> listed_at(static_cast<size_t>(pairs), -1);
-  for (int64_t e = 0; e < experts; ++e) {
-    for (int64_t q = offset[e]; q < offset[e + 1]; ++q) {
-      const int64_t p = entry[q];
-      TORCH_CHECK(listed_at[p] < 0, op, ": order lists pair ", p, " twice (positions ", listed_at[p], " and ", q,
-                  ") and so misses another: order must be a permutation of the pairs. Pass the order that "
-                  "moe_permute(expert_ids, num_experts) returns for these expert_ids");
-      listed_at[p] = q;
-      TORCH_CHECK(id[p] >= 0 && id[p] < experts, op, ": expert id ", id[p], " of pair ", p, " is outside [0, ",
-                  experts, ")");
-      TORCH_CHECK(id[p] == e, op, ": order lists pair ", p, " (expert ", id[p], ") at position ", q,
-                  ", in expert ", e, "'s range [", offset[e], ", ", offset[e + 1],
-                  "): order and offsets must group the pairs by their expert_ids. Pass the order and offsets "
-                  "that moe_permute(expert_ids, num_experts) returns for these expert_ids");
-    }
-  }
-}
-
 inline void check_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& ids, const at::Tensor& order,
                          const at::Tensor& offsets) {
   check_pairs(ids, order, offsets);
   TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1), "x must be (T, in) and A (E, r, in)");
   check_experts(A, offsets, "grouped_lora_shrink");
   check_alike({&x, &A, &ids, &order, &offsets}, "grouped_lora_shrink");
-  check_order_groups_pairs_by_expert(ids, order, offsets, "grouped_lora_shrink");
 }
 
 inline void check_expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& gates, const at::Tensor& ids,
@@ -106,7 +57,6 @@ inline void check_expand(const at::Tensor& h, const at::Tensor& B, const at::Ten
   TORCH_CHECK(gates.sizes() == ids.sizes(), "gates must have one entry per pair");
   check_experts(B, offsets, "grouped_lora_expand");
   check_alike({&h, &B, &gates, &ids, &order, &offsets}, "grouped_lora_expand");
-  check_order_groups_pairs_by_expert(ids, order, offsets, "grouped_lora_expand");
 }
 
 inline void check_shrink_backward(const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& A,

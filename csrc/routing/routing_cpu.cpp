@@ -83,6 +83,35 @@ void check_order_in_range(const at::Tensor& order_in, const at::Tensor& offsets_
   }
 }
 
+// order must be what moe_permute makes of these ids: every pair exactly once, each in its own expert's range
+// [offsets[e], offsets[e + 1]). Entries in range (check_order_in_range, called first) are not enough: a pair listed
+// twice (and so another never) or under another expert made the per-expert GEMMs compute with the wrong expert's
+// weights, or leave a row zero, while the pair loops, which read ids and not order, were right: the same call gave
+// different results depending on its size. One O(pairs + experts) pass. The GPU does not check (a host sync per
+// call): there a pair order misses comes out NaN, and an expert whose range names another's pair gets a NaN
+// weight gradient (routing_cuda.h).
+void check_order_groups_pairs(const at::Tensor& ids_in, const at::Tensor& order_in, const at::Tensor& offsets_in,
+                              const char* op) {
+  const at::Tensor ids = ids_in.contiguous(), order = order_in.contiguous(), offsets = offsets_in.contiguous();
+  const int64_t *id = ids.data_ptr<int64_t>(), *entry = order.data_ptr<int64_t>();
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  const int64_t experts = offsets.size(0) - 1;
+  std::vector<int64_t> listed_at(static_cast<size_t>(ids.size(0)), -1);
+  for (int64_t e = 0; e < experts; ++e) {
+    for (int64_t q = offset[e]; q < offset[e + 1]; ++q) {
+      const int64_t p = entry[q];
+      TORCH_CHECK(listed_at[p] < 0, op, ": order lists pair ", p, " twice (positions ", listed_at[p], " and ", q,
+                  ") and so misses another: order must be a permutation of the pairs. Pass the order that "
+                  "moe_permute(expert_ids, num_experts) returns for these expert_ids");
+      listed_at[p] = q;
+      TORCH_CHECK(id[p] == e, op, ": order lists pair ", p, " (expert ", id[p], ") at position ", q, ", in expert ",
+                  e, "'s range [", offset[e], ", ", offset[e + 1], "): order and offsets must group the pairs by "
+                  "their expert_ids. Pass the order and offsets that moe_permute(expert_ids, num_experts) returns "
+                  "for these expert_ids");
+    }
+  }
+}
+
 // The dtype the sums run in: float32 for the 16-bit types (each output rounded to them once, as on the
 // GPU), the tensor's own for float32 and float64.
 at::ScalarType acc_type(const at::Tensor& t) {
@@ -184,6 +213,7 @@ at::Tensor grouped_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, con
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   check_ids_in_range(expert_ids.contiguous(), A.size(0), "grouped_lora_shrink");
   check_order_in_range(order, offsets, expert_ids.size(0), "grouped_lora_shrink");
+  check_order_groups_pairs(expert_ids, order, offsets, "grouped_lora_shrink");
   const ExpertUse use = expert_use(offsets, expert_ids.size(0));
   if (!use_gemm(expert_ids.size(0), use)) {
     if (in_float32_first(x, expert_ids.size(0), A.size(0))) {
@@ -214,6 +244,7 @@ at::Tensor grouped_lora_expand_cpu(const at::Tensor& h, const at::Tensor& B, con
   const int64_t k = top_k_of(h.size(0), num_tokens);
   check_ids_in_range(expert_ids.contiguous(), B.size(0), "grouped_lora_expand");
   check_order_in_range(order, offsets, h.size(0), "grouped_lora_expand");
+  check_order_groups_pairs(expert_ids, order, offsets, "grouped_lora_expand");
   const ExpertUse use = expert_use(offsets, h.size(0));
   if (!use_gemm(h.size(0), use)) {
     if (in_float32_first(h, h.size(0), B.size(0))) {
@@ -259,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cpu(
   check_shrink_backward(grad_h, x, A, expert_ids, order, offsets);
   const int64_t k = top_k_of(expert_ids.size(0), x.size(0));
   check_order_in_range(order, offsets, expert_ids.size(0), "grouped_lora_shrink_backward");
+  check_order_groups_pairs(expert_ids, order, offsets, "grouped_lora_shrink_backward");
   // grad_A[e] is one GEMM (rounded once); grad_x sums a token's k pairs, in float32 for the 16-bit types
   // (with one pair per token, each of its rows is one GEMM's, rounded once).
   const at::ScalarType acc = k == 1 ? x.scalar_type() : acc_type(x);
@@ -279,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cpu(
   check_expand_backward(grad_y, h, B, gates, expert_ids, order, offsets);
   const int64_t k = top_k_of(h.size(0), grad_y.size(0));
   check_order_in_range(order, offsets, h.size(0), "grouped_lora_expand_backward");
+  check_order_groups_pairs(expert_ids, order, offsets, "grouped_lora_expand_backward");
   // As on the GPU: back = B_e^T grad_y is rounded to h's dtype once; the gate and h products and grad_B's
   // sum run in float32 for the 16-bit types, each rounded once.
   const at::ScalarType acc = acc_type(h);

@@ -29,9 +29,12 @@ FIXED_BY_MAX_MODEL_LEN_ROPE = ("longrope",)
 def check_servable(config) -> None:
     """A clear error for a model the runner would compute wrongly."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
+        from alphalora.training.model import is_encoder
+
+        encoder = " (an encoder such as BERT is analysed and trained for classification, not served)" \
+            if is_encoder(config) else ""
         raise ValueError(f"model type {config.model_type!r} is not served: the engine generates with the decoder "
-                         f"families {', '.join(SUPPORTED_MODEL_TYPES)}; serve a model of one of them (an encoder "
-                         "such as BERT is analysed and trained for classification, not served)")
+                         f"families {', '.join(SUPPORTED_MODEL_TYPES)}; serve a model of one of them{encoder}")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("this model attends bidirectionally (use_bidirectional_attention: an embedding model), "
                          "which a generating server does not run")

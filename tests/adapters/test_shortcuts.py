@@ -254,3 +254,14 @@ def test_post_ln_opt_with_every_shortcut_on_at_initialisation_is_the_base_functi
     model = build("opt", do_layer_norm_before=False)
     inject_adapters(model, _plan(targets=("o",)))
     assert torch.equal(_output(model, ids), expected)
+
+
+def test_a_bart_decoder_block_is_not_taken_for_an_opt_block():
+    """BART's decoder blocks have OPT's modules (self_attn.out_proj, fc1, fc2, final_layer_norm) but are post-LN
+    without OPT's do_layer_norm_before: wired as a pre-LN OPT, the FFN terms would join after its LayerNorm."""
+    from transformers import BartConfig, BartForCausalLM
+
+    model = BartForCausalLM(BartConfig(vocab_size=64, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                       decoder_ffn_dim=48, max_position_embeddings=64))
+    with pytest.raises(AdapterError, match="OPT blocks, not BartDecoderLayer"):
+        inject_adapters(model, _plan(targets=("o",)))

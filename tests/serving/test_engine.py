@@ -248,8 +248,9 @@ def test_a_model_of_a_family_the_engine_does_not_run_is_refused_before_its_weigh
     num_key_value_heads; the family is now checked first, from the config alone."""
     folder = save_tiny(family, tmp_path / family)
     with pytest.raises(ValueError, match=rf"model type '{family}' is not served: the engine generates with the "
-                                         r"decoder families llama, mistral"):
+                                         r"decoder families llama, mistral") as refused:
         Engine(build(family), tokenizer=None)
+    assert ("an encoder such as BERT" in str(refused.value)) == (family == "bert")  # OPT is a decoder
 
     def no_weights(*_args, **_kwargs):
         raise AssertionError("the weights were loaded")

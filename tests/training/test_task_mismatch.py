@@ -11,7 +11,7 @@ import transformers
 from alphalora.allocation import Plan
 from alphalora.cli import main
 from alphalora.training import DataError, train
-from tests.tiny_models import FAMILIES, MOE_FAMILIES, NORMED_BLOCK_FAMILIES, save_tiny, tiny_tokenizer
+from tests.tiny_models import FAMILIES, MOE_FAMILIES, NORMED_BLOCK_FAMILIES, build, save_tiny, tiny_tokenizer
 
 ENCODERS = ("bert", "roberta")
 DECODERS = [family for family in {**FAMILIES, **NORMED_BLOCK_FAMILIES, **MOE_FAMILIES} if family not in ENCODERS]
@@ -130,3 +130,16 @@ def test_a_sentence_and_label_row_under_the_causal_lm_task_points_to_classificat
     with pytest.raises(DataError, match=r"sst\.jsonl:1: a causal-LM row needs .*; for classification data \(text or "
                                         r"sentence, with label\), pass --task classification"):
         train(model_dir, _plan(), data, tmp_path / "out", max_steps=1, progress=False)
+
+
+def test_only_missing_parameters_count_as_a_new_head_not_missing_buffers():
+    """transformers lists persistent buffers (computed tables) among the missing keys too; a buffer outside the base
+    model is no random head."""
+    import torch
+
+    from alphalora.training.model import new_output_head_weights
+
+    model = build("llama")
+    model.register_buffer("position_table", torch.zeros(4))  # persistent, outside the base model
+    assert new_output_head_weights(model, ["position_table"]) == []
+    assert new_output_head_weights(model, ["position_table", "lm_head.weight"]) == ["lm_head.weight"]
