@@ -49,6 +49,7 @@ class DeviceAudit(TorchDispatchMode):
         self.pinned = pinned  # by id (tensors compare elementwise), the tensors kept so that ids stay theirs
         self.cpu_compute: list[str] = []
         self.unsafe_copies: list[str] = []
+        self.host_to_device: list[str] = []  # every copy from host memory to the GPU, safe or not
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -69,9 +70,19 @@ class DeviceAudit(TorchDispatchMode):
             if source.device.type == "cuda" and target is not None and torch.device(target).type == "cpu":
                 self.unsafe_copies.append(f"{name}: non_blocking device-to-host copy (read before a synchronize?)")
         out = func(*args, **kwargs)
+        if name in _TRANSFERS and _copies_to_the_gpu(name, args, kwargs, out):
+            self.host_to_device.append(name)
         if devices == {"cpu"} and name not in _TRANSFERS and not getattr(func, "is_view", False):
             self.cpu_compute.append(name)
         return out
+
+
+def _copies_to_the_gpu(name: str, args, kwargs, out) -> bool:
+    """Whether a transfer op moved host memory to the GPU (its source on the CPU, its result on CUDA)."""
+    source = args[1] if name.startswith("aten.copy_") else (args[0] if args else None)
+    target = args[0] if name.startswith("aten.copy_") else out
+    return isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor) and source.dim() > 0 \
+        and source.device.type == "cpu" and target.device.type == "cuda"
 
 
 def _placeholder(func, args, kwargs):

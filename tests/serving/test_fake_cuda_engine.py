@@ -156,6 +156,7 @@ def test_a_steps_inputs_are_one_pinned_non_blocking_copy(monkeypatch):
         assert_on_device([group.query_rows, group.slots, group.kept, group.kept_rows, group.first_attended],
                          dtype=torch.int64)
     assert audit.unsafe_copies == [] and audit.cpu_compute == []
+    assert len(audit.host_to_device) == 1, audit.host_to_device  # both windows' inputs in one transfer
 
 
 def test_sampling_filters_and_penalties_stay_on_the_gpu(monkeypatch):
