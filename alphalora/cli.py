@@ -284,11 +284,11 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         return _serve_vllm(args)
-    from alphalora._device import default_device
+    from alphalora._device import resolve_device
     from alphalora.adapters import AdapterError
     from alphalora.serving.openai.server import make_state, parse_adapters, serve
 
-    device = _serve_device(args.device) if args.device else default_device()
+    device = resolve_device(args.device, CliError)
     _check_local_model(args.model_dir)
     try:
         adapters = parse_adapters(args.adapter)
@@ -306,27 +306,6 @@ def _serve(args: argparse.Namespace) -> int:
     except RuntimeError as error:
         raise CliError(str(error)) from error
     return 0
-
-
-SERVE_DEVICES = "cpu, cuda or cuda:N"
-
-
-def _serve_device(device: str) -> str:
-    """--device checked before the model loads: a CPU, or a CUDA GPU that torch sees."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise CliError(f"unknown device {device!r}; choose {SERVE_DEVICES}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise CliError(f"device {device!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    return str(parsed)
 
 
 def _check_local_model(model_dir: str | Path, resolved: bool = False) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from alphalora._device import default_device
+from alphalora._device import resolve_device
 from alphalora.model_source import model_folder
 
 from .eigenvalues import PRECISIONS, eigenvalues
@@ -28,8 +28,6 @@ from .weights import WeightEntry, WeightSourceError, checkpoint_weights, module_
 WW_MIN_EVALS = 8
 WW_MAX_EVALS = 15000
 WW_MAX_N = 50000
-DEVICE_TYPES = ("cpu", "cuda")
-DEVICE_CHOICES = "cpu, cuda or cuda:N"
 
 
 class AnalysisError(ValueError):
@@ -82,27 +80,6 @@ def _model_name(model_or_path: nn.Module | str | Path) -> str:
     return str(model_or_path)
 
 
-def _resolve_device(device: str | torch.device | None) -> str:
-    """The device to analyse on: the default one, or `device` checked to be a CPU or a CUDA GPU torch sees."""
-    if device is None:
-        return default_device()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise AnalysisError(f"unknown device {str(device)!r}; choose {DEVICE_CHOICES}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AnalysisError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU; use --device cpu")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise AnalysisError(
-                f"device {str(device)!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
-            )
-    return str(parsed)
-
-
 def analyze(
     model_or_path: nn.Module | str | Path,
     estimator: str = "xmin_peak",
@@ -144,7 +121,7 @@ def analyze(
         raise AnalysisError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if aggregation not in AGGREGATIONS:
         raise AnalysisError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-    device = _resolve_device(device)
+    device = resolve_device(device, AnalysisError)
     if isinstance(model_or_path, nn.Module):
         entries = module_weights(model_or_path, include_embeddings)
     else:
