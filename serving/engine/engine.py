@@ -132,7 +132,7 @@ class Engine:
             stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
             stored = getattr(torch, stored) if isinstance(stored, str) else stored
             config = replace(config, dtype=auto_dtype(stored, config.device))
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=config.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=model_config, dtype=config.dtype)  # (read once)
         return cls(model, AutoTokenizer.from_pretrained(model_dir), config)
 
     # -- requests ----------------------------------------------------------------------------------
