@@ -192,8 +192,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"adapter folder {folder} does not exist")
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
-        if (folder / "adapter_config.json").exists():
-            raise AdapterError(f"{folder} is a PEFT adapter (adapter_config.json), not an alphalora one: PEFT "
+        from .peft_format import PEFT_CONFIG_NAME  # (peft_format imports this module)
+
+        if (folder / PEFT_CONFIG_NAME).exists():
+            raise AdapterError(f"{folder} is a PEFT adapter ({PEFT_CONFIG_NAME}), not an alphalora one: PEFT "
                                "(PeftModel.from_pretrained), vLLM and `alphalora serve` read it as it is")
         raise AdapterError(f"{folder} has no {CONFIG_NAME}: not an alphalora adapter (or an incomplete save)")
     config = read_json(config_path, "adapter config", "`alphalora train`", AdapterError)

@@ -23,7 +23,6 @@ UNCHANGING_PROXIES = ("constant", "alpha")  # the same scores every round: nothi
 # The field that marks a plan: the analysis report's reader refuses a file with it as "an adapter plan, not an
 # analysis report", and a file without it is checked here for the other JSON files people pass for a plan.
 PLAN_MARK = "experts_per_layer"
-ADAPTER_CONFIG_NAME = "alphalora_config.json"  # (alphalora.adapters.io.CONFIG_NAME, which imports this module)
 
 
 def shortcut_name(layer: int, kind: str) -> str:
@@ -287,8 +286,10 @@ def not_a_plan(data: Any, source: str | Path | None = None) -> str | None:
 
 
 def _folder_passed_for_a_plan(folder: Path) -> str:
-    if (folder / ADAPTER_CONFIG_NAME).exists():
+    from alphalora.adapters.io import CONFIG_NAME  # (which imports this module)
+
+    if (folder / CONFIG_NAME).exists():
         return (f"{folder} is a trained adapter's folder (from `alphalora train`), not an adapter plan; pass the plan "
-                f"JSON it was trained from (its {ADAPTER_CONFIG_NAME} keeps a copy under \"plan\"), or make one with "
+                f"JSON it was trained from (its {CONFIG_NAME} keeps a copy under \"plan\"), or make one with "
                 "`alphalora allocate`")
     return f"plan {folder} is a folder; pass the plan JSON file `alphalora allocate` wrote (--out, default plan.json)"

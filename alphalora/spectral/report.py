@@ -136,8 +136,10 @@ class SpectralReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralReport:
         """A report from its JSON form, every field type-checked; NaN/Inf (older reports) read as null."""
+        from alphalora.allocation.plan import PLAN_MARK  # (plan.py imports this module)
+
         check_format_version(data, FORMAT_VERSION, "analysis report", "`alphalora analyze`", ReportFormatError)
-        if "experts_per_layer" in data:
+        if PLAN_MARK in data:
             raise ReportFormatError("this is an adapter plan (from `alphalora allocate`), not an analysis report; "
                                     "pass the report `alphalora analyze` wrote")
         data = finite_or_null(data)
