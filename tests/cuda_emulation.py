@@ -1,0 +1,175 @@
+"""The project's CUDA kernels and their torch bindings, compiled for the CPU against an emulated CUDA.
+
+`csrc/tests/cuda_emulation/` implements the device API the kernels use (threads as fibers, block and
+warp barriers, warp shuffles, bfloat16/float16) and stands in for the toolkit's and c10's CUDA
+headers. This module copies the sources with the two things a C++ compiler cannot read rewritten
+(`kernel<<<grid, block, shared, stream>>>(args)` launches, `extern __shared__` arrays), renames the
+op library to `alphalora_cuda_emulated` and registers the CUDA bindings (`*_cuda_dispatch.cpp`)
+there for CPU tensors, then builds one shared library with g++. So every CUDA op runs, binding and
+kernel, on CPU tensors beside its CPU kernel: `ops().grouped_lora_shrink(...)` against
+`torch.ops.alphalora.grouped_lora_shrink(...)`. cuSOLVER's solve (`eigvalsh_batched`) is not
+emulated. The library is cached under `build/cuda_emulation/` by a hash of its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+EMULATION = CSRC / "tests" / "cuda_emulation"
+NAMESPACE = "alphalora_cuda_emulated"
+# Bindings that call a CUDA library rather than the project's kernels: not emulated.
+NOT_EMULATED = {"eigvalsh_cuda_dispatch.cpp"}
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
+         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<")
+
+
+def _matching_paren(text: str, open_index: int) -> int:
+    depth = 0
+    for index in range(open_index, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    raise ValueError(f"unbalanced parentheses from offset {open_index}")
+
+
+def rewrite_launches(source: str) -> str:
+    """`kernel<T><<<grid, block[, shared[, stream]]>>>(args)` -> `::cuda_emulation::launch(dim3(grid),
+    dim3(block), shared, stream, [&] { kernel<T>(args); })`."""
+    out, position = [], 0
+    for match in _LAUNCH.finditer(source):
+        if match.start() < position:
+            continue
+        config_end = source.index(">>>", match.end())
+        config = [part.strip() for part in _split_top_level(source[match.end():config_end])]
+        if not 2 <= len(config) <= 4:
+            raise ValueError(f"launch of {match.group(1)} with {len(config)} configuration values")
+        config += ["0", "nullptr"][len(config) - 2:]
+        open_index = source.index("(", config_end)
+        close_index = _matching_paren(source, open_index)
+        call = f"{match.group(1)}{source[open_index:close_index + 1]}"
+        out.append(source[position:match.start()])
+        out.append(f"::cuda_emulation::launch(dim3({config[0]}), dim3({config[1]}), {config[2]}, {config[3]}, "
+                   f"[&] {{ {call}; }})")
+        position = close_index + 1
+    out.append(source[position:])
+    return "".join(out)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += {"(": 1, ")": -1, "<": 1, ">": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def rewrite_dynamic_shared(source: str) -> str:
+    """`extern __shared__ T name[];` -> a pointer to the block's dynamic shared memory."""
+    return re.sub(r"extern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
+                  r"\1* \2 = static_cast<\1*>(::cuda_emulation::dynamic_shared());", source)
+
+
+def emulated_sources() -> dict[str, str]:
+    """Relative path in the build -> source text, rewritten for the emulation."""
+    sources: dict[str, str] = {}
+    ops = (CSRC / "ops.cpp").read_text()
+    sources["ops.cpp"] = ops.replace("TORCH_LIBRARY(alphalora,", f"TORCH_LIBRARY({NAMESPACE},")
+    for path in sorted(CSRC.glob("*/*.cu")):
+        text = rewrite_dynamic_shared(rewrite_launches(path.read_text()))
+        sources[f"{path.parent.name}/{path.stem}_cu.cpp"] = text
+    for path in sorted(CSRC.glob("*/*_cuda_dispatch.cpp")):
+        if path.name in NOT_EMULATED:
+            continue
+        text = path.read_text().replace("TORCH_LIBRARY_IMPL(alphalora, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,")
+        sources[f"{path.parent.name}/{path.name}"] = text
+    sources["emulated_cuda.cpp"] = (EMULATION / "emulated_cuda.cpp").read_text()
+    sources["emulation_ops.cpp"] = rewrite_dynamic_shared((EMULATION / "emulation_ops.cpp").read_text())
+    return sources
+
+
+def _fingerprint(sources: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    headers = sorted([*CSRC.glob("**/*.h"), *CSRC.glob("**/*.cuh")])
+    for name, text in [*sorted(sources.items()), *((str(h.relative_to(REPO)), h.read_text()) for h in headers)]:
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    digest.update(" ".join(FLAGS + [torch.__version__, sys.version]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _include_flags() -> list[str]:
+    # The stand-in headers first, so that they shadow the toolkit's and c10's CUDA headers.
+    flags = [f"-I{EMULATION / 'include'}", f"-I{EMULATION}", f"-I{CSRC}"]
+    flags += [f"-I{directory}" for directory in sorted({p.parent for p in CSRC.glob("*/*.h")})]
+    flags += [f"-isystem{path}" for path in cpp_extension.include_paths()]
+    return flags + [f"-isystem{sysconfig.get_paths()['include']}"]
+
+
+def build() -> Path:
+    """The shared library's path, compiled on first use (about a minute on two cores)."""
+    sources = emulated_sources()
+    target = REPO / "build" / "cuda_emulation" / _fingerprint(sources) / f"lib{NAMESPACE}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("the CUDA emulation needs a C++ compiler: install g++ or set CXX")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        objects = []
+        for name, text in sources.items():
+            source = Path(work) / name
+            source.parent.mkdir(parents=True, exist_ok=True)
+            source.write_text(text)
+            objects.append(source.with_suffix(".o"))
+
+        def compile_one(obj: Path) -> None:
+            command = [compiler, *FLAGS, *_include_flags(), "-c", str(obj.with_suffix(".cpp")), "-o", str(obj)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling {obj.with_suffix('.cpp').name} for the CUDA emulation failed:\n"
+                                   f"{result.stderr[-4000:]}")
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            list(pool.map(compile_one, objects))
+        torch_lib = Path(torch.__file__).parent / "lib"
+        partial = Path(work) / target.name
+        link = [compiler, "-shared", *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10",
+                "-ltorch_cpu", "-o", str(partial)]
+        result = subprocess.run(link, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"linking the CUDA emulation failed:\n{result.stderr[-4000:]}")
+        os.replace(partial, target)  # whole or not at all, for a run that reads the cache next
+    return target
+
+
+_loaded: Path | None = None
+
+
+def ops():
+    """`torch.ops.alphalora_cuda_emulated`, its library built and loaded."""
+    global _loaded
+    if _loaded is None:
+        _loaded = build()
+        torch.ops.load_library(str(_loaded))
+    return getattr(torch.ops, NAMESPACE)
