@@ -8,7 +8,8 @@ op library to `alphalora_cuda_emulated` and registers the CUDA bindings (`*_cuda
 there for CPU tensors, then builds one shared library with g++. So every CUDA op runs, binding and
 kernel, on CPU tensors beside its CPU kernel: `ops().grouped_lora_shrink(...)` against
 `torch.ops.alphalora.grouped_lora_shrink(...)`. cuSOLVER's solve (`eigvalsh_batched`) is not
-emulated. The library is cached under `build/cuda_emulation/` by a hash of its inputs.
+emulated. The library is cached under `build/cuda_emulation/` by a hash of its inputs. A second build
+with AddressSanitizer turns every read or write of a kernel outside its tensors into an error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ NAMESPACE = "alphalora_cuda_emulated"
 NOT_EMULATED = {"eigvalsh_cuda_dispatch.cpp"}
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+
+SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<")
 
@@ -108,12 +111,12 @@ def emulated_sources() -> dict[str, str]:
     return sources
 
 
-def _fingerprint(sources: dict[str, str]) -> str:
+def _fingerprint(sources: dict[str, str], flags: list[str]) -> str:
     digest = hashlib.sha256()
     headers = sorted([*CSRC.glob("**/*.h"), *CSRC.glob("**/*.cuh")])
     for name, text in [*sorted(sources.items()), *((str(h.relative_to(REPO)), h.read_text()) for h in headers)]:
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
-    digest.update(" ".join(FLAGS + [torch.__version__, sys.version]).encode())
+    digest.update(" ".join(flags + [torch.__version__, sys.version]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -125,10 +128,12 @@ def _include_flags() -> list[str]:
     return flags + [f"-isystem{sysconfig.get_paths()['include']}"]
 
 
-def build() -> Path:
-    """The shared library's path, compiled on first use (about a minute on two cores)."""
+def build(sanitize: bool = False) -> Path:
+    """The shared library's path, compiled on first use (about a minute on two cores). sanitize: with
+    AddressSanitizer, for a process that preloads its runtime (`asan_runtime()`)."""
     sources = emulated_sources()
-    target = REPO / "build" / "cuda_emulation" / _fingerprint(sources) / f"lib{NAMESPACE}.so"
+    flags = FLAGS + (SANITIZE if sanitize else [])
+    target = REPO / "build" / "cuda_emulation" / _fingerprint(sources, flags) / f"lib{NAMESPACE}.so"
     if target.exists():
         return target
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -144,7 +149,7 @@ def build() -> Path:
             objects.append(source.with_suffix(".o"))
 
         def compile_one(obj: Path) -> None:
-            command = [compiler, *FLAGS, *_include_flags(), "-c", str(obj.with_suffix(".cpp")), "-o", str(obj)]
+            command = [compiler, *flags, *_include_flags(), "-c", str(obj.with_suffix(".cpp")), "-o", str(obj)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling {obj.with_suffix('.cpp').name} for the CUDA emulation failed:\n"
@@ -154,7 +159,7 @@ def build() -> Path:
             list(pool.map(compile_one, objects))
         torch_lib = Path(torch.__file__).parent / "lib"
         partial = Path(work) / target.name
-        link = [compiler, "-shared", *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10",
+        link = [compiler, "-shared", *flags, *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10",
                 "-ltorch_cpu", "-o", str(partial)]
         result = subprocess.run(link, capture_output=True, text=True)
         if result.returncode != 0:
@@ -163,13 +168,38 @@ def build() -> Path:
     return target
 
 
+SANITIZE_VARIABLE = "ALPHALORA_EMULATION_ASAN"  # "1": load the AddressSanitizer build (runtime preloaded)
 _loaded: Path | None = None
 
 
 def ops():
-    """`torch.ops.alphalora_cuda_emulated`, its library built and loaded."""
+    """`torch.ops.alphalora_cuda_emulated`, its library built and loaded (the AddressSanitizer build where
+    ALPHALORA_EMULATION_ASAN=1, in a process that preloads the runtime: see `sanitized_environment`)."""
     global _loaded
     if _loaded is None:
-        _loaded = build()
+        _loaded = build(sanitize=os.environ.get(SANITIZE_VARIABLE) == "1")
         torch.ops.load_library(str(_loaded))
     return getattr(torch.ops, NAMESPACE)
+
+
+def _compiler_library(name: str) -> Path | None:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return None
+    found = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return Path(found).resolve() if os.path.isabs(found) and Path(found).exists() else None
+
+
+def asan_runtime() -> Path | None:
+    """The compiler's AddressSanitizer runtime library, or None where it has none."""
+    return _compiler_library("libasan.so")
+
+
+def sanitized_environment(runtime: Path) -> dict[str, str]:
+    """The environment of a process whose emulated kernels run under AddressSanitizer: its runtime preloaded
+    (it must come first in a process that Python starts), then the C++ runtime, whose exception handling
+    AddressSanitizer wraps when it starts (loaded later with torch, the first C++ exception ends the
+    process); leaks are not reported (Python's are not the kernels')."""
+    preload = [str(runtime)] + [str(p) for p in [_compiler_library("libstdc++.so")] if p is not None]
+    return {**os.environ, "LD_PRELOAD": " ".join(preload), SANITIZE_VARIABLE: "1",
+            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1"}

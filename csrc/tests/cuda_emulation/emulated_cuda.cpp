@@ -3,6 +3,10 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -33,6 +37,8 @@ struct Launch {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   ucontext_t scheduler;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack, for AddressSanitizer's stack switches
+  size_t scheduler_stack_bytes = 0;
   std::vector<unsigned char> shared;
   std::vector<uint64_t> slots;  // 32 per warp: the shuffles' exchange
   std::string error;            // set by a fiber: the launch fails
@@ -53,12 +59,33 @@ Launch& current_launch(const char* what) {
   return *active;
 }
 
+// AddressSanitizer's notes around each stack switch (a build with -fsanitize=address): the stack about to
+// run, and on arrival the one left. No-ops otherwise.
+void switching_to(void** fake_stack, const void* stack, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack, stack, bytes);
+#else
+  (void)fake_stack, (void)stack, (void)bytes;
+#endif
+}
+
+void switched(void* fake_stack, const void** left, size_t* left_bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, left, left_bytes);
+#else
+  (void)fake_stack, (void)left, (void)left_bytes;
+#endif
+}
+
 // Back to the scheduler in `state`; returns when the scheduler resumes this fiber.
 void wait(State state) {
   Launch& launch = *active;
   Fiber& self = *launch.current;
   self.state = state;
+  void* fake_stack = nullptr;
+  switching_to(&fake_stack, launch.scheduler_stack, launch.scheduler_stack_bytes);
   swapcontext(&self.context, &launch.scheduler);
+  switched(fake_stack, &launch.scheduler_stack, &launch.scheduler_stack_bytes);
 }
 
 // Ends the launch from inside a fiber: the scheduler never resumes it.
@@ -67,14 +94,17 @@ void wait(State state) {
   launch.error = message;
   Fiber& self = *launch.current;
   self.state = State::kReturned;
+  switching_to(nullptr, launch.scheduler_stack, launch.scheduler_stack_bytes);  // this stack is done with
   swapcontext(&self.context, &launch.scheduler);
   std::abort();  // unreachable: a failed launch resumes no fiber
 }
 
 void fiber_main() {
   Launch& launch = *active;
+  switched(nullptr, &launch.scheduler_stack, &launch.scheduler_stack_bytes);
   (*launch.body)();
-  launch.current->state = State::kReturned;  // uc_link returns to the scheduler
+  launch.current->state = State::kReturned;
+  switching_to(nullptr, launch.scheduler_stack, launch.scheduler_stack_bytes);  // uc_link: back to the scheduler
 }
 
 std::string where(const Launch& launch) {
@@ -134,7 +164,10 @@ bool open_block(Launch& launch) {
 bool run_fiber(Launch& launch, size_t i) {
   Fiber& f = launch.fibers[i];
   launch.current = &f;
+  void* fake_stack = nullptr;
+  switching_to(&fake_stack, f.context.uc_stack.ss_sp, f.context.uc_stack.ss_size);
   swapcontext(&launch.scheduler, &f.context);
+  switched(fake_stack, nullptr, nullptr);
   launch.current = nullptr;
   return launch.error.empty();
 }
