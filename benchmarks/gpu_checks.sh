@@ -57,9 +57,9 @@ stage build 180 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIS
 "$python" -c "import alphalora._C, alphalora.serving.engine" >> "$log" 2>&1 \
   || echo "warning: alphalora._C or alphalora.serving does not import" | tee -a "$summary"
 # In worker processes where pytest-xdist is installed: a test that crashes the interpreter is then
-# reported as a failure and the others still run.
+# reported as a failure and the others still run. The emulated-CUDA tests ran in CI already.
 workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
-stage tests 200 "$python" -m pytest -q -rf -p no:cacheprovider $workers -k "cuda or test_build" tests/ops \
+stage tests 200 "$python" -m pytest -q -rf -p no:cacheprovider $workers -k "(cuda or test_build) and not emulat" tests/ops \
   tests/adapters/test_layer.py tests/serving/test_engine.py tests/serving/test_routing_layout.py \
   tests/serving/test_prefix_cache.py tests/training/test_train.py tests/spectral/test_bad_input.py \
   tests/spectral/test_cuda_analysis.py tests/spectral/test_fp32_refine.py

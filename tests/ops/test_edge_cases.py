@@ -66,15 +66,14 @@ def test_shrink_and_expand_refuse_ids_out_of_range(bad):
         ops.grouped_lora_expand(torch.randn(4, 2, dtype=torch.float64), B, gates, ids, order, offsets, 2)
 
 
-@requires_cuda
-def test_cuda_shrink_and_expand_give_nan_for_ids_out_of_range_instead_of_reading_outside():
+def test_cuda_shrink_and_expand_give_nan_for_ids_out_of_range_instead_of_reading_outside(gpu):
     """A GPU does not sync to check the ids: a pair (token) with a bad id gets NaN, the others their values."""
-    x, A, B, gates, _ = _routing(2, 2, 3, device="cuda")
-    order, offsets = ops.moe_permute(torch.tensor([0, 1, 2, 2], device="cuda"), 3)
-    ids = torch.tensor([0, 1, 1 << 40, 2], device="cuda")
-    h = ops.grouped_lora_shrink(x, A, ids, order, offsets)
+    x, A, B, gates, _ = _routing(2, 2, 3, device=gpu.device)
+    order, offsets = gpu.ops.moe_permute(torch.tensor([0, 1, 2, 2], device=gpu.device), 3)
+    ids = torch.tensor([0, 1, 1 << 40, 2], device=gpu.device)
+    h = gpu.ops.grouped_lora_shrink(x, A, ids, order, offsets)
     assert torch.isnan(h[2]).all() and not torch.isnan(h[[0, 1, 3]]).any()
-    y = ops.grouped_lora_expand(h.nan_to_num(), B, gates, ids, order, offsets, 2)
+    y = gpu.ops.grouped_lora_expand(h.nan_to_num(), B, gates, ids, order, offsets, 2)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
 
 
@@ -123,63 +122,60 @@ def test_grouped_ops_refuse_offsets_moe_permute_never_makes(implementation, brok
             pytest.fail(f"{name} took offsets {broken}")
 
 
-@requires_cuda
 @pytest.mark.parametrize("bad", [-1, 4, 1 << 40])
-def test_cuda_grouped_ops_give_nan_for_order_entries_out_of_range_instead_of_reading_outside(bad):
+def test_cuda_grouped_ops_give_nan_for_order_entries_out_of_range_instead_of_reading_outside(gpu, bad):
     """A GPU does not sync to check order: an entry outside [0, pairs) is read nowhere, the pair it should
     have named comes out NaN (its h row; its grad_h and grad_gates), as does the weight gradient of the
     expert whose range holds it; everything else has its value, and the expand, which reads no order, is exact."""
-    x, A, B, gates, _ = _routing(2, 2, 3, device="cuda")
-    ids = torch.tensor([0, 1, 2, 2], device="cuda")
-    order, offsets = ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
+    x, A, B, gates, _ = _routing(2, 2, 3, device=gpu.device)
+    ids = torch.tensor([0, 1, 2, 2], device=gpu.device)
+    order, offsets = gpu.ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
     broken = order.clone()
     broken[2] = bad  # pair 2 (expert 2's first) is named by no entry
     fine = [0, 1, 3]
-    h = ops.grouped_lora_shrink(x, A, ids, broken, offsets)
+    h = gpu.ops.grouped_lora_shrink(x, A, ids, broken, offsets)
     want_h = reference.grouped_lora_shrink(x, A, ids, order, offsets)
     assert torch.isnan(h[2]).all()
     torch.testing.assert_close(h[fine], want_h[fine])
-    y = ops.grouped_lora_expand(want_h, B, gates, ids, broken, offsets, 2)
+    y = gpu.ops.grouped_lora_expand(want_h, B, gates, ids, broken, offsets, 2)
     torch.testing.assert_close(y, reference.grouped_lora_expand(want_h, B, gates, ids, order, offsets, 2))
     grad_h = torch.randn_like(want_h)
-    grad_x, grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(grad_h, x, A, ids, broken, offsets)
+    grad_x, grad_A = gpu.ops.grouped_lora_shrink_backward(grad_h, x, A, ids, broken, offsets)
     want_x, want_A = reference.grouped_lora_shrink_backward(grad_h, x, A, ids, order, offsets)
     torch.testing.assert_close(grad_x, want_x)
     assert torch.isnan(grad_A[2]).all()
     torch.testing.assert_close(grad_A[:2], want_A[:2])
-    grad_y = torch.randn(2, 5, dtype=x.dtype, device="cuda")
-    got = torch.ops.alphalora.grouped_lora_expand_backward(grad_y, want_h, B, gates, ids, broken, offsets)
+    grad_y = torch.randn(2, 5, dtype=x.dtype, device=gpu.device)
+    got = gpu.ops.grouped_lora_expand_backward(grad_y, want_h, B, gates, ids, broken, offsets)
     want = reference.grouped_lora_expand_backward(grad_y, want_h, B, gates, ids, order, offsets)
     assert torch.isnan(got[0][2]).all() and torch.isnan(got[2][2]) and torch.isnan(got[1][2]).all()
     torch.testing.assert_close(got[0][fine], want[0][fine])
     torch.testing.assert_close(got[2][fine], want[2][fine])
     torch.testing.assert_close(got[1][:2], want[1][:2])
-    torch.cuda.synchronize()  # an out-of-bounds access would surface here as an error
+    gpu.synchronize()  # an out-of-bounds access would surface here as an error
 
 
-@requires_cuda
 @pytest.mark.parametrize("broken", [[-5, 1, 2, 4], [0, 1, 9, 4], [0, 1, 0, 4]])
-def test_cuda_weight_gradients_are_nan_for_offsets_moe_permute_never_makes(broken):
+def test_cuda_weight_gradients_are_nan_for_offsets_moe_permute_never_makes(gpu, broken):
     """The weight gradients walk each expert's range of order: a range outside [0, pairs) or decreasing is
     read nowhere and that expert's gradient is NaN; an expert whose range is untouched keeps its value."""
-    x, A, B, gates, _ = _routing(2, 2, 3, device="cuda")
-    ids = torch.tensor([0, 1, 2, 2], device="cuda")
-    order, offsets = ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
-    bad_offsets = torch.tensor(broken, device="cuda")
+    x, A, B, gates, _ = _routing(2, 2, 3, device=gpu.device)
+    ids = torch.tensor([0, 1, 2, 2], device=gpu.device)
+    order, offsets = gpu.ops.moe_permute(ids, 3)  # [0, 1, 2, 3], [0, 1, 2, 4]
+    bad_offsets = torch.tensor(broken, device=gpu.device)
     spoilt = [e for e in range(3) if not 0 <= broken[e] <= broken[e + 1] <= 4]
     kept = [e for e in range(3) if broken[e:e + 2] == offsets.tolist()[e:e + 2]]
     assert spoilt and kept
     h = reference.grouped_lora_shrink(x, A, ids, order, offsets)
-    grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(torch.ones_like(h), x, A, ids, order, bad_offsets)[1]
-    grad_B = torch.ops.alphalora.grouped_lora_expand_backward(torch.ones(2, 5, dtype=x.dtype, device="cuda"), h, B,
-                                                              gates, ids, order, bad_offsets)[1]
+    grad_y = torch.ones(2, 5, dtype=x.dtype, device=gpu.device)
+    grad_A = gpu.ops.grouped_lora_shrink_backward(torch.ones_like(h), x, A, ids, order, bad_offsets)[1]
+    grad_B = gpu.ops.grouped_lora_expand_backward(grad_y, h, B, gates, ids, order, bad_offsets)[1]
     want_A = reference.grouped_lora_shrink_backward(torch.ones_like(h), x, A, ids, order, offsets)[1]
-    want_B = reference.grouped_lora_expand_backward(torch.ones(2, 5, dtype=x.dtype, device="cuda"), h, B, gates, ids,
-                                                    order, offsets)[1]
+    want_B = reference.grouped_lora_expand_backward(grad_y, h, B, gates, ids, order, offsets)[1]
     for got, want in ((grad_A, want_A), (grad_B, want_B)):
         assert torch.isnan(got[spoilt]).all()
         torch.testing.assert_close(got[kept], want[kept])
-    torch.cuda.synchronize()
+    gpu.synchronize()
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

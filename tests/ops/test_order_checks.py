@@ -103,25 +103,23 @@ def test_cpu_grouped_ops_take_any_order_of_pairs_within_an_expert(tokens, expert
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-@requires_cuda
-def test_cuda_moe_permute_lists_every_pair_once_even_with_ids_out_of_range():
+def test_cuda_moe_permute_lists_every_pair_once_even_with_ids_out_of_range(gpu):
     """validate=False skips the range check: the pairs with ids outside [0, E) come after every expert's
     range (before, the end of order held whatever its allocation did), and shrink gives them NaN."""
-    ids = torch.tensor([2, -1, 0, 7, 2, 1], device="cuda")
-    order, offsets = ops.moe_permute(ids, 3, validate=False)
+    ids = torch.tensor([2, -1, 0, 7, 2, 1], device=gpu.device)
+    order, offsets = gpu.ops.moe_permute(ids, 3, validate=False)
     assert offsets.tolist() == [0, 1, 2, 4]
     assert order.tolist() == [2, 5, 0, 4, 1, 3]
-    x, A, _, _, _ = _routing(3, 3, device="cuda")
-    h = ops.grouped_lora_shrink(x, A, ids, order, offsets)
+    x, A, _, _, _ = _routing(3, 3, device=gpu.device)
+    h = gpu.ops.grouped_lora_shrink(x, A, ids, order, offsets)
     assert torch.isnan(h[[1, 3]]).all() and not torch.isnan(h[[0, 2, 4, 5]]).any()
 
 
-@requires_cuda
-def test_cuda_weight_gradients_are_nan_for_pairs_under_another_expert():
+def test_cuda_weight_gradients_are_nan_for_pairs_under_another_expert(gpu):
     """A GPU does not sync to check order: an expert whose range names a pair of another expert gets a NaN
     weight gradient instead of a silently wrong one; experts whose ranges are right keep their values."""
-    x, A, B, gates, ids = _routing(4, 4, device="cuda")
-    order, offsets = ops.moe_permute(ids, 4)
+    x, A, B, gates, ids = _routing(4, 4, device=gpu.device)
+    order, offsets = gpu.ops.moe_permute(ids, 4)
     first_expert = int(ids[order[0]])
     other = _first_pair_of_another_expert(order, offsets, first_expert)
     other_expert = int(ids[order[other]])
@@ -129,9 +127,9 @@ def test_cuda_weight_gradients_are_nan_for_pairs_under_another_expert():
     swapped[0], swapped[other] = order[other], order[0]
     h = reference.grouped_lora_shrink(x, A, ids, order, offsets)
     grad_h = torch.ones_like(h)
-    grad_y = torch.ones(4, B.shape[1], dtype=x.dtype, device="cuda")
-    grad_A = torch.ops.alphalora.grouped_lora_shrink_backward(grad_h, x, A, ids, swapped, offsets)[1]
-    grad_B = torch.ops.alphalora.grouped_lora_expand_backward(grad_y, h, B, gates, ids, swapped, offsets)[1]
+    grad_y = torch.ones(4, B.shape[1], dtype=x.dtype, device=gpu.device)
+    grad_A = gpu.ops.grouped_lora_shrink_backward(grad_h, x, A, ids, swapped, offsets)[1]
+    grad_B = gpu.ops.grouped_lora_expand_backward(grad_y, h, B, gates, ids, swapped, offsets)[1]
     want_A = reference.grouped_lora_shrink_backward(grad_h, x, A, ids, order, offsets)[1]
     want_B = reference.grouped_lora_expand_backward(grad_y, h, B, gates, ids, order, offsets)[1]
     spoilt = [first_expert, other_expert]
@@ -139,7 +137,7 @@ def test_cuda_weight_gradients_are_nan_for_pairs_under_another_expert():
     for got, want in ((grad_A, want_A), (grad_B, want_B)):
         assert torch.isnan(got[spoilt]).all()
         torch.testing.assert_close(got[kept], want[kept])
-    torch.cuda.synchronize()
+    gpu.synchronize()
 
 
 @requires_kernels
