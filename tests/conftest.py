@@ -10,6 +10,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+if os.environ.get("ALPHALORA_CUDA_KERNELS_ON_CPU") == "1":  # this process runs the CUDA kernels, emulated, as
+    from tests import cuda_emulation  # the CPU kernels (tests/ops/test_emulated_cuda_in_place.py starts it)
+
+    cuda_emulation.use_in_place()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -93,18 +93,21 @@ def rewrite_dynamic_shared(source: str) -> str:
                   r"\1* \2 = static_cast<\1*>(::cuda_emulation::dynamic_shared());", source)
 
 
-def emulated_sources() -> dict[str, str]:
-    """Relative path in the build -> source text, rewritten for the emulation."""
+def emulated_sources(in_place: bool = False) -> dict[str, str]:
+    """Relative path in the build -> source text, rewritten for the emulation. in_place: the CUDA bindings
+    take the place of the CPU kernels of the `alphalora` ops themselves (see `use_in_place`)."""
     sources: dict[str, str] = {}
-    ops = (CSRC / "ops.cpp").read_text()
-    sources["ops.cpp"] = ops.replace("TORCH_LIBRARY(alphalora,", f"TORCH_LIBRARY({NAMESPACE},")
+    if not in_place:
+        ops = (CSRC / "ops.cpp").read_text()
+        sources["ops.cpp"] = ops.replace("TORCH_LIBRARY(alphalora,", f"TORCH_LIBRARY({NAMESPACE},")
+    registration = "TORCH_LIBRARY_IMPL(alphalora, CPU," if in_place else f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,"
     for path in sorted(CSRC.glob("*/*.cu")):
         text = rewrite_dynamic_shared(rewrite_launches(path.read_text()))
         sources[f"{path.parent.name}/{path.stem}_cu.cpp"] = text
     for path in sorted(CSRC.glob("*/*_cuda_dispatch.cpp")):
         if path.name in NOT_EMULATED:
             continue
-        text = path.read_text().replace("TORCH_LIBRARY_IMPL(alphalora, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,")
+        text = path.read_text().replace("TORCH_LIBRARY_IMPL(alphalora, CUDA,", registration)
         sources[f"{path.parent.name}/{path.name}"] = text
     sources["emulated_cuda.cpp"] = (EMULATION / "emulated_cuda.cpp").read_text()
     sources["emulation_ops.cpp"] = rewrite_dynamic_shared((EMULATION / "emulation_ops.cpp").read_text())
@@ -128,12 +131,14 @@ def _include_flags() -> list[str]:
     return flags + [f"-isystem{sysconfig.get_paths()['include']}"]
 
 
-def build(sanitize: bool = False) -> Path:
+def build(sanitize: bool = False, in_place: bool = False) -> Path:
     """The shared library's path, compiled on first use (about a minute on two cores). sanitize: with
-    AddressSanitizer, for a process that preloads its runtime (`asan_runtime()`)."""
-    sources = emulated_sources()
+    AddressSanitizer, for a process that preloads its runtime (`asan_runtime()`); in_place: see
+    `emulated_sources`."""
+    sources = emulated_sources(in_place)
     flags = FLAGS + (SANITIZE if sanitize else [])
-    target = REPO / "build" / "cuda_emulation" / _fingerprint(sources, flags) / f"lib{NAMESPACE}.so"
+    name = f"lib{NAMESPACE}{'_in_place' if in_place else ''}.so"
+    target = REPO / "build" / "cuda_emulation" / _fingerprint(sources, flags) / name
     if target.exists():
         return target
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -169,6 +174,7 @@ def build(sanitize: bool = False) -> Path:
 
 
 SANITIZE_VARIABLE = "ALPHALORA_EMULATION_ASAN"  # "1": load the AddressSanitizer build (runtime preloaded)
+IN_PLACE_VARIABLE = "ALPHALORA_CUDA_KERNELS_ON_CPU"  # "1": tests/conftest.py calls use_in_place()
 _loaded: Path | None = None
 
 
@@ -203,3 +209,20 @@ def sanitized_environment(runtime: Path) -> dict[str, str]:
     preload = [str(runtime)] + [str(p) for p in [_compiler_library("libstdc++.so")] if p is not None]
     return {**os.environ, "LD_PRELOAD": " ".join(preload), SANITIZE_VARIABLE: "1",
             "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1"}
+
+
+def use_in_place() -> None:
+    """Makes the CUDA kernels (emulated) the CPU kernels of the `alphalora` ops in this process: the layers,
+    training and the serving engine then run on them with their CPU tensors, values and all. Torch warns once
+    per op that a kernel is overridden. For a child process (IN_PLACE_VARIABLE=1), never in the test run
+    itself: there is no way back."""
+    from alphalora import ops as alphalora_ops
+
+    if not alphalora_ops.HAS_COMPILED_OPS:
+        raise RuntimeError("the CUDA kernels replace the compiled CPU kernels, which are not loaded")
+    torch.ops.load_library(str(build(in_place=True)))
+    # In place or not at all: the CPU kernel refuses ids out of range even unvalidated, the CUDA kernel lists them.
+    try:
+        torch.ops.alphalora.moe_permute(torch.tensor([0, 7]), 5, False)
+    except RuntimeError as error:
+        raise RuntimeError("the emulated CUDA kernels did not replace the CPU kernels") from error

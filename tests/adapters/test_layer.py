@@ -39,7 +39,10 @@ def test_matches_the_per_expert_loop_in_values_and_gradients(experts, top_k, ker
     ours, loop = layer(x), moe_lora_loop_reference(layer, x)
     torch.testing.assert_close(ours, loop, rtol=1e-5, atol=1e-5)
     for g_ours, g_loop in zip(_grads(layer, ours, x), _grads(layer, loop, x), strict=True):
-        torch.testing.assert_close(g_ours, g_loop, rtol=1e-5, atol=1e-5)
+        # float32 sums over every pair of an expert, in the kernel's order or the GEMM's: 1e-5 of the largest
+        # entry (the GPU kernels sum each expert's pairs one after another, as their emulation does in CI)
+        scale = g_loop.abs().max().clamp(min=1.0).item()
+        torch.testing.assert_close(g_ours, g_loop, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
