@@ -157,7 +157,10 @@ __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, in
     G[e * u_cols * v_cols + cell] = from_acc<T>(acc_t<T>(NAN));
     return;
   }
-  acc_t<T> acc = 0;
+  // Summed in chunks of kChunk pairs, then the chunks: one running float sum over an expert's thousands of
+  // pairs loses about pairs x eps of its size; two levels lose about (kChunk + pairs / kChunk) x eps.
+  constexpr int64_t kChunk = 256;
+  acc_t<T> acc = 0, chunk = 0;
   for (int64_t q = begin; q < end; ++q) {
     const int64_t p = order[q];
     if (p < 0 || p >= pairs || ids[p] != e) {
@@ -165,9 +168,13 @@ __global__ void grouped_outer_kernel(const T* __restrict__ U, int64_t u_cols, in
       break;
     }
     const acc_t<T> w = weights ? to_acc(weights[p]) : acc_t<T>(1);
-    acc += w * to_acc(U[(p / u_div) * u_cols + a]) * to_acc(V[(p / v_div) * v_cols + b]);
+    chunk += w * to_acc(U[(p / u_div) * u_cols + a]) * to_acc(V[(p / v_div) * v_cols + b]);
+    if ((q - begin) % kChunk == kChunk - 1) {
+      acc += chunk;
+      chunk = 0;
+    }
   }
-  G[e * u_cols * v_cols + cell] = from_acc<T>(acc);
+  G[e * u_cols * v_cols + cell] = from_acc<T>(acc + chunk);
 }
 
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
