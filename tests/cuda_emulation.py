@@ -8,8 +8,11 @@ op library to `alphalora_cuda_emulated` and registers the CUDA bindings (`*_cuda
 there for CPU tensors, then builds one shared library with g++. So every CUDA op runs, binding and
 kernel, on CPU tensors beside its CPU kernel: `ops().grouped_lora_shrink(...)` against
 `torch.ops.alphalora.grouped_lora_shrink(...)`. cuSOLVER's solve (`eigvalsh_batched`) is not
-emulated. The library is cached under `build/cuda_emulation/` by a hash of its inputs. A second build
-with AddressSanitizer turns every read or write of a kernel outside its tensors into an error.
+emulated. The library is cached under `build/cuda_emulation/` by a hash of its inputs.
+
+Two variants: built with AddressSanitizer, every read or write of a kernel outside its tensors is an error
+(`sanitized_environment`); built in place, the CUDA bindings register as the CPU kernels of the `alphalora`
+ops themselves, so that the layers, the engine and the analysis compute with them (`use_in_place`).
 """
 
 from __future__ import annotations
@@ -147,8 +150,8 @@ def build(sanitize: bool = False, in_place: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects = []
-        for name, text in sources.items():
-            source = Path(work) / name
+        for relative, text in sources.items():
+            source = Path(work) / relative
             source.parent.mkdir(parents=True, exist_ok=True)
             source.write_text(text)
             objects.append(source.with_suffix(".o"))
@@ -213,9 +216,9 @@ def sanitized_environment(runtime: Path) -> dict[str, str]:
 
 def use_in_place() -> None:
     """Makes the CUDA kernels (emulated) the CPU kernels of the `alphalora` ops in this process: the layers,
-    training and the serving engine then run on them with their CPU tensors, values and all. Torch warns once
-    per op that a kernel is overridden. For a child process (IN_PLACE_VARIABLE=1), never in the test run
-    itself: there is no way back."""
+    training and the serving engine then run on them with their CPU tensors, values and all. Torch warns that
+    kernels were overridden. For a child process (IN_PLACE_VARIABLE=1), never in the test run itself: there is
+    no way back."""
     from alphalora import ops as alphalora_ops
 
     if not alphalora_ops.HAS_COMPILED_OPS:
