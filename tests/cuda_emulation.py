@@ -28,6 +28,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils import cpp_extension
 
@@ -43,6 +44,25 @@ FLAGS = ["-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
 SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<")
+
+
+def compiler() -> str | None:
+    """The C++ compiler that builds the emulation ($CXX, else g++), or None where there is none."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def unavailable() -> str | None:
+    """Why the emulation cannot be built and compared here, or None."""
+    from alphalora import ops as alphalora_ops
+
+    if not alphalora_ops.HAS_COMPILED_OPS:
+        return "the emulated CUDA kernels are checked against (or replace) the compiled CPU kernels, not loaded"
+    if compiler() is None:
+        return "the CUDA emulation needs a C++ compiler: install g++ or set CXX"
+    return None
+
+
+requires_emulation = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
 
 def _matching_paren(text: str, open_index: int) -> int:
@@ -144,9 +164,10 @@ def build(sanitize: bool = False, in_place: bool = False) -> Path:
     target = REPO / "build" / "cuda_emulation" / _fingerprint(sources, flags) / name
     if target.exists():
         return target
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise RuntimeError("the CUDA emulation needs a C++ compiler: install g++ or set CXX")
+    reason = unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    cxx, include_flags = compiler(), _include_flags()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects = []
@@ -157,7 +178,7 @@ def build(sanitize: bool = False, in_place: bool = False) -> Path:
             objects.append(source.with_suffix(".o"))
 
         def compile_one(obj: Path) -> None:
-            command = [compiler, *flags, *_include_flags(), "-c", str(obj.with_suffix(".cpp")), "-o", str(obj)]
+            command = [cxx, *flags, *include_flags, "-c", str(obj.with_suffix(".cpp")), "-o", str(obj)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling {obj.with_suffix('.cpp').name} for the CUDA emulation failed:\n"
@@ -167,7 +188,7 @@ def build(sanitize: bool = False, in_place: bool = False) -> Path:
             list(pool.map(compile_one, objects))
         torch_lib = Path(torch.__file__).parent / "lib"
         partial = Path(work) / target.name
-        link = [compiler, "-shared", *flags, *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10",
+        link = [cxx, "-shared", *flags, *map(str, objects), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10",
                 "-ltorch_cpu", "-o", str(partial)]
         result = subprocess.run(link, capture_output=True, text=True)
         if result.returncode != 0:
@@ -192,10 +213,10 @@ def ops():
 
 
 def _compiler_library(name: str) -> Path | None:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         return None
-    found = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return Path(found).resolve() if os.path.isabs(found) and Path(found).exists() else None
 
 
@@ -219,11 +240,7 @@ def use_in_place() -> None:
     training and the serving engine then run on them with their CPU tensors, values and all. Torch warns that
     kernels were overridden. For a child process (IN_PLACE_VARIABLE=1), never in the test run itself: there is
     no way back."""
-    from alphalora import ops as alphalora_ops
-
-    if not alphalora_ops.HAS_COMPILED_OPS:
-        raise RuntimeError("the CUDA kernels replace the compiled CPU kernels, which are not loaded")
-    torch.ops.load_library(str(build(in_place=True)))
+    torch.ops.load_library(str(build(in_place=True)))  # (build refuses where there are no compiled CPU kernels)
     # In place or not at all: the CPU kernel refuses ids out of range even unvalidated, the CUDA kernel lists them.
     try:
         torch.ops.alphalora.moe_permute(torch.tensor([0, 7]), 5, False)

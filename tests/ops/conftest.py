@@ -4,13 +4,12 @@ its tensors on `gpu.device`."""
 
 from __future__ import annotations
 
-import shutil
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 
-from alphalora import ops
+from tests import cuda_emulation
 
 
 class GpuKernels(NamedTuple):
@@ -29,8 +28,7 @@ def gpu(request) -> GpuKernels:
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
         return GpuKernels(torch.ops.alphalora, "cuda")
-    if not ops.HAS_COMPILED_OPS or shutil.which("g++") is None:
-        pytest.skip("the CUDA emulation needs the compiled library and g++")
-    from tests import cuda_emulation
-
+    reason = cuda_emulation.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
     return GpuKernels(cuda_emulation.ops(), "cpu")

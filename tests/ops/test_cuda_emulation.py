@@ -13,27 +13,20 @@ the CUDA tests on a real GPU.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from alphalora import ops
+from tests import cuda_emulation
 from tests.ops.test_router_gates import _inputs as _router_inputs
 from tests.ops.test_routing_ops import _inputs as _routing_inputs
 from tests.ops.test_select_experts import _inputs as _select_inputs
 from tests.ops.test_spectral_ops import _spectra, _windows
 
-pytestmark = [
-    pytest.mark.skipif(not ops.HAS_COMPILED_OPS, reason="compares against the compiled CPU kernels"),
-    pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulation is compiled with g++"),
-]
+pytestmark = cuda_emulation.requires_emulation
 
 
 @pytest.fixture(scope="module")
 def cuda():
-    from tests import cuda_emulation
-
     library = cuda_emulation.ops()
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # so at::empty fills new tensors with NaN (or the largest int)

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 
-from alphalora import ops
 from tests import cuda_emulation
 
 
-@pytest.mark.skipif(not ops.HAS_COMPILED_OPS, reason="compares against the compiled CPU kernels")
+@cuda_emulation.requires_emulation
 def test_every_emulated_cuda_kernel_stays_inside_its_tensors():
     runtime = cuda_emulation.asan_runtime()
     if runtime is None:

@@ -10,20 +10,15 @@ numbers. (The training suite takes over ten minutes this way and is left out; it
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
-
-from alphalora import ops
 from tests import cuda_emulation
 
 SUITES = ["tests/adapters", "tests/serving/test_engine.py", "tests/serving/test_routing_layout.py", "tests/spectral"]
 
 
-@pytest.mark.skipif(not ops.HAS_COMPILED_OPS, reason="the CUDA kernels take the compiled CPU kernels' place")
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulation is compiled with g++")
+@cuda_emulation.requires_emulation
 def test_the_adapter_serving_and_spectral_suites_pass_on_the_cuda_kernels():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", *SUITES],

@@ -325,8 +325,6 @@ cudaError_t cudaGetLastError() {
   return error;
 }
 
-cudaError_t cudaPeekAtLastError() { return cuda_emulation::last_error; }
-
 const char* cudaGetErrorString(cudaError_t error) {
   if (error == cudaSuccess) return "no error";
   thread_local std::string text;

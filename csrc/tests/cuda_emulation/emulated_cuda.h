@@ -108,12 +108,6 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   return emulated_shuffle_from(mask, value, source / width == lane / width ? source : lane);
 }
 
-template <typename T>
-T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
-  const int lane = cuda_emulation::lane_id();
-  return emulated_shuffle_from(mask, value, (lane / width) * width + source_lane % width);
-}
-
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   uint64_t all[32];
   const int flag = predicate != 0;
@@ -124,7 +118,6 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
-inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 
 // Explicitly rounded arithmetic: the emulation is compiled with -ffp-contract=off, so plain operators round.
 inline double __dadd_rn(double a, double b) { return a + b; }
@@ -171,6 +164,5 @@ inline __half __float2half(float v) {
 }
 
 cudaError_t cudaGetLastError();
-cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t stream = nullptr);
