@@ -50,12 +50,14 @@ class DeviceAudit(TorchDispatchMode):
         self.cpu_compute: list[str] = []
         self.unsafe_copies: list[str] = []
         self.host_to_device: list[str] = []  # every copy from host memory to the GPU, safe or not
+        self.host_reads: list[str] = []  # every read of GPU values by the host: each waits for the GPU
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
         placeholder = _placeholder(func, args, kwargs)
         if placeholder is not None:
+            self.host_reads.append(name)
             return placeholder
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         devices = {t.device.type for t in tensors if t.dim() > 0}
@@ -72,6 +74,8 @@ class DeviceAudit(TorchDispatchMode):
         out = func(*args, **kwargs)
         if name in _TRANSFERS and _copies_to_the_gpu(name, args, kwargs, out):
             self.host_to_device.append(name)
+        if name in _TRANSFERS and _copies_to_the_host(name, args, out):
+            self.host_reads.append(name)
         if devices == {"cpu"} and name not in _TRANSFERS and not getattr(func, "is_view", False):
             self.cpu_compute.append(name)
         return out
@@ -83,6 +87,14 @@ def _copies_to_the_gpu(name: str, args, kwargs, out) -> bool:
     target = args[0] if name.startswith("aten.copy_") else out
     return isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor) and source.dim() > 0 \
         and source.device.type == "cpu" and target.device.type == "cuda"
+
+
+def _copies_to_the_host(name: str, args, out) -> bool:
+    """Whether a transfer op moved GPU memory to the host (the host then waits for the GPU to reach it)."""
+    source = args[1] if name.startswith("aten.copy_") else (args[0] if args else None)
+    target = args[0] if name.startswith("aten.copy_") else out
+    return isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor) \
+        and source.device.type == "cuda" and target.device.type == "cpu"
 
 
 def _placeholder(func, args, kwargs):
@@ -151,17 +163,16 @@ def fake_cuda(monkeypatch) -> Iterator[DeviceAudit]:
         with _disable_current_modes():  # the audit's and the fake mode: a real read on the CPU
             return real_load_file(*args, **kwargs)
 
-    real_tolist = torch.Tensor.tolist
-
-    def tolist(tensor):
-        return _fake_tolist(tensor) if isinstance(tensor, fake_tensor.FakeTensor) else real_tolist(tensor)
+    def tolist(tensor):  # (one transfer to the host, as on a GPU; FakeTensor's own reads element by element)
+        audit.host_reads.append("Tensor.tolist")
+        return _fake_tolist(tensor)
 
     # One-element host tensors would be kept as constants and copied to the (absent) device for real.
     monkeypatch.setattr(fake_tensor, "CONSTANT_NUMEL_LIMIT", 0)
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     # Libraries choose kernels by the GPU's generation (transformers' grouped experts): an A100's.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(fake_tensor.FakeTensor, "tolist", tolist)
     monkeypatch.setattr(safetensors.torch, "load_file", load_file)
     monkeypatch.setattr(adapter_io, "load_file", load_file)
     audit = DeviceAudit(pinned)

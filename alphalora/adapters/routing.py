@@ -51,7 +51,10 @@ class BalanceStatistics:
     def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         self.without_grad = self.without_grad or not torch.is_grad_enabled()
         probs = torch.softmax(logits.float(), dim=-1)
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).float()
+        picked = ids.reshape(-1)
+        # (scatter_add_, not bincount: on a GPU bincount reads the ids' range back to size its output, a host
+        # synchronisation per adapted module per forward)
+        counts = probs.new_zeros(self.num_experts).scatter_add_(0, picked, probs.new_ones(picked.shape))
         self.prob_sum = probs.sum(0) if self.prob_sum is None else self.prob_sum + probs.sum(0)
         self.selections = counts if self.selections is None else self.selections + counts
         self.rows += probs.shape[0]

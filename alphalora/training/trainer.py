@@ -62,7 +62,9 @@ class MoELoRATrainer(Trainer):
             scaled = self._task_loss_scaled_for_ga(num_items_in_batch)
             steps = self.current_gradient_accumulation_steps if scaled else 1
             loss = loss + coef * aux / steps
-            self._aux_total += float(aux.detach())
+            # summed where it is: reading it to the host here would make the host wait for the forward to finish
+            # on the GPU before it could queue the backward
+            self._aux_total = aux.detach().float() + self._aux_total
             self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -70,7 +72,7 @@ class MoELoRATrainer(Trainer):
         if self._aux_count and "loss" in logs:
             # The mean over the micro-batches actually accumulated: after a resume, or at a last partial
             # logging interval, fewer than logging_steps x gradient_accumulation_steps.
-            logs["aux_loss"] = round(self._aux_total / self._aux_count, 6)
+            logs["aux_loss"] = round(float(self._aux_total) / self._aux_count, 6)
             self._aux_total, self._aux_count = 0.0, 0
         super().log(logs, *args, **kwargs)
 

@@ -277,10 +277,13 @@ class Engine:
         chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])
         ranks = (logprobs >= chosen).sum(dim=1)  # vLLM's rank: the tokens at least as probable, itself included
         k = seq.params.prompt_logprobs
-        top_values, top_ids = torch.topk(logprobs, k, dim=-1) if k else (None, None)
-        for row, (logprob, rank) in enumerate(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True)):
-            top = dict(zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True)) if k else {}
-            seq.prompt_logprobs.append(PromptLogprob(logprob, top, rank))
+        columns = [chosen.double(), ranks[:, None].double()]
+        if k:
+            top = torch.topk(logprobs, k, dim=-1)
+            columns += [top.values.double(), top.indices.double()]
+        for row in torch.cat(columns, dim=1).tolist():  # one transfer to the host (ids are exact in float64)
+            top = dict(zip(map(int, row[2 + k:]), row[2:2 + k], strict=True)) if k else {}
+            seq.prompt_logprobs.append(PromptLogprob(row[0], top, int(row[1])))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params

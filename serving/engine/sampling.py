@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -82,49 +83,86 @@ def sample_rows(logits: torch.Tensor, requests: list[tuple[SamplingParams, list[
     """`sample` for every row of logits [R, vocab]: (params, prompt ids, output ids, generator) per row.
 
     Rows without penalties or a seed, the common cases, are sampled together: the greedy ones in one
-    argmax, the random ones (temperature, top-k, top-p) in one filtered softmax and one multinomial,
-    each group with one transfer to the host (no device synchronisation per row). Rows with
-    penalties, their own seeded generator or tokens still suppressed (min_tokens) are sampled one by one."""
-    results: list[SampleResult | None] = [None] * len(requests)
+    argmax, the random ones (temperature, top-k, top-p) in one filtered softmax and one multinomial.
+    Rows with penalties, their own seeded generator or tokens still suppressed (min_tokens) are chosen
+    one by one. Every row's token, logprob and top logprobs then come back to the host in one transfer:
+    one wait for the device per step (a seeded row adds one: its generator draws on the host)."""
     suppressed = [suppressed_tokens(params, output_ids, eos_token_ids) for params, _, output_ids, _ in requests]
     batchable = [i for i, (params, _, _, generator) in enumerate(requests)
                  if not _adjusts_logits(params) and generator is None and not suppressed[i]]
     greedy = [i for i in batchable if requests[i][0].temperature == 0]
     random = [i for i in batchable if requests[i][0].temperature > 0]
+    batched = set(batchable)
+    alone = [i for i in range(len(requests)) if i not in batched]
+    order, tokens = [], []
     for group in (greedy, random):
         if group:
-            params = [requests[i][0] for i in group]
-            for i, result in zip(group, _sample_batch(logits, group, params), strict=True):
-                results[i] = result
-    for i, (params, prompt_ids, output_ids, generator) in enumerate(requests):
-        if results[i] is None:
-            results[i] = sample(logits[i], params, prompt_ids, output_ids, generator, suppressed[i])
-    return results
+            tokens.append(_sample_group(_rows(logits, group), [requests[i][0] for i in group]))
+            order += group
+    for i in alone:
+        params, prompt_ids, output_ids, generator = requests[i]
+        tokens.append(_choose(logits[i], params, prompt_ids, output_ids, generator, suppressed[i]).view(1))
+        order.append(i)
+    wanted = [requests[i][0].logprobs for i in order]
+    results = _read_back(_rows(logits, order), torch.cat(tokens), wanted)
+    by_row: list[SampleResult | None] = [None] * len(requests)
+    for i, result in zip(order, results, strict=True):
+        by_row[i] = result
+    return by_row
 
 
-def _sample_batch(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> list[SampleResult]:
-    """Rows of logits that are all greedy or all random, none with penalties or a generator."""
-    device = logits.device
-    every_row = len(rows) == logits.shape[0]  # rows are distinct and ascending: all of them, in order
-    picked = logits if every_row else logits[torch.tensor(rows, device=device)]
-    logprobs = torch.log_softmax(picked, dim=-1)
+def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+           generator: torch.Generator | None, suppressed: list[int] | None = None) -> SampleResult:
+    """One token from a row of logits (float32, CPU or device), with its logprob; `suppressed` tokens
+    (EOS and stop ids before min_tokens) are never chosen."""
+    token = _choose(logits, params, prompt_ids, output_ids, generator, suppressed).view(1)
+    return _read_back(logits[None], token, [params.logprobs])[0]
+
+
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows], without a copy where `rows` is every row in order."""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    return logits[torch.tensor(rows, device=logits.device)]
+
+
+def _sample_group(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The tokens [R] of rows that are all greedy or all random, none with penalties or a generator."""
     if params[0].temperature == 0:
-        tokens = torch.argmax(picked, dim=-1)
-    else:
-        probs = filtered_probs(picked, *_filters(params, device))
-        tokens = torch.multinomial(probs, 1)[:, 0]
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    most = max(p.logprobs or 0 for p in params)
-    top = torch.topk(logprobs, most, dim=-1) if most else None
-    # one transfer to the host: token ids are exact in float64
-    tokens, chosen = torch.stack([tokens.double(), chosen.double()]).tolist()
-    tokens = [int(token) for token in tokens]
-    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        return torch.argmax(logits, dim=-1)
+    probs = filtered_probs(logits, *_filters(params, logits.device))
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+            generator: torch.Generator | None, suppressed: list[int] | None) -> torch.Tensor:
+    """One row's token as a 0-d tensor on the logits' device: penalties applied, suppressed tokens banned."""
+    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if suppressed:
+        logits[torch.tensor(suppressed, device=logits.device)] = float("-inf")
+    if params.temperature == 0:
+        return torch.argmax(logits)
+    probs = filtered_probs(logits[None], *_filters([params], logits.device))[0]
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)[0]
+    # (a seeded request's generator lives on the host, so that its draws are the same on every device)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(probs.device)
+
+
+def _read_back(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> list[SampleResult]:
+    """Each row's token with its logprob under the model's own distribution (before penalties and filters)
+    and its `wanted` top logprobs, brought to the host in one transfer (token ids are exact in float64)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    columns = [tokens[:, None].double(), logprobs.gather(1, tokens[:, None]).double()]
+    most = max(k or 0 for k in wanted)
+    if most:
+        top = torch.topk(logprobs, most, dim=-1)
+        columns += [top.values.double(), top.indices.double()]
+    table = torch.cat(columns, dim=1).tolist()
     results = []
-    for j, p in enumerate(params):
-        wanted = p.logprobs
-        top_j = dict(zip(top_ids[j][:wanted], top_values[j][:wanted], strict=True)) if wanted else None
-        results.append(SampleResult(tokens[j], chosen[j], top_j))
+    for row, k in zip(table, wanted, strict=True):
+        top_k = dict(zip(map(int, row[2 + most:2 + most + k]), row[2:2 + k], strict=True)) if k else None
+        results.append(SampleResult(int(row[0]), row[1], top_k))
     return results
 
 
@@ -170,27 +208,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[0])
-        counts = counts.to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+        # counted on the host, where the ids are: bincount on a GPU would read them back to size its output
+        tokens, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        counts = torch.from_numpy(counts).to(logits.device, logits.dtype)
+        tokens = torch.from_numpy(tokens).to(logits.device)
+        logits[tokens] -= params.frequency_penalty * counts + params.presence_penalty
     return logits
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-           generator: torch.Generator | None, suppressed: list[int] | None = None) -> SampleResult:
-    """One token from a row of logits (float32, CPU or device), with its logprob; `suppressed` tokens
-    (EOS and stop ids before min_tokens) are never chosen."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # reported logprobs are the model's own distribution
-    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-    if suppressed:
-        logits[torch.tensor(suppressed, device=logits.device)] = float("-inf")
-    if params.temperature == 0:
-        token = int(torch.argmax(logits))
-    else:
-        probs = filtered_probs(logits[None], *_filters([params], logits.device))[0]
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    top = None
-    if params.logprobs:
-        values, ids = torch.topk(logprobs, params.logprobs)
-        top = {int(i): float(v) for i, v in zip(ids, values, strict=True)}
-    return SampleResult(token, float(logprobs[token]), top)

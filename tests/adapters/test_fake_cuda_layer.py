@@ -2,8 +2,9 @@
 with float32 adapter weights (`adapter_dtype`).
 
 Fake tensors (`tests.fake_cuda`) carry devices and dtypes but no values: these tests check that every
-activation, gradient and routing statistic stays on the GPU in the dtype it should have; the CPU tests
-and the GPU tests check the numbers. Torch's autograd engine asks the (absent) GPU for its current stream
+activation, gradient and routing statistic stays on the GPU in the dtype it should have, and that no value is
+read back to the host (each read would stall the host until the GPU caught up); the CPU tests and the GPU tests
+check the numbers. Torch's autograd engine asks the (absent) GPU for its current stream
 when it runs a backward over CUDA tensors, so a backward cannot run here: the fused layers' hand-written
 backward functions are called directly instead.
 """
@@ -58,6 +59,7 @@ def test_a_layers_forward_runs_on_the_gpu_over_a_bfloat16_base(kernel, experts, 
     assert_on_device(out, dtype=HALF)
     assert_on_device(trained, dtype=torch.float32)  # float32 adapters over a half-precision base
     assert audit.cpu_compute == []
+    assert audit.host_reads == []  # nothing waits for the GPU: the host queues a whole step's work
 
 
 @pytest.mark.parametrize("dropped", [False, True], ids=["no dropout", "dropout"])
@@ -85,6 +87,7 @@ def test_the_fused_dense_functions_backward_stays_on_the_gpu(dropped, grad_logit
     assert_on_device([g for g in moe_grads + lora_grads if g is not None], dtype=HALF)
     assert [g is not None for g in moe_grads] == [True, dropped, False, False, True, True, True, False, False]
     assert audit.cpu_compute == []
+    assert audit.host_reads == []  # nothing waits for the GPU: the host queues a whole step's work
 
 
 def test_gates_from_a_shared_router_stay_on_the_gpu(monkeypatch):
@@ -95,6 +98,7 @@ def test_gates_from_a_shared_router_stay_on_the_gpu(monkeypatch):
         out = layer(x)
     assert_on_device(out, dtype=HALF)
     assert audit.cpu_compute == []
+    assert audit.host_reads == []  # nothing waits for the GPU: the host queues a whole step's work
 
 
 @pytest.mark.parametrize("router", [RouterSettings(aux_loss_coef=0.01),
@@ -117,3 +121,4 @@ def test_an_adapted_models_training_forward_runs_on_the_gpu_with_its_load_balanc
     assert trained
     assert_on_device(list(trained.values()), dtype=torch.float32)
     assert audit.cpu_compute == []
+    assert audit.host_reads == []  # nothing waits for the GPU: the host queues a whole step's work

@@ -159,6 +159,36 @@ def test_a_steps_inputs_are_one_pinned_non_blocking_copy(monkeypatch):
     assert len(audit.host_to_device) == 1, audit.host_to_device  # both windows' inputs in one transfer
 
 
+def test_a_step_waits_for_the_gpu_once_to_read_its_samples(adapters, monkeypatch):
+    """Greedy and random rows, top logprobs and penalties (rows sampled on their own) all come back in one
+    transfer per step; a seeded row adds one (its generator draws on the host), as does a prompt chunk whose
+    prompt logprobs were asked for. Each read waits for the GPU to finish the step's work queued so far."""
+    model = _model()
+    rows = [(SamplingParams(temperature=0.0, logprobs=2), "moe_a"), (SamplingParams(temperature=0.8, top_p=0.9), None),
+            (SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2), "lora"),
+            (SamplingParams(temperature=0.7, repetition_penalty=1.2, logprobs=1), "moe_b")]
+    seeded = (SamplingParams(temperature=0.7, seed=3), "shared")
+    with fake_cuda(monkeypatch) as audit:
+        engine = _engine(model, adapters, max_loras=len(adapters))
+        reads = []
+        for added in ([], [seeded]):
+            batch = rows + added
+            for prompt, (params, name) in zip(_prompts((5, 9, 7, 3, 6)[:len(batch)]), batch, strict=True):
+                params.max_tokens, params.ignore_eos = 3, True
+                engine.add_request(prompt, params, name)
+            while engine.has_work():
+                before = len(audit.host_reads)
+                engine.step()
+                reads.append(audit.host_reads[before:])
+    assert reads == [["Tensor.tolist"]] * 3 + [["aten._to_copy.default", "Tensor.tolist"]] * 3, reads
+    model = _model()
+    with fake_cuda(monkeypatch) as audit:
+        engine = _engine(model, adapters)
+        engine.add_request(_prompts((6,))[0], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2), None)
+        engine.step()
+    assert audit.host_reads == ["Tensor.tolist"] * 2
+
+
 def test_sampling_filters_and_penalties_stay_on_the_gpu(monkeypatch):
     with fake_cuda(monkeypatch) as audit:
         logits = torch.randn(3, 50, device=CUDA)
