@@ -16,7 +16,9 @@ duration of `fake_cuda()`:
   goes on, with meaningless values: these tests check where tensors are, never what they hold.
 
 `DeviceAudit` adds what fake tensors do not check: a custom op's fake kernel takes inputs on any
-device, and a computation that never meets a CUDA tensor runs on the CPU without complaint.
+device, and a computation that never meets a CUDA tensor runs on the CPU without complaint. It also
+lists every read of GPU values by the host (`host_reads`: the placeholders above, one per `.tolist()`,
+and each blocking copy to the host), since on a GPU each one makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _TRANSFERS = {"aten.lift_fresh.default", "aten._to_copy.default", "aten.to.dtype
 
 class DeviceAudit(TorchDispatchMode):
     """Fails an op that mixes CUDA tensors with (non-scalar) CPU ones, and records CPU compute, copies
-    with `non_blocking=True` from unpinned host memory and device-to-host copies that do not wait."""
+    with `non_blocking=True` from unpinned host memory, device-to-host copies that do not wait, and reads
+    of device values by the host."""
 
     def __init__(self, pinned: dict[int, torch.Tensor]):
         super().__init__()
