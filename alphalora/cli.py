@@ -115,9 +115,12 @@ def _check_outputs(*outputs: tuple[str | None, bool]) -> None:
     """Fails now, not after the long work, where an output (path, is_folder) could not be written."""
     from alphalora._io import check_writable
 
-    for path, folder in outputs:
-        if path:
-            check_writable(path, folder)
+    given = [(path, folder) for path, folder in outputs if path]
+    resolved = [Path(path).expanduser().resolve() for path, _ in given]
+    for i, (path, folder) in enumerate(given):
+        if resolved[i] in resolved[:i]:  # (the later output would replace the earlier one without a word)
+            raise CliError(f"{path} is given for two outputs; give each output (--out, --csv, --plot) its own path")
+        check_writable(path, folder)
 
 
 def _alphas(text: str | None) -> list[float] | None:
@@ -162,7 +165,7 @@ def _allocate(args: argparse.Namespace) -> int:
             preset=args.preset, budget=budget, beta=args.beta, rounding=args.rounding,
             max_experts=args.max_experts, top_k=args.top_k, num_layers=args.num_layers,
             base_model=args.base_model, rank=args.rank,
-            target_modules=args.target_modules.split(",") if args.target_modules else None,
+            target_modules=_names(args.target_modules) if args.target_modules else None,
             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             router=RouterSettings(type=args.router, aux_loss_coef=args.aux_loss_coef),
         )
@@ -216,7 +219,7 @@ def _allocate_hetero(args: argparse.Namespace) -> int:
             shortcut_share=args.shortcut_share, dynamic_every=args.dynamic_every, proxy_batches=args.proxy_batches,
             proxy_batch_size=args.proxy_batch_size, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             shortcut_alpha=args.shortcut_alpha, max_length=args.max_length, truncate=args.truncate, seed=args.seed,
-            target_modules=args.target_modules.split(",") if args.target_modules else None,
+            target_modules=_names(args.target_modules) if args.target_modules else None,
             progress=not args.no_progress,
         )
     except (AllocationError, PlanFormatError) as error:

@@ -85,6 +85,23 @@ def test_an_output_that_cannot_be_written_fails_before_the_analysis_naming_the_u
     assert not (tmp_path / "r.json").exists()
 
 
+def test_one_path_for_two_outputs_is_refused_before_either_is_written(llama_dir, tmp_path, capsys):
+    """`--csv` at `--out`'s path replaced the JSON report with the table without a word."""
+    report = tmp_path / "r.json"
+    assert main(["analyze", str(llama_dir), "--out", str(report), "--csv", str(tmp_path / "." / "r.json"),
+                 "--no-progress"]) == 2
+    assert "is given for two outputs" in capsys.readouterr().err and not report.exists()
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", "--alphas", "3,4", "--out", str(plan), "--plot", str(plan)]) == 2
+    assert not plan.exists()
+
+
+def test_target_modules_listed_with_spaces_are_the_names_without_them(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--alphas", "3,4", "--target-modules", "q, v ,down", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["target_modules"] == ["q", "v", "down"]
+
+
 def test_allocate_refuses_another_methods_options_instead_of_ignoring_them(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["allocate", "--alphas", "3,4", "--preset", "2468", "--out", str(out)]) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import read_json
+from alphalora.allocation.plan import is_positive_number
 
 from .inject import AdapterError
 from .io import PICKLED_NAMES
@@ -34,15 +35,34 @@ def read_peft_lora_config(folder: str | Path) -> dict[str, Any]:
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{folder} trains the base model's biases as well (bias={config['bias']!r}), which LoRA "
                            "servers do not apply; train with bias='none'")
+    where = folder / PEFT_CONFIG_NAME
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise AdapterError(f"{folder / PEFT_CONFIG_NAME}: {key!r} must be a number, got {config.get(key)!r}")
+        if not is_positive_number(config.get(key)):
+            raise AdapterError(f"{where}: {key!r} must be a positive, finite number, got {config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_pattern(config.get(key), key, where)
     if not (folder / PEFT_WEIGHTS_NAME).exists():
         pickled = [name for name in PICKLED_NAMES if (folder / name).exists()]
         reason = (f"holds pickled weights ({pickled[0]}), which are refused because loading them can run code; "
                   "re-save with safe_serialization=True" if pickled else f"has no {PEFT_WEIGHTS_NAME}")
         raise AdapterError(f"{folder} {reason}")
     return config
+
+
+def _check_pattern(pattern: Any, key: str, where: Path) -> None:
+    """AdapterError unless a rank_pattern/alpha_pattern is absent or maps regular expressions to positive numbers."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{where}: {key!r} must map module names to numbers, got {pattern!r}")
+    for name, value in pattern.items():
+        try:
+            re.compile(name)
+        except re.error as error:
+            raise AdapterError(f"{where}: {key!r} key {name!r} is not a regular expression ({error})") from error
+        if not is_positive_number(value):
+            raise AdapterError(f"{where}: {key!r} gives {name!r} the value {value!r}; it must be a positive, finite "
+                               "number")
 
 
 def _match_pattern(pattern: dict, name: str, default):

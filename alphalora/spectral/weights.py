@@ -159,29 +159,33 @@ ADAPTER_FILE_PREFIXES = ("adapter_model",)  # PEFT's and this project's adapter 
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The weight files of a model folder: the shards its index names (each checked to exist), else the one
-    file transformers would load (model.safetensors, pytorch_model.bin), else its *.safetensors or
-    pytorch_model*.bin files bar an adapter's; WeightSourceError naming the file where one is missing."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise _unreadable(index, "no `weight_map` object of tensor name -> shard file")
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
-            for file in files:
-                if not file.is_file():
-                    raise _unreadable(file, f"the shard named in {index_name} is missing")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):  # what transformers loads without an index
-        if (path / single).is_file():
-            return [path / single]
+    """The weight files transformers loads from a model folder, in its order of preference: model.safetensors, the
+    shards model.safetensors.index.json names, pytorch_model.bin, the shards of its index (so a stale index left
+    beside a re-saved single file is passed over, as transformers passes it over); else the folder's *.safetensors
+    or pytorch_model*.bin files bar an adapter's. WeightSourceError naming the file where a shard is missing."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            return _shards(path, name) if name.endswith(".index.json") else [path / name]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         # No standard name: every weight file but an adapter's (PEFT's or this project's, beside its base)
         files = sorted(f for f in path.glob(pattern) if not f.name.startswith(ADAPTER_FILE_PREFIXES))
         if files:
             return files
     return []
+
+
+def _shards(path: Path, index_name: str) -> list[Path]:
+    """The shard files an index names, each checked to exist."""
+    index = path / index_name
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise _unreadable(index, "no `weight_map` object of tensor name -> shard file")
+    files = [path / f for f in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.is_file():
+            raise _unreadable(file, f"the shard named in {index_name} is missing")
+    return files
 
 
 def _tensor_readers(file: Path):

@@ -289,6 +289,10 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
     A text longer than `max_length` is an error, or with `truncate` is cut by the tokenizer (its
     truncation side, normally the end; special tokens such as [CLS] and [SEP] are kept)."""
     labels = [r["label"] for r in rows if _given(r, "label")]
+    for index, row in enumerate(rows):
+        if isinstance(row.get("label"), bool):  # (JSON true is no class index: torch would train it multi-label)
+            raise DataError(f"{row_place(rows, index, source)}: label {row['label']!r} is a boolean; give each class "
+                            "an index (0, 1) or a name (\"yes\", \"no\")")
     if len({isinstance(label, int) for label in labels}) > 1:
         raise DataError(f"{source} mixes class indices and class names as labels; use one or the other")
     names = label_names or _ordered_names({str(label) for label in labels if not isinstance(label, int)}) or None
@@ -313,11 +317,16 @@ def tokenize_classification(rows, tokenizer, max_length: int, source: str,
 
 
 _INTEGER_NAME = re.compile(r"[+-]?[0-9]+")
+_INDEX_NAME = re.compile(r"0|[1-9][0-9]*")
 
 
 def _ordered_names(names: set[str]) -> list[str]:
-    """Class names in index order: numerically where every name is an integer ("2" before "10", so "0".."11"
-    keep their own numbers as indices), else sorted as strings."""
+    """Class names in index order. Names that are all class indices written out ("0", "1", ... "11") are their own
+    indices, as the same labels given as numbers are: "1", "2", "3" are classes 1 to 3 of "0" .. "3" (an eval file
+    that gives them as numbers means the same classes). Other integers ("-1", "+1", "01") are sorted numerically;
+    any other names as strings."""
+    if names and all(_INDEX_NAME.fullmatch(name) for name in names):
+        return [str(index) for index in range(1 + max(int(name) for name in names))]
     if names and all(_INTEGER_NAME.fullmatch(name) for name in names):
         return sorted(names, key=lambda name: (int(name), name))
     return sorted(names)

@@ -9,6 +9,7 @@ Only safetensors are read.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,12 +171,37 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, folder: Path) -> torch.T
 def _check_shapes(name: str, folder: Path, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor | None = None):
     """A module's experts as the engine stacks them: A (E, r, in), B (E, out, r), router (E, in)."""
     consistent = (A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0] and A.shape[1] == B.shape[2]
+                  and A.shape[0] >= 1 and A.shape[1] >= 1
                   and (router is None or tuple(router.shape) == (A.shape[0], A.shape[2])))
     if not consistent:
         routed = "" if router is None else f", router {tuple(router.shape)}"
         raise AdapterError(f"{folder}: {name!r} has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}{routed}, which "
-                           "are not E experts of one rank (A: E x r x in, B: E x out x r); the file is damaged or "
-                           "was not written by alphalora")
+                           "are not E >= 1 experts of one rank r >= 1 (A: E x r x in, B: E x out x r); the file is "
+                           "damaged or was not written by alphalora")
+
+
+def _check_finite(adapter: LoadedAdapter) -> None:
+    """AdapterError naming the first scale, or weight in the served dtype, that is NaN or infinite: served, it would
+    give every sequence on the adapter NaN logits. Checked where the weights now are, read back in one transfer."""
+    modules = [*adapter.modules.items(), *((f"shortcut layer{layer}.{kind}", m) for (layer, kind), m in
+                                           adapter.shortcuts.items())]
+    for name, module in modules:
+        if not math.isfinite(module.scaling):
+            raise AdapterError(f"{adapter.path}: {name} scales its update by {module.scaling}; its config's alpha "
+                               "must be a finite number")
+    named = [(f"{name}.{part}", t) for name, m in modules
+             for part, t in (("lora_A", m.A), ("lora_B", m.B), ("router", m.router)) if t is not None]
+    named += [(f"block {layer} router", router) for layer, (router, _) in adapter.layer_routers.items()]
+    named += [(f"{head}.{param}", t) for head, params in adapter.heads.items() for param, t in params.items()]
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    for (name, tensor), ok in zip(named, finite, strict=True):
+        if not ok:
+            raise AdapterError(f"{adapter.path}: {name} holds NaN or infinite values in {tensor.dtype} (a training run "
+                               "that diverged, or a damaged file); it is not served: load a checkpoint from before the "
+                               "divergence")
 
 
 def _load_own(folder: Path) -> _AdapterParts:
@@ -289,6 +315,7 @@ def load_serving_adapter(name: str, path: str | Path, dtype: torch.dtype, device
         if module.router is not None:
             module.router = module.router.to(device, dtype)
     adapter.heads = {head: {p: t.to(device, dtype) for p, t in params.items()} for head, params in heads.items()}
+    _check_finite(adapter)
     return adapter
 
 
@@ -324,6 +351,7 @@ class AdapterRegistry:
                  loaded: LoadedAdapter | None = None) -> None:
         """Registers the adapter folder at `path` under `name`; `load_now` loads it at once, unless `loaded`
         holds its weights already (read by the caller, e.g. to check a replacement before the old one goes)."""
+        self.check_name(name)
         self.paths[name] = Path(path)
         self._resident.pop(name, None)  # registered again: the new folder from now on
         self._cache_keys[name] = f"{name}#{next(self._registrations)}"
@@ -331,6 +359,13 @@ class AdapterRegistry:
             self._make_resident(name, loaded)
         elif load_now:
             self.get(name)
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        """AdapterError for a name the registry keeps for itself: retired adapters' names."""
+        if RETIRED_MARK in name:
+            raise AdapterError(f"adapter name {name!r} contains {RETIRED_MARK!r}, which names adapters unloaded while "
+                               "requests still use them; choose another name")
 
     def unregister(self, name: str) -> None:
         self.paths.pop(name, None)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+_LARGEST = torch.finfo(torch.float32).max
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0  # vLLM's rule: dividing by a temperature this small overflows the logits
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
@@ -182,7 +188,9 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     order: min-p before top-k and top-p), cut to the logits at least its top_k-th largest (top_k -1:
     off), softened, cut to the most probable tokens whose mass before them is under its top_p,
     renormalised."""
-    scaled = logits.float() / temperature[:, None]
+    # NaN logits (a broken model) are never drawn; +inf ones (a repetition penalty near 0 divides by it) are the
+    # largest float, so that the softmax stays finite and draws among them
+    scaled = torch.nan_to_num(logits.float() / temperature[:, None], nan=-math.inf, posinf=_LARGEST, neginf=-math.inf)
     if min_p is not None:
         # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p), softmax's normaliser cancelling
         floor = scaled.max(dim=-1, keepdim=True).values + torch.log(min_p[:, None].float())
@@ -195,7 +203,12 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     ordered_probs = probs.gather(1, order)  # the cut keeps the order, so `order` still sorts
     keep = (torch.cumsum(ordered_probs, dim=-1) - ordered_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
     probs = torch.zeros_like(probs).scatter(1, order, ordered_probs * keep)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    total = probs.sum(dim=-1, keepdim=True)
+    # A row with nothing to draw from (every logit NaN or -inf): its first token, where multinomial would raise and
+    # fail every sequence of the batch, not just this one.
+    first = torch.zeros_like(probs)
+    first[:, 0] = 1.0
+    return torch.where(total > 0, probs / total, first)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],

@@ -188,6 +188,10 @@ def build_app(state: ServerState) -> FastAPI:
             if body.lora_name == state.base_name:
                 raise APIError(400, f"{body.lora_name!r} is the base model's name; name the adapter otherwise",
                                param="lora_name")
+            try:
+                registry.check_name(body.lora_name)
+            except AdapterError as error:
+                raise APIError(400, str(error), param="lora_name") from error
             replaced = registry.paths.get(body.lora_name)
             if replaced is not None and not body.load_inplace:
                 raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first, or set "

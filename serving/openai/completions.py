@@ -197,7 +197,8 @@ async def _collect(request: Request, choices, streams) -> None:
         if not done and await request.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            raise asyncio.CancelledError
+            # (a response nobody reads, nginx's status for it: raising would log a traceback per disconnect)
+            raise APIError(499, "the client closed the connection; its request was cancelled", "client_closed_request")
     try:
         task.result()
     except EngineFailure as error:
@@ -401,8 +402,11 @@ def chat_text(state: ServerState, messages, template: ChatTemplateFields) -> str
         return tokenizer.apply_chat_template(plain, tokenize=False, tools=template.tools,
                                              add_generation_prompt=template.add_generation_prompt,
                                              continue_final_message=template.continue_final_message, **extra)
-    except (jinja2.TemplateError, ValueError, TypeError) as error:
-        raise APIError(400, f"the chat template refused the request: {error}", param="messages") from error
+    except Exception as error:  # noqa: BLE001 - whatever the template raises, it raised for this request's input
+        if isinstance(error, APIError):
+            raise
+        reason = error if isinstance(error, jinja2.TemplateError | ValueError | TypeError) else repr(error)
+        raise APIError(400, f"the chat template refused the request: {reason}", param="messages") from error
 
 
 def _message_text(content, index: int) -> str:

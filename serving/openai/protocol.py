@@ -125,6 +125,16 @@ class ChatTemplateFields(_Request):
     continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
     tools: list[dict[str, Any]] | None = None  # rendered by templates that know tools
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables (enable_thinking, ...)
+    chat_template: str | None = None  # (refused, as vLLM refuses it without --trust-request-chat-template)
+
+    @model_validator(mode="after")
+    def _no_template_of_the_requests_own(self):
+        # A template is a program: one sent with a request could run for hours on the server's time (or raise
+        # anything), so only the server's own (the tokenizer's, or --chat-template) renders.
+        if self.chat_template is not None or "chat_template" in (self.chat_template_kwargs or {}):
+            raise ValueError("a chat template sent with the request is refused: this server renders its own (the "
+                             "model's, or the one given to `alphalora serve --chat-template`)")
+        return self
 
     @model_validator(mode="after")
     def _open_or_new_message(self):

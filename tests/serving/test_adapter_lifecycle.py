@@ -152,6 +152,11 @@ def _damage(folder, how: str) -> None:
     name = next(k for k in tensors if k.endswith("lora_B"))
     if how == "missing":
         del tensors[name]
+    elif how == "nan":  # a well-formed file whose training diverged
+        tensors[name] = tensors[name].clone().fill_(float("nan"))
+    elif how == "rank 0":
+        tensors[name] = tensors[name][..., :0].contiguous()
+        tensors[name.replace("lora_B", "lora_A")] = tensors[name.replace("lora_B", "lora_A")][:, :0].contiguous()
     else:
         tensors[name] = tensors[name][..., :-1].contiguous()  # one rank short of its lora_A
     save_file(tensors, str(weights))
@@ -161,7 +166,9 @@ def _damage(folder, how: str) -> None:
 
 
 @pytest.mark.parametrize("how, needle", [("missing", "the adapter is incomplete"),
-                                         ("inconsistent", "are not E experts of one rank")])
+                                         ("inconsistent", "are not E >= 1 experts of one rank r >= 1"),
+                                         ("rank 0", "are not E >= 1 experts of one rank r >= 1"),
+                                         ("nan", "holds NaN or infinite values")])
 def test_a_damaged_adapter_is_refused_at_load_and_leaves_nothing_behind(tmp_path, how, needle):
     folder = _adapter(tmp_path / "damaged", "llama", (3, 2), seed=4)
     _damage(folder, how)
@@ -190,6 +197,64 @@ def test_over_http_a_damaged_adapter_gets_a_400_and_is_not_listed(tmp_path):
         assert loaded.status_code == 200
     finally:
         state.engine.close()
+
+
+def _peft_folder(tmp_path, edit_config=None, edit_weights=None):
+    """A PEFT LoRA folder (exported from one of ours), its config and weights edited as given."""
+    from alphalora.adapters.peft_export import export_peft
+
+    folder = export_peft(_adapter(tmp_path / "ours", "llama", (1, 1), seed=3), tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **(edit_config or {})}))
+    if edit_weights is not None:
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        save_file(edit_weights(tensors), str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _first_lora_B_nan(tensors):
+    name = next(k for k in tensors if k.endswith("lora_B.weight"))
+    return {**tensors, name: tensors[name].clone().fill_(float("nan"))}
+
+
+@pytest.mark.parametrize("config, weights, needle", [
+    ({"lora_alpha": float("inf")}, None, "'lora_alpha' must be a positive, finite number"),
+    ({"r": 0}, None, "'r' must be a positive, finite number"),
+    ({"alpha_pattern": {"(q_proj": 4}}, None, "is not a regular expression"),
+    ({"alpha_pattern": {"q_proj": "4"}}, None, "it must be a positive, finite number"),
+    ({"rank_pattern": ["q_proj"]}, None, "'rank_pattern' must map module names to numbers"),
+    (None, _first_lora_B_nan, "holds NaN or infinite values"),
+], ids=["infinite alpha", "rank 0", "bad regex", "alpha as text", "pattern not a map", "NaN weights"])
+def test_a_malformed_peft_adapter_is_refused_at_load(tmp_path, config, weights, needle):
+    """Each used to load (then fail every request of the batches it joined) or to raise a bare Python error."""
+    folder = _peft_folder(tmp_path, config, weights)
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters={"bad": str(folder)}))
+    with pytest.raises(AdapterError, match=needle):
+        engine.add_request([1, 2, 3], GREEDY, "bad")
+    assert engine.adapters.resident == [] and not engine.has_work()
+
+
+def test_over_http_a_name_reserved_for_retired_adapters_is_refused(tmp_path):
+    """An adapter unloaded while in use goes on as "<name>#retired<n>"; loading another under that name served the
+    retired weights and then vanished with them."""
+    from alphalora.serving.openai import build_app
+    from alphalora.serving.openai.server import make_state
+    from tests.tiny_models import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "m", initializer_range=0.2, max_position_embeddings=64)
+    _adapter(tmp_path / "adapters" / "a", "llama", (2, 2), seed=4)
+    state = make_state(model_dir, {}, adapter_dir=tmp_path / "adapters")
+    client = TestClient(build_app(state))
+    try:
+        refused = client.post("/v1/load_lora_adapter", json={"lora_name": "x#retired1", "lora_path": "a"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_name"
+        assert "#retired" in refused.json()["error"]["message"]
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a"}).status_code == 200
+    finally:
+        state.engine.close()
+    reserved = {"y#retired0": str(tmp_path / "adapters" / "a")}
+    with pytest.raises(AdapterError, match="#retired"):  # (as `alphalora serve --adapter` names it)
+        Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters=reserved))
 
 
 def test_over_http_unloading_an_adapter_drops_no_request(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,36 @@ def test_min_tokens_keeps_eos_and_stop_ids_out_until_reached():
     draws = {sample_rows(logits[:1], [(random, [], [], torch.Generator().manual_seed(s))], [2])[0].token
              for s in range(200)}
     assert 2 not in draws and draws <= {0, 1, 3, 4}
+
+
+def test_a_temperature_below_vllms_epsilon_is_greedy():
+    """vLLM samples greedily under a temperature of 1e-5; dividing by 1e-40 would overflow the logits to inf."""
+    logits = torch.tensor([0.5, 3.0, 1.0])
+    for temperature in (1e-40, 9e-6):
+        params = SamplingParams(temperature=temperature)
+        assert params.temperature == 0.0
+        assert sample(logits.clone(), params, [], [], None).token == 1
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+
+
+def test_rows_with_infinite_or_nan_logits_neither_fail_nor_change_the_other_rows():
+    """Oracle: each healthy row's distribution alone. A repetition penalty near 0 divides positive logits to +inf
+    (drawn among themselves); NaN logits (a broken model) are never drawn, and a row of nothing but NaN gives its
+    first token instead of an error that would fail every sequence of the batch."""
+    healthy = torch.tensor([[0.1, 2.0, -1.0, 0.7]])
+    logits = torch.cat([healthy, torch.tensor([[1.0, math.inf, -2.0, math.inf], [math.nan, 1.0, math.nan, 0.0],
+                                               [math.nan] * 4])])
+    rows = logits.shape[0]
+    ones = torch.ones(rows)
+    probs = filtered_probs(logits, ones, torch.full((rows,), -1), ones)
+    torch.testing.assert_close(probs[0], filtered_probs(healthy, ones[:1], torch.full((1,), -1), ones[:1])[0])
+    torch.testing.assert_close(probs[1:], torch.tensor([[0.0, 0.5, 0.0, 0.5],
+                                                        [0.0, math.e / (math.e + 1), 0.0, 1 / (math.e + 1)],
+                                                        [1.0, 0.0, 0.0, 0.0]]))
+    penalised = SamplingParams(temperature=1.0, repetition_penalty=1e-40)
+    requests = [(SamplingParams(temperature=0.0), [], [], None), (penalised, [0, 1], [], None),
+                (SamplingParams(temperature=0.8), [], [], None)]
+    results = sample_rows(torch.tensor([[0.1, 2.0, -1.0, 0.7], [1.0, 0.5, -2.0, 3.0], [0.0, 0.0, 9.0, 0.0]]),
+                          requests)
+    assert results[0].token == 1 and results[1].token in (0, 1)  # the penalised row draws among its +inf logits
+    assert all(math.isfinite(r.logprob) for r in results)

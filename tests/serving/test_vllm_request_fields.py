@@ -112,6 +112,23 @@ def test_a_conversation_the_template_refuses_is_a_400_naming_its_reason(served, 
     assert client.post(route, json={"messages": USER, "max_tokens": 1}).status_code == 200
 
 
+def test_any_error_the_servers_template_raises_on_a_requests_variables_is_a_400(tmp_path):
+    """A template that divides by a variable the request sets: 0 raised ZeroDivisionError, a 500."""
+    model_dir = save_word_model(tmp_path / "words", TEMPLATE)
+    state = make_state(model_dir, {}, chat_template="{{ messages[0]['content'] }} {{ 10 // parts }}")
+    client = TestClient(build_app(state))
+    try:
+        for route in (CHAT, "/tokenize"):
+            parts = lambda n: {"messages": USER, "max_tokens": 1, "chat_template_kwargs": {"parts": n}}  # noqa: E731
+            response = client.post(route, json=parts(0))
+            assert response.status_code == 400, response.text
+            assert "ZeroDivisionError" in response.json()["error"]["message"]
+            ok = client.post(route, json=parts(2))
+            assert ok.status_code == 200, ok.text
+    finally:
+        state.engine.close()
+
+
 # -- fields that change what is generated -----------------------------------------------------------------
 @pytest.mark.parametrize("keep", [3, -1])
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(served, keep):
@@ -206,6 +223,10 @@ def test_prompt_logprobs_list_each_prompt_tokens_logprob_rank_and_top_alternativ
     (COMPLETIONS, {"prompt": "x", "temperature": "NaN"}, "temperature"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"9": "NaN"}}, "logit_bias"),
     ("/tokenize", {"messages": []}, "messages"),
+    # a template is a program the server would run on its own time (vLLM refuses it too, by default)
+    (CHAT, {"messages": USER, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat template sent with"),
+    (CHAT, {"messages": USER, "chat_template": "{{ 1 }}"}, "chat template sent with"),
+    ("/tokenize", {"messages": USER, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat template sent with"),
 ])
 def test_what_the_server_cannot_do_is_a_400_naming_it(served, route, fields, fragment):
     client, _, _ = served

@@ -78,6 +78,31 @@ def test_sharded_safetensors_checkpoint_is_read(tmp_path):
     assert len([m for m in report.matrices if m.layer is not None]) == 14
 
 
+@pytest.mark.parametrize("stale", ["complete", "shards deleted"])
+def test_a_single_file_saved_over_an_older_sharded_checkpoint_is_what_is_read(tmp_path, stale):
+    """Oracle: transformers' own choice. Saving a model unsharded into a folder that held a sharded save leaves the
+    old index (transformers deletes only the shards); `from_pretrained` loads model.safetensors, and so must the
+    analysis: it read the stale shards where they were still there, and refused the folder where they were not."""
+    from transformers import AutoModelForCausalLM
+
+    old, new = build("llama", seed=1), build("llama", seed=2)
+    old.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    new.save_pretrained(tmp_path)
+    if stale == "complete":  # (an older tool that left the shards too)
+        old.save_pretrained(tmp_path / "old", max_shard_size="20KB")
+        for shard in sorted((tmp_path / "old").glob("model-*.safetensors")):
+            shutil.copy(shard, tmp_path / shard.name)
+    assert (tmp_path / "model.safetensors.index.json").exists() and all(s.exists() == (stale == "complete")
+                                                                         for s in shards)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight, new.model.layers[0].mlp.up_proj.weight)
+    from_folder = alphalora.analyze(tmp_path, precision="fp64", progress=False)
+    from_model = alphalora.analyze(new, precision="fp64", progress=False)
+    assert sorted((m.name, m.alpha) for m in from_folder.matrices) == sorted((m.name, m.alpha)
+                                                                             for m in from_model.matrices)
+
+
 @pytest.mark.parametrize("aggregation", ["median", "min", "max"])
 def test_other_layer_aggregations(aggregation):
     import statistics

@@ -300,6 +300,33 @@ def test_integer_class_names_are_ordered_numerically():
     assert words.label_names == ["10", "2", "a", "b"]  # not all integers: string order, as before
 
 
+def test_class_names_that_are_indices_mean_what_the_same_numbers_mean():
+    """Oracle: the same labels given as JSON numbers. Names "1", "2", "3" were indexed 0, 1, 2, so an eval file
+    giving the classes as numbers scored label 1 against class "2" (accuracy 0 for a perfect model) and numbers
+    1, 2, 3 trained a 4-class head where names trained a 3-class one. Signed or zero-padded integers are names."""
+    from alphalora.training.data import count_classes
+
+    tok = tiny_tokenizer("bert")
+    named = tokenize_classification([{"text": "a", "label": str(n)} for n in (3, 1, 2)], tok, 64, "d")
+    numbered = tokenize_classification([{"text": "a", "label": n} for n in (3, 1, 2)], tok, 64, "d")
+    assert [e["labels"] for e in named.examples] == [e["labels"] for e in numbered.examples] == [3, 1, 2]
+    assert count_classes(named, "d") == count_classes(numbered, "d") == 4
+    eval_numbers = tokenize_classification([{"text": "a", "label": 2}], tok, 64, "e", label_names=named.label_names)
+    eval_names = tokenize_classification([{"text": "a", "label": "2"}], tok, 64, "e", label_names=named.label_names)
+    assert eval_numbers.examples[0]["labels"] == eval_names.examples[0]["labels"] == 2
+    signed = tokenize_classification([{"text": "a", "label": n} for n in ("1", "-1", "01")], tok, 64, "d")
+    assert signed.label_names == ["-1", "01", "1"]
+
+
+def test_boolean_labels_are_refused_naming_the_row():
+    """JSON true/false passed as class indices (bool is an int in Python) and trained a multi-label head, which
+    failed mid-run with a shape error and left a checkpoints folder behind."""
+    tok = tiny_tokenizer("bert")
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": True}]
+    with pytest.raises(DataError, match=r"d row 2: label True is a boolean; give each class an index \(0, 1\)"):
+        tokenize_classification(rows, tok, 64, "d")
+
+
 def test_jsonl_errors_name_the_file_line_not_the_row_count(tmp_path):
     """Blank lines are skipped, so the 2nd row of this file is on line 4: an error about it names line 4 (where an
     editor jumps with FILE:LINE), as the JSON syntax errors always did; it used to say "row 2"."""
