@@ -48,11 +48,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="ops listed per row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    args.output = 3 + 2 * args.calls + 2  # warm-up, timed and profiled steps, with room to spare
-
     work = Path(tempfile.mkdtemp(prefix="serving-profile-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     prompts = serving.workload(args)
+    # No sequence may finish before the last profiled step, or the batch drains while it is measured: the first
+    # sequences have a token after the first step, the last ones after every prompt is in (prefill steps), and then
+    # come the warm-up, timed and profiled decode steps.
+    prefill_steps = -(-sum(len(p) for p in prompts) // args.batched_tokens) + 1
+    args.output = prefill_steps + 3 + 2 * args.calls + 2
     rows = {"base": ([None] * args.requests, {})}
     for kind, experts in (("lora", 1), ("moe", 4)):  # serving.py's plain LoRA and MoE-LoRA adapters
         dirs = {f"{kind}{i}": str(serving.make_adapter(args, work / f"{kind}{i}", experts, seed=i))

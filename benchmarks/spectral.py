@@ -75,7 +75,8 @@ class PeakMemory:
 
 
 def timed(fn: Callable, repeats: int, cuda: bool = False):
-    """(min seconds, peak MiB of the fastest run's process growth, last result)."""
+    """(min seconds, peak MiB of the fastest run, last result): the process's resident memory on the CPU, the memory
+    allocated on the GPU on a GPU; either way the model's weights included."""
     best, peak, result = float("inf"), 0.0, None
     for _ in range(repeats):
         if cuda:
@@ -144,8 +145,11 @@ def bench_model(label: str, model: nn.Module, args) -> dict:
         return alphalora.analyze(model, estimator=args.estimator, precision=precision, device=args.device,
                                  include_embeddings=True, progress=False)
 
-    if args.repeats > 1:
-        ours("fp32")  # warm-up: first-call costs are not what the table is about
+    # Warm-up of both precisions on one small matrix: first-call costs (on a GPU, loading the solver libraries
+    # and their handles) are not what the table is about, and with --repeats 1 they would fall on fp32 alone.
+    small = nn.Sequential(nn.Linear(256, 512, bias=False, device=args.device))
+    for precision in ("fp32", "fp64"):
+        alphalora.analyze(small, estimator=args.estimator, precision=precision, device=args.device, progress=False)
     for precision in ("fp32", "fp64"):
         seconds, peak, report = timed(lambda p=precision: ours(p), args.repeats, cuda)
         row[f"ours_{precision}_s"], row[f"ours_{precision}_peak_mib"] = seconds, peak
@@ -155,7 +159,10 @@ def bench_model(label: str, model: nn.Module, args) -> dict:
               f"{row[f'refined_fp64_{precision}']} of {len(report.matrices)} matrices refined in fp64")
 
     if not args.skip_ww and args.estimator == "ww":  # WeightWatcher's numbers are the ww estimator's
+        # (one run of WeightWatcher on the LLaMA-shaped model, minutes on the CPU; its import and first calls are
+        # made untimed on the small matrix first, as ours are)
         ww_repeats = 1 if label.startswith("llama") else args.repeats
+        weightwatcher_analyze(small)
         seconds, peak, frame = timed(lambda: weightwatcher_analyze(model), ww_repeats)
         row["ww_s"], row["ww_peak_mib"] = seconds, peak
         print(f"WeightWatcher: {seconds:.3f} s, peak {peak:.0f} MiB")

@@ -18,8 +18,12 @@ import time
 
 
 def _percentile(values: list[float], q: float) -> float:
+    """numpy's default (linear) percentile, as `vllm bench serve` and serving.py compute theirs."""
     ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
+    at = q * (len(ordered) - 1)
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
 def main() -> None:
@@ -40,7 +44,13 @@ def main() -> None:
     ids = {name: i + 1 for i, name in enumerate(sorted(adapters))}
     lora = [LoRARequest(name, ids[name], adapters[name]) if name in adapters else None for name in job["names"]]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-    llm.generate(prompts[:2], params, lora_request=lora[:2], use_tqdm=False)  # warm-up
+    # Warm-up: two requests, and one for each adapter, which vLLM reads from disk on its first request (the native
+    # engine's adapters are loaded before its timer starts too)
+    first = {}
+    for i, request in enumerate(lora):
+        first.setdefault(request.lora_name if request is not None else None, i)
+    warm = sorted({0, 1, *first.values()} & set(range(len(prompts))))
+    llm.generate([prompts[i] for i in warm], params, lora_request=[lora[i] for i in warm], use_tqdm=False)
     llm.reset_prefix_cache()  # the timed run starts cold, as the native engine's does
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
