@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alphalora.serving.engine.sampling import GREEDY_BELOW
+
 MAX_N = 16
 
 
@@ -69,7 +71,7 @@ class SamplingFields(_Request):
 
     @model_validator(mode="after")
     def _greedy_is_one_sample(self):
-        if self.n > 1 and self.temperature < 1e-5:
+        if self.n > 1 and self.temperature < GREEDY_BELOW:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}: greedy samples are all alike; "
                              "set a temperature above 0 for several samples")
         return self
