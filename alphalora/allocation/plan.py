@@ -159,6 +159,11 @@ class Plan:
             fail(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if not is_positive_int(self.rank):
             fail(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.base_model, str):
+            fail(f"base_model must be the model's name or folder (a string), got {self.base_model!r}")
+        if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in
+                                                                 self.modules_to_save):
+            fail(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if not isinstance(self.rank_pattern, dict) or not all(
             isinstance(k, str) and is_positive_int(v) for k, v in self.rank_pattern.items()
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alphalora._device import resolve_device
+from alphalora._numbers import takes_numpy_scalars
 from alphalora.model_source import model_folder
 
 from .eigenvalues import PRECISIONS, eigenvalues
@@ -73,6 +75,21 @@ def _unreadable_weights_stop_the_analysis() -> Iterator[None]:
         raise AnalysisError(str(error)) from error
 
 
+def _check_options(estimator: str, include_embeddings, log_lower_bound, evals_threshold) -> None:
+    """AnalysisError for an option of the wrong type, or one the estimator does not read (it would be recorded in
+    the report as though it had been applied)."""
+    for name, value in (("include_embeddings", include_embeddings), ("log_lower_bound", log_lower_bound)):
+        if not isinstance(value, bool):
+            raise AnalysisError(f"{name} must be True or False, got {value!r}")
+    if not log_lower_bound and estimator != "xmin_peak":
+        raise AnalysisError(f"log_lower_bound=False (--intended-lower-bound) changes the xmin_peak estimator's window "
+                            f"only; the {estimator} estimator has none")
+    number = isinstance(evals_threshold, (int, float)) and not isinstance(evals_threshold, bool)
+    if evals_threshold is not None and (not number or not math.isfinite(evals_threshold) or evals_threshold < 0):
+        raise AnalysisError(f"evals_threshold must be a finite number >= 0 (or None: the estimator's own), got "
+                            f"{evals_threshold!r}")
+
+
 def _model_name(model_or_path: nn.Module | str | Path) -> str:
     if isinstance(model_or_path, nn.Module):
         config = getattr(model_or_path, "config", None)
@@ -80,6 +97,7 @@ def _model_name(model_or_path: nn.Module | str | Path) -> str:
     return str(model_or_path)
 
 
+@takes_numpy_scalars
 def analyze(
     model_or_path: nn.Module | str | Path,
     estimator: str = "xmin_peak",
@@ -121,6 +139,7 @@ def analyze(
         raise AnalysisError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if aggregation not in AGGREGATIONS:
         raise AnalysisError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    _check_options(estimator, include_embeddings, log_lower_bound, evals_threshold)
     device = resolve_device(device, AnalysisError)
     if isinstance(model_or_path, nn.Module):
         entries = module_weights(model_or_path, include_embeddings)

@@ -110,8 +110,10 @@ def log_bins(values: np.ndarray, count: int = 80) -> np.ndarray:
 
 
 def default_esd_matrices(report: SpectralReport, count: int = 2) -> list[str]:
-    """The matrices with the smallest and the largest alpha: the two ends worth a look."""
-    fitted = sorted((m for m in report.matrices if m.alpha is not None), key=lambda m: m.alpha)
+    """The matrices with the smallest and the largest alpha: the two ends worth a look (of those with a spectrum to
+    plot: none for a report loaded from JSON, which keeps no eigenvalues)."""
+    plottable = plottable_matrices(report)
+    fitted = sorted((m for m in report.matrices if m.alpha is not None and m.name in plottable), key=lambda m: m.alpha)
     if not fitted:
         return []
     chosen = fitted[: count // 2] + fitted[len(fitted) - (count - count // 2):]
@@ -119,7 +121,13 @@ def default_esd_matrices(report: SpectralReport, count: int = 2) -> list[str]:
 
 
 def write_plots(report: SpectralReport, out_dir: str | Path, matrices: Sequence[str] | None = None) -> list[Path]:
-    """Writes layer_alpha.png and esd_<matrix>.png for `matrices` (default: both alpha extremes)."""
+    """Writes layer_alpha.png and esd_<matrix>.png for `matrices` (default: both alpha extremes, where the report
+    kept their eigenvalues). ValueError, before any file is written, for a named matrix with no spectrum to plot."""
+    if matrices is not None:
+        missing = [name for name in matrices if name not in plottable_matrices(report)]
+        if missing:
+            raise ValueError(f"no spectrum to plot for {missing[:3]}: a failed or all-zero matrix, or a report loaded "
+                             "from JSON, which keeps no eigenvalues (analyse the model again to plot its ESDs)")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alphalora.adapters.inject import AdapterError
@@ -139,6 +140,11 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
         """Queues a request; raises QueueFullError, ValueError (empty, too long, a token outside the vocabulary) or
         AdapterError (unknown adapter)."""
+        if isinstance(prompt_ids, (np.ndarray, torch.Tensor)):  # (as tokenizers return them with return_tensors)
+            if prompt_ids.ndim != 1:
+                raise ValueError(f"a prompt is one sequence of token ids; got an array of shape "
+                                 f"{tuple(prompt_ids.shape)} (pass each row as its own request)")
+            prompt_ids = prompt_ids.tolist()
         if not prompt_ids:
             raise ValueError("the prompt is empty: a request needs at least one prompt token")
         outside = [t for t in prompt_ids if not (isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size)]
@@ -152,13 +158,16 @@ class Engine:
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids names a token outside the vocabulary of {self.vocab_size}: "
                              f"{[t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]}")
-        seq = Sequence(next(self._ids), list(prompt_ids), params.max_tokens, adapter=adapter, params=params)
+        # (everything that can fail before the queue: a request refused is not left in it to run unseen)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(next(self._ids), [int(t) for t in prompt_ids], params.max_tokens, adapter=adapter,
+                       params=params)
         if self.config.enable_prefix_caching:
             seq.cache_salt = self.adapters.cache_key(adapter) if adapter is not None else ""
             seq.reuse_cached_prefix = params.prompt_logprobs is None  # cached tokens have no logits
         self.scheduler.add(seq)
-        if params.seed is not None:
-            self._generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)
+        if generator is not None:
+            self._generators[seq.seq_id] = generator
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -317,7 +326,17 @@ class Engine:
         """Runs the requests to completion, all in the same continuous batch."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
-        seqs = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters, strict=True)]
+        for what, values in (("params", params_list), ("adapters", adapters)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(values)} {what}: give one per prompt")
+        seqs = []
+        try:
+            for prompt, sampling, adapter in zip(prompts, params_list, adapters, strict=True):
+                seqs.append(self.add_request(prompt, sampling, adapter))
+        except BaseException:  # a refused prompt leaves none of the call's requests queued
+            for seq in seqs:
+                self.abort(seq)
+            raise
         while self.has_work():
             self.step()
         return seqs

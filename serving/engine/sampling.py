@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from alphalora._numbers import python_scalar
+
 _LARGEST = torch.finfo(torch.float32).max
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
 
@@ -35,6 +37,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string (and a stop token's text)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -61,6 +64,38 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+
+    def _check_types(self) -> None:
+        """ValueError for a field of the wrong type or a non-finite number (NaN passes every range check, and
+        would sample garbage without a word); numpy scalars are read as the numbers they hold, a single stop
+        string as a list of one."""
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+            value = python_scalar(getattr(self, name))
+            optional = name in ("seed", "logprobs", "prompt_logprobs")
+            if not (value is None and optional) and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer{' or None' if optional else ''}, got {value!r}")
+            setattr(self, name, value)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = python_scalar(getattr(self, name))
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(python_scalar(getattr(self, name)), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(text, str) for text in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        ids = [python_scalar(token) for token in self.stop_token_ids]
+        if any(not isinstance(token, int) or isinstance(token, bool) or token < 0 for token in ids):
+            raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        self.stop, self.stop_token_ids = list(self.stop), ids
+        bias = {python_scalar(token): python_scalar(value) for token, value in self.logit_bias.items()}
+        for token, value in bias.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for token {token!r}")
+        self.logit_bias = bias
 
 
 @dataclass

@@ -333,3 +333,15 @@ def test_a_hetero_plan_records_its_models_fingerprint_which_decides_the_other_mo
     assert not warn_if_plan_for_another_model(plan, renamed, base)
     other = build("llama", **{**OVERRIDES, "rope_theta": 500.0})  # same shapes, another model
     assert warn_if_plan_for_another_model(plan, llama_dir, other)
+
+
+def test_candidate_ranks_given_as_numpy_integers_choose_what_python_ints_choose(llama_dir, data):
+    import numpy as np
+
+    options = dict(method="hetero", model_dir=llama_dir, data=data, proxy="grad-norm", budget=3000, proxy_batches=2,
+                   proxy_batch_size=4, progress=False)
+    plans = [alphalora.allocate(ranks=ranks, **options).to_dict() for ranks in (np.array([2, 4, 8]), [2, 4, 8])]
+    for plan in plans:
+        plan["source"].pop("proxy_seconds")
+    assert plans[0] == plans[1]
+    json.dumps(plans[0])  # plain ints in the plan

@@ -101,6 +101,9 @@ def test_mola_and_uniform_plans():
         ({"reallocation": 5}, "reallocation must be an object"),
         ({"reallocation": {"budget": 10}}, "reallocation: .*every"),
         ({"surprise": 1}, "unexpected keyword"),
+        # a string was iterated as one-letter module names when the plan was built (it validated and reloaded)
+        ({"modules_to_save": "classifier"}, "modules_to_save must be a list of module names"),
+        ({"base_model": None}, "base_model must be the model's name or folder"),
     ],
 )
 def test_invalid_plans_are_refused_on_load(change, message, tmp_path):

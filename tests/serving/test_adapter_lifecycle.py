@@ -338,3 +338,23 @@ def test_an_adapter_trained_without_renormalised_gates_is_refused(tmp_path):
     engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(adapters={"plain": str(folder)}))
     with pytest.raises(AdapterError, match="un-renormalised router gates"):
         engine.add_request([1, 2, 3], GREEDY, "plain")
+
+
+def test_a_refused_request_leaves_nothing_queued_and_prompts_may_be_arrays():
+    """add_request raised after queuing a request whose seed the generator refused, and generate() left the prompts
+    before a refused one queued: the next generate() ran them unseen. Oracle: a fresh engine's greedy tokens."""
+    import numpy as np
+    import torch
+
+    engine = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([[5, 9, 14], []], GREEDY)
+    with pytest.raises(ValueError, match="2 prompts but 1 adapters"):
+        engine.generate([[5, 9, 14], [3, 4]], GREEDY, adapters=[None])
+    assert not engine.has_work()
+    (seq,) = engine.generate([np.array([5, 9, 14])], GREEDY)
+    (again,) = engine.generate([torch.tensor([5, 9, 14])], GREEDY)
+    fresh = Engine(_base("llama"), tokenizer=None, config=EngineConfig(block_size=4)).generate([[5, 9, 14]], GREEDY)
+    assert seq.output_ids == again.output_ids == fresh[0].output_ids
+    with pytest.raises(ValueError, match="one sequence of token ids"):
+        engine.add_request(np.array([[5, 9], [14, 3]]), GREEDY)

@@ -238,3 +238,26 @@ def test_rows_with_infinite_or_nan_logits_neither_fail_nor_change_the_other_rows
                           requests)
     assert results[0].token == 1 and results[1].token in (0, 1)  # the penalised row draws among its +inf logits
     assert all(math.isfinite(r.logprob) for r in results)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(top_k=2.5), "top_k must be an integer"), (dict(logprobs=2.5), "logprobs must be an integer"),
+    (dict(max_tokens=None), "max_tokens must be an integer"), (dict(temperature=math.nan), "temperature must"),
+    (dict(repetition_penalty=math.nan), "repetition_penalty"), (dict(frequency_penalty=math.inf), "frequency_penalty"),
+    (dict(presence_penalty=math.nan), "presence_penalty"), (dict(logit_bias={3: math.nan}), "logit_bias values"),
+    (dict(stop=[1]), "stop must be a string or a list of strings"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(ignore_eos="yes"), "ignore_eos must be true or false"),
+])
+def test_sampling_params_of_the_wrong_type_or_not_finite_are_refused(bad, fragment):
+    """Each passed the range checks (NaN fails every comparison) and then sampled garbage without a word, or failed
+    the engine's step for every request of the batch (a float top_k as a gather index)."""
+    with pytest.raises(ValueError, match=fragment):
+        SamplingParams(**bad)
+
+
+def test_sampling_params_read_numpy_scalars_and_one_stop_string():
+    params = SamplingParams(max_tokens=np.int64(4), top_k=np.int32(3), seed=np.int64(3), temperature=np.float32(0.5),
+                            logit_bias={np.int64(5): np.float32(1.5)}, stop="the end", stop_token_ids=[np.int64(2)])
+    assert (params.max_tokens, params.top_k, params.seed, params.temperature) == (4, 3, 3, 0.5)
+    assert all(type(v) is int for v in (params.max_tokens, params.top_k, params.seed))
+    assert params.logit_bias == {5: 1.5} and params.stop == ["the end"] and params.stop_token_ids == [2]

@@ -217,3 +217,37 @@ def test_report_file_is_validated(tmp_path):
         SpectralReport.load(bad)
     with pytest.raises(ReportFormatError, match="does not exist"):
         SpectralReport.load(tmp_path / "missing.json")
+
+
+def test_analysis_options_are_checked_and_numpy_scalars_read_as_numbers(tmp_path):
+    """A numpy threshold used to stay in report.options and fail to_json after the analysis; a NaN one failed
+    inside a kernel or was applied as "fewer than 2 eigenvalues above nan"; log_lower_bound was recorded for
+    estimators that have no window to bound."""
+    import numpy as np
+
+    model = build("llama")
+    report = alphalora.analyze(model, estimator="ww", evals_threshold=np.float32(0.25), progress=False)
+    assert report.options["evals_threshold"] == 0.25 and type(report.options["evals_threshold"]) is float
+    report.to_json(tmp_path / "r.json")
+    plain = alphalora.analyze(model, estimator="ww", evals_threshold=0.25, progress=False)
+    assert [m.alpha for m in report.matrices] == [m.alpha for m in plain.matrices]
+    for threshold in (float("nan"), float("inf"), -1.0, "1e-5"):
+        with pytest.raises(AnalysisError, match="evals_threshold must be a finite number >= 0"):
+            alphalora.analyze(model, evals_threshold=threshold, progress=False)
+    with pytest.raises(AnalysisError, match="xmin_peak estimator's window only; the ww estimator has none"):
+        alphalora.analyze(model, estimator="ww", log_lower_bound=False, progress=False)
+    with pytest.raises(AnalysisError, match="include_embeddings must be True or False"):
+        alphalora.analyze(model, include_embeddings="no", progress=False)
+
+
+def test_plots_of_a_report_loaded_from_json_skip_the_spectra_it_does_not_keep(tmp_path):
+    from alphalora.spectral.plots import write_plots
+
+    live = alphalora.analyze(build("llama"), progress=False)
+    live.to_json(tmp_path / "r.json")
+    loaded = SpectralReport.load(tmp_path / "r.json")
+    assert [p.name for p in write_plots(loaded, tmp_path / "plots")] == ["layer_alpha.png"]
+    with pytest.raises(ValueError, match="no spectrum to plot .* a report loaded from JSON"):
+        write_plots(loaded, tmp_path / "more", [live.matrices[0].name])
+    assert not (tmp_path / "more").exists()
+    assert len(write_plots(live, tmp_path / "live")) == 3  # the layer plot and both alpha extremes' ESDs

@@ -7,6 +7,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from alphalora._numbers import python_scalar
+
 from ..expert_counts import AllocationError
 from ..plan import is_positive_int
 
@@ -28,7 +30,7 @@ class Candidate:
 
 def check_ranks(candidates: Sequence[Candidate], ranks: Sequence[int]) -> list[int]:
     """The sorted distinct candidate ranks; each must fit every candidate's dimensions."""
-    levels = sorted(set(ranks))
+    levels = sorted({python_scalar(rank) for rank in ranks})  # (np.int64 ranks, an array's, read as ints)
     if not levels or not all(is_positive_int(r) for r in levels):
         raise AllocationError(f"candidate ranks (--ranks) must be positive integers, e.g. 8 or 2,4,8, "
                               f"got {list(ranks)}")
