@@ -200,8 +200,8 @@ def _check_finite(adapter: LoadedAdapter) -> None:
     for (name, tensor), ok in zip(named, finite, strict=True):
         if not ok:
             raise AdapterError(f"{adapter.path}: {name} holds NaN or infinite values in {tensor.dtype} (a training run "
-                               "that diverged, or a damaged file); it is not served: load a checkpoint from before the "
-                               "divergence")
+                               "that diverged, a damaged file, or weights beyond the served dtype's range); it is not "
+                               "served: load a checkpoint from before the divergence")
 
 
 def _load_own(folder: Path) -> _AdapterParts:
