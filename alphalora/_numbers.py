@@ -1,8 +1,10 @@
-"""Numbers as callers pass them: numpy scalars read as the Python numbers they hold."""
+"""Numbers as callers pass them: numpy scalars read as the Python numbers they hold, and the checks of what a
+numeric option may be (finite, not a bool, positive)."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,3 +29,16 @@ def takes_numpy_scalars(function: F) -> F:
         return function(*map(python_scalar, args), **{name: python_scalar(value) for name, value in kwargs.items()})
 
     return with_python_numbers  # type: ignore[return-value]
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_positive_number(value: Any) -> bool:
+    return is_number(value) and value > 0

@@ -16,14 +16,7 @@ import statistics
 import sys
 import time
 
-
-def _percentile(values: list[float], q: float) -> float:
-    """numpy's default (linear) percentile, as `vllm bench serve` and serving.py compute theirs."""
-    ordered = sorted(values)
-    at = q * (len(ordered) - 1)
-    low = int(at)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+import numpy as np  # (linear percentiles, as serving.py and `vllm bench serve` compute theirs)
 
 
 def main() -> None:
@@ -67,8 +60,8 @@ def main() -> None:
         ttft = [m.first_token_ts - origin for m in metrics]
         tpot = [(m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1) for m in metrics
                 if m.num_generation_tokens > 1]
-        result.update(ttft_p50=statistics.median(ttft), ttft_p99=_percentile(ttft, 0.99),
-                      tpot_p50=statistics.median(tpot), tpot_p99=_percentile(tpot, 0.99))
+        result.update(ttft_p50=statistics.median(ttft), ttft_p99=float(np.percentile(ttft, 99)),
+                      tpot_p50=statistics.median(tpot), tpot_p99=float(np.percentile(tpot, 99)))
     print(json.dumps(result))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import read_json
-from alphalora.allocation.plan import is_positive_number
+from alphalora._numbers import is_positive_number
 
 from .inject import AdapterError
 from .io import PICKLED_NAMES

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from alphalora._io import check_format_version, read_json, write_text_atomic
+from alphalora._numbers import is_number, is_positive_int, is_positive_number
 from alphalora.spectral.report import ENTRIES as REPORT_ENTRIES
 
 FORMAT_VERSION = 1
@@ -42,19 +42,6 @@ def all_shortcut_names(num_layers: int) -> list[str]:
     """Every shortcut candidate of a model with `num_layers` blocks (4L - 1 of them)."""
     return [shortcut_name(layer, kind) for layer in range(num_layers) for kind in SHORTCUT_KINDS
             if not (layer == 0 and kind == "shortcut2")]
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool (JSON true would otherwise pass as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def is_positive_number(value: Any) -> bool:
-    return is_number(value) and value > 0
 
 
 class PlanFormatError(ValueError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alphalora._device import resolve_device
-from alphalora._numbers import takes_numpy_scalars
+from alphalora._numbers import is_number, takes_numpy_scalars
 from alphalora.model_source import model_folder
 
 from .eigenvalues import PRECISIONS, eigenvalues
@@ -84,8 +83,7 @@ def _check_options(estimator: str, include_embeddings, log_lower_bound, evals_th
     if not log_lower_bound and estimator != "xmin_peak":
         raise AnalysisError(f"log_lower_bound=False (--intended-lower-bound) changes the xmin_peak estimator's window "
                             f"only; the {estimator} estimator has none")
-    number = isinstance(evals_threshold, (int, float)) and not isinstance(evals_threshold, bool)
-    if evals_threshold is not None and (not number or not math.isfinite(evals_threshold) or evals_threshold < 0):
+    if evals_threshold is not None and (not is_number(evals_threshold) or evals_threshold < 0):
         raise AnalysisError(f"evals_threshold must be a finite number >= 0 (or None: the estimator's own), got "
                             f"{evals_threshold!r}")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from alphalora._io import write_text_atomic
-from alphalora._numbers import takes_numpy_scalars
+from alphalora._numbers import is_number, is_positive_int, takes_numpy_scalars
 from alphalora.adapters.inject import CLASSIFIER_HEADS, AdapterError, inject_adapters
 from alphalora.adapters.io import save_adapter
-from alphalora.allocation.plan import Plan, PlanFormatError, is_number, is_positive_int
+from alphalora.allocation.plan import Plan, PlanFormatError
 
 from .data import (
     EVAL_SPLITS,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alphalora._numbers import python_scalar
+from alphalora._numbers import is_number, python_scalar
 
 _LARGEST = torch.finfo(torch.float32).max
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
@@ -77,7 +77,7 @@ class SamplingParams:
             setattr(self, name, value)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = python_scalar(getattr(self, name))
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not is_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
         for name in ("ignore_eos", "include_stop_str_in_output"):
@@ -93,7 +93,7 @@ class SamplingParams:
         self.stop, self.stop_token_ids = list(self.stop), ids
         bias = {python_scalar(token): python_scalar(value) for token, value in self.logit_bias.items()}
         for token, value in bias.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not is_number(value):
                 raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for token {token!r}")
         self.logit_bias = bias
 

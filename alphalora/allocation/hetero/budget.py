@@ -7,10 +7,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from alphalora._numbers import python_scalar
+from alphalora._numbers import is_positive_int, python_scalar
 
 from ..expert_counts import AllocationError
-from ..plan import is_positive_int
 
 
 @dataclass(frozen=True)

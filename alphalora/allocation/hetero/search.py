@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from alphalora._numbers import is_number, is_positive_int, is_positive_number
 from alphalora.spectral.roles import block_index
 
 from ..expert_counts import AllocationError
@@ -17,9 +18,6 @@ from ..plan import (
     Plan,
     Reallocation,
     all_shortcut_names,
-    is_number,
-    is_positive_int,
-    is_positive_number,
     parse_shortcut,
 )
 from .budget import Candidate, check_budget, check_ranks, parameters_used, select
