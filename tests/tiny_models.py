@@ -36,8 +36,11 @@ FAMILIES = {
 # Families whose blocks normalise each sub-block's output before the residual add (Gemma 2 and 3): served, but
 # without HeteroLoRA's shortcut connections, which add into those sums (so not in FAMILIES).
 NORMED_BLOCK_FAMILIES = {
+    # eager: the attention that applies Gemma 2's logit soft cap (transformers up to 5.17 ran Gemma 2 through sdpa
+    # by default, which leaves the cap out)
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               dict(COMMON_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=5)),
+               dict(COMMON_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                    attn_implementation="eager")),
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                dict(COMMON_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
                     layer_types=["sliding_attention", "full_attention"])),

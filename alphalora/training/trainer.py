@@ -45,10 +45,13 @@ class MoELoRATrainer(Trainer):
             self.model_accepts_loss_kwargs = False
 
     def _task_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """Trainer's rule (training_step) for whether compute_loss's loss is already scaled for accumulation."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        """Trainer's rule (training_step) for whether compute_loss's loss is already scaled for accumulation.
+        Newer transformers let a subclass state it (`loss_is_scaled_for_ga`); older ones only apply the rule."""
+        stated = getattr(self, "loss_is_scaled_for_ga", None)
+        if stated is not None:
+            return stated
+        return ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                or getattr(self, "compute_loss_func", None) is not None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

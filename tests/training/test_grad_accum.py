@@ -4,6 +4,7 @@ and load-balancing loss alike, for a causal LM and a sequence classifier."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -72,3 +73,18 @@ def test_batch_8_equals_batch_4_accumulated_twice(task, tmp_path, monkeypatch):
     assert whole_grads.keys() == split_grads.keys() and len(whole_grads) > 0
     for name, grad in whole_grads.items():
         torch.testing.assert_close(split_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [False, True])
+@pytest.mark.parametrize("num_items_in_batch", [None, 29])
+@pytest.mark.parametrize("compute_loss_func", [None, len])
+def test_the_scaling_rule_holds_on_a_trainer_without_loss_is_scaled_for_ga(accepts_loss_kwargs, num_items_in_batch,
+                                                                           compute_loss_func):
+    """transformers 5.17 (the GPU machine's) has no `loss_is_scaled_for_ga`; its training_step divides the loss by
+    the accumulation steps when `(not model_accepts_loss_kwargs or num_items_in_batch is None) and compute_loss_func
+    is None`, so the loss is already scaled exactly when that does not hold."""
+    older = types.SimpleNamespace(model_accepts_loss_kwargs=accepts_loss_kwargs, compute_loss_func=compute_loss_func)
+    divided_by_training_step = (not accepts_loss_kwargs or num_items_in_batch is None) and compute_loss_func is None
+    assert MoELoRATrainer._task_loss_scaled_for_ga(older, num_items_in_batch) is (not divided_by_training_step)
+    stated = types.SimpleNamespace(**vars(older), loss_is_scaled_for_ga=divided_by_training_step)
+    assert MoELoRATrainer._task_loss_scaled_for_ga(stated, num_items_in_batch) is divided_by_training_step
