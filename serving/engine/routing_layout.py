@@ -85,7 +85,9 @@ def build_bucket_layout(name: str, bucket: list[tuple[LoadedAdapter, np.ndarray]
                 arrays[key][rows] = values
         only_adapter = len(bucket) == 1 and not routed
         # Every stacked expert's down-projection for every token is cheaper than routing while the
-        # experts' ranks add up to under half the width (the training side's rule too).
+        # experts' ranks add up to under half the width (the training side's rule on the CPU and in float32;
+        # in half precision on a GPU training keeps dense up to twice the width, measured for training's
+        # thousands of tokens a call, not for decode steps).
         dense = not only_adapter and experts.rows * experts.tensors[0].shape[1] <= width // 2
         if dense and not routed:  # plain LoRA's gates are the same for every module: built once a step
             gates = np.zeros((num_tokens, experts.rows), dtype=np.float32)

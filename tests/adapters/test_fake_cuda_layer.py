@@ -122,3 +122,21 @@ def test_an_adapted_models_training_forward_runs_on_the_gpu_with_its_load_balanc
     assert_on_device(list(trained.values()), dtype=torch.float32)
     assert audit.cpu_compute == []
     assert audit.host_reads == []  # nothing waits for the GPU: the host queues a whole step's work
+
+
+@pytest.mark.parametrize("dtype,path", [(HALF, "dense"), (torch.float32, "grouped")])
+def test_auto_takes_the_dense_path_in_half_precision_on_a_gpu(dtype, path, monkeypatch):
+    """E*r = 32 for 24 inputs: past in/2 (grouped, as on the CPU and in float32), within 2 x in (dense where the
+    tensor cores run the dense products)."""
+    import alphalora.adapters.layer as layer_module
+
+    taken = []
+    dense = layer_module.dense_moe_lora
+    monkeypatch.setattr(layer_module, "dense_moe_lora", lambda *args: taken.append("dense") or dense(*args))
+    grouped = MoELoRALinear._grouped_delta
+    monkeypatch.setattr(MoELoRALinear, "_grouped_delta", lambda self, x: taken.append("grouped") or grouped(self, x))
+    with fake_cuda(monkeypatch):
+        base = nn.Linear(24, 20, device=CUDA, dtype=dtype).requires_grad_(False)
+        layer = MoELoRALinear(base, 8, 2, 4, lora_alpha=8.0)
+        layer(torch.randn(3, 24, device=CUDA, dtype=dtype))
+    assert taken == [path]

@@ -205,9 +205,28 @@ def test_rejects_bad_shapes():
 
 
 def test_auto_kernel_choice():
-    assert MoELoRALinear(nn.Linear(1024, 1024), 8, 2, 8, 16.0).kernel == "dense"
-    assert MoELoRALinear(nn.Linear(256, 256), 64, 2, 8, 16.0).kernel == "grouped"
-    assert MoELoRALinear(nn.Linear(16, 16), 1, 1, 64, 16.0).kernel == "dense"
+    """Grouped past E*r = in/2 on the CPU and in float32 on a GPU; in half precision on a GPU past 2 x in (the H100's
+    tensor cores run the dense products, not the grouped kernels: 16x faster there at E*r = in/4)."""
+    def chosen(width, experts, rank, device="cpu", dtype=torch.float32):
+        return MoELoRALinear(nn.Linear(width, width), experts, 2 if experts > 1 else 1, rank, 16.0).kernel_for(
+            device, dtype)
+
+    assert chosen(1024, 8, 8) == "dense"
+    assert chosen(256, 16, 8) == "dense" and chosen(256, 17, 8) == "grouped"  # E*r = 128 = in/2, then past it
+    assert chosen(256, 64, 8, "cuda", torch.float32) == "grouped"
+    assert chosen(256, 64, 8, "cuda", torch.bfloat16) == "dense"  # E*r = 512 = 2 x in
+    assert chosen(256, 65, 8, "cuda", torch.float16) == "grouped"
+    assert chosen(256, 64, 8, "cpu", torch.bfloat16) == "grouped"
+    assert chosen(16, 1, 64) == "dense"
+    layer = MoELoRALinear(nn.Linear(256, 256), 64, 2, 8, 16.0)
+    x = torch.randn(3, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the choice reads the dtype the products run in
+        assert layer.kernel_for("cuda", torch.get_autocast_dtype("cpu")) == "dense"
+    grouped = MoELoRALinear(nn.Linear(256, 256), 64, 2, 8, 16.0, kernel="grouped")
+    grouped.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), grouped(x))  # auto took the grouped path on the CPU: the same function
+    assert MoELoRALinear(nn.Linear(256, 256), 64, 2, 8, 16.0, kernel="dense").kernel_for("cpu", torch.float32) == \
+        "dense"
     with pytest.raises(ValueError, match="kernel"):
         MoELoRALinear(nn.Linear(16, 16), 2, 1, 4, 16.0, kernel="fast")
 
