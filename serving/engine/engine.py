@@ -18,7 +18,7 @@ from .detokenizer import OutputText
 from .family import check_servable
 from .kv_pool import default_num_blocks
 from .model_runner import PagedModelRunner
-from .sampling import SampleResult, SamplingParams, sample_rows
+from .sampling import SampleResult, SamplingParams, read_logprobs, sample_rows
 from .scheduler import Scheduler
 from .sequence import PromptLogprob, Sequence
 from .step_inputs import StepBatch, build_step_batch
@@ -283,16 +283,11 @@ class Engine:
         if not targets:
             return
         logprobs = torch.log_softmax(chunk_logits[:len(targets)].float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])
-        ranks = (logprobs >= chosen).sum(dim=1)  # vLLM's rank: the tokens at least as probable, itself included
-        k = seq.params.prompt_logprobs
-        columns = [chosen.double(), ranks[:, None].double()]
-        if k:
-            top = torch.topk(logprobs, k, dim=-1)
-            columns += [top.values.double(), top.indices.double()]
-        for row in torch.cat(columns, dim=1).tolist():  # one transfer to the host (ids are exact in float64)
-            top = dict(zip(map(int, row[2 + k:]), row[2:2 + k], strict=True)) if k else {}
-            seq.prompt_logprobs.append(PromptLogprob(row[0], top, int(row[1])))
+        chosen = torch.tensor(targets, device=logprobs.device)
+        # vLLM's rank: the tokens at least as probable, itself included
+        ranks = (logprobs >= logprobs.gather(1, chosen[:, None])).sum(dim=1)
+        for (rank,), logprob, top in read_logprobs(logprobs, chosen, seq.params.prompt_logprobs or 0, ranks):
+            seq.prompt_logprobs.append(PromptLogprob(logprob, top, int(rank)))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params: SamplingParams = seq.params

@@ -192,19 +192,26 @@ def _choose(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
 
 def _read_back(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> list[SampleResult]:
     """Each row's token with its logprob under the model's own distribution (before penalties and filters)
-    and its `wanted` top logprobs, brought to the host in one transfer (token ids are exact in float64)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    columns = [tokens[:, None].double(), logprobs.gather(1, tokens[:, None]).double()]
-    most = max(k or 0 for k in wanted)
-    if most:
-        top = torch.topk(logprobs, most, dim=-1)
-        columns += [top.values.double(), top.indices.double()]
-    table = torch.cat(columns, dim=1).tolist()
-    results = []
-    for row, k in zip(table, wanted, strict=True):
-        top_k = dict(zip(map(int, row[2 + most:2 + most + k]), row[2:2 + k], strict=True)) if k else None
-        results.append(SampleResult(int(row[0]), row[1], top_k))
-    return results
+    and its `wanted` top logprobs, brought to the host in one transfer."""
+    rows = read_logprobs(torch.log_softmax(logits, dim=-1), tokens, max(k or 0 for k in wanted), tokens)
+    return [SampleResult(int(token), logprob, dict(list(top.items())[:k]) if k else None)
+            for ((token,), logprob, top), k in zip(rows, wanted, strict=True)]
+
+
+def read_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int,
+                  *extra: torch.Tensor) -> list[tuple[list[float], float, dict[int, float]]]:
+    """Per row of logprobs [R, vocab]: the values of the `extra` per-row tensors, the logprob of its `chosen` token,
+    and its `top` most probable tokens' logprobs by id, most probable first; one transfer to the host for all of
+    them (token ids are exact in float64)."""
+    columns = [column.reshape(-1, 1).double() for column in extra]
+    columns.append(logprobs.gather(1, chosen.reshape(-1, 1)).double())
+    if top:
+        best = torch.topk(logprobs, top, dim=-1)
+        columns += [best.values.double(), best.indices.double()]
+    first = len(extra) + 1
+    return [(row[:len(extra)], row[len(extra)],
+             dict(zip(map(int, row[first + top:first + 2 * top]), row[first:first + top], strict=True)))
+            for row in torch.cat(columns, dim=1).tolist()]
 
 
 def _filters(params: list[SamplingParams], device) -> tuple[torch.Tensor | None, ...]:
