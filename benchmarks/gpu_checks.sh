@@ -8,12 +8,12 @@
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
-# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile
-# spectral_one_stream.
+# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16
+# serving_profile spectral_one_stream.
 # A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 # All stages together can outlast a 10-minute command limit; run them in two calls on one machine:
 #     bash benchmarks/gpu_checks.sh OUT build tests spectral moe_lora serving
-#     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile serving_profile spectral_one_stream
+#     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile products products_bf16 serving_profile
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
@@ -22,7 +22,7 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile serving_profile"
+all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 serving_profile"
 stages=${*:-$all_stages spectral_one_stream}
 mkdir -p "$results"
 python=${PYTHON:-python3}
@@ -83,6 +83,12 @@ stage moe_lora_model 90 "$python" benchmarks/moe_lora.py --device cuda --dtype b
   --model-layers 8 --model-hidden 2048 --batch 8 --seq 512 --json "$results/moe_lora_model_cuda.json"
 stage profile 90 "$python" benchmarks/moe_lora_profile.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_profile_cuda.json"
+# Each product of the dense MoE-LoRA layer's adapter part alone against the memory roofline, with other ways of
+# computing it (the layer's roofline target, issue 3).
+stage products 60 "$python" benchmarks/adapter_products.py --device cuda --hidden 4096 --tokens 8192 \
+  --json "$results/adapter_products_cuda.json"
+stage products_bf16 60 "$python" benchmarks/adapter_products.py --device cuda --dtype bf16 --hidden 4096 \
+  --tokens 8192 --json "$results/adapter_products_cuda_bf16.json"
 stage serving_profile 90 "$python" benchmarks/serving_profile.py --device cuda --dtype bf16 \
   --json "$results/serving_profile_cuda.json"
 # The same with cuSOLVER's solves one after another (ATen's own loop), against the default of four streams

@@ -23,6 +23,7 @@ TOY_RUNS = {
     "moe_lora_profile": ["--hidden", "64", "--tokens", "64", "--model-layers", "2", "--model-hidden", "64",
                          "--batch", "2", "--seq", "16", "--calls", "1"],
     "serving_profile": ["--layers", "2", "--hidden", "64", "--requests", "4", "--calls", "1"],
+    "adapter_products": ["--hidden", "64", "--tokens", "66", "--repeats", "1"],  # 66: split-K leaves a remainder
 }
 
 
@@ -58,3 +59,10 @@ def test_serving_benchmark_writes_its_ratios(tmp_path):
 def test_profilers_run(script, tmp_path):
     results = _run(script, tmp_path)
     assert results["device"] == "cpu"
+
+
+def test_the_adapter_products_are_timed_after_their_alternatives_are_checked(tmp_path):
+    results = _run("adapter_products", tmp_path)  # (the script refuses an alternative unequal to its product)
+    plain = {"down_and_router", "up_accumulated", "grad_up", "grad_gated", "grad_x_accumulated", "weight_grad"}
+    assert plain <= set(results["products"])
+    assert all(_positive(row["us"]) and _positive(row["roofline_fraction"]) for row in results["products"].values())
