@@ -16,7 +16,6 @@ if os.environ.get("ALPHALORA_CUDA_KERNELS_ON_CPU") == "1":  # this process runs 
     cuda_emulation.use_in_place()
 
 
-
 def _share_the_cores_among_workers() -> None:
     """Under pytest-xdist each worker would size its thread pools (torch's, OpenMP's, the BLAS's) to every core: on
     the 16-core GPU machine, 8 workers ran 128 threads, and the CPU halves of the CUDA tests slowed about 50-fold

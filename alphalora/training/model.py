@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -32,12 +33,15 @@ def load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
         refuse_encoder_as_causal_lm(folder)  # from its config alone, before the weights load
     tokenizer = _load_tokenizer(source, folder)
     missing: list[str] = []
+    attention = soft_capped_attention(folder)
     try:
         if task == "causal-lm":
-            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                                  **attention)
             missing = sorted(loading["missing_keys"])
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype,
+                                                                       **attention)
     except (OSError, ValueError, RuntimeError, KeyError, _safetensor_error()) as error:
         raise DataError(f"could not load the model in {folder} ({first_line(error)}); check that its config.json "
                         f"and weight files are complete and belong together, or {REDOWNLOAD}") from error
@@ -47,6 +51,18 @@ def load_base(model_dir: str | Path, task: str, num_labels: int | None, dtype):
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def soft_capped_attention(folder: Path) -> dict[str, str]:
+    """`attn_implementation="eager"` for a model whose attention logits are soft-capped (Gemma 2): only
+    transformers' eager attention applies the cap, and in transformers 5.17 (and before) Gemma 2 defaulted to
+    sdpa, which leaves it out, so training would fit another function than the model's. Nothing for any other."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # (the model's loading names what is wrong with it)
+    capped = isinstance(config, dict) and config.get("attn_logit_softcapping") is not None
+    return {"attn_implementation": "eager"} if capped else {}
 
 
 CLASSIFY_INSTEAD = f"to fine-tune it as a classifier, {CLASSIFICATION_HINT}"
