@@ -4,6 +4,7 @@ model injects, saves and loads under the module names of the model itself."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -203,8 +204,16 @@ def test_reentrant_checkpointing_is_refused_where_it_would_drop_the_aux_loss_or_
         adapter_state(model).aux_loss()
 
     shared = _routed("shared", 0.0, {"use_reentrant": True})
-    with pytest.raises(AdapterError, match="shared router.*use_reentrant.: False"):
-        shared(input_ids=ids, labels=ids)
+    try:
+        loss = shared(input_ids=ids, labels=ids).loss
+    except AdapterError as error:
+        assert re.search("shared router.*use_reentrant.: False", str(error)), error
+    else:  # transformers 5.17 runs a block's pre-hooks inside the checkpointed forward, so the recomputation routes
+        loss.backward()  # again, with autograd: then the gradients must be those of a run without checkpointing
+        unchecked = _routed("shared", 0.0, None)
+        unchecked(input_ids=ids, labels=ids).loss.backward()
+        for name, parameter in adapter_parameters(unchecked).items():
+            torch.testing.assert_close(adapter_parameters(shared)[name].grad, parameter.grad, rtol=1e-5, atol=1e-7)
     plain = _routed("shared", 0.0, None)
     plain.eval()
     with torch.no_grad():
