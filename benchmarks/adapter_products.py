@@ -21,6 +21,8 @@ import json
 import torch
 from bench_modules import load_benchmark  # beside this script, on the path when it runs
 
+from alphalora.adapters.product_forms import token_reduction
+
 moe_lora_bench = load_benchmark("moe_lora")
 
 
@@ -33,15 +35,15 @@ def per_call_seconds(fn, repeats: int, device: str, calls: int = 20) -> float:
 
 
 def split_k_product(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
-    """a.T @ b for a [T, M], b [T, N] as `splits` products over slices of T, summed in float32."""
-    tokens = a.shape[0] - a.shape[0] % splits
-    chunk = tokens // splits
-    parts = torch.bmm(a[:tokens].view(splits, chunk, -1).transpose(1, 2).float(),
-                      b[:tokens].view(splits, chunk, -1).float())
-    total = parts.sum(0)
-    if tokens < a.shape[0]:
-        total += a[tokens:].T.float() @ b[tokens:].float()
-    return total.to(a.dtype)
+    """a.T @ b for a [T, M], b [T, N] as `splits` products over slices of T summed in float32 (the layer's
+    `token_splits` form; half-precision inputs go straight into float32 products on a GPU)."""
+    return token_reduction(a, b, splits).to(a.dtype)
+
+
+def padded_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+    """weight [N, K] with zero rows appended up to a multiple of `multiple` rows."""
+    pad = -weight.shape[0] % multiple
+    return torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
 
 
 def products(tokens: int, width_in: int, width_out: int, width: int, experts: int, device: str,
@@ -57,8 +59,12 @@ def products(tokens: int, width_in: int, width_out: int, width: int, experts: in
     size = dtype.itemsize
     read_x, read_grad_out = tokens * width_in * size, tokens * width_out * size
     small = (tokens * (width + experts) + (width + experts) * max(width_in, width_out)) * size
+    stacked_padded = padded_rows(stacked, 64)
     return {
         "down_and_router": (lambda: x @ stacked.T, read_x + small, None),
+        # (N = E*r + E = 72 columns spill into a second tile of 64; padded to 128 the product is one tile wide)
+        "down_and_router_padded": (lambda: (x @ stacked_padded.T)[:, :width + experts], read_x + small,
+                                   "down_and_router"),
         "down_and_router_apart": (lambda: torch.cat([x @ stacked[:width].T, x @ stacked[width:].T], dim=1),
                                   2 * read_x + small, "down_and_router"),
         "up_accumulated": (lambda: y.addmm_(gated, up.T), 2 * tokens * width_out * size + small, None),

@@ -8,12 +8,13 @@
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
-# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16
-# serving_profile spectral_one_stream.
+# Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 forms
+# forms_bf16 serving_profile spectral_one_stream.
 # A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 # All stages together can outlast a 10-minute command limit; run them in two calls on one machine:
 #     bash benchmarks/gpu_checks.sh OUT build tests spectral moe_lora serving
-#     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile products products_bf16 serving_profile
+#     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile products products_bf16 forms forms_bf16 \
+#       serving_profile
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
@@ -22,7 +23,7 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 serving_profile"
+all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 forms forms_bf16 serving_profile"
 stages=${*:-$all_stages spectral_one_stream}
 mkdir -p "$results"
 python=${PYTHON:-python3}
@@ -66,7 +67,8 @@ stage build 180 env ALPHALORA_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIS
 workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$python" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 stage tests 240 "$python" -m pytest -q -rf -p no:cacheprovider $workers $per_test -k "(cuda or test_build) and not emulat" tests/ops \
-  tests/adapters/test_layer.py tests/serving/test_engine.py tests/serving/test_routing_layout.py \
+  tests/adapters/test_layer.py tests/adapters/test_product_forms.py tests/serving/test_engine.py \
+  tests/serving/test_routing_layout.py \
   tests/serving/test_prefix_cache.py tests/training/test_train.py tests/spectral/test_bad_input.py \
   tests/spectral/test_cuda_analysis.py tests/spectral/test_fp32_refine.py
 stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-layers 32 --device cuda --skip-ww \
@@ -89,6 +91,12 @@ stage products 60 "$python" benchmarks/adapter_products.py --device cuda --hidde
   --json "$results/adapter_products_cuda.json"
 stage products_bf16 60 "$python" benchmarks/adapter_products.py --device cuda --dtype bf16 --hidden 4096 \
   --tokens 8192 --json "$results/adapter_products_cuda_bf16.json"
+# The whole layer under each product form (alphalora/adapters/product_forms.py): which form's adapter part comes
+# nearest the roofline, fp32 and bf16; the best one becomes the GPU default.
+stage forms 60 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 --sections forms \
+  --json "$results/moe_lora_forms_cuda.json"
+stage forms_bf16 60 "$python" benchmarks/moe_lora.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
+  --sections forms --json "$results/moe_lora_forms_cuda_bf16.json"
 stage serving_profile 90 "$python" benchmarks/serving_profile.py --device cuda --dtype bf16 \
   --json "$results/serving_profile_cuda.json"
 # The same with cuSOLVER's solves one after another (ATen's own loop), against the default of four streams

@@ -24,7 +24,8 @@ import types
 import torch
 from torch import nn
 
-from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters
+from alphalora.adapters import MoELoRALinear, adapter_parameters, inject_adapters, product_forms
+from alphalora.adapters.product_forms import ProductForms
 from alphalora.allocation import Plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,28 +104,73 @@ def forward_backward(module: nn.Module, x: torch.Tensor):
     return run
 
 
-def layer_benchmark(args) -> dict:
+def benchmark_layer(args) -> tuple[nn.Linear, MoELoRALinear, torch.Tensor]:
+    """The frozen base linear, our MoE-LoRA layer over it (B drawn, so the experts matter) and its input."""
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
     base = nn.Linear(args.hidden, args.hidden, bias=False, device=args.device, dtype=dtype).requires_grad_(False)
     layer = MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.02)
+    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+    return base, layer, x
+
+
+def roofline_fraction(args, adapter_seconds: float, bandwidth: float) -> float:
+    """The adapter part's least traffic at the measured copy bandwidth (bytes/s), over the time it took."""
+    least = adapter_min_bytes(args.tokens, args.hidden, args.hidden, DTYPES[args.dtype])
+    return least / bandwidth / max(adapter_seconds, 1e-12)
+
+
+def layer_benchmark(args) -> dict:
+    base, layer, x = benchmark_layer(args)
     loop = MoELoRALinear(base, args.experts, args.top_k, args.rank, lora_alpha=2.0 * args.rank)
     loop.load_state_dict(layer.state_dict())
     use_loop(loop)
-    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
     torch.testing.assert_close(layer(x), loop(x), rtol=2e-2, atol=2e-2)  # the same function
     results = {name: timed(forward_backward(module, x), args.repeats, args.device)
                for name, module in [("base", base), ("loop", loop), ("ours", layer)]}
     results["adapter_overhead_ratio"] = (results["ours"] - results["base"]) / (results["loop"] - results["base"])
     # Roofline of the adapter part alone: the time its least traffic takes at the measured
     # copy bandwidth, over the time it adds to the base linear.
-    results["copy_bandwidth_gb_s"] = copy_bandwidth(args.device, dtype, args.repeats) / 1e9
-    results["adapter_min_bytes"] = adapter_min_bytes(args.tokens, args.hidden, args.hidden, dtype)
-    results["adapter_roofline_fraction"] = (results["adapter_min_bytes"] / (results["copy_bandwidth_gb_s"] * 1e9)
-                                            / max(results["ours"] - results["base"], 1e-12))
+    results["copy_bandwidth_gb_s"] = copy_bandwidth(args.device, DTYPES[args.dtype], args.repeats) / 1e9
+    results["adapter_min_bytes"] = adapter_min_bytes(args.tokens, args.hidden, args.hidden, DTYPES[args.dtype])
+    results["adapter_roofline_fraction"] = roofline_fraction(args, results["ours"] - results["base"],
+                                                             results["copy_bandwidth_gb_s"] * 1e9)
     return results
+
+
+FORM_SWEEP = [ProductForms(adapter_first, splits) for adapter_first in (False, True) for splits in (1, 2, 4, 8)]
+
+
+def forms_benchmark(args) -> dict:
+    """The layer (forward + backward) under each product form of `alphalora.adapters.product_forms`, timed in
+    interleaved rounds with the base alone: per form, the adapter part's seconds and its roofline fraction."""
+    base, layer, x = benchmark_layer(args)
+    steps = {"base": forward_backward(base, x)}
+    steps.update({form_name(forms): under_forms(forms, forward_backward(layer, x)) for forms in FORM_SWEEP})
+    seconds = interleaved(steps, args.repeats, args.device)
+    bandwidth = copy_bandwidth(args.device, DTYPES[args.dtype], args.repeats)
+    rows = {name: {"adapter_s": seconds[name] - seconds["base"],
+                   "roofline_fraction": roofline_fraction(args, seconds[name] - seconds["base"], bandwidth)}
+            for name in seconds if name != "base"}
+    return {"base_s": seconds["base"], "copy_bandwidth_gb_s": bandwidth / 1e9, "forms": rows,
+            "best": max(rows, key=lambda name: rows[name]["roofline_fraction"])}
+
+
+def under_forms(forms: ProductForms, run):
+    """run, with the fused functions computing in `forms` while it runs."""
+    def step():
+        product_forms.forms = forms
+        try:
+            run()
+        finally:
+            product_forms.forms = ProductForms()
+    return step
+
+
+def form_name(forms: ProductForms) -> str:
+    return f"{'adapter_first' if forms.adapter_first else 'base_first'}, {forms.token_splits} token splits"
 
 
 def many_experts_benchmark(args) -> dict:
@@ -241,13 +287,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--model-repeats", type=int, default=10, help="interleaved rounds of the three training steps")
     parser.add_argument("--sections", default="layer,many,model",
-                        help="comma-separated parts to run: layer, many (the many-expert layer), model")
+                        help="comma-separated parts to run: layer, many (the many-expert layer), model, forms "
+                             "(the layer under each product form; not in the default)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    unknown = sections - {"layer", "many", "model"}
+    unknown = sections - {"layer", "many", "model", "forms"}
     if unknown:
-        parser.error(f"unknown --sections {sorted(unknown)}; choose from layer, many, model")
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from layer, many, model, forms")
     summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
                "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
                "dtype": args.dtype}
@@ -257,6 +304,8 @@ def main() -> None:
         summary["many_experts"] = report_many_experts(args)
     if "model" in sections:
         summary.update(report_model(args))
+    if "forms" in sections:
+        summary["forms"] = report_forms(args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)
@@ -296,6 +345,16 @@ def report_model(args) -> dict:
     print(f"  MoE-LoRA / LoRA r8 = {model['moe_over_lora']:.2f}x, MoE-LoRA / loop = {model['moe_over_loop']:.2f}x")
     return {"model": model,
             "step_tokens_per_s": {k: model[k]["tokens_per_s"] for k in ("lora_r8", "moe_lora", "moe_lora_loop")}}
+
+
+def report_forms(args) -> dict:
+    forms = forms_benchmark(args)
+    print(f"\nlayer fwd+bwd under each product form, hidden {args.hidden}, {args.tokens} tokens, {args.dtype}; "
+          f"base {forms['base_s'] * 1e3:.2f} ms")
+    for name, row in forms["forms"].items():
+        print(f"  {name:34s} adapter {row['adapter_s'] * 1e3:8.3f} ms  {row['roofline_fraction']:6.1%} of roofline")
+    print(f"  best: {forms['best']}")
+    return forms
 
 
 if __name__ == "__main__":

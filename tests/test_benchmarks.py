@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TOY_RUNS = {
     "moe_lora": ["--hidden", "64", "--tokens", "64", "--repeats", "1", "--many-experts", "8", "--many-rank", "8",
-                 "--model-layers", "2", "--model-hidden", "64", "--batch", "2", "--seq", "16", "--model-repeats", "1"],
+                 "--model-layers", "2", "--model-hidden", "64", "--batch", "2", "--seq", "16", "--model-repeats", "1",
+                 "--sections", "layer,many,model,forms"],
     "serving": ["--layers", "2", "--hidden", "64", "--requests", "8", "--output", "4", "--hf-requests", "2"],
     "moe_lora_profile": ["--hidden", "64", "--tokens", "64", "--model-layers", "2", "--model-hidden", "64",
                          "--batch", "2", "--seq", "16", "--calls", "1"],
     "serving_profile": ["--layers", "2", "--hidden", "64", "--requests", "4", "--calls", "1"],
-    "adapter_products": ["--hidden", "64", "--tokens", "66", "--repeats", "1"],  # 66: split-K leaves a remainder
+    # 600 tokens: split-K (slices of 256 tokens at the least) takes two slices and a remainder
+    "adapter_products": ["--hidden", "64", "--tokens", "600", "--repeats", "1"],
 }
 
 
@@ -46,6 +48,7 @@ def test_moe_lora_benchmark_writes_the_layer_ratio_and_step_rates(tmp_path):
     assert math.isfinite(results["adapter_overhead_ratio"]) and _positive(results["adapter_roofline_fraction"])
     assert set(results["step_tokens_per_s"]) == {"lora_r8", "moe_lora", "moe_lora_loop"}
     assert all(_positive(rate) for rate in results["step_tokens_per_s"].values())
+    assert len(results["forms"]["forms"]) == 8 and results["forms"]["best"] in results["forms"]["forms"]
 
 
 def test_serving_benchmark_writes_its_ratios(tmp_path):

@@ -4,7 +4,8 @@ mixture of LoRA experts with its own router.
 Written out as a chain of tensor ops an adapted linear is the base GEMM, the adapter's GEMMs, a
 separate sum of the two outputs and, in backward, a separate sum of the two input gradients (for
 MoE-LoRA also ~15 autograd nodes of routing). Here the adapter's output and input gradient are
-accumulated in place into the base's (addmm_), and the routing runs as one kernel each way
+accumulated in place with the base's (addmm_, in the order and with the reductions `product_forms` sets),
+and the routing runs as one kernel each way
 (`alphalora::router_gates` and its backward: top-k, softmax over the chosen logits, gating, and the
 gradient through them). For MoE-LoRA, where E x r is small next to the hidden size, every
 expert's down-projection is computed for every token (one GEMM over the concatenated [A; router]
@@ -14,9 +15,10 @@ weights) and the unchosen ones are zeroed by their gates: cheaper than gathering
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from alphalora import ops
+
+from .product_forms import accumulated_input_grad, accumulated_linear, token_reduction
 
 
 class _LoRA(torch.autograd.Function):
@@ -24,7 +26,7 @@ class _LoRA(torch.autograd.Function):
     def forward(ctx, x, x_dropped, weight, bias, lora_A, lora_B, scaling: float):
         down, up = lora_A[0].to(x.dtype), lora_B[0].to(x.dtype)  # [r, in], [out, r] (float32 adapters over bf16)
         hidden = (x if x_dropped is None else x_dropped) @ down.T * scaling
-        out = F.linear(x, weight, bias).addmm_(hidden, up.T)
+        out = accumulated_linear(x, weight, bias, hidden, up)
         ctx.save_for_backward(x, x_dropped, weight, down, up, hidden)
         ctx.scaling = scaling
         return out
@@ -35,13 +37,12 @@ class _LoRA(torch.autograd.Function):
         grads = [None] * 7
         grad_hidden = (grad_out @ up) * ctx.scaling
         if ctx.needs_input_grad[0]:
-            grads[0] = grad_out @ weight
-            if x_dropped is None:
-                grads[0].addmm_(grad_hidden, down)
+            grads[0] = grad_out @ weight if x_dropped is not None else accumulated_input_grad(grad_out, weight,
+                                                                                               grad_hidden, down)
         if x_dropped is not None and ctx.needs_input_grad[1]:
             grads[1] = grad_hidden @ down
-        grads[4] = (grad_hidden.T @ (x if x_dropped is None else x_dropped))[None]
-        grads[5] = (grad_out.T @ hidden)[None]
+        grads[4] = token_reduction(grad_hidden, x if x_dropped is None else x_dropped)[None]
+        grads[5] = token_reduction(grad_out, hidden)[None]
         return tuple(grads)
 
 
@@ -64,7 +65,7 @@ class _DenseMoELoRA(torch.autograd.Function):
         # times scaling times its expert's gate.
         gated, gates, ids = ops.router_gates(hidden, logits, top_k, scaling)
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width).to(x.dtype)  # [out, E*r]
-        out = F.linear(x, weight, bias).addmm_(gated, up.T)
+        out = accumulated_linear(x, weight, bias, gated, up)
         # Without dropout [A; router] is all backward needs of the two; with it, A and the router apart.
         ctx.save_for_backward(x, x_dropped, weight, *((stacked,) if shared else (router, down)), up, hidden, gated,
                               gates)
@@ -82,24 +83,24 @@ class _DenseMoELoRA(torch.autograd.Function):
         grads = [None] * 9
         if grad_out is None:
             grad_out = torch.zeros(x.shape[0], fan_out, dtype=hidden.dtype, device=x.device)
-        grad_up = grad_out.T @ gated  # [out, E*r]
+        grad_up = token_reduction(grad_out, gated)  # [out, E*r]
         # [d hidden | d logits] in one buffer, the layout of [A; router]; the logits' gradient goes back
         # through g = softmax(top-k logits) (plus the load-balancing loss's, which reads them too).
         grad_both = ops.router_gates_backward(grad_out @ up, hidden, gates, grad_logits, ctx.scaling)
         if ctx.shared:
             (stacked,) = weights
             if ctx.needs_input_grad[0]:
-                grads[0] = (grad_out @ weight).addmm_(grad_both, stacked)
-            weight_grad = grad_both.T @ x
+                grads[0] = accumulated_input_grad(grad_out, weight, grad_both, stacked)
+            weight_grad = token_reduction(grad_both, x)
             grad_down, grads[4] = weight_grad[:width], weight_grad[width:]
         else:
             router, down = weights
             grad_hidden, grad_logits_total = grad_both[:, :width], grad_both[:, width:]
             if ctx.needs_input_grad[0]:
-                grads[0] = (grad_out @ weight).addmm_(grad_logits_total, router)
+                grads[0] = accumulated_input_grad(grad_out, weight, grad_logits_total, router)
             if ctx.needs_input_grad[1]:
                 grads[1] = grad_hidden @ down
-            grad_down, grads[4] = grad_hidden.T @ x_dropped, grad_logits_total.T @ x
+            grad_down, grads[4] = token_reduction(grad_hidden, x_dropped), token_reduction(grad_logits_total, x)
         grads[5] = grad_down.view(num_experts, rank, fan_in)
         grads[6] = grad_up.view(fan_out, num_experts, rank).permute(1, 0, 2)
         return tuple(grads)

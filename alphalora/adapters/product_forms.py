@@ -1,0 +1,85 @@
+"""How the fused adapter functions lay out their skinny products: the same math in forms that a GPU may run
+faster, chosen by one module-level setting that benchmarks sweep.
+
+An adapted linear's adapter part is a handful of products with E x r (+ E router) columns against thousands of
+rows and hidden units: bandwidth-bound, and on a GPU easily short of parallelism. Two forms change how they run:
+
+* `adapter_first`: write the rank-r update (the output's, the input gradient's) first and let the base GEMM
+  accumulate into it (cuBLAS's beta = 1), instead of computing the base GEMM and then reading and writing its
+  result again to add the update. The base GEMM is compute-bound, so the read of its C operand rides in its
+  epilogue nearly free: the adapter's pass over the output costs a write instead of a read and a write.
+* `token_splits`: the weight gradients' reductions over the tokens (K = T, thousands, into an output of
+  E x r columns) as that many products over slices of the tokens, summed in float32 (split-K). One product
+  gives the GPU only (out / tile) output tiles to spread over its SMs; S slices give S times as many.
+
+Both are off by default: on the CPU (measured, hidden 1024, 2048 tokens) neither helps. `benchmarks/moe_lora.py
+--sections forms` times the layer under every combination on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SPLIT_MIN_TOKENS = 256  # a slice of fewer tokens than this is not worth a product of its own
+
+
+@dataclass
+class ProductForms:
+    adapter_first: bool = False
+    token_splits: int = 1
+
+    def __post_init__(self):
+        if self.token_splits < 1:
+            raise ValueError(f"token_splits must be at least 1, got {self.token_splits}")
+
+
+forms = ProductForms()
+
+
+def token_reduction(a: torch.Tensor, b: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """a.T @ b for a [T, M] and b [T, N]: one product, or with S = splits (default `forms.token_splits`) > 1
+    and at least SPLIT_MIN_TOKENS tokens a slice, S products over slices of the tokens summed in float32,
+    returned in float32 (the dtype the adapters' parameters keep over a half-precision base)."""
+    tokens = a.shape[0]
+    splits = min(forms.token_splits if splits is None else splits, tokens // SPLIT_MIN_TOKENS)
+    if splits <= 1:
+        return a.T @ b
+    chunk = tokens // splits
+    whole = splits * chunk
+    sliced_a = a[:whole].view(splits, chunk, a.shape[1]).transpose(1, 2)
+    sliced_b = b[:whole].view(splits, chunk, b.shape[1])
+    total = _float32_bmm(sliced_a, sliced_b).sum(0)
+    if whole < tokens:
+        total += _float32_bmm(a[whole:].T[None], b[whole:][None])[0]
+    return total
+
+
+def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b batched, accumulated and returned in float32: half-precision inputs straight into float32 output
+    on CUDA (no upcast copies); elsewhere (the CPU has no such kernel) through float32 copies."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def accumulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low_rank: torch.Tensor,
+                       up: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias + low_rank @ up.T, the base GEMM and a rank-r update (weight [out, in], up [out, r]),
+    in the order `forms.adapter_first` sets."""
+    if forms.adapter_first:
+        update = low_rank @ up.T if bias is None else torch.addmm(bias, low_rank, up.T)
+        return update.addmm_(x, weight.T)
+    return torch.nn.functional.linear(x, weight, bias).addmm_(low_rank, up.T)
+
+
+def accumulated_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, grad_low_rank: torch.Tensor,
+                           down: torch.Tensor) -> torch.Tensor:
+    """grad_out @ weight + grad_low_rank @ down: x's gradient through the base and through the adapter's
+    down-projection (down [r, in]), in the order `forms.adapter_first` sets."""
+    if forms.adapter_first:
+        return (grad_low_rank @ down).addmm_(grad_out, weight)
+    return (grad_out @ weight).addmm_(grad_low_rank, down)
