@@ -18,15 +18,16 @@ import torch
 
 from alphalora import ops
 
-from .product_forms import accumulated_input_grad, accumulated_linear, token_reduction
+from .product_forms import base_input_grad, base_linear, token_reduction, with_input_update, with_update
 
 
 class _LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_A, lora_B, scaling: float):
+        base_out = base_linear(x, weight, bias)
         down, up = lora_A[0].to(x.dtype), lora_B[0].to(x.dtype)  # [r, in], [out, r] (float32 adapters over bf16)
         hidden = (x if x_dropped is None else x_dropped) @ down.T * scaling
-        out = accumulated_linear(x, weight, bias, hidden, up)
+        out = with_update(base_out, x, weight, bias, hidden, up)
         ctx.save_for_backward(x, x_dropped, weight, down, up, hidden)
         ctx.scaling = scaling
         return out
@@ -35,10 +36,13 @@ class _LoRA(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, x_dropped, weight, down, up, hidden = ctx.saved_tensors
         grads = [None] * 7
-        grad_hidden = (grad_out @ up) * ctx.scaling
+        # (with dropout the adapter reads the dropped input, and x's gradient is the base's alone)
+        x_grad_has_update = x_dropped is None and ctx.needs_input_grad[0]
         if ctx.needs_input_grad[0]:
-            grads[0] = grad_out @ weight if x_dropped is not None else accumulated_input_grad(grad_out, weight,
-                                                                                               grad_hidden, down)
+            grads[0] = base_input_grad(grad_out, weight) if x_grad_has_update else grad_out @ weight
+        grad_hidden = (grad_out @ up) * ctx.scaling
+        if x_grad_has_update:
+            grads[0] = with_input_update(grads[0], grad_out, weight, grad_hidden, down)
         if x_dropped is not None and ctx.needs_input_grad[1]:
             grads[1] = grad_hidden @ down
         grads[4] = token_reduction(grad_hidden, x if x_dropped is None else x_dropped)[None]
@@ -52,6 +56,7 @@ class _DenseMoELoRA(torch.autograd.Function):
         num_experts, rank, fan_in = lora_A.shape
         fan_out = lora_B.shape[1]
         width = num_experts * rank
+        base_out = base_linear(x, weight, bias)
         down = lora_A.reshape(width, fan_in).to(x.dtype)  # (float32 adapters over a bf16 base compute in bf16)
         router = router.to(x.dtype)
         shared = x_dropped is None  # no dropout: one GEMM gives the experts' down-projections and the logits
@@ -65,7 +70,7 @@ class _DenseMoELoRA(torch.autograd.Function):
         # times scaling times its expert's gate.
         gated, gates, ids = ops.router_gates(hidden, logits, top_k, scaling)
         up = lora_B.permute(1, 0, 2).reshape(fan_out, width).to(x.dtype)  # [out, E*r]
-        out = accumulated_linear(x, weight, bias, gated, up)
+        out = with_update(base_out, x, weight, bias, gated, up)
         # Without dropout [A; router] is all backward needs of the two; with it, A and the router apart.
         ctx.save_for_backward(x, x_dropped, weight, *((stacked,) if shared else (router, down)), up, hidden, gated,
                               gates)
@@ -83,6 +88,7 @@ class _DenseMoELoRA(torch.autograd.Function):
         grads = [None] * 9
         if grad_out is None:
             grad_out = torch.zeros(x.shape[0], fan_out, dtype=hidden.dtype, device=x.device)
+        base_grad = base_input_grad(grad_out, weight) if ctx.needs_input_grad[0] else None
         grad_up = token_reduction(grad_out, gated)  # [out, E*r]
         # [d hidden | d logits] in one buffer, the layout of [A; router]; the logits' gradient goes back
         # through g = softmax(top-k logits) (plus the load-balancing loss's, which reads them too).
@@ -90,14 +96,14 @@ class _DenseMoELoRA(torch.autograd.Function):
         if ctx.shared:
             (stacked,) = weights
             if ctx.needs_input_grad[0]:
-                grads[0] = accumulated_input_grad(grad_out, weight, grad_both, stacked)
+                grads[0] = with_input_update(base_grad, grad_out, weight, grad_both, stacked)
             weight_grad = token_reduction(grad_both, x)
             grad_down, grads[4] = weight_grad[:width], weight_grad[width:]
         else:
             router, down = weights
             grad_hidden, grad_logits_total = grad_both[:, :width], grad_both[:, width:]
             if ctx.needs_input_grad[0]:
-                grads[0] = accumulated_input_grad(grad_out, weight, grad_logits_total, router)
+                grads[0] = with_input_update(base_grad, grad_out, weight, grad_logits_total, router)
             if ctx.needs_input_grad[1]:
                 grads[1] = grad_hidden @ down
             grad_down, grads[4] = token_reduction(grad_hidden, x_dropped), token_reduction(grad_logits_total, x)

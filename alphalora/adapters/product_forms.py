@@ -12,7 +12,9 @@ rows and hidden units: bandwidth-bound, and on a GPU easily short of parallelism
   E x r columns) as that many products over slices of the tokens, summed in float32 (split-K). One product
   gives the GPU only (out / tile) output tiles to spread over its SMs; S slices give S times as many.
 
-Both are off by default: on the CPU (measured, hidden 1024, 2048 tokens) neither helps. `benchmarks/moe_lora.py
+Both are off by default: on the CPU (measured, hidden 1024, 2048 tokens) neither helps. In the default form the
+base GEMM is issued before the adapter's small products (`base_linear`, `base_input_grad`), so that on a GPU the
+host's launches of those overlap it rather than delay it. `benchmarks/moe_lora.py
 --sections forms` times the layer under every combination on a GPU.
 """
 
@@ -66,20 +68,33 @@ def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def accumulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low_rank: torch.Tensor,
-                       up: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T + bias + low_rank @ up.T, the base GEMM and a rank-r update (weight [out, in], up [out, r]),
-    in the order `forms.adapter_first` sets."""
-    if forms.adapter_first:
-        update = low_rank @ up.T if bias is None else torch.addmm(bias, low_rank, up.T)
-        return update.addmm_(x, weight.T)
-    return torch.nn.functional.linear(x, weight, bias).addmm_(low_rank, up.T)
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight.T + bias, the base GEMM, in the default form, where it comes first: called before the adapter's
+    own small products, so that on a GPU it is queued first and their launches overlap it. None in the
+    `adapter_first` form, where `with_update` runs it last."""
+    return None if forms.adapter_first else torch.nn.functional.linear(x, weight, bias)
 
 
-def accumulated_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, grad_low_rank: torch.Tensor,
-                           down: torch.Tensor) -> torch.Tensor:
-    """grad_out @ weight + grad_low_rank @ down: x's gradient through the base and through the adapter's
-    down-projection (down [r, in]), in the order `forms.adapter_first` sets."""
-    if forms.adapter_first:
-        return (grad_low_rank @ down).addmm_(grad_out, weight)
-    return (grad_out @ weight).addmm_(grad_low_rank, down)
+def with_update(base_out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                low_rank: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias + low_rank @ up.T (weight [out, in], up [out, r]): the rank-r update added in place
+    into `base_linear`'s output, or (the `adapter_first` form, base_out None) the base GEMM accumulated into the
+    update."""
+    if base_out is not None:
+        return base_out.addmm_(low_rank, up.T)
+    update = low_rank @ up.T if bias is None else torch.addmm(bias, low_rank, up.T)
+    return update.addmm_(x, weight.T)
+
+
+def base_input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """grad_out @ weight, x's gradient through the base GEMM, first (as `base_linear`); None in the
+    `adapter_first` form."""
+    return None if forms.adapter_first else grad_out @ weight
+
+
+def with_input_update(base_grad: torch.Tensor | None, grad_out: torch.Tensor, weight: torch.Tensor,
+                      grad_low_rank: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """grad_out @ weight + grad_low_rank @ down (down [r, in]): as `with_update`, for x's gradient."""
+    if base_grad is not None:
+        return base_grad.addmm_(grad_low_rank, down)
+    return (grad_low_rank @ down).addmm_(grad_out, weight)
