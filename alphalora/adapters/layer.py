@@ -156,10 +156,11 @@ class MoELoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.kernel_for(x.device.type, _compute_dtype(x)) == "grouped":
+        compute_dtype = _compute_dtype(x)
+        if self.kernel_for(x.device.type, compute_dtype) == "grouped":
             delta = self._grouped_delta(x.reshape(-1, self.in_features))
             return self.base(x) + delta.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        weight = self._fusable_base_weight(x)
+        weight = self._fusable_base_weight(x, compute_dtype)
         if weight is not None:
             x2 = x.reshape(-1, self.in_features)
             dropped = self.dropout(x2)
@@ -178,7 +179,7 @@ class MoELoRALinear(nn.Module):
         out = torch.addmm(base.reshape(-1, self.out_features), hidden, self._up_weight().T.to(base.dtype))
         return out.reshape(base.shape)
 
-    def _fusable_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _fusable_base_weight(self, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
         """The base weight as [out, in] when the dense path (plain LoRA, or experts with this module's own
         router) can run as one autograd function with the base (same math): a plain frozen nn.Linear or
         GPT-2 Conv1D, one dtype throughout, no autocast to another dtype. None otherwise (quantised or
@@ -199,7 +200,7 @@ class MoELoRALinear(nn.Module):
         same_dtype = x.dtype == weight.dtype and adapter <= {x.dtype, torch.float32}
         # Mixed precision casts op by op to its own dtype: keep the op chain where that differs from the
         # layer's. A model already in the autocast dtype (`alphalora train --bf16` loads it so) casts nothing.
-        return weight if frozen and same_dtype and _compute_dtype(x) == x.dtype else None
+        return weight if frozen and same_dtype and compute_dtype == x.dtype else None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
