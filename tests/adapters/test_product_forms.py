@@ -82,17 +82,17 @@ def test_forms_refuse_a_split_count_below_one():
         ProductForms(token_splits=0)
 
 
-@requires_cuda
 @pytest.mark.parametrize("forms", FORMS[1:], ids=lambda f: f"first{int(f.adapter_first)}-splits{f.token_splits}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_form_on_cuda_equals_the_default_form(forms, dtype, use_forms, monkeypatch):
-    """On the GPU (bf16 into float32 split-K partials, cuBLAS's beta = 1) against the default form, which the
-    CUDA layer tests hold to the CPU; the router's logits come from the same product in both, so the experts
-    chosen are the same and the difference is the sums' rounding."""
-    layer = _layer(6, 0.0, True).to("cuda", dtype)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_each_form_in_each_dtype_equals_the_default_form(device, forms, dtype, use_forms, monkeypatch):
+    """In bf16 too (into float32 split-K partials; on the GPU straight from bf16, and through cuBLAS's beta = 1),
+    against the default form, which the layer tests hold to the loop and the CPU; the router's logits come from
+    the same product in both, so the experts chosen are the same and the difference is the sums' rounding."""
+    layer = _layer(6, 0.0, True).to(device, dtype)
     for param in (layer.lora_A, layer.lora_B, layer.router.weight):
         param.data = param.data.float()  # adapter_dtype: float32 adapters over a half-precision base
-    x = torch.randn(3 * SPLIT_MIN_TOKENS + 37, 64, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(3 * SPLIT_MIN_TOKENS + 37, 64, device=device, dtype=dtype, requires_grad=True)
     want_out, want_grads = _run(layer, x, op_chain=False, monkeypatch=monkeypatch)
     use_forms(forms)
     got_out, got_grads = _run(layer, x, op_chain=False, monkeypatch=monkeypatch)
