@@ -9,12 +9,12 @@
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
 # Stages: build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 forms
-# forms_bf16 serving_profile spectral_one_stream.
+# forms_bf16 attention serving_profile spectral_one_stream.
 # A later run on the same machine can skip the build (e.g. `bash benchmarks/gpu_checks.sh out moe_lora serving`).
 # All stages together can outlast a 10-minute command limit; run them in two calls on one machine:
 #     bash benchmarks/gpu_checks.sh OUT build tests spectral moe_lora serving
 #     bash benchmarks/gpu_checks.sh OUT2 moe_lora_bf16 moe_lora_model profile products products_bf16 forms forms_bf16 \
-#       serving_profile
+#       attention serving_profile
 #
 # Needs a CUDA build of torch with nvcc (CUDA_HOME), transformers, peft and safetensors; builds
 # for the GPU in the machine (TORCH_CUDA_ARCH_LIST, default 9.0 for an H100/H200).
@@ -23,7 +23,7 @@ results=${1:-$(dirname "$0")/../gpu-results}
 case $results in /*) ;; *) results="$PWD/$results" ;; esac  # relative to where it was called from
 shift || true
 cd "$(dirname "$0")/.."
-all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 forms forms_bf16 serving_profile"
+all_stages="build tests spectral moe_lora serving moe_lora_bf16 moe_lora_model profile products products_bf16 forms forms_bf16 attention serving_profile"
 stages=${*:-$all_stages spectral_one_stream}
 mkdir -p "$results"
 python=${PYTHON:-python3}
@@ -91,6 +91,9 @@ stage products 60 "$python" benchmarks/adapter_products.py --device cuda --hidde
   --json "$results/adapter_products_cuda.json"
 stage products_bf16 60 "$python" benchmarks/adapter_products.py --device cuda --dtype bf16 --hidden 4096 \
   --tokens 8192 --json "$results/adapter_products_cuda_bf16.json"
+# Decode attention over the paged KV cache: the CUDA kernel against the gather + SDPA path it replaced.
+stage attention 60 "$python" benchmarks/paged_attention.py --device cuda --dtype bf16 \
+  --json "$results/paged_attention_cuda_bf16.json"
 # The whole layer under each product form (alphalora/adapters/product_forms.py): which form's adapter part comes
 # nearest the roofline, fp32 and bf16; the best one becomes the GPU default.
 stage forms 60 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 --sections forms \

@@ -241,8 +241,11 @@ def use_in_place() -> None:
     kernels were overridden. For a child process (IN_PLACE_VARIABLE=1), never in the test run itself: there is
     no way back."""
     torch.ops.load_library(str(build(in_place=True)))  # (build refuses where there are no compiled CPU kernels)
-    # In place or not at all: the CPU kernel refuses ids out of range even unvalidated, the CUDA kernel lists them.
+    # In place or not at all: the CPU kernels refuse ids out of range even unvalidated and a slot outside the KV
+    # cache, where the CUDA kernels list the ids and give a NaN row.
+    q, cache, length = torch.zeros(1, 1, 4), torch.zeros(2, 1, 4), torch.tensor([1])
     try:
         torch.ops.alphalora.moe_permute(torch.tensor([0, 7]), 5, False)
+        torch.ops.alphalora.paged_decode_attention(q, cache, cache, torch.tensor([[5]]), length, length * 0, 1.0)
     except RuntimeError as error:
         raise RuntimeError("the emulated CUDA kernels did not replace the CPU kernels") from error

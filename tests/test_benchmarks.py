@@ -26,6 +26,8 @@ TOY_RUNS = {
     "serving_profile": ["--layers", "2", "--hidden", "64", "--requests", "4", "--calls", "1"],
     # 600 tokens: split-K (slices of 256 tokens at the least) takes two slices and a remainder
     "adapter_products": ["--hidden", "64", "--tokens", "600", "--repeats", "1"],
+    "paged_attention": ["--sequences", "4", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--min-context",
+                        "5", "--max-context", "40", "--repeats", "1"],
 }
 
 
@@ -69,3 +71,8 @@ def test_the_adapter_products_are_timed_after_their_alternatives_are_checked(tmp
     plain = {"down_and_router", "up_accumulated", "grad_up", "grad_gated", "grad_x_accumulated", "weight_grad"}
     assert plain <= set(results["products"])
     assert all(_positive(row["us"]) and _positive(row["roofline_fraction"]) for row in results["products"].values())
+
+
+def test_the_paged_attention_benchmark_times_both_paths_after_checking_them_equal(tmp_path):
+    results = _run("paged_attention", tmp_path)  # (the script refuses a kernel unequal to the gathered path)
+    assert set(results["rows"]) == {"ours", "gather_sdpa"} and _positive(results["gather_sdpa_over_ours"])

@@ -106,16 +106,11 @@ def _fill_missing_ops(schemas: dict[str, tuple[str, object]]) -> torch.library.L
     return _register_references(missing, "FRAGMENT")
 
 
-# Ops the compiled library runs on the CPU only, by design: on a GPU their reference (a gather, then
-# attention) is the implementation.
-_CPU_ONLY = {"paged_decode_attention"}
-
-
 def _fill_missing_cuda_kernels(schemas: dict[str, tuple[str, object]],
                                namespace: str = "alphalora") -> torch.library.Library | None:
-    """Ops of the compiled library without a CUDA kernel run their references on CUDA tensors. Beyond
-    the CPU-only ones, that means the library was built without CUDA (no CUDA_HOME at install on a GPU
-    machine): said once, with how to rebuild, instead of failing at the first op on the GPU."""
+    """Ops of the compiled library without a CUDA kernel run their references on CUDA tensors. That means the
+    library was built without CUDA (no CUDA_HOME at install on a GPU machine): said once, with how to rebuild,
+    instead of failing at the first op on the GPU."""
     def has_cuda_kernel(name: str) -> bool:
         qualified = f"{namespace}::{name}"
         return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
@@ -124,10 +119,9 @@ def _fill_missing_cuda_kernels(schemas: dict[str, tuple[str, object]],
     without = [name for name in schemas if not has_cuda_kernel(name)]
     if not without:
         return None
-    unexpected = sorted(set(without) - _CPU_ONLY)
-    if unexpected and torch.backends.cuda.is_built():
+    if torch.backends.cuda.is_built():
         warnings.warn(
-            f"alphalora's compiled kernels were built without CUDA: {', '.join(unexpected)} run as pure-PyTorch "
+            f"alphalora's compiled kernels were built without CUDA: {', '.join(without)} run as pure-PyTorch "
             "reference ops on the GPU (same results, more slowly). Rebuild with CUDA: set CUDA_HOME to the CUDA "
             "toolkit (nvcc) and `ALPHALORA_CUDA=1 pip install --no-build-isolation .`.",
             RuntimeWarning,

@@ -1,8 +1,9 @@
 """Decode attention over the paged KV cache (the serving engine's): typed wrapper and fake kernel.
 
-The CPU kernel reads keys and values where the block table put them; on a GPU the reference
-(a gather, then attention) stands in, as gathers there are cheap next to the rest of a step
-(`_library` registers it for CUDA).
+The CPU and CUDA kernels read keys and values where the block table put them: no gathered copy of the
+context, no mask, one call per layer. The CUDA kernel takes head_dim up to 256; where a value the CPU
+refuses (a slot outside the cache, lengths beyond the slots) reaches it, its row comes out NaN, as
+checking would read the values back every layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from . import _library  # noqa: F401  (defines the op, or loads the library that
 @torch.library.register_fake("alphalora::paged_decode_attention")
 def _paged_decode_attention_fake(q, k_cache, v_cache, slots, lengths, starts, scale):
     return torch.empty_like(q)
-
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -18,27 +18,10 @@
 
 #include "../common/cpu_isa.h"
 #include "../common/dot.h"
+#include "attention_checks.h"
 
 namespace alphalora::attention {
 namespace {
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                  const at::Tensor& lengths, const at::Tensor& starts) {
-  TORCH_CHECK(q.dim() == 3, "q must be (batch, heads, head_dim), got ", q.dim(), " dims");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
-              "k_cache and v_cache must both be (slots, kv_heads, head_dim)");
-  TORCH_CHECK(k_cache.size(2) == q.size(2), "q's head_dim (", q.size(2), ") differs from the cache's (",
-              k_cache.size(2), ")");
-  TORCH_CHECK(k_cache.size(1) > 0 && q.size(1) % k_cache.size(1) == 0, "heads (", q.size(1),
-              ") must be a multiple of kv_heads (", k_cache.size(1), ")");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share one dtype");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == q.size(0) && slots.scalar_type() == at::kLong,
-              "slots must be int64 (batch, max_context)");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0) && lengths.scalar_type() == at::kLong,
-              "lengths must be int64 (batch,)");
-  TORCH_CHECK(starts.sizes() == lengths.sizes() && starts.scalar_type() == at::kLong, "starts must be int64 (batch,)");
-}
 
 // One decode step's attention inputs, as the row kernel reads them.
 template <typename scalar_t>
@@ -103,7 +86,7 @@ auto attend_rows_for(CpuIsa isa) -> void (*)(const Rows<scalar_t>&, int64_t, int
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const at::Tensor& slots_in, const at::Tensor& lengths_in,
                                       const at::Tensor& starts_in, double scale) {
-  check_inputs(q_in, k_in, v_in, slots_in, lengths_in, starts_in);
+  check_paged_decode_inputs(q_in, k_in, v_in, slots_in, lengths_in, starts_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor slots = slots_in.contiguous(), lengths = lengths_in.contiguous(), starts = starts_in.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);

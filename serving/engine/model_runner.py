@@ -34,6 +34,8 @@ from .family import RotaryEmbeddings, attention_windows, check_servable, rotary_
 from .routing_layout import BucketLayout, build_bucket_layout
 from .step_inputs import DeviceStep, SequenceBatchEntry, StepBatch, to_device
 
+PAGED_MAX_HEAD_DIM = 256  # the widest head the paged decode attention kernel holds (csrc/attention, CUDA)
+
 
 class PagedModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_model_len: int):
@@ -317,11 +319,11 @@ class PagedModelRunner:
         decode = step.decode
         if decode is not None:
             query = q if decode.every_token else q[decode.rows]
-            if q.device.type == "cpu" and self.attention_softcap is None:
+            if self.attention_softcap is None and (q.device.type == "cpu" or self.head_dim <= PAGED_MAX_HEAD_DIM):
                 # Every one-token sequence at once, keys and values read in place in the paged cache.
                 result = ops.paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer], decode.slots,
                                                     decode.lengths, decode.starts[window], scaling)
-            else:  # on a GPU: one padded gather, then one attention call
+            else:  # a soft cap (Gemma 2), or heads too wide for the GPU kernel: one padded gather, then attention
                 keys, values = self._gather(layer, decode.slots)
                 result = self._attend(query[:, :, None, :], keys, values, decode.mask(window), scaling)[:, :, 0, :]
             result = result.reshape(result.shape[0], -1)

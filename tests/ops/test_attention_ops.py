@@ -84,11 +84,16 @@ def test_opcheck():
 
 
 @requires_cuda
-def test_cuda_equals_cpu():
-    inputs = _inputs()
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2),
+                                             (torch.float16, 2e-3)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (32, 8, 128), (4, 1, 256)])
+def test_cuda_equals_cpu(dtype, tolerance, heads, kv_heads, dim):
+    """The CUDA kernel (csrc/attention/paged_attention_cuda.cu) on the GPU's own arithmetic."""
+    inputs = _inputs(heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype)
     cpu = ops.paged_decode_attention(*inputs, 0.25)
     gpu = ops.paged_decode_attention(*(t.cuda() for t in inputs), 0.25)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    assert gpu.dtype == dtype
+    torch.testing.assert_close(gpu.cpu().double(), cpu.double(), rtol=tolerance, atol=tolerance)
 
 
 def test_the_baseline_isa_build_of_the_cpu_kernel_agrees_with_the_oracle_too():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests import cuda_emulation
+from tests.ops.test_attention_ops import _inputs as _attention_inputs
 from tests.ops.test_router_gates import _inputs as _router_inputs
 from tests.ops.test_routing_ops import _inputs as _routing_inputs
 from tests.ops.test_select_experts import _inputs as _select_inputs
@@ -299,3 +300,60 @@ def test_xmin_peak_window_equals_the_cpu_kernel(cuda, dtype, log_lower_bound):
     lo, hi = _every_schedule(cuda, cuda.xmin_peak_window, evals, lengths, 100, log_lower_bound)
     want_lo, want_hi = torch.ops.alphalora.xmin_peak_window(evals, lengths, 100, log_lower_bound)
     assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
+
+
+# --- paged decode attention ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (4, 4, 40), (2, 1, 256)])
+def test_paged_decode_attention_equals_the_cpu_kernel(cuda, dtype, heads, kv_heads, dim):
+    """Grouped-query heads, a head_dim that leaves lanes idle (40) and the largest one (256), windows that
+    start late, and a context of one position (fewer positions than warps)."""
+    inputs = _attention_inputs(heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype)
+    got = _every_schedule(cuda, cuda.paged_decode_attention, *inputs, 0.3)
+    _close(got, torch.ops.alphalora.paged_decode_attention(*inputs, 0.3), dtype)
+
+
+def test_paged_decode_attention_over_a_long_context_equals_the_cpu_kernel(cuda):
+    """Hundreds of positions per warp, scores growing along the context: the online softmax rescales its
+    running sums at every new maximum."""
+    g = torch.Generator().manual_seed(3)
+    lengths, starts = torch.tensor([1500, 700]), torch.tensor([0, 350])
+    slots = torch.stack([torch.randperm(2000, generator=g)[:1500] for _ in range(2)])
+    q = torch.randn(2, 2, 32, generator=g)
+    keys = torch.randn(2000, 1, 32, generator=g) * torch.linspace(0.1, 3.0, 2000)[:, None, None]
+    values = torch.randn(2000, 1, 32, generator=g)
+    inputs = (q, keys, values, slots, lengths, starts)
+    got = _every_schedule(cuda, cuda.paged_decode_attention, *inputs, 0.5)
+    torch.testing.assert_close(got, torch.ops.alphalora.paged_decode_attention(*inputs, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_gives_zeros_without_context_and_nan_where_the_cpu_refuses(cuda):
+    """No context: zeros, as on the CPU. A NaN key: NaN in its rows, as on the CPU. What the CPU refuses
+    (a slot outside the cache, lengths beyond the slots, a start past the length): NaN in that row only, and
+    no read outside the cache (the AddressSanitizer build runs this too)."""
+    q, k_cache, v_cache, slots, lengths, starts = _attention_inputs()
+    starts[2] = lengths[2]
+    k_cache = k_cache.clone()
+    k_cache[slots[3, 10], 0, 0] = float("nan")  # row 3 reads it (heads 0-3 share kv head 0)
+    got = _every_schedule(cuda, cuda.paged_decode_attention, q, k_cache, v_cache, slots, lengths, starts, 0.25)
+    want = torch.ops.alphalora.paged_decode_attention(q, k_cache, v_cache, slots, lengths, starts, 0.25)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    assert got[3, :4].isnan().all() and not got[3, 4:].isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+    bad_slots, bad_lengths, bad_starts = slots.clone(), lengths.clone(), starts.clone()
+    bad_slots[0, 3] = k_cache.shape[0]
+    bad_lengths[1] = slots.shape[1] + 1
+    bad_starts[4] = lengths[4] + 1
+    got = cuda.paged_decode_attention(q, k_cache, v_cache, bad_slots, bad_lengths, bad_starts, 0.25)
+    for row in (0, 1, 4):
+        assert got[row].isnan().all()
+    torch.testing.assert_close(got[[2, 3]], want[[2, 3]], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_paged_decode_attention_refuses_a_head_dim_beyond_its_registers(cuda):
+    q, k_cache, v_cache, slots, lengths, starts = _attention_inputs(dim=264)
+    with pytest.raises(RuntimeError, match="head_dim up to 256"):
+        cuda.paged_decode_attention(q, k_cache, v_cache, slots, lengths, starts, 0.25)

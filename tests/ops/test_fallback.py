@@ -92,8 +92,8 @@ def test_a_compiled_library_older_than_the_code_gets_references_for_the_ops_it_l
 
 def test_ops_without_a_cuda_kernel_get_their_references_on_cuda_with_one_warning(monkeypatch):
     """A library built without CUDA (no CUDA_HOME at install) on a GPU machine: every op still runs on
-    CUDA tensors, through its reference, and one warning names the ops and the rebuild; an op that is
-    CPU-only by design is registered without a warning. Shown on a throwaway namespace."""
+    CUDA tensors, through its reference, and one warning names the ops and the rebuild (paged attention among
+    them: it has a CUDA kernel too). Shown on a throwaway namespace."""
     from alphalora.ops import _library
 
     namespace = "alphalora_fallback_test"
@@ -103,9 +103,10 @@ def test_ops_without_a_cuda_kernel_get_their_references_on_cuda_with_one_warning
         definitions.impl(name, lambda x: x + 1, "CPU")
     schemas = {"router_gates": ("", lambda x: x * 2), "paged_decode_attention": ("", lambda x: x * 3)}
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
-    with pytest.warns(RuntimeWarning, match=r"built without CUDA: router_gates run as") as caught:
+    with pytest.warns(RuntimeWarning, match=r"built without CUDA: router_gates, paged_decode_attention run as") \
+            as caught:
         kept = _library._fill_missing_cuda_kernels(schemas, namespace)
-    assert len(caught) == 1 and "paged_decode_attention" not in str(caught[0].message)
+    assert len(caught) == 1
     for name in schemas:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{name}", "CUDA")
     assert _library._fill_missing_cuda_kernels(schemas, namespace) is None  # nothing left to fill
