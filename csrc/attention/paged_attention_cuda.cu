@@ -10,6 +10,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/cuda_accumulate.cuh"
+
 namespace alphalora::attention::cuda {
 namespace {
 
@@ -18,19 +20,9 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kPerLane = static_cast<int>(kMaxHeadDim / 32);
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T> struct Accumulator { using type = float; };
-template <> struct Accumulator<double> { using type = double; };
-template <typename T> using acc_t = typename Accumulator<T>::type;
-
-__device__ inline double to_acc(double v) { return v; }
-__device__ inline float to_acc(float v) { return v; }
-__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_acc(__half v) { return __half2float(v); }
-template <typename T> __device__ inline T from_acc(acc_t<T> v);
-template <> __device__ inline double from_acc<double>(double v) { return v; }
-template <> __device__ inline float from_acc<float>(float v) { return v; }
-template <> __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ inline __half from_acc<__half>(float v) { return __float2half(v); }
+using device::acc_t;  // sums in float for float and the 16-bit types, in double for double
+using device::from_acc;
+using device::to_acc;
 
 __device__ inline float exp_of(float v) { return expf(v); }
 __device__ inline double exp_of(double v) { return exp(v); }
