@@ -26,14 +26,6 @@ from alphalora.adapters.product_forms import token_reduction
 moe_lora_bench = load_benchmark("moe_lora")
 
 
-def per_call_seconds(fn, repeats: int, device: str, calls: int = 20) -> float:
-    """Median over `repeats` of the mean seconds of `calls` back-to-back calls (launch gaps amortised)."""
-    def batch():
-        for _ in range(calls):
-            fn()
-    return moe_lora_bench.timed(batch, repeats, device) / calls
-
-
 def split_k_product(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
     """a.T @ b for a [T, M], b [T, N] as `splits` products over slices of T summed in float32 (the layer's
     `token_splits` form; half-precision inputs go straight into float32 products on a GPU)."""
@@ -114,7 +106,7 @@ def main() -> None:
           f"{args.rank}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'product':26s} {'us':>9s} {'least MiB':>10s} {'roofline':>9s}")
     for name, (fn, least, _) in table.items():
-        seconds = per_call_seconds(fn, args.repeats, args.device)
+        seconds = moe_lora_bench.per_call_seconds(fn, args.repeats, args.device)
         rows[name] = {"us": seconds * 1e6, "least_bytes": least, "roofline_fraction": least / bandwidth / seconds}
         print(f"{name:26s} {seconds * 1e6:9.1f} {least / 2**20:10.1f} {rows[name]['roofline_fraction']:9.0%}")
     plain = [name for name, (_, _, of) in table.items() if of is None]

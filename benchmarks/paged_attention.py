@@ -22,7 +22,6 @@ from bench_modules import load_benchmark  # beside this script, on the path when
 from alphalora import ops
 
 moe_lora_bench = load_benchmark("moe_lora")
-adapter_products = load_benchmark("adapter_products")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,7 +79,7 @@ def main() -> None:
     ours, peer = ops.paged_decode_attention(*inputs, scale), gathered_attention(*inputs, scale)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), peer.float(), rtol=tol, atol=tol)  # the same attention
-    seconds = {name: adapter_products.per_call_seconds(lambda fn=fn: fn(*inputs, scale), args.repeats, args.device)
+    seconds = {name: moe_lora_bench.per_call_seconds(lambda fn=fn: fn(*inputs, scale), args.repeats, args.device)
                for name, fn in (("ours", ops.paged_decode_attention), ("gather_sdpa", gathered_attention))}
     bandwidth = moe_lora_bench.copy_bandwidth(args.device, dtype, args.repeats)
     lengths = inputs[4]

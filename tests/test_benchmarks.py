@@ -50,7 +50,9 @@ def test_moe_lora_benchmark_writes_the_layer_ratio_and_step_rates(tmp_path):
     assert math.isfinite(results["adapter_overhead_ratio"]) and _positive(results["adapter_roofline_fraction"])
     assert set(results["step_tokens_per_s"]) == {"lora_r8", "moe_lora", "moe_lora_loop"}
     assert all(_positive(rate) for rate in results["step_tokens_per_s"].values())
+    assert math.isfinite(results["layer"]["adapter_roofline_fraction_back_to_back"])
     assert len(results["forms"]["forms"]) == 8 and results["forms"]["best"] in results["forms"]["forms"]
+    assert all(math.isfinite(row["roofline_fraction_back_to_back"]) for row in results["forms"]["forms"].values())
 
 
 def test_serving_benchmark_writes_its_ratios(tmp_path):
