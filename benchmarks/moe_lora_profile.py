@@ -7,11 +7,15 @@ the most time. Wall time far above busy time means launch-bound: fewer, larger k
 busy time near wall time means the kernels themselves are the cost.
 
     python benchmarks/moe_lora_profile.py --device cuda --dtype bf16 --json profile.json
+
+`--adapter-first` and `--token-splits N` profile another product form of the fused functions (the `forms` stage of
+gpu_checks.sh times them all; this shows where the winner's time goes).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +24,8 @@ from bench_modules import load_benchmark  # beside this script, on the path when
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from alphalora.adapters import MoELoRALinear
+from alphalora.adapters import MoELoRALinear, product_forms
+from alphalora.adapters.product_forms import ProductForms
 
 moe_lora_bench = load_benchmark("moe_lora")
 
@@ -103,9 +108,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--calls", type=int, default=5, help="profiled calls of each step")
     parser.add_argument("--top", type=int, default=12, help="ops listed per step")
+    parser.add_argument("--adapter-first", action="store_true",
+                        help="profile the adapter_first product form (alphalora/adapters/product_forms.py)")
+    parser.add_argument("--token-splits", type=int, default=1, help="profile this token_splits product form")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype}
+    product_forms.forms = ProductForms(args.adapter_first, args.token_splits)
+    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
+              "forms": dataclasses.asdict(product_forms.forms)}
     model_steps = moe_lora_bench.training_steps(args, names=("lora_r8", "moe_lora"))
     for level, steps in (("layer", layer_steps(args)), ("model", model_steps)):
         report[level] = {name: profiled(fn, args.calls, args.device, args.top) for name, fn in steps.items()}

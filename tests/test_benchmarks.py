@@ -22,7 +22,7 @@ TOY_RUNS = {
                  "--sections", "layer,many,model,forms"],
     "serving": ["--layers", "2", "--hidden", "64", "--requests", "8", "--output", "4", "--hf-requests", "2"],
     "moe_lora_profile": ["--hidden", "64", "--tokens", "64", "--model-layers", "2", "--model-hidden", "64",
-                         "--batch", "2", "--seq", "16", "--calls", "1"],
+                         "--batch", "2", "--seq", "16", "--calls", "1", "--adapter-first", "--token-splits", "2"],
     "serving_profile": ["--layers", "2", "--hidden", "64", "--requests", "4", "--calls", "1"],
     # 600 tokens: split-K (slices of 256 tokens at the least) takes two slices and a remainder
     "adapter_products": ["--hidden", "64", "--tokens", "600", "--repeats", "1"],
@@ -66,6 +66,8 @@ def test_serving_benchmark_writes_its_ratios(tmp_path):
 def test_profilers_run(script, tmp_path):
     results = _run(script, tmp_path)
     assert results["device"] == "cpu"
+    if script == "moe_lora_profile":
+        assert results["forms"] == {"adapter_first": True, "token_splits": 2}
 
 
 def test_the_adapter_products_are_timed_after_their_alternatives_are_checked(tmp_path):
