@@ -169,12 +169,11 @@ def forms_benchmark(args) -> dict:
     back_to_back = {name: per_call_seconds(step, args.repeats, args.device, calls=10) for name, step in steps.items()}
     bandwidth = copy_bandwidth(args.device, DTYPES[args.dtype], args.repeats)
     rows = {}
-    for name in steps.keys() - {"base"}:
+    for name in list(steps)[1:]:  # (every form, in the sweep's order, after the base)
         adapter, queued = seconds[name] - seconds["base"], back_to_back[name] - back_to_back["base"]
         rows[name] = {"adapter_s": adapter, "roofline_fraction": roofline_fraction(args, adapter, bandwidth),
                       "adapter_s_back_to_back": queued,
                       "roofline_fraction_back_to_back": roofline_fraction(args, queued, bandwidth)}
-    rows = {name: rows[name] for name in steps if name != "base"}  # (in the sweep's order)
     return {"base_s": seconds["base"], "base_s_back_to_back": back_to_back["base"],
             "copy_bandwidth_gb_s": bandwidth / 1e9, "forms": rows,
             "best": max(rows, key=lambda name: rows[name]["roofline_fraction"])}
