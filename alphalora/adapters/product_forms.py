@@ -43,8 +43,9 @@ forms = ProductForms()
 
 def token_reduction(a: torch.Tensor, b: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """a.T @ b for a [T, M] and b [T, N]: one product, or with S = splits (default `forms.token_splits`) > 1
-    and at least SPLIT_MIN_TOKENS tokens a slice, S products over slices of the tokens summed in float32,
-    returned in float32 (the dtype the adapters' parameters keep over a half-precision base)."""
+    and at least SPLIT_MIN_TOKENS tokens a slice, S products over slices of the tokens summed in at least float32:
+    half-precision inputs come back in float32 (the dtype the adapters' parameters keep over a half-precision
+    base), float32 and float64 ones in their own dtype."""
     tokens = a.shape[0]
     splits = min(forms.token_splits if splits is None else splits, tokens // SPLIT_MIN_TOKENS)
     if splits <= 1:
@@ -53,16 +54,17 @@ def token_reduction(a: torch.Tensor, b: torch.Tensor, splits: int | None = None)
     whole = splits * chunk
     sliced_a = a[:whole].view(splits, chunk, a.shape[1]).transpose(1, 2)
     sliced_b = b[:whole].view(splits, chunk, b.shape[1])
-    total = _float32_bmm(sliced_a, sliced_b).sum(0)
+    total = _wide_bmm(sliced_a, sliced_b).sum(0)
     if whole < tokens:
-        total += _float32_bmm(a[whole:].T[None], b[whole:][None])[0]
+        total += _wide_bmm(a[whole:].T[None], b[whole:][None])[0]
     return total
 
 
-def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b batched, accumulated and returned in float32: half-precision inputs straight into float32 output
-    on CUDA (no upcast copies); elsewhere (the CPU has no such kernel) through float32 copies."""
-    if a.dtype == torch.float32:
+def _wide_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b batched, accumulated and returned in at least float32: half-precision inputs straight into float32
+    output on CUDA (no upcast copies), elsewhere (the CPU has no such kernel) through float32 copies; float32 and
+    float64 inputs as they are."""
+    if a.dtype in (torch.float32, torch.float64):
         return torch.bmm(a, b)
     if a.is_cuda:
         return torch.bmm(a, b, out_dtype=torch.float32)

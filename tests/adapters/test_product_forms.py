@@ -77,6 +77,16 @@ def test_token_reduction_splits_only_where_each_slice_is_worth_a_product(tokens,
     torch.testing.assert_close(got.float(), a.T.double().mm(b.double()).float(), rtol=2e-2, atol=5e-2)
 
 
+def test_token_reduction_keeps_float64_in_float64(use_forms):
+    """Split-K widens half precision to float32 and narrows nothing: float64 sums stay float64."""
+    tokens = SPLIT_MIN_TOKENS * 3 + 5
+    a, b = torch.randn(tokens, 5, dtype=torch.float64), torch.randn(tokens, 7, dtype=torch.float64)
+    use_forms(ProductForms(token_splits=3))
+    got = token_reduction(a, b)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, a.T @ b, rtol=1e-12, atol=1e-12)
+
+
 def test_forms_refuse_a_split_count_below_one():
     with pytest.raises(ValueError, match="token_splits must be at least 1"):
         ProductForms(token_splits=0)
