@@ -114,11 +114,11 @@ def main() -> None:
     print(f"the plain products together: {total:.1f} us, "
           f"{sum(rows[n]['least_bytes'] for n in plain) / bandwidth * 1e6 / total:.0%} of their roofline")
     if args.json:
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         with open(args.json, "w") as handle:
-            json.dump({"device": device, "dtype": args.dtype, "torch": torch.__version__, "tokens": args.tokens,
-                       "hidden": args.hidden, "experts": args.experts, "rank": args.rank,
-                       "copy_bandwidth_gb_s": bandwidth / 1e9, "products": rows}, handle, indent=2)
+            json.dump({"device": moe_lora_bench.device_name(args.device), "dtype": args.dtype,
+                       "torch": torch.__version__, "tokens": args.tokens, "hidden": args.hidden,
+                       "experts": args.experts, "rank": args.rank, "copy_bandwidth_gb_s": bandwidth / 1e9,
+                       "products": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ from alphalora.allocation import Plan
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device (what a result was measured on), else the device as given."""
+    return torch.cuda.get_device_name() if device.startswith("cuda") else device
+
+
 def seconds_of_one_call(fn, device: str) -> float:
     """Wall seconds of fn(), GPU work included."""
     if device.startswith("cuda"):
@@ -317,7 +322,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --sections {sorted(unknown)}; choose from layer, many, model, forms")
     summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
-               "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+               "device": device_name(args.device),
                "dtype": args.dtype}
     if "layer" in sections:
         summary.update(report_layer(args))

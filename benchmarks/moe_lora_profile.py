@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     product_forms.forms = ProductForms(args.adapter_first, args.token_splits)
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
+    report = {"device": moe_lora_bench.device_name(args.device), "dtype": args.dtype,
               "forms": dataclasses.asdict(product_forms.forms)}
     model_steps = moe_lora_bench.training_steps(args, names=("lora_r8", "moe_lora"))
     for level, steps in (("layer", layer_steps(args)), ("model", model_steps)):

@@ -93,9 +93,8 @@ def main() -> None:
     speedup = seconds["gather_sdpa"] / seconds["ours"]
     print(f"  gather + SDPA / ours = {speedup:.2f}x")
     if args.json:
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-        with open(args.json, "w") as handle:
-            json.dump({"device": device, "dtype": args.dtype, "torch": torch.__version__, **vars(args),
+        with open(args.json, "w") as handle:  # (the settings first: the device's name replaces "cuda")
+            json.dump({**vars(args), "device": moe_lora_bench.device_name(args.device), "torch": torch.__version__,
                        "least_bytes": least, "rows": rows, "gather_sdpa_over_ours": speedup}, handle, indent=2)
 
 
