@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -61,6 +62,11 @@ at::Tensor eigvalsh_batched_cuda(const at::Tensor& grams) {
   if (streams <= 1) return at::linalg_eigvalsh(grams);
 
   const c10::cuda::CUDAGuard device_guard(grams.device());
+  // ATen loads its CUDA linear-algebra library on the first solve, and that lazy loading fails ("lazy wrapper
+  // should be called at most once") when several threads make the first solve at once: one small solve on the
+  // caller's thread loads it, once per process.
+  static std::once_flag linalg_loaded;
+  std::call_once(linalg_loaded, [&] { at::linalg_eigvalsh(at::ones({1, 1}, grams.options())); });
   const c10::DeviceIndex device = grams.device().index();
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
   at::Tensor values = at::empty({batch, grams.size(1)}, grams.options());

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -185,6 +189,24 @@ def test_eigvalsh_batched_cuda_matches_cpu(streams, monkeypatch):
         got = ops.eigvalsh_batched(grams.cuda())
     torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got.cpu(), ops.eigvalsh_batched(grams))
+
+
+@requires_cuda
+def test_eigvalsh_batched_cuda_as_the_first_solve_of_a_process():
+    """In a fresh process, where ATen has not loaded its CUDA linear-algebra library yet, the op's first call
+    (four worker threads at once) still solves: the loading used to race and fail ("lazy wrapper should be
+    called at most once")."""
+    script = (
+        "import torch\n"
+        "from alphalora import ops\n"
+        "w = torch.randn(8, 40, 30, dtype=torch.float64)\n"
+        "grams = w.transpose(1, 2) @ w\n"
+        "got = ops.eigvalsh_batched(grams.cuda()).cpu()\n"
+        "torch.testing.assert_close(got, torch.linalg.eigvalsh(grams))\n"
+    )
+    env = {**os.environ, "ALPHALORA_EIGH_STREAMS": "4"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @requires_cuda
