@@ -102,6 +102,12 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 }
 
 template <typename T>
+T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
+  const int lane = cuda_emulation::lane_id();
+  return emulated_shuffle_from(mask, value, lane / width * width + source_lane % width);
+}
+
+template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   const int lane = cuda_emulation::lane_id();
   const int source = lane + static_cast<int>(delta);
@@ -116,6 +122,8 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   for (int lane = 0; lane < 32; ++lane) bits |= static_cast<unsigned>(all[lane] & 1u) << lane;
   return bits;
 }
+
+inline int __any_sync(unsigned mask, int predicate) { return (__ballot_sync(mask, predicate) & mask) != 0; }
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
