@@ -2,9 +2,9 @@
 # Every check that needs a CUDA GPU: the CUDA build, the CUDA tests, and the spectral, MoE-LoRA
 # and serving benchmarks on the GPU. Each stage has its own time limit, so one slow stage cannot
 # starve the rest; a failing stage is reported and the next one runs. Output: one log, a summary and
-# the benchmarks' JSON in RESULTS_DIR. Stage times on an H100 (2026-11-27): build 42 s, spectral 72 s,
-# moe_lora 25 s, serving 129 s, moe_lora_bf16 25 s, moe_lora_model 48 s; the tests 227 s in 8 workers
-# (before tests/conftest.py shared the cores among the workers; see the tests stage).
+# the benchmarks' JSON in RESULTS_DIR. Stage times on an H100 (2026-11-27): build 35-47 s, tests 36-50 s in 8
+# workers, spectral 72 s, moe_lora 25 s, serving 129-136 s, moe_lora_bf16 21-28 s, moe_lora_model 48 s, forms 20 s,
+# forms_bf16 7-9 s, attention 6-11 s. A fresh machine takes some 40 s to start.
 #
 #     bash benchmarks/gpu_checks.sh [RESULTS_DIR [STAGE ...]]     (default: gpu-results, all stages)
 #
@@ -75,7 +75,7 @@ stage spectral 150 "$python" benchmarks/spectral.py --models llama7b --llama-lay
   --repeats 1 --json "$results/spectral_cuda.json"
 stage moe_lora 90 "$python" benchmarks/moe_lora.py --device cuda --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_cuda.json"
-stage serving 150 "$python" benchmarks/serving.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+stage serving 200 "$python" benchmarks/serving.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
   --requests 128 --json "$results/serving_cuda.json"
 stage moe_lora_bf16 60 "$python" benchmarks/moe_lora.py --device cuda --dtype bf16 --hidden 4096 --tokens 8192 \
   --json "$results/moe_lora_cuda_bf16.json"
