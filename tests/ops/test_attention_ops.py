@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,15 @@ def test_the_baseline_isa_build_of_the_cpu_kernel_agrees_with_the_oracle_too():
                             cwd=Path(__file__).resolve().parents[2])  # the checkout: `tests` imports from there
     assert result.returncode == 0, result.stderr
     assert "baseline ok" in result.stdout
+
+
+def test_the_engines_head_dim_limit_is_the_cuda_kernels():
+    """The serving engine sends heads up to PAGED_MAX_HEAD_DIM to the CUDA kernel and gathers wider ones: the limit
+    must be the kernel's own (kMaxHeadDim), or wider heads reach a kernel that refuses them, or narrower ones
+    take the slower gather."""
+    from alphalora.serving.engine.model_runner import PAGED_MAX_HEAD_DIM
+
+    header = Path(__file__).resolve().parents[2] / "csrc" / "attention" / "paged_attention_cuda.h"
+    found = re.search(r"constexpr int64_t kMaxHeadDim = (\d+);", header.read_text())
+    assert found is not None, f"no kMaxHeadDim in {header}"
+    assert PAGED_MAX_HEAD_DIM == int(found.group(1))
