@@ -13,10 +13,11 @@ rows and hidden units: bandwidth-bound, and on a GPU easily short of parallelism
   gives the GPU only (out / tile) output tiles to spread over its SMs; S slices give S times as many.
 
 Both are off by default: on the CPU (hidden 1024, 2048 tokens) two runs of the sweep could not tell the forms
-apart, and the GPU has not measured them yet (benchmarks/RESULTS.md). In the default form the base GEMM is issued
-before the adapter's small products (`base_linear`, `base_input_grad`), so that on a GPU the host's launches of
-those overlap it rather than delay it. `benchmarks/moe_lora.py --sections forms` times the layer under every
-combination.
+apart, and on an H100 (hidden 4096, 8192 tokens, bf16, two runs; fp32, one) none beat the default in every run,
+and adapter-first was the slowest as one synchronised call (benchmarks/RESULTS.md). In the default form the
+base GEMM is issued before the adapter's small products (`base_linear`, `base_input_grad`), so that on a GPU the
+host's launches of those overlap it rather than delay it. `benchmarks/moe_lora.py --sections forms` times the
+layer under every combination.
 """
 
 from __future__ import annotations
