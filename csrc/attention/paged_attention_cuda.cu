@@ -14,6 +14,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "../common/cuda_accumulate.cuh"
 
 namespace alphalora::attention::cuda {
@@ -170,14 +172,14 @@ cudaError_t launch_paged_decode_attention(const T* q, const T* k_cache, const T*
                                           double scale, T* out, cudaStream_t stream) {
   if (batch == 0 || heads == 0 || dim == 0) return cudaSuccess;
   // The lane's share of the head: the fewest registers that hold it.
-  if (dim <= 32) return launch_with<T, 1>(q, k_cache, v_cache, slots, lengths, starts, batch, heads, kv_heads, dim,
-                                          width, cache_slots, scale, out, stream);
-  if (dim <= 64) return launch_with<T, 2>(q, k_cache, v_cache, slots, lengths, starts, batch, heads, kv_heads, dim,
-                                          width, cache_slots, scale, out, stream);
-  if (dim <= 128) return launch_with<T, 4>(q, k_cache, v_cache, slots, lengths, starts, batch, heads, kv_heads, dim,
-                                           width, cache_slots, scale, out, stream);
-  return launch_with<T, 8>(q, k_cache, v_cache, slots, lengths, starts, batch, heads, kv_heads, dim, width,
-                           cache_slots, scale, out, stream);
+  const auto launch = [&](auto per_lane) {
+    return launch_with<T, decltype(per_lane)::value>(q, k_cache, v_cache, slots, lengths, starts, batch, heads,
+                                                     kv_heads, dim, width, cache_slots, scale, out, stream);
+  };
+  if (dim <= 32) return launch(std::integral_constant<int, 1>{});
+  if (dim <= 64) return launch(std::integral_constant<int, 2>{});
+  if (dim <= 128) return launch(std::integral_constant<int, 4>{});
+  return launch(std::integral_constant<int, 8>{});
 }
 
 #define ALPHALORA_INSTANTIATE(T)                                                                                  \

@@ -6,7 +6,7 @@
 
 #include <tuple>
 
-#include "cuda_binding.h"
+#include "../common/cuda_binding.h"
 #include "router_gates_cuda.h"
 #include "routing_checks.h"
 
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gates_cuda(const at::Tenso
   at::Tensor gated = at::empty({tokens, width}, hidden.options());
   at::Tensor gates = at::empty({tokens, experts}, hidden.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({tokens, top_k}, hidden.options().dtype(at::kLong));
-  dispatch_float(hidden.scalar_type(), [&](auto* tag) {
+  dispatch_float(hidden.scalar_type(), "router_gates", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_router_gates<T>(ptr<T>(hidden), hidden.stride(0), ptr<T>(logits), logits.stride(0), tokens,
                                        experts, width / experts, top_k, static_cast<float>(scaling), ptr<T>(gated),
@@ -52,7 +52,7 @@ at::Tensor router_gates_backward_cuda(const at::Tensor& grad_gated_in, const at:
       grad_logits_in.has_value() ? grad_logits_in->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t tokens = hidden.size(0), experts = gates.size(1), width = hidden.size(1);
   at::Tensor grad_both = at::empty({tokens, width + experts}, hidden.options());
-  dispatch_float(hidden.scalar_type(), [&](auto* tag) {
+  dispatch_float(hidden.scalar_type(), "router_gates_backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_router_gates_backward<T>(ptr<T>(grad_gated), ptr<T>(hidden), hidden.stride(0),
                                                 gates.data_ptr<float>(),

@@ -6,7 +6,7 @@
 
 #include <tuple>
 
-#include "cuda_binding.h"
+#include "../common/cuda_binding.h"
 #include "routing_checks.h"
 #include "routing_cuda.h"
 
@@ -48,7 +48,7 @@ at::Tensor grouped_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_
   const int64_t pairs = ids.size(0), rank = A.size(1), in = A.size(2);
   const int64_t k = top_k_of(pairs, x.size(0));
   at::Tensor h = at::empty({pairs, rank}, x.options());
-  dispatch_float(x.scalar_type(), [&](auto* tag) {
+  dispatch_float(x.scalar_type(), "grouped_lora_shrink", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_gathered_dot<T>(ptr<T>(A), rank * in, in, 1, ptr<T>(x), in, k, ids.data_ptr<int64_t>(),
                                        order.data_ptr<int64_t>(), pairs, rank, in, A.size(0), ptr<T>(h), stream()),
@@ -68,7 +68,7 @@ at::Tensor grouped_lora_expand_cuda(const at::Tensor& h_in, const at::Tensor& B_
   const int64_t out = B.size(1), rank = B.size(2);
   const int64_t k = top_k_of(h.size(0), num_tokens);
   at::Tensor y = at::empty({num_tokens, out}, h.options());
-  dispatch_float(h.scalar_type(), [&](auto* tag) {
+  dispatch_float(h.scalar_type(), "grouped_lora_expand", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_token_expand<T>(ptr<T>(B), out * rank, rank, 1, ptr<T>(h), ptr<T>(gates),
                                        ids.data_ptr<int64_t>(), num_tokens, k, out, rank, B.size(0), ptr<T>(y), stream()),
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_shrink_backward_cuda(
   const int64_t k = top_k_of(ids.size(0), tokens);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_A = at::empty_like(A);
-  dispatch_float(x.scalar_type(), [&](auto* tag) {
+  dispatch_float(x.scalar_type(), "grouped_lora_shrink_backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // grad_x[t, c] = sum_j sum_i A[e, i, c] grad_h[p, i]: a token-major expand over A^T.
     check(cuda::launch_token_expand<T>(ptr<T>(A), rank * in, 1, in, ptr<T>(grad_h), nullptr,
@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_lora_expand_backward_cuda
   const int64_t k = top_k_of(pairs, grad_y.size(0));
   at::Tensor back = at::empty({pairs, rank}, h.options());
   at::Tensor grad_B = at::empty_like(B);
-  dispatch_float(h.scalar_type(), [&](auto* tag) {
+  dispatch_float(h.scalar_type(), "grouped_lora_expand_backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // back[p, i] = sum_o B[e, o, i] grad_y[t, o].
     check(cuda::launch_gathered_dot<T>(ptr<T>(B), out * rank, 1, rank, ptr<T>(grad_y), out, k,

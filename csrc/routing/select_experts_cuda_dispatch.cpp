@@ -6,7 +6,7 @@
 
 #include <tuple>
 
-#include "cuda_binding.h"
+#include "../common/cuda_binding.h"
 #include "routing_checks.h"
 #include "select_experts_cuda.h"
 
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cuda(const at::Tensor& logits_
   const int64_t tokens = logits.size(0);
   at::Tensor gates = at::empty({tokens, top_k}, logits.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({tokens, top_k}, logits.options().dtype(at::kLong));
-  dispatch_float(logits.scalar_type(), [&](auto* tag) {
+  dispatch_float(logits.scalar_type(), "select_experts", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(cuda::launch_select_experts<T>(ptr<T>(logits), logits.stride(0), member.data_ptr<int64_t>(),
                                          scale.data_ptr<float>(), base.data_ptr<int64_t>(), tokens,
