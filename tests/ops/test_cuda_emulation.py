@@ -306,10 +306,11 @@ def test_xmin_peak_window_equals_the_cpu_kernel(cuda, dtype, log_lower_bound):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (4, 4, 40), (2, 1, 256)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (4, 4, 40), (4, 2, 128), (2, 1, 256)])
 def test_paged_decode_attention_equals_the_cpu_kernel(cuda, dtype, heads, kv_heads, dim):
-    """Grouped-query heads, a head_dim that leaves lanes idle (40) and the largest one (256), windows that
-    start late, and a context of one position (fewer positions than warps)."""
+    """Grouped-query heads, each share of the head a lane can hold (1, 2, 4 and 8 elements: head_dim 16, 40 (which
+    leaves lanes idle), 128 and 256, the largest), windows that start late, and a context of one position (fewer
+    positions than warps)."""
     inputs = _attention_inputs(heads=heads, kv_heads=kv_heads, dim=dim, dtype=dtype)
     got = _every_schedule(cuda, cuda.paged_decode_attention, *inputs, 0.3)
     _close(got, torch.ops.alphalora.paged_decode_attention(*inputs, 0.3), dtype)
@@ -317,7 +318,7 @@ def test_paged_decode_attention_equals_the_cpu_kernel(cuda, dtype, heads, kv_hea
 
 def test_paged_decode_attention_over_a_long_context_equals_the_cpu_kernel(cuda):
     """Hundreds of positions per warp, scores growing along the context: the online softmax rescales its
-    running sums at every new maximum."""
+    running sums at every tile with a new maximum."""
     g = torch.Generator().manual_seed(3)
     lengths, starts = torch.tensor([1500, 700]), torch.tensor([0, 350])
     slots = torch.stack([torch.randperm(2000, generator=g)[:1500] for _ in range(2)])
